@@ -1,0 +1,1 @@
+//! Locating, verifying and reading the project's cached assets.

@@ -1,0 +1,102 @@
+//! Where a run executes, and the clock that goes with it.
+//!
+//! Without the `cuda` feature, asking for a CUDA device is a clean error
+//! (candle's `dummy_cuda_backend.rs` does the same), never a panic.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{Clock, CpuClock};
+use crate::WorkloadError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl Device {
+    pub fn is_cuda(self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+
+    /// The clock for this device. A CUDA device needs the `cuda` feature and
+    /// a driver; either missing is an error that says so.
+    pub fn clock(self) -> Result<Box<dyn Clock>, WorkloadError> {
+        match self {
+            Device::Cpu => Ok(Box::new(CpuClock::default())),
+            Device::Cuda(ordinal) => cuda_clock(ordinal),
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_clock(_ordinal: usize) -> Result<Box<dyn Clock>, WorkloadError> {
+    Err(WorkloadError::Device(
+        "this binary was built without CUDA; rebuild with `--features cuda` (see README, \"On a GPU\")"
+            .into(),
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_clock(ordinal: usize) -> Result<Box<dyn Clock>, WorkloadError> {
+    let ctx = cuda_context(ordinal)?;
+    Ok(Box::new(crate::clock::CudaClock::new(ctx)))
+}
+
+/// Opens a CUDA context, checking for the driver first: without one cudarc
+/// panics instead of returning an error (see shared/GPU.md).
+#[cfg(feature = "cuda")]
+pub fn cuda_context(
+    ordinal: usize,
+) -> Result<std::sync::Arc<cudarc::driver::CudaContext>, WorkloadError> {
+    if !cudarc::driver::sys::is_culib_present() {
+        return Err(WorkloadError::Device(
+            "no CUDA driver (libcuda) found on this machine; use --device cpu".into(),
+        ));
+    }
+    cudarc::driver::CudaContext::new(ordinal)
+        .map_err(|e| WorkloadError::Device(format!("cannot open cuda:{ordinal}: {e}")))
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("unknown device `{s}`; valid devices: cpu, cuda, cuda:N (N = 0, 1, ...)");
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(bad),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices_and_rejects_junk() {
+        assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
+        assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(0)));
+        assert_eq!("cuda:3".parse::<Device>(), Ok(Device::Cuda(3)));
+        for bad in ["gpu", "cuda:", "cuda:x", "CPU"] {
+            assert!(bad.parse::<Device>().unwrap_err().contains("valid devices"));
+        }
+    }
+}

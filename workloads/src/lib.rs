@@ -1,0 +1,100 @@
+//! The middle floor: the workload contract, the one registry list, and one
+//! module per workload.
+//!
+//! Where to start: [`contract`] defines what a workload is (data in
+//! [`contract::WorkloadSpec`], untimed loading and set-up, one timed
+//! [`contract::Job::run`]); [`WORKLOADS`] lists every workload; each workload
+//! lives in its own module (`spectr/`) with its methods, data and tests.
+//! Adding a workload is one module and one line in [`WORKLOADS`]; adding a
+//! method is one module and one line in that workload's entry list.
+//!
+//! The runner that applies the time-to-result rules lives in `bench-suite`,
+//! above this crate; nothing here depends on it.
+
+pub mod assets;
+pub mod clock;
+pub mod contract;
+pub mod device;
+pub mod seed;
+pub mod spectr;
+pub mod stats;
+
+pub use contract::*;
+
+/// Every workload, in the order `list` shows them.
+pub const WORKLOADS: &[&dyn Workload] = &[&spectr::Spectr];
+
+/// Looks a workload up by id.
+pub fn workload(id: &str) -> Option<&'static dyn Workload> {
+    WORKLOADS.iter().copied().find(|w| w.spec().id == id)
+}
+
+/// What can go wrong inside a workload. Every variant's message names the
+/// thing at fault and, where there is one, the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("missing asset {path}: {fix}")]
+    MissingAsset { path: String, fix: String },
+    #[error("corrupt asset {path}: {problem}; {fix}")]
+    CorruptAsset {
+        path: String,
+        problem: String,
+        fix: String,
+    },
+    #[error("over budget: {elapsed_s:.3} s spent of a {budget_s:.3} s budget")]
+    OverBudget { elapsed_s: f64, budget_s: f64 },
+    #[error("device: {0}")]
+    Device(String),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_registered_workload_is_valid_and_unique() {
+        let mut ids = std::collections::BTreeSet::new();
+        for w in WORKLOADS {
+            let spec = w.spec();
+            spec.validate().unwrap();
+            assert!(ids.insert(spec.id), "duplicate workload id {}", spec.id);
+            assert!(workload(spec.id).is_some());
+        }
+        assert!(workload("no-such-workload").is_none());
+    }
+
+    #[test]
+    fn grids_expand_in_declaration_order() {
+        let e = Entry {
+            id: "x",
+            kind: EntryKind::Method,
+            description: "",
+            grid: &[
+                Param {
+                    name: "k",
+                    values: &[2.0, 4.0],
+                },
+                Param {
+                    name: "L",
+                    values: &[1.0, 8.0],
+                },
+            ],
+            fixed: &[("t", 0.5)],
+            variants: &[],
+        };
+        let got: Vec<String> = e.configs().iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            got,
+            ["t=0.5,k=2,L=1", "t=0.5,k=2,L=8", "t=0.5,k=4,L=1", "t=0.5,k=4,L=8"]
+        );
+        for s in &got {
+            assert_eq!(&s.parse::<Params>().unwrap().to_string(), s);
+        }
+        assert!("k".parse::<Params>().is_err());
+        assert!("k=x".parse::<Params>().is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! Goodness-of-fit tests used by workload evaluation and sampler tests.
