@@ -1,1 +1,409 @@
-fn main() {}
+//! The `bench-suite` binary: argument parsing and wiring only.
+//!
+//! Exit codes: 0 success; 1 a run failed to write, or `compare` found a
+//! regression; 2 bad input (unknown workload, variant, entry or device,
+//! malformed flag, unusable `--out`, missing or corrupt results file).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use workloads::{Device, Profile, WORKLOADS};
+
+use bench_suite::fingerprint::{self, Fingerprint};
+use bench_suite::plan::{self, Selection, Shard};
+use bench_suite::records;
+use bench_suite::report::{self, ReportInput};
+use bench_suite::runner::{self, Env, RunOptions};
+use bench_suite::{compare, merge, summary};
+
+#[derive(Parser)]
+#[command(
+    name = "bench-suite",
+    version,
+    about = "Reproduce and compare efficiency methods under time-to-result rules"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List workloads, variants, entries, targets and budgets.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one workload.
+    Run {
+        /// Workload id (see `bench-suite list`).
+        workload: String,
+        #[command(flatten)]
+        opts: RunArgs,
+    },
+    /// Run the whole registry, or one shard of it.
+    Suite {
+        #[command(flatten)]
+        opts: RunArgs,
+        /// Run only the I-th of N deterministic shares of the suite's
+        /// (workload, variant, entry) units, 1 <= I <= N.
+        #[arg(long, value_name = "I/N", value_parser = parse_shard)]
+        shard: Option<Shard>,
+    },
+    /// Merge the result directories of shards into one.
+    Merge {
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Render summary.md and charts from saved records (never re-runs).
+    Report {
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Where to write; defaults to the first directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Put results from different hardware in one report, each labelled.
+        #[arg(long)]
+        allow_mixed_hardware: bool,
+    },
+    /// Compare two result directories; exits 1 on a regression.
+    Compare {
+        base: PathBuf,
+        new: PathBuf,
+        /// Largest tolerated growth of a median time-to-result, in percent.
+        #[arg(long, default_value_t = 10.0, value_parser = parse_threshold)]
+        threshold: f64,
+        #[arg(long)]
+        allow_mixed_hardware: bool,
+    },
+    /// Print this machine's hardware fingerprint.
+    Env {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Variants to run (repeatable); default: those the profile runs.
+    #[arg(long = "variant", value_name = "V")]
+    variants: Vec<String>,
+    /// Entries to run (repeatable); default: all.
+    #[arg(long = "entry", value_name = "E")]
+    entries: Vec<String>,
+    /// Trials per configuration; default: 2 in quick, 5 in full.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    trials: Option<u32>,
+    #[arg(long, default_value = "quick", value_parser = parse_profile)]
+    profile: Profile,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: Device,
+    /// Suite seed; trial seeds are derived from it.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output directory; default: results/runs/<date>-<host>-<device>.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue an interrupted run in --out, skipping recorded trials.
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Do not render the report after the run.
+    #[arg(long)]
+    no_report: bool,
+}
+
+fn parse_profile(s: &str) -> Result<Profile, String> {
+    s.parse()
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    s.parse()
+}
+
+fn parse_shard(s: &str) -> Result<Shard, String> {
+    s.parse()
+}
+
+fn parse_threshold(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("threshold `{s}` must be a non-negative percentage, e.g. 10")),
+    }
+}
+
+/// Bad input: exit 2.
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+fn usage(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::new(Usage(e.to_string()))
+}
+
+enum Done {
+    Ok,
+    Regression,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(Done::Ok) => ExitCode::SUCCESS,
+        Ok(Done::Regression) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<Usage>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<Done> {
+    match cli.command {
+        Command::List { json } => {
+            if json {
+                let specs: Vec<_> = WORKLOADS.iter().map(|w| w.spec()).collect();
+                println!("{}", serde_json::to_string_pretty(&specs)?);
+            } else {
+                print!("{}", list_text());
+            }
+            Ok(Done::Ok)
+        }
+        Command::Run { workload, opts } => {
+            let selection = Selection {
+                workloads: vec![workload],
+                variants: opts.variants.clone(),
+                entries: opts.entries.clone(),
+            };
+            run(selection, opts, None)
+        }
+        Command::Suite { opts, shard } => {
+            let selection = Selection {
+                workloads: vec![],
+                variants: opts.variants.clone(),
+                entries: opts.entries.clone(),
+            };
+            run(selection, opts, shard)
+        }
+        Command::Merge { dirs, out } => {
+            let n = merge::merge(&dirs, &out).map_err(usage)?;
+            eprintln!("merged {n} records from {} directories into {}", dirs.len(), out.display());
+            Ok(Done::Ok)
+        }
+        Command::Report {
+            dirs,
+            out,
+            allow_mixed_hardware,
+        } => {
+            let out = out.unwrap_or_else(|| dirs[0].clone());
+            let files = render_report(&dirs, &out, allow_mixed_hardware)?;
+            eprintln!("wrote {} files; summary: {}", files.len(), out.join("summary.md").display());
+            Ok(Done::Ok)
+        }
+        Command::Compare {
+            base,
+            new,
+            threshold,
+            allow_mixed_hardware,
+        } => {
+            let b = records::read_dir(&base).map_err(usage)?;
+            let n = records::read_dir(&new).map_err(usage)?;
+            let bg = summary::summarise(&b, false).map_err(usage)?;
+            let ng = summary::summarise(&n, false).map_err(usage)?;
+            if bg[0].hardware_id != ng[0].hardware_id && !allow_mixed_hardware {
+                return Err(usage(format!(
+                    "{} ran on hardware {} and {} on {}: times from different machines are not comparable; pass --allow-mixed-hardware to compare anyway",
+                    base.display(),
+                    bg[0].hardware_id,
+                    new.display(),
+                    ng[0].hardware_id
+                )));
+            }
+            let changes = compare::compare(&bg[0], &ng[0], threshold);
+            if changes.is_empty() {
+                return Err(usage("the two directories share no configuration to compare"));
+            }
+            print!("{}", compare::render(&changes, threshold));
+            let regressions = changes.iter().filter(|c| c.regression).count();
+            if regressions > 0 {
+                eprintln!("{regressions} regression(s) beyond {threshold}%");
+                Ok(Done::Regression)
+            } else {
+                Ok(Done::Ok)
+            }
+        }
+        Command::Env { json } => {
+            let fp = Fingerprint::detect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&fp)?);
+            } else {
+                println!("hardware_id: {}", fp.hardware_id);
+                println!("cpu: {} ({} cores)", fp.cpu_model, fp.cpu_cores);
+                println!("memory: {:.1} GiB", fp.memory_gib);
+                if fp.gpus.is_empty() {
+                    println!("gpu: none");
+                }
+                for g in &fp.gpus {
+                    println!(
+                        "gpu: {} ({} MiB, driver {}, CUDA {})",
+                        g.name, g.memory_mib, g.driver, g.cuda
+                    );
+                }
+                println!("os: {} (kernel {})", fp.os, fp.kernel);
+                println!("host: {}", fp.hostname);
+                println!("commit: {}", fingerprint::git_commit());
+            }
+            Ok(Done::Ok)
+        }
+    }
+}
+
+fn run(selection: Selection, opts: RunArgs, shard: Option<Shard>) -> anyhow::Result<Done> {
+    let units = plan::plan(WORKLOADS, &selection, opts.profile).map_err(usage)?;
+    let units = plan::shard(units, shard);
+    if units.is_empty() {
+        // More shards than units: this shard has nothing to do.
+        eprintln!("shard {} has no units (the suite has fewer units than shards)", shard.map_or(String::new(), |s| s.to_string()));
+        return Ok(Done::Ok);
+    }
+    let clock = opts.device.clock().map_err(usage)?;
+    let fp = Fingerprint::detect();
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| runner::default_out(&fp, opts.device));
+    let run_opts = RunOptions {
+        profile: opts.profile,
+        trials: opts.trials.unwrap_or(opts.profile.default_trials()),
+        seed: opts.seed,
+        device: opts.device,
+        out: out.clone(),
+        resume: opts.resume,
+        quiet: opts.quiet,
+        shard,
+        command_line: std::env::args().collect(),
+    };
+    runner::prepare_out(&run_opts).map_err(usage)?;
+    let env = Env {
+        clock: clock.as_ref(),
+        fingerprint: fp,
+        git_commit: fingerprint::git_commit(),
+        now: &runner::now_rfc3339,
+    };
+    let done = runner::run(&units, &run_opts, &env).context("run failed")?;
+    if let Some(torn) = &done.dropped_torn {
+        eprintln!(
+            "resume: dropped an incomplete last record (the trial in flight when the run stopped; it was rerun): {}",
+            torn.chars().take(120).collect::<String>()
+        );
+    }
+    eprintln!(
+        "{} trials recorded ({} reached the target), {} already recorded; results in {}",
+        done.recorded,
+        done.reached,
+        done.skipped,
+        out.display()
+    );
+    if !opts.no_report {
+        render_report(&[out.clone()], &out, false)?;
+        eprintln!("report: {}", out.join("summary.md").display());
+    }
+    Ok(Done::Ok)
+}
+
+fn render_report(dirs: &[PathBuf], out: &std::path::Path, allow_mixed: bool) -> anyhow::Result<Vec<PathBuf>> {
+    let mut all = Vec::new();
+    let mut runs = Vec::new();
+    for d in dirs {
+        all.extend(records::read_dir(d).map_err(usage)?);
+        let info = records::read_run_info(d).map_err(usage)?;
+        if info.merged_from.is_empty() {
+            runs.push(info);
+        } else {
+            runs.extend(info.merged_from);
+        }
+    }
+    let groups = summary::summarise(&all, allow_mixed).map_err(usage)?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create report directory {}", out.display()))
+        .map_err(usage)?;
+    report::write_report(
+        &ReportInput {
+            groups: &groups,
+            runs: &runs,
+            registry: WORKLOADS,
+        },
+        out,
+    )
+}
+
+fn list_text() -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    for w in WORKLOADS {
+        let spec = w.spec();
+        let _ = writeln!(s, "{} (v{}): {}", spec.id, spec.version, spec.title);
+        for p in spec.papers {
+            let _ = writeln!(s, "  paper: {} (arXiv {}, {})", p.title, p.arxiv, p.section);
+        }
+        let _ = writeln!(
+            s,
+            "  metric: {} ({:?}): {}",
+            spec.metric.name, spec.metric.direction, spec.metric.description
+        );
+        let _ = writeln!(s, "  variants:");
+        for v in spec.variants {
+            let profiles: Vec<&str> = v.profiles.iter().map(|p| p.as_str()).collect();
+            let _ = writeln!(
+                s,
+                "    {:<28} {:?}, profiles [{}], target {} ({}), budget {} s quick / {} s full",
+                v.id,
+                v.role,
+                profiles.join(", "),
+                v.target.value,
+                v.target.source,
+                v.budget.quick_s,
+                v.budget.full_s
+            );
+        }
+        let _ = writeln!(s, "  entries:");
+        for e in spec.entries {
+            let grid: Vec<String> = e
+                .grid
+                .iter()
+                .map(|p| {
+                    let vals: Vec<String> = p.values.iter().map(|v| v.to_string()).collect();
+                    format!("{} in {{{}}}", p.name, vals.join(", "))
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "    {:<28} {:<9} {}{}",
+                e.id,
+                e.kind.as_str(),
+                e.description,
+                if grid.is_empty() { String::new() } else { format!(" [{}]", grid.join(" x ")) }
+            );
+        }
+    }
+    s
+}

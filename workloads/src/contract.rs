@@ -323,8 +323,9 @@ pub enum Source {
 /// How a chart groups points into lines.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub enum Series {
-    /// One line per entry and value of this parameter (`spectr L=4`).
-    EntryParam(&'static str),
+    /// One line per value of this parameter, across the chart's entries
+    /// (`L=4` joins speculative sampling at k = 1 and SpecTr at k > 1).
+    Param(&'static str),
     /// One line per listed figure, each `(legend label, figure key)`; the x
     /// axis must be a parameter or figure shared by all.
     Figures(&'static [(&'static str, &'static str)]),
@@ -344,8 +345,8 @@ pub struct Chart {
     pub series: Series,
     /// Entries whose records feed the chart; empty means all.
     pub entries: &'static [&'static str],
-    /// A figure drawn dashed beside each line of `EntryParam` series (a
-    /// closed form measured points should sit on).
+    /// A figure drawn dashed beside each line of `Param` series (a closed
+    /// form the measured points should sit on).
     pub theory: Option<&'static str>,
     pub log_x: bool,
     pub log_y: bool,

@@ -20,6 +20,7 @@ pub mod spectr;
 pub mod stats;
 
 pub use contract::*;
+pub use device::Device;
 
 /// Every workload, in the order `list` shows them.
 pub const WORKLOADS: &[&dyn Workload] = &[&spectr::Spectr];

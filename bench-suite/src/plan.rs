@@ -1,0 +1,205 @@
+//! What a run will execute: (workload, variant, entry) units chosen from a
+//! registry by the command line, and the deterministic share of them that
+//! one shard of N runs.
+
+use std::fmt;
+use std::str::FromStr;
+
+use workloads::{Entry, Profile, Variant, Workload};
+
+/// One unit of work: every configuration and trial of an entry on a variant.
+#[derive(Clone, Copy)]
+pub struct Unit {
+    pub workload: &'static dyn Workload,
+    pub variant: &'static Variant,
+    pub entry: &'static Entry,
+}
+
+impl Unit {
+    pub fn label(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.workload.spec().id,
+            self.variant.id,
+            self.entry.id
+        )
+    }
+}
+
+impl fmt::Debug for Unit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.label())
+    }
+}
+
+/// `--shard I/N`: the I-th (1-based) of N shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("malformed shard `{s}`: write I/N with 1 <= I <= N, e.g. --shard 2/4")
+        };
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let index: usize = i.trim().parse().map_err(|_| bad())?;
+        let count: usize = n.trim().parse().map_err(|_| bad())?;
+        if count == 0 || index == 0 || index > count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl fmt::Display for Shard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// What the user asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Empty: the whole registry (`suite`).
+    pub workloads: Vec<String>,
+    /// Empty: every variant that runs by default in the profile.
+    pub variants: Vec<String>,
+    /// Empty: every entry that applies to the variant.
+    pub entries: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("unknown workload `{name}`; valid workloads: {valid}")]
+    UnknownWorkload { name: String, valid: String },
+    #[error("unknown variant `{name}`{scope}; valid variants: {valid}")]
+    UnknownVariant {
+        name: String,
+        scope: String,
+        valid: String,
+    },
+    #[error("unknown entry `{name}`{scope}; valid entries: {valid}")]
+    UnknownEntry {
+        name: String,
+        scope: String,
+        valid: String,
+    },
+    #[error("nothing to run: {0}")]
+    Empty(String),
+}
+
+/// Resolves a selection against a registry, in registry order.
+pub fn plan(
+    registry: &[&'static dyn Workload],
+    selection: &Selection,
+    profile: Profile,
+) -> Result<Vec<Unit>, PlanError> {
+    let mut chosen = Vec::new();
+    for name in &selection.workloads {
+        let w = registry
+            .iter()
+            .copied()
+            .find(|w| w.spec().id == name)
+            .ok_or_else(|| PlanError::UnknownWorkload {
+                name: name.clone(),
+                valid: registry.iter().map(|w| w.spec().id).collect::<Vec<_>>().join(", "),
+            })?;
+        chosen.push(w);
+    }
+    if selection.workloads.is_empty() {
+        chosen = registry.to_vec();
+    }
+    let scope = |ws: &[&dyn Workload]| match ws {
+        [one] => format!(" in workload `{}`", one.spec().id),
+        _ => " in any selected workload".to_string(),
+    };
+    for name in &selection.variants {
+        if !chosen.iter().any(|w| w.spec().variant(name).is_some()) {
+            return Err(PlanError::UnknownVariant {
+                name: name.clone(),
+                scope: scope(&chosen),
+                valid: chosen
+                    .iter()
+                    .flat_map(|w| w.spec().variants.iter().map(|v| v.id))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+    }
+    for name in &selection.entries {
+        if !chosen.iter().any(|w| w.spec().entry(name).is_some()) {
+            return Err(PlanError::UnknownEntry {
+                name: name.clone(),
+                scope: scope(&chosen),
+                valid: chosen
+                    .iter()
+                    .flat_map(|w| w.spec().entries.iter().map(|e| e.id))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+    }
+    let mut units = Vec::new();
+    for w in chosen {
+        let spec = w.spec();
+        for variant in spec.variants {
+            let wanted = if selection.variants.is_empty() {
+                variant.runs_by_default(profile)
+            } else {
+                selection.variants.iter().any(|v| v == variant.id)
+            };
+            if !wanted {
+                continue;
+            }
+            for entry in spec.entries {
+                let wanted =
+                    selection.entries.is_empty() || selection.entries.iter().any(|e| e == entry.id);
+                if wanted && entry.applies_to(variant.id) {
+                    units.push(Unit {
+                        workload: w,
+                        variant,
+                        entry,
+                    });
+                }
+            }
+        }
+    }
+    if units.is_empty() {
+        return Err(PlanError::Empty(
+            "no entry of the selection applies to the selected variants (see `bench-suite list`)"
+                .into(),
+        ));
+    }
+    Ok(units)
+}
+
+/// The units of one shard: round-robin over the full plan, so each shard
+/// gets a spread of workloads and the union of all shards is the plan.
+pub fn shard(units: Vec<Unit>, shard: Option<Shard>) -> Vec<Unit> {
+    match shard {
+        None => units,
+        Some(s) => units
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % s.count == s.index - 1)
+            .map(|(_, u)| u)
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_parse_strictly() {
+        assert_eq!("2/4".parse::<Shard>(), Ok(Shard { index: 2, count: 4 }));
+        for bad in ["0/4", "5/4", "1/0", "1", "a/b", "1/2/3", ""] {
+            assert!(bad.parse::<Shard>().unwrap_err().contains("malformed shard"), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! Renders `summary.md` and the charts from records (hyperfine's
+//! `Exporter`: renderers read results, never the runner). Workload-specific
+//! charts are declared as data in each workload's spec
+//! ([`workloads::Chart`]) and drawn here.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use workloads::{Chart, Series, Source, WorkloadSpec};
+
+use crate::charts::{self, DotChart, DotRow, Line, LineChart, Point};
+use crate::records::{self, RunInfo};
+use crate::summary::{ConfigSummary, HardwareGroup, ProfileSummary};
+
+/// What the report is about, beyond the records: the runs' `run.json`.
+pub struct ReportInput<'a> {
+    pub groups: &'a [HardwareGroup],
+    pub runs: &'a [RunInfo],
+    pub registry: &'a [&'static dyn workloads::Workload],
+}
+
+/// Writes `summary.md` and `charts/` under `out`; returns the files written.
+pub fn write_report(input: &ReportInput<'_>, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out.join("charts"))?;
+    let mut written = Vec::new();
+    let mut chart_links: Vec<(String, String, Vec<(String, String)>)> = Vec::new();
+    for g in input.groups {
+        for w in g.workloads() {
+            let spec = spec_of(input.registry, w);
+            let mut links = Vec::new();
+            let hw = hw_suffix(input.groups, g);
+            if let Some(p) = g.profiles.iter().find(|p| p.scope == format!("workload {w}")) {
+                let stem = out.join("charts").join(format!("{w}{hw}-profile"));
+                written.extend(charts::render_profile(
+                    &p.profile,
+                    &format!("Performance profile: {w} (time-to-result)"),
+                    &stem,
+                )?);
+                links.push(("performance profile".to_string(), rel(out, &stem)));
+            }
+            for v in g.variants(w) {
+                let stem = out.join("charts").join(format!("{w}{hw}-{v}-ttr"));
+                written.extend(charts::render_dots(&ttr_chart(g, w, v), &stem)?);
+                links.push((format!("{v}: time-to-result"), rel(out, &stem)));
+                for chart in spec.map(|s| s.charts).unwrap_or(&[]) {
+                    if let Some(line) = spec_chart(g, w, v, chart) {
+                        let stem = out.join("charts").join(format!("{w}{hw}-{v}-{}", chart.id));
+                        written.extend(charts::render_line(&line, &stem)?);
+                        links.push((format!("{v}: {}", chart.title), rel(out, &stem)));
+                    }
+                }
+            }
+            chart_links.push((g.hardware_id.clone(), w.to_string(), links));
+        }
+        if let Some(p) = &g.suite_profile {
+            let stem = out
+                .join("charts")
+                .join(format!("suite{}-profile", hw_suffix(input.groups, g)));
+            written.extend(charts::render_profile(&p.profile, "Performance profile: suite", &stem)?);
+        }
+    }
+    let md = summary_markdown(input, &chart_links);
+    let path = out.join("summary.md");
+    records::write_atomic(&path, md.as_bytes())?;
+    written.push(path);
+    Ok(written)
+}
+
+fn hw_suffix(groups: &[HardwareGroup], g: &HardwareGroup) -> String {
+    if groups.len() > 1 {
+        format!("-{}", g.hardware_id)
+    } else {
+        String::new()
+    }
+}
+
+fn rel(out: &Path, stem: &Path) -> String {
+    stem.strip_prefix(out)
+        .unwrap_or(stem)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn spec_of(registry: &[&'static dyn workloads::Workload], id: &str) -> Option<&'static WorkloadSpec> {
+    registry.iter().map(|w| w.spec()).find(|s| s.id == id)
+}
+
+/// The Markdown summary. Pure function of its input: snapshot-tested.
+pub fn summary_markdown(
+    input: &ReportInput<'_>,
+    chart_links: &[(String, String, Vec<(String, String)>)],
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# bench-suite report\n");
+    let _ = writeln!(
+        s,
+        "Time-to-result rules: see RULES.md. Times are medians over trials (a miss counts as infinity, shown as `miss`); intervals are 95% percentile-bootstrap intervals; speedups are medians of per-trial ratios against the reference baseline, paired by trial seed.\n"
+    );
+    if !input.runs.is_empty() {
+        let _ = writeln!(s, "## Runs\n");
+        let _ = writeln!(s, "| run | profile | trials | seed | device | shard | commit | hardware |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+        for r in input.runs {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | `{}` | `{}` {} |",
+                r.run_id,
+                r.profile,
+                r.trials,
+                r.seed,
+                r.device,
+                r.shard.as_deref().unwrap_or("-"),
+                short_commit(&r.git_commit),
+                r.fingerprint.hardware_id,
+                r.fingerprint.describe()
+            );
+        }
+        s.push('\n');
+    }
+    let mixed = input.groups.len() > 1;
+    for g in input.groups {
+        if mixed {
+            let desc = input
+                .runs
+                .iter()
+                .find(|r| r.fingerprint.hardware_id == g.hardware_id)
+                .map(|r| r.fingerprint.describe())
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "## Hardware `{}` {desc}\n\nResults below are from this hardware only; they are not compared with other hardware.\n",
+                g.hardware_id
+            );
+        }
+        for w in g.workloads() {
+            workload_section(&mut s, input, g, w, chart_links);
+        }
+        if let Some(p) = &g.suite_profile {
+            let _ = writeln!(s, "## Suite-wide performance profile\n");
+            profile_table(&mut s, p);
+        }
+    }
+    s
+}
+
+fn short_commit(c: &str) -> String {
+    let (hash, rest) = c.split_at(c.find(|ch: char| !ch.is_ascii_hexdigit()).unwrap_or(c.len()));
+    format!("{}{rest}", &hash[..hash.len().min(10)])
+}
+
+fn workload_section(
+    s: &mut String,
+    input: &ReportInput<'_>,
+    g: &HardwareGroup,
+    w: &str,
+    chart_links: &[(String, String, Vec<(String, String)>)],
+) {
+    let spec = spec_of(input.registry, w);
+    let version = g.configs.iter().find(|c| c.workload == w).map_or(0, |c| c.workload_version);
+    match spec {
+        Some(spec) => {
+            let _ = writeln!(s, "## `{w}` v{version}: {}\n", spec.title);
+            if spec.version != version {
+                let _ = writeln!(
+                    s,
+                    "Note: these records are of version {version}; this bench-suite has version {}.\n",
+                    spec.version
+                );
+            }
+            for p in spec.papers {
+                let _ = writeln!(s, "- {} (arXiv {}, {})", p.title, p.arxiv, p.section);
+            }
+            let _ = writeln!(
+                s,
+                "\nQuality metric: `{}` ({}), {}.\n",
+                spec.metric.name,
+                spec.metric.description,
+                match spec.metric.direction {
+                    workloads::Direction::HigherIsBetter => "higher is better",
+                    workloads::Direction::LowerIsBetter => "lower is better",
+                }
+            );
+        }
+        None => {
+            let _ = writeln!(s, "## `{w}` v{version} (not in this bench-suite's registry)\n");
+        }
+    }
+    for v in g.variants(w) {
+        let _ = writeln!(s, "### Variant `{v}`\n");
+        if let Some(var) = spec.and_then(|sp| sp.variant(v)) {
+            let _ = writeln!(
+                s,
+                "{}\n\nTarget: {} (source: {}).\n",
+                var.description, var.target.value, var.target.source
+            );
+        }
+        config_table(s, g, w, v, spec);
+    }
+    if let Some(p) = g.profiles.iter().find(|p| p.scope == format!("workload {w}")) {
+        let _ = writeln!(s, "### Performance profile over variants\n");
+        profile_table(s, p);
+    }
+    if let Some(spec) = spec {
+        if !spec.claims.is_empty() {
+            let _ = writeln!(s, "### The papers' claims, for comparison\n");
+            for c in spec.claims {
+                let _ = writeln!(s, "- {c}");
+            }
+            s.push('\n');
+        }
+    }
+    if let Some((_, _, links)) = chart_links
+        .iter()
+        .find(|(hw, wl, _)| *hw == g.hardware_id && wl == w)
+    {
+        let _ = writeln!(s, "### Charts\n");
+        for (title, stem) in links {
+            let _ = writeln!(s, "- {title}: [{stem}.svg]({stem}.svg), [png]({stem}.png)");
+        }
+        s.push('\n');
+    }
+}
+
+fn config_table(s: &mut String, g: &HardwareGroup, w: &str, v: &str, spec: Option<&WorkloadSpec>) {
+    let configs: Vec<&ConfigSummary> = g.configs_of(w, v).collect();
+    let reference = configs
+        .iter()
+        .find(|c| c.entry_kind == "reference")
+        .map_or("reference".to_string(), |c| c.entry.clone());
+    let figures: Vec<(&str, &str)> = match spec {
+        Some(sp) => sp
+            .figures
+            .iter()
+            .filter(|f| configs.iter().any(|c| c.figures.contains_key(f.key)))
+            .map(|f| (f.key, f.label))
+            .collect(),
+        None => Vec::new(),
+    };
+    let _ = write!(
+        s,
+        "| entry | params | median time-to-result (s) | 95% CI (s) | reached | speedup vs {reference} | 95% CI | quality |"
+    );
+    for (_, label) in &figures {
+        let _ = write!(s, " {label} |");
+    }
+    let _ = write!(s, "\n|---|---|---|---|---|---|---|---|");
+    for _ in &figures {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    for c in &configs {
+        let (sp, sp_ci) = match &c.speedup {
+            Some(sp) => (fmt_ratio(sp.median), format!("{} – {}", fmt_ratio(sp.lo), fmt_ratio(sp.hi))),
+            None => ("-".into(), "-".into()),
+        };
+        let _ = write!(
+            s,
+            "| {} | {} | {} | {} – {} | {}/{} | {} | {} | {} |",
+            c.entry,
+            if c.params.is_empty() { "-" } else { &c.params },
+            fmt_time(c.median_s),
+            fmt_time(c.ci_s.0),
+            fmt_time(c.ci_s.1),
+            c.successes,
+            c.trials,
+            sp,
+            sp_ci,
+            c.quality_median.map_or("-".into(), fmt_num),
+        );
+        for (key, _) in &figures {
+            let _ = write!(s, " {} |", c.figures.get(*key).map_or("-".into(), |v| fmt_num(*v)));
+        }
+        s.push('\n');
+    }
+    let failures: Vec<&&ConfigSummary> = configs.iter().filter(|c| c.failure.is_some()).collect();
+    if !failures.is_empty() {
+        let _ = writeln!(s, "\nMisses:\n");
+        for c in failures {
+            let _ = writeln!(s, "- {}: {}", c.label(), c.failure.as_deref().unwrap_or(""));
+        }
+    }
+    s.push('\n');
+}
+
+fn profile_table(s: &mut String, p: &ProfileSummary) {
+    let _ = writeln!(
+        s,
+        "Problems: {}. Score B = area under rho(tau) for tau in [1, 4], divided by 3 (1 = fastest everywhere, 0 = never within 4x of the fastest).\n",
+        p.profile.problems.join(", ")
+    );
+    let _ = writeln!(s, "| entry | B | geometric-mean speedup vs reference | problems |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    for (i, m) in p.profile.methods.iter().enumerate() {
+        let (gm, n) = match p.geomean_speedup[i] {
+            Some((g, n)) => (fmt_ratio(g), n),
+            None => ("-".into(), 0),
+        };
+        let _ = writeln!(s, "| {m} | {:.3} | {gm} | {n} |", p.profile.score[i]);
+    }
+    s.push('\n');
+}
+
+/// Seconds with three significant digits; infinity is a miss.
+pub fn fmt_time(t: f64) -> String {
+    if t.is_infinite() {
+        "miss".into()
+    } else if t.is_nan() {
+        "-".into()
+    } else {
+        fmt_num(t)
+    }
+}
+
+pub fn fmt_ratio(r: f64) -> String {
+    if r.is_infinite() {
+        "inf".into()
+    } else {
+        format!("{}x", fmt_num(r))
+    }
+}
+
+/// Three significant digits, plain notation from 1e-3 to 1e6.
+pub fn fmt_num(x: f64) -> String {
+    if !x.is_finite() {
+        return format!("{x}");
+    }
+    if x == 0.0 {
+        return "0".into();
+    }
+    let mag = x.abs().log10().floor() as i32;
+    if !(-3..6).contains(&mag) {
+        return format!("{x:.2e}");
+    }
+    let decimals = (2 - mag).max(0) as usize;
+    format!("{x:.decimals$}")
+}
+
+fn ttr_chart(g: &HardwareGroup, w: &str, v: &str) -> DotChart {
+    DotChart {
+        title: format!("Time-to-result: {w} / {v} (median, 95% CI)"),
+        x_label: "time-to-result (s)".into(),
+        log_x: true,
+        rows: g
+            .configs_of(w, v)
+            .map(|c| DotRow {
+                label: c.label(),
+                value: c.median_s,
+                lo: c.ci_s.0,
+                hi: c.ci_s.1,
+                note: format!("{}/{}", c.successes, c.trials),
+            })
+            .collect(),
+    }
+}
+
+fn coordinate(c: &ConfigSummary, source: Source) -> Option<f64> {
+    match source {
+        Source::Param(p) => c.param(p),
+        Source::Figure(f) => c.figures.get(f).copied(),
+        Source::TimeToResult => Some(c.median_s),
+        Source::Speedup => c.speedup.as_ref().map(|s| s.median),
+    }
+    .filter(|x| x.is_finite())
+}
+
+/// Builds a declared chart for one variant; `None` if it has no data there.
+fn spec_chart(g: &HardwareGroup, w: &str, v: &str, chart: &Chart) -> Option<LineChart> {
+    let configs: Vec<&ConfigSummary> = g
+        .configs_of(w, v)
+        .filter(|c| chart.entries.is_empty() || chart.entries.contains(&c.entry.as_str()))
+        .collect();
+    let mut lines: Vec<Line> = Vec::new();
+    let mut push = |label: String, dashed: bool, x: f64, y: f64| {
+        match lines.iter_mut().find(|l| l.label == label) {
+            Some(l) => l.points.push(Point { x, y, lo: None, hi: None }),
+            None => lines.push(Line {
+                label,
+                points: vec![Point { x, y, lo: None, hi: None }],
+                dashed,
+                step: false,
+            }),
+        }
+    };
+    match chart.series {
+        Series::Param(param) => {
+            for c in &configs {
+                let (Some(x), Some(y)) = (coordinate(c, chart.x), coordinate(c, chart.y)) else {
+                    continue;
+                };
+                let group = c.param(param).map_or("all".to_string(), |p| format!("{param}={p}"));
+                push(group.clone(), false, x, y);
+                if let Some(t) = chart.theory.and_then(|f| c.figures.get(f)) {
+                    push(format!("{group} closed form"), true, x, *t);
+                }
+            }
+        }
+        Series::Figures(figs) => {
+            for c in &configs {
+                let Some(x) = coordinate(c, chart.x) else { continue };
+                for (label, key) in figs {
+                    if let Some(y) = c.figures.get(*key).filter(|y| y.is_finite()) {
+                        push(label.to_string(), false, x, *y);
+                    }
+                }
+            }
+        }
+    }
+    for l in &mut lines {
+        l.points.sort_by(|a, b| a.x.total_cmp(&b.x));
+    }
+    if lines.is_empty() {
+        return None;
+    }
+    Some(LineChart {
+        title: format!("{}: {w} / {v}", chart.title),
+        x_label: chart.x_label.into(),
+        y_label: chart.y_label.into(),
+        log_x: chart.log_x,
+        log_y: chart.log_y,
+        lines,
+        y_range: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_format_with_three_significant_digits() {
+        assert_eq!(fmt_num(0.012345), "0.0123");
+        assert_eq!(fmt_num(1.5), "1.50");
+        assert_eq!(fmt_num(123.456), "123");
+        assert_eq!(fmt_num(1234.5), "1234");
+        assert_eq!(fmt_num(2.5e-5), "2.50e-5");
+        assert_eq!(fmt_time(f64::INFINITY), "miss");
+        assert_eq!(fmt_ratio(2.0), "2.00x");
+        assert_eq!(short_commit("0123456789abcdef-dirty"), "0123456789-dirty");
+    }
+}
