@@ -951,6 +951,42 @@ fn draw_sample<DB: DrawingBackend>(
     draw_marker(root, (x + len / 2, y), shape, color, MARKER_R)
 }
 
+/// A thick polyline. plotters rasterises a thick path as a polygon whose
+/// vertices it truncates to whole pixels, so a curve made of short segments
+/// comes out 2 or 3 px wide by turns, with notches at the joints. In the
+/// PNG each segment is instead drawn as parallel 1 px anti-aliased lines,
+/// offset across its main direction, with a disc at each joint; the SVG
+/// keeps one polyline, which viewers stroke properly.
+fn draw_polyline<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    path: Vec<(i32, i32)>,
+    style: ShapeStyle,
+    raster: bool,
+) -> anyhow::Result<()> {
+    if !raster || style.stroke_width <= 1 {
+        return root.draw(&PathElement::new(path, style)).plot();
+    }
+    let half = (style.stroke_width / 2) as i32;
+    let thin = style.color.stroke_width(1);
+    for w in path.windows(2) {
+        let ((ax, ay), (bx, by)) = (w[0], w[1]);
+        let steep = (by - ay).abs() > (bx - ax).abs();
+        for k in -half..=half {
+            let (dx, dy) = if steep { (k, 0) } else { (0, k) };
+            root.draw(&PathElement::new(
+                vec![(ax + dx, ay + dy), (bx + dx, by + dy)],
+                thin,
+            ))
+            .plot()?;
+        }
+    }
+    for &p in &path[1..path.len() - 1] {
+        root.draw(&Circle::new(p, half, style.color.filled()))
+            .plot()?;
+    }
+    Ok(())
+}
+
 /// Ramer-Douglas-Peucker: the fewest points of `path` that stay within
 /// `eps` pixels of it. Keeps both ends and every corner that matters.
 fn simplify(path: &[(i32, i32)], eps: f64) -> Vec<(i32, i32)> {
@@ -1066,7 +1102,11 @@ fn draw_mesh<DB: DrawingBackend>(
 }
 
 impl XyPlan {
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+        raster: bool,
+    ) -> anyhow::Result<()> {
         let body = draw_title(root, &self.title)?;
         let body = draw_caption(root, body, &self.caption)?;
         let (w, _) = root.dim_in_pixel();
@@ -1135,7 +1175,7 @@ impl XyPlan {
                 vec![path]
             };
             for piece in pieces.into_iter().filter(|p| p.len() >= 2) {
-                root.draw(&PathElement::new(piece, style)).plot()?;
+                draw_polyline(root, piece, style, raster)?;
             }
             let thin = color.stroke_width(2);
             for &(x, lo, hi) in &s.whiskers {
@@ -1367,10 +1407,15 @@ impl Plan {
         }
     }
 
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
+    /// `raster`: the backend is a bitmap (see [`draw_polyline`]).
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+        raster: bool,
+    ) -> anyhow::Result<()> {
         root.fill(&WHITE).plot()?;
         match self {
-            Plan::Xy(p) => p.draw(root)?,
+            Plan::Xy(p) => p.draw(root, raster)?,
             Plan::Dots(p) => p.draw(root)?,
             Plan::Empty(p) => p.draw(root)?,
         }
@@ -1432,7 +1477,7 @@ fn write_figure(plan: &Plan, stem: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
-        plan.draw(&root)
+        plan.draw(&root, false)
             .with_context(|| format!("drawing {}", svg_path.display()))?;
     }
     let tmp = temp_beside(&svg_path, "svg");
@@ -1446,7 +1491,7 @@ fn write_figure(plan: &Plan, stem: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let tmp = temp_beside(&png_path, "png");
     let drawn = {
         let root = BitMapBackend::new(&tmp, size).into_drawing_area();
-        plan.draw(&root)
+        plan.draw(&root, true)
     };
     let written = drawn.and_then(|()| Ok(std::fs::rename(&tmp, &png_path)?));
     if let Err(e) = written {

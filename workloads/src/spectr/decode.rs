@@ -392,3 +392,392 @@ fn next_reps(seqs: &[Vec<u32>], rep: &mut [usize], j: usize, k: usize, base: usi
             .expect("i itself qualifies");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Exactness is tested on the joint law of the first three emitted
+    //! tokens (125 cells) against the target's exact joint, at a fixed seed.
+    //! With `N` runs, a sampler off by total variation `d` has noncentrality
+    //! at least `4 N d^2` (Cauchy-Schwarz over the cells); `N = 300_000`
+    //! gives 120 at `d = 1%`, and on 124 degrees of freedom the statistic
+    //! then exceeds the `p = 1e-4` threshold (about 183) with probability
+    //! about 0.99. A right sampler must give `p > 1e-4`; the wrong one below
+    //! must give `p < 1e-12`.
+
+    use super::*;
+    use crate::spectr::kseq::{self, Plan};
+    use crate::stats::chi_square_gof;
+    use baselines::sampling::{speculative_step, SpecStep};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    const V: usize = 5;
+
+    /// A model whose next-token law depends on the last token only.
+    struct Markov([[f64; V]; V]);
+
+    impl LanguageModel for Markov {
+        fn vocab_size(&self) -> usize {
+            V
+        }
+        fn next_dists(&self, contexts: &[&[u32]]) -> Vec<Dist> {
+            contexts
+                .iter()
+                .map(|c| self.0[*c.last().expect("tests always prompt") as usize].to_vec())
+                .collect()
+        }
+    }
+
+    /// A model whose next-token law ignores the context.
+    struct Iid(Vec<f64>);
+
+    impl LanguageModel for Iid {
+        fn vocab_size(&self) -> usize {
+            self.0.len()
+        }
+        fn next_dists(&self, contexts: &[&[u32]]) -> Vec<Dist> {
+            contexts.iter().map(|_| self.0.clone()).collect()
+        }
+    }
+
+    const TARGET: [[f64; V]; V] = [
+        [0.40, 0.25, 0.15, 0.12, 0.08],
+        [0.10, 0.20, 0.45, 0.15, 0.10],
+        [0.30, 0.05, 0.10, 0.25, 0.30],
+        [0.22, 0.18, 0.20, 0.20, 0.20],
+        [0.06, 0.34, 0.10, 0.40, 0.10],
+    ];
+    // Rows 0.2 to 0.45 apart from the target's in total variation, so
+    // acceptance and rejection both happen often at every position.
+    const DRAFT: [[f64; V]; V] = [
+        [0.20, 0.45, 0.15, 0.05, 0.15],
+        [0.35, 0.20, 0.20, 0.15, 0.10],
+        [0.10, 0.20, 0.30, 0.30, 0.10],
+        [0.40, 0.10, 0.10, 0.10, 0.30],
+        [0.20, 0.20, 0.20, 0.20, 0.20],
+    ];
+    const PROMPT: [u32; 1] = [0];
+
+    fn no_check() -> impl FnMut() -> Result<(), WorkloadError> {
+        || Ok(())
+    }
+
+    fn exact_joint() -> Vec<f64> {
+        (0..V * V * V)
+            .map(|c| {
+                let (a, b, d) = (c / (V * V), c / V % V, c % V);
+                TARGET[0][a] * TARGET[a][b] * TARGET[b][d]
+            })
+            .collect()
+    }
+
+    fn cell(t: &[u32]) -> usize {
+        (t[0] as usize * V + t[1] as usize) * V + t[2] as usize
+    }
+
+    /// Joint counts of the first three tokens over `runs` generations.
+    fn joint_counts(
+        runs: usize,
+        seed: u64,
+        mut generate: impl FnMut(&mut ChaCha8Rng) -> Generation,
+    ) -> Vec<u64> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut counts = vec![0u64; V * V * V];
+        for _ in 0..runs {
+            counts[cell(&generate(&mut rng).tokens)] += 1;
+        }
+        counts
+    }
+
+    const RUNS: usize = 300_000;
+
+    #[test]
+    fn spectr_emits_the_target_joint() {
+        let (draft, target) = (Markov(DRAFT), Markov(TARGET));
+        let exact = exact_joint();
+        for (i, (k, l)) in [1, 2, 4]
+            .into_iter()
+            .flat_map(|k| [1, 2, 3].map(|l| (k, l)))
+            .enumerate()
+        {
+            let counts = joint_counts(RUNS, 100 + i as u64, |rng| {
+                let g = spectr(&draft, &target, &PROMPT, 3, k, l, rng, &mut no_check()).unwrap();
+                assert_eq!(g.tokens.len(), 3);
+                assert_eq!(g.target_calls, g.blocks);
+                assert_eq!(g.draft_calls, g.blocks * l as u64);
+                g
+            });
+            let gof = chi_square_gof(&counts, &exact);
+            assert!(gof.p_value > 1e-4, "k {k} L {l}: p = {}", gof.p_value);
+        }
+    }
+
+    #[test]
+    fn a_selection_that_ignores_rho_is_caught() {
+        // K-SEQ with rho forced to 1 for k > 1: each draft is kept with
+        // min(1, q/p) and the residual is max(0, q - p), as if k were 1.
+        let (draft, target) = (Markov(DRAFT), Markov(TARGET));
+        let exact = exact_joint();
+        for (i, k) in [2, 4].into_iter().enumerate() {
+            let counts = joint_counts(RUNS, 200 + i as u64, |rng| {
+                run_blocks(
+                    &draft,
+                    &target,
+                    &PROMPT,
+                    3,
+                    k,
+                    2,
+                    rng,
+                    &mut no_check(),
+                    |p, q, d, rng| Plan::naive(p, q, d.len()).step(p, q, d, rng),
+                )
+                .unwrap()
+            });
+            let p = chi_square_gof(&counts, &exact).p_value;
+            assert!(p < 1e-12, "k {k}: the naive selection passed with p = {p}");
+        }
+    }
+
+    /// Standard speculative sampling written out with the baseline step,
+    /// consuming random numbers in the order `spectr` does: `L` draft draws,
+    /// then one uniform per acceptance test, one for a residual, one for the
+    /// bonus token.
+    fn reference_speculative(n: usize, l: usize, rng: &mut ChaCha8Rng) -> Vec<u32> {
+        let mut seq = PROMPT.to_vec();
+        while seq.len() - PROMPT.len() < n {
+            let mut drafts = Vec::new();
+            for _ in 0..l {
+                let last = *drafts.last().unwrap_or(seq.last().unwrap()) as usize;
+                drafts.push(sample_categorical(&DRAFT[last], rng) as u32);
+            }
+            let mut prev = *seq.last().unwrap() as usize;
+            let mut all = true;
+            for &x in &drafts {
+                match speculative_step(&DRAFT[prev], &TARGET[prev], x as usize, rng) {
+                    SpecStep::Accepted(t) => {
+                        seq.push(t as u32);
+                        prev = t;
+                    }
+                    SpecStep::Resampled(t) => {
+                        seq.push(t as u32);
+                        all = false;
+                        break;
+                    }
+                }
+            }
+            if all {
+                seq.push(sample_categorical(&TARGET[prev], rng) as u32);
+            }
+        }
+        seq[PROMPT.len()..PROMPT.len() + n].to_vec()
+    }
+
+    #[test]
+    fn k_one_is_standard_speculative_sampling() {
+        let (draft, target) = (Markov(DRAFT), Markov(TARGET));
+        for l in [1, 2, 4] {
+            let seed = 300 + l as u64;
+            let ours = spectr(
+                &draft,
+                &target,
+                &PROMPT,
+                500,
+                1,
+                l,
+                &mut ChaCha8Rng::seed_from_u64(seed),
+                &mut no_check(),
+            )
+            .unwrap();
+            let spec = speculative(
+                &draft,
+                &target,
+                &PROMPT,
+                500,
+                l,
+                &mut ChaCha8Rng::seed_from_u64(seed),
+                &mut no_check(),
+            )
+            .unwrap();
+            assert_eq!(ours, spec);
+            let reference = reference_speculative(500, l, &mut ChaCha8Rng::seed_from_u64(seed));
+            assert_eq!(ours.tokens, reference, "L {l}");
+        }
+    }
+
+    const P_IID: [f64; 5] = [0.35, 0.25, 0.20, 0.15, 0.05];
+    const Q_IID: [f64; 5] = [0.20, 0.30, 0.10, 0.15, 0.25];
+
+    #[test]
+    fn tokens_per_call_match_the_closed_form_for_k_one() {
+        // Tokens per block N = min(G, L) + 1 with G geometric: P(N = j + 1) =
+        // a^j (1 - a) for j < L and P(N = L + 1) = a^L. Its exact variance
+        // gives the standard error of the mean over the blocks run; the test
+        // allows 5 of them plus L / blocks for the cut last block.
+        let a: f64 = P_IID.iter().zip(&Q_IID).map(|(p, q)| p.min(*q)).sum();
+        let (draft, target) = (Iid(P_IID.to_vec()), Iid(Q_IID.to_vec()));
+        for l in [1, 2, 4] {
+            let law: Vec<f64> = (0..=l)
+                .map(|j| {
+                    if j < l {
+                        a.powi(j as i32) * (1.0 - a)
+                    } else {
+                        a.powi(l as i32)
+                    }
+                })
+                .collect();
+            let mean: f64 = law
+                .iter()
+                .enumerate()
+                .map(|(j, w)| (j + 1) as f64 * w)
+                .sum();
+            let var: f64 = law
+                .iter()
+                .enumerate()
+                .map(|(j, w)| ((j + 1) as f64 - mean).powi(2) * w)
+                .sum();
+            assert!((mean - (1.0 - a.powi(l as i32 + 1)) / (1.0 - a)).abs() < 1e-12);
+            let g = spectr(
+                &draft,
+                &target,
+                &[],
+                100_000,
+                1,
+                l,
+                &mut ChaCha8Rng::seed_from_u64(400 + l as u64),
+                &mut no_check(),
+            )
+            .unwrap();
+            let blocks = g.blocks as f64;
+            let tol = 5.0 * (var / blocks).sqrt() + l as f64 / blocks;
+            let got = g.tokens_per_target_call();
+            assert!((got - mean).abs() < tol, "L {l}: {got} vs {mean} +- {tol}");
+        }
+    }
+
+    #[test]
+    fn first_position_acceptance_matches_kseq() {
+        let (draft, target) = (Iid(P_IID.to_vec()), Iid(Q_IID.to_vec()));
+        for k in [2, 4] {
+            let (_, beta) = kseq::solve_rho(&P_IID, &Q_IID, k);
+            let want = kseq::acceptance(beta, k);
+            let g = spectr(
+                &draft,
+                &target,
+                &[],
+                100_000,
+                k,
+                2,
+                &mut ChaCha8Rng::seed_from_u64(500 + k as u64),
+                &mut no_check(),
+            )
+            .unwrap();
+            let got = g.accepted_per_position[0] as f64 / g.blocks as f64;
+            let se = (want * (1.0 - want) / g.blocks as f64).sqrt();
+            assert!((got - want).abs() < 5.0 * se, "k {k}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn the_optimal_coupling_is_exact_and_reaches_its_acceptance() {
+        let (p, q) = ([0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]);
+        let (draft, target) = (Iid(p.to_vec()), Iid(q.to_vec()));
+        let coupling = OptimalCoupling::solve(&p, &q, 2).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(600);
+        let mut counts = vec![0u64; 64];
+        let (mut accepted, mut blocks) = (0u64, 0u64);
+        for _ in 0..100_000 {
+            let g = with_coupling(
+                &draft,
+                &target,
+                &[],
+                3,
+                &coupling,
+                &mut rng,
+                &mut no_check(),
+            )
+            .unwrap();
+            let t = &g.tokens;
+            counts[(t[0] as usize * 4 + t[1] as usize) * 4 + t[2] as usize] += 1;
+            accepted += g.accepted_per_position[0];
+            blocks += g.blocks;
+        }
+        let exact: Vec<f64> = (0..64)
+            .map(|c| q[c / 16] * q[c / 4 % 4] * q[c % 4])
+            .collect();
+        let gof = chi_square_gof(&counts, &exact);
+        assert!(gof.p_value > 1e-4, "p = {}", gof.p_value);
+        let want = coupling.acceptance();
+        let got = accepted as f64 / blocks as f64;
+        let se = (want * (1.0 - want) / blocks as f64).sqrt();
+        assert!((got - want).abs() < 5.0 * se, "{got} vs {want}");
+        // A context-dependent pair is refused.
+        let err = with_coupling(
+            &Markov(DRAFT),
+            &Markov(TARGET),
+            &PROMPT,
+            3,
+            &OptimalCoupling::solve(&DRAFT[0], &TARGET[0], 2).unwrap(),
+            &mut rng,
+            &mut no_check(),
+        );
+        assert!(matches!(err, Err(WorkloadError::Config(_))), "{err:?}");
+    }
+
+    #[test]
+    fn check_stops_the_loop_and_bad_shapes_are_refused() {
+        let (draft, target) = (Markov(DRAFT), Markov(TARGET));
+        let mut rng = ChaCha8Rng::seed_from_u64(700);
+        let mut blocks = 0;
+        let mut check = || {
+            blocks += 1;
+            if blocks > 3 {
+                Err(WorkloadError::OverBudget {
+                    elapsed_s: 2.0,
+                    budget_s: 1.0,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        let r = spectr(&draft, &target, &PROMPT, 1000, 2, 2, &mut rng, &mut check);
+        assert!(matches!(r, Err(WorkloadError::OverBudget { .. })));
+        assert_eq!(blocks, 4);
+        for (k, l) in [(0, 2), (2, 0)] {
+            let r = spectr(
+                &draft,
+                &target,
+                &PROMPT,
+                10,
+                k,
+                l,
+                &mut rng,
+                &mut no_check(),
+            );
+            assert!(matches!(r, Err(WorkloadError::Config(_))));
+        }
+        let small = Iid(vec![0.5, 0.5]);
+        let r = spectr(
+            &small,
+            &target,
+            &PROMPT,
+            10,
+            2,
+            2,
+            &mut rng,
+            &mut no_check(),
+        );
+        assert!(matches!(r, Err(WorkloadError::Config(_))));
+        let g = autoregressive(&target, &PROMPT, 7, &mut rng, &mut no_check()).unwrap();
+        assert_eq!((g.tokens.len(), g.target_calls, g.draft_calls), (7, 7, 0));
+    }
+
+    #[test]
+    fn autoregressive_emits_the_target_joint() {
+        let target = Markov(TARGET);
+        let counts = joint_counts(RUNS, 800, |rng| {
+            autoregressive(&target, &PROMPT, 3, rng, &mut no_check()).unwrap()
+        });
+        let gof = chi_square_gof(&counts, &exact_joint());
+        assert!(gof.p_value > 1e-4, "p = {}", gof.p_value);
+    }
+}

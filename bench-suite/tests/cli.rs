@@ -1,0 +1,327 @@
+//! The `bench-suite` binary end to end, bad input included: exit codes,
+//! messages that name the problem and the valid choices, and nothing
+//! half-written.
+
+use std::fs;
+use std::path::Path;
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn bench() -> Command {
+    let mut c = Command::cargo_bin("bench-suite").unwrap();
+    c.env_remove("BENCH_SUITE_ASSETS");
+    c
+}
+
+/// A tiny real run: the synthetic-small variant, two cheap entries.
+fn small_run(out: &Path, seed: &str) {
+    bench()
+        .args([
+            "run",
+            "spectr",
+            "--variant",
+            "synthetic-small",
+            "--entry",
+            "autoregressive",
+            "--entry",
+            "speculative",
+            "--trials",
+            "2",
+            "--quiet",
+            "--seed",
+            seed,
+            "--out",
+        ])
+        .arg(out)
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("trials recorded"));
+}
+
+#[test]
+fn list_shows_the_registry_in_text_and_json() {
+    bench()
+        .arg("list")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("spectr (v1)"))
+        .stdout(predicate::str::contains("autoregressive"))
+        .stdout(predicate::str::contains("reference"))
+        .stdout(predicate::str::contains("k in {2, 4, 8}"));
+    let out = bench().args(["list", "--json"]).output().unwrap();
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let spectr = json.as_array().unwrap().iter().find(|w| w["id"] == "spectr").unwrap();
+    assert!(spectr["variants"].as_array().unwrap().len() >= 2);
+    assert_eq!(spectr["metric"]["direction"], "higher-is-better");
+}
+
+#[test]
+fn env_prints_the_fingerprint() {
+    bench()
+        .arg("env")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("hardware_id:"))
+        .stdout(predicate::str::contains("cpu:"));
+    let out = bench().args(["env", "--json"]).output().unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["hardware_id"].as_str().unwrap().len(), 12);
+}
+
+#[test]
+fn bad_selections_exit_2_and_list_the_valid_choices() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "nope"], "unknown workload `nope`; valid workloads: spectr"),
+        (&["run", "spectr", "--variant", "nope"], "valid variants: ngram-jargon"),
+        (&["run", "spectr", "--entry", "nope"], "valid entries: autoregressive"),
+        (&["run", "spectr", "--device", "gpu"], "valid devices: cpu, cuda"),
+        (&["run", "spectr", "--profile", "huge"], "valid profiles: quick, full"),
+        (&["suite", "--shard", "5/4"], "malformed shard `5/4`"),
+        (&["suite", "--shard", "x"], "malformed shard"),
+        (&["run", "spectr", "--trials", "0"], "--trials"),
+    ];
+    for (args, message) in cases {
+        bench()
+            .args(*args)
+            .arg("--out")
+            .arg(&out)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(*message));
+        assert!(!out.exists(), "{args:?} wrote output");
+    }
+    bench()
+        .args(["compare", "a", "b", "--threshold=-3"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("non-negative percentage"));
+}
+
+#[test]
+fn cuda_without_the_feature_is_a_clear_error() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    bench()
+        .args(["run", "spectr", "--device", "cuda:0", "--out"])
+        .arg(dir.path().join("o"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("built without CUDA"));
+}
+
+#[test]
+fn an_unwritable_or_occupied_out_is_refused_before_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    fs::write(&file, "x").unwrap();
+    bench()
+        .args(["run", "spectr", "--out"])
+        .arg(&file)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("not a directory"));
+    bench()
+        .args(["run", "spectr", "--out"])
+        .arg(file.join("below"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("cannot create"));
+
+    let run = dir.path().join("run");
+    small_run(&run, "1");
+    let before = fs::read(run.join("records.jsonl")).unwrap();
+    bench()
+        .args(["run", "spectr", "--variant", "synthetic-small", "--out"])
+        .arg(&run)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--resume"));
+    assert_eq!(fs::read(run.join("records.jsonl")).unwrap(), before, "records untouched");
+}
+
+#[test]
+fn run_writes_records_and_a_report_and_resume_skips_what_is_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    small_run(&run, "1");
+    for f in ["raw.csv", "records.jsonl", "run.json", "summary.md"] {
+        assert!(run.join(f).exists(), "{f}");
+    }
+    // 1 + 3 configurations x 2 trials.
+    assert_eq!(fs::read_to_string(run.join("records.jsonl")).unwrap().lines().count(), 8);
+    assert!(run.join("charts/spectr-synthetic-small-ttr.png").exists());
+    let summary = fs::read_to_string(run.join("summary.md")).unwrap();
+    assert!(summary.contains("### Variant `synthetic-small`"));
+
+    bench()
+        .args([
+            "run",
+            "spectr",
+            "--variant",
+            "synthetic-small",
+            "--entry",
+            "autoregressive",
+            "--entry",
+            "speculative",
+            "--trials",
+            "2",
+            "--seed",
+            "1",
+            "--quiet",
+            "--resume",
+            "--out",
+        ])
+        .arg(&run)
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("0 trials recorded"))
+        .stderr(predicate::str::contains("8 already recorded"));
+}
+
+#[test]
+fn report_and_compare_read_only_records_and_reject_corrupt_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    small_run(&a, "1");
+    small_run(&b, "2");
+
+    let out = dir.path().join("report");
+    bench().args(["report"]).arg(&a).arg("--out").arg(&out).assert().success();
+    assert!(out.join("summary.md").exists());
+
+    // Two runs with the same seed would duplicate trials: refused.
+    bench()
+        .arg("report")
+        .arg(&a)
+        .arg(&a)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("duplicate record"));
+
+    // A generous threshold passes; a negative change cannot regress.
+    bench()
+        .arg("compare")
+        .arg(&a)
+        .arg(&b)
+        .args(["--threshold", "100000"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("| configuration |"));
+
+    // Make b's autoregressive trials miss: a regression, exit 1.
+    let jsonl = fs::read_to_string(b.join("records.jsonl")).unwrap();
+    let slowed: String = jsonl
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            if v["entry"] == "autoregressive" {
+                v["time_to_result_s"] = serde_json::json!("inf");
+                v["reached"] = serde_json::json!(false);
+                v["status"] = serde_json::json!("missed_target");
+            }
+            v.to_string() + "\n"
+        })
+        .collect();
+    fs::write(b.join("records.jsonl"), slowed).unwrap();
+    bench()
+        .arg("compare")
+        .arg(&a)
+        .arg(&b)
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains("REGRESSION"));
+
+    // A corrupt line: exit 2, naming file and line.
+    let mut lines: Vec<String> = jsonl.lines().map(str::to_string).collect();
+    lines[2] = "{\"not\": \"a record\"}".into();
+    fs::write(b.join("records.jsonl"), lines.join("\n") + "\n").unwrap();
+    bench()
+        .arg("report")
+        .arg(&b)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("records.jsonl:3"));
+    // A foreign directory.
+    bench()
+        .arg("report")
+        .arg(dir.path())
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("no records.jsonl"));
+    // A raw.csv that disagrees with records.jsonl.
+    fs::write(b.join("records.jsonl"), &jsonl).unwrap();
+    let csv = fs::read_to_string(b.join("raw.csv")).unwrap();
+    let short: Vec<&str> = csv.lines().take(3).collect();
+    fs::write(b.join("raw.csv"), short.join("\n") + "\n").unwrap();
+    bench()
+        .arg("report")
+        .arg(&b)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("raw.csv"));
+}
+
+#[test]
+fn suite_shards_merge_into_the_unsharded_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shards = Vec::new();
+    for i in 1..=3 {
+        let out = dir.path().join(format!("shard-{i}"));
+        let shard = format!("{i}/3");
+        let mut cmd = bench();
+        cmd.args([
+            "suite",
+            "--variant",
+            "synthetic-small",
+            "--entry",
+            "autoregressive",
+            "--entry",
+            "speculative",
+            "--entry",
+            "ot-optimal",
+            "--trials",
+            "1",
+            "--quiet",
+            "--no-report",
+            "--shard",
+            &shard,
+            "--out",
+        ])
+        .arg(&out);
+        cmd.assert().success();
+        if out.exists() {
+            shards.push(out);
+        }
+    }
+    let merged = dir.path().join("merged");
+    bench().arg("merge").args(&shards).arg("--out").arg(&merged).assert().success();
+    let keys: std::collections::BTreeSet<String> = fs::read_to_string(merged.join("records.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{}|{}", v["entry"], v["params"])
+        })
+        .collect();
+    // autoregressive 1 + speculative 3 + ot-optimal 2 configurations.
+    assert_eq!(keys.len(), 6);
+    bench().arg("report").arg(&merged).assert().success();
+    // Merging into a directory that holds records is refused.
+    bench()
+        .arg("merge")
+        .args(&shards)
+        .arg("--out")
+        .arg(&merged)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("already holds records"));
+}
