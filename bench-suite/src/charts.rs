@@ -93,7 +93,9 @@ pub struct DotRow {
 }
 
 /// Rows of labelled dots with whiskers, first row on top, `x` in seconds:
-/// time-to-result per configuration with its interval.
+/// time-to-result per configuration with its interval. The canvas is
+/// [`WIDTH`] wide and [`HEIGHT`] tall, taller (34 px a row, up to 1500) for
+/// many rows; labels longer than 38 % of the width are cut with an ellipsis.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DotChart {
     pub title: String,
@@ -102,7 +104,10 @@ pub struct DotChart {
     pub rows: Vec<DotRow>,
 }
 
-/// Writes `chart` to `<stem>.svg` and `<stem>.png`; returns both paths.
+/// Writes `chart` to `<stem>.svg` and `<stem>.png` (the extensions are
+/// appended, so `spectr-k=4.5` keeps its name; a missing directory is
+/// created); returns both paths. A line without a single placeable point
+/// stays in the legend, marked "(no finite data)".
 pub fn render_line(chart: &LineChart, stem: &Path) -> anyhow::Result<Vec<PathBuf>> {
     write_figure(&line_plan(chart), stem)
 }
@@ -223,7 +228,7 @@ impl Axis {
             // One value, or all equal: a factor of 2 each side on a log axis,
             // 10 % of the value (or 1 around zero) on a linear one.
             let half = if log {
-                0.30103
+                std::f64::consts::LOG10_2
             } else if lo == 0.0 {
                 1.0
             } else {
@@ -486,14 +491,14 @@ fn line_plan(chart: &LineChart) -> Plan {
             .iter()
             .filter(|(_, _, p)| p.lo.is_some() || p.hi.is_some())
             .filter_map(|&(x, y, p)| {
-                let end = |v: Option<f64>, open: f64| match v {
-                    None => Some(Some(y)),
-                    Some(v) if v.is_nan() => Some(Some(y)),
-                    Some(v) if v == open => Some(None),
-                    Some(v) => to_axis(chart.log_y, v).map(Some).or(Some(None)),
+                // An absent (or NaN) end stops at the point; an end that
+                // cannot be placed (infinite, or not positive on a log
+                // axis) runs off the axis.
+                let end = |v: Option<f64>| match v {
+                    Some(v) if !v.is_nan() => to_axis(chart.log_y, v),
+                    _ => Some(y),
                 };
-                let lo = end(p.lo, f64::NEG_INFINITY)?;
-                let hi = end(p.hi, f64::INFINITY)?;
+                let (lo, hi) = (end(p.lo), end(p.hi));
                 (lo != Some(y) || hi != Some(y)).then_some((x, lo, hi))
             })
             .collect();
@@ -511,7 +516,10 @@ fn line_plan(chart: &LineChart) -> Plan {
             whiskers,
         });
     }
-    let xs: Vec<f64> = series.iter().flat_map(|s| s.marks_all_x()).collect();
+    let xs: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.path.iter().map(|p| p.0))
+        .collect();
     if xs.is_empty() {
         let log = if chart.log_x || chart.log_y {
             " and positive on the log axis"
@@ -568,12 +576,6 @@ fn line_plan(chart: &LineChart) -> Plan {
         series,
         caption,
     })
-}
-
-impl SeriesPlan {
-    fn marks_all_x(&self) -> impl Iterator<Item = f64> + '_ {
-        self.path.iter().map(|p| p.0)
-    }
 }
 
 fn profile_plan(p: &PerformanceProfile, title: &str) -> Plan {
@@ -647,7 +649,7 @@ fn dot_plan(chart: &DotChart) -> Plan {
     let place = |v: f64| to_axis(log, v);
     let mut finite: Vec<f64> = Vec::new();
     let mut needs_band = false;
-    let mut rows: Vec<DotRowPlan> = chart
+    let rows: Vec<DotRowPlan> = chart
         .rows
         .iter()
         .map(|r| {
@@ -661,6 +663,8 @@ fn dot_plan(chart: &DotChart) -> Plan {
                 DotMark::NoData
             };
             let lo = place(r.lo);
+            // Some(Some(u)): a bound to draw; Some(None): an infinite bound,
+            // the whisker runs into the band; None: nothing usable.
             let hi = if r.hi == f64::INFINITY {
                 Some(None)
             } else {
@@ -670,7 +674,8 @@ fn dot_plan(chart: &DotChart) -> Plan {
             finite.extend(hi.flatten());
             let whisker = match (lo, hi, &mark) {
                 (Some(lo), Some(hi), _) => Some((lo, hi)),
-                // A miss with a finite lower bound: run from it into the band.
+                // A miss with a finite lower bound but no usable upper one:
+                // run from it into the band.
                 (Some(lo), None, DotMark::Missed) => Some((lo, None)),
                 _ => None,
             };
@@ -713,12 +718,6 @@ fn dot_plan(chart: &DotChart) -> Plan {
         let hi = data.hi;
         (data, hi)
     };
-    // Whiskers ending past the band start run into it open-ended.
-    for r in &mut rows {
-        if let Some((lo, Some(hi))) = r.whisker {
-            r.whisker = Some((lo.max(x.lo), Some(hi.min(band_lo))));
-        }
-    }
     let no_data = rows.iter().filter(|r| r.mark == DotMark::NoData).count();
     let mut caption = Vec::new();
     if no_data > 0 {
@@ -926,37 +925,36 @@ fn draw_marker<DB: DrawingBackend>(
 }
 
 /// A horizontal line sample `len` pixels long starting at `(x, y)`, dashed
-/// or solid, with the series marker in its middle.
+/// like the series (same pattern as [`dashes`]), with the series marker of
+/// radius `r` in its middle.
 fn draw_sample<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     (x, y): (i32, i32),
     len: i32,
     look: usize,
     dashed: bool,
+    r: i32,
 ) -> anyhow::Result<()> {
     let (color, shape) = series_look(look);
     let style = color.stroke_width(LINE_W);
-    if dashed {
-        let mut a = x;
-        while a < x + len {
-            let b = (a + 10).min(x + len);
-            root.draw(&PathElement::new(vec![(a, y), (b, y)], style))
-                .plot()?;
-            a += 16;
-        }
+    let line = vec![(x, y), (x + len, y)];
+    let pieces = if dashed {
+        dashes(&line, 12.0, 8.0)
     } else {
-        root.draw(&PathElement::new(vec![(x, y), (x + len, y)], style))
-            .plot()?;
+        vec![line]
+    };
+    for piece in pieces {
+        root.draw(&PathElement::new(piece, style)).plot()?;
     }
-    draw_marker(root, (x + len / 2, y), shape, color, MARKER_R)
+    draw_marker(root, (x + len / 2, y), shape, color, r)
 }
 
 /// A thick polyline. plotters rasterises a thick path as a polygon whose
 /// vertices it truncates to whole pixels, so a curve made of short segments
 /// comes out 2 or 3 px wide by turns, with notches at the joints. In the
-/// PNG each segment is instead drawn as parallel 1 px anti-aliased lines,
-/// offset across its main direction, with a disc at each joint; the SVG
-/// keeps one polyline, which viewers stroke properly.
+/// PNG each segment is instead drawn with a square brush of 1 px
+/// anti-aliased lines, with a disc at each joint; the SVG keeps one
+/// polyline, which viewers stroke properly.
 fn draw_polyline<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     path: Vec<(i32, i32)>,
@@ -970,14 +968,16 @@ fn draw_polyline<DB: DrawingBackend>(
     let thin = style.color.stroke_width(1);
     for w in path.windows(2) {
         let ((ax, ay), (bx, by)) = (w[0], w[1]);
-        let steep = (by - ay).abs() > (bx - ax).abs();
-        for k in -half..=half {
-            let (dx, dy) = if steep { (k, 0) } else { (0, k) };
-            root.draw(&PathElement::new(
-                vec![(ax + dx, ay + dy), (bx + dx, by + dy)],
-                thin,
-            ))
-            .plot()?;
+        // A square brush: uniform width whatever the slope (a brush across
+        // the main direction alone leaves 45-degree lines a third thinner).
+        for dx in -half..=half {
+            for dy in -half..=half {
+                root.draw(&PathElement::new(
+                    vec![(ax + dx, ay + dy), (bx + dx, by + dy)],
+                    thin,
+                ))
+                .plot()?;
+            }
         }
     }
     for &p in &path[1..path.len() - 1] {
@@ -1200,11 +1200,21 @@ impl XyPlan {
         }
 
         if !entries.is_empty() {
+            const MIN_ROW: i32 = 14;
             let (_, yr) = area.get_pixel_range();
             let x0 = legend_area.get_base_pixel().0 + MARGIN;
-            let row_h = ((yr.end - yr.start - 2 * PAD) / entries.len() as i32).clamp(14, 32);
+            // Rows shrink to fit the plot's height; past 14 px the last row
+            // says how many series the legend leaves out.
+            let fits = ((yr.end - yr.start - 2 * PAD) / MIN_ROW).max(1) as usize;
+            let (shown, left_out) = if entries.len() > fits {
+                (fits - 1, entries.len() - (fits - 1))
+            } else {
+                (entries.len(), 0)
+            };
+            let rows = shown + usize::from(left_out > 0);
+            let row_h = ((yr.end - yr.start - 2 * PAD) / rows as i32).clamp(MIN_ROW, 32);
             let text_px = LEGEND_PX.min(f64::from(row_h) * 0.8);
-            let box_h = row_h * entries.len() as i32 + 2 * PAD - (row_h - text_px as i32) / 2;
+            let box_h = row_h * rows as i32 + 2 * PAD - (row_h - text_px as i32) / 2;
             let y0 = yr.start;
             root.draw(&Rectangle::new(
                 [(x0, y0), (x0 + box_w, y0 + box_h)],
@@ -1216,14 +1226,23 @@ impl XyPlan {
                 GRID.stroke_width(1),
             ))
             .plot()?;
-            for (k, (label, s)) in entries.iter().enumerate() {
-                let cy = y0 + PAD + row_h * k as i32 + text_px as i32 / 2;
-                draw_sample(root, (x0 + PAD, cy), SAMPLE, s.look, s.dashed)?;
+            let row_y = |k: usize| y0 + PAD + row_h * k as i32 + text_px as i32 / 2;
+            for (k, (label, s)) in entries.iter().take(shown).enumerate() {
+                let r = MARKER_R.min(row_h / 2 - 2);
+                draw_sample(root, (x0 + PAD, row_y(k)), SAMPLE, s.look, s.dashed, r)?;
                 draw_text(
                     root,
                     label,
-                    (x0 + PAD + SAMPLE + PAD, cy),
+                    (x0 + PAD + SAMPLE + PAD, row_y(k)),
                     &text_style(text_px, INK, HPos::Left, VPos::Center),
+                )?;
+            }
+            if left_out > 0 {
+                draw_text(
+                    root,
+                    &format!("+ {left_out} more series"),
+                    (x0 + PAD, row_y(shown)),
+                    &text_style(text_px, MUTED, HPos::Left, VPos::Center),
                 )?;
             }
         }
@@ -1263,8 +1282,7 @@ impl DotPlan {
             .x
             .ticks
             .iter()
-            .filter(|t| **t <= self.band_lo)
-            .last()
+            .rfind(|t| **t <= self.band_lo)
             .map_or(0, |&t| text_width(root, &self.x.label(t), TICK_PX));
 
         let mut y = Axis::fixed(false, -0.6, n as f64 - 0.4);
@@ -2204,6 +2222,33 @@ mod tests {
             )],
             y_range: Some((0.0, 3.2)),
         };
+        let many = LineChart {
+            title: "Sixty series (legend overflow)".into(),
+            lines: (0..60)
+                .map(|i| {
+                    let f = f64::from(i);
+                    line(
+                        &format!(
+                            "configuration {i}: spectr k={},L={}",
+                            1 << (i % 5),
+                            4 << (i / 5)
+                        ),
+                        vec![pt(0.0, f), pt(1.0, f * 1.2), pt(2.0, f * 1.3)],
+                    )
+                })
+                .collect(),
+            y_range: None,
+            ..sample_line_chart()
+        };
+        render_line(
+            &LineChart {
+                log_x: false,
+                log_y: false,
+                ..many
+            },
+            &dir.join("many"),
+        )
+        .unwrap();
         let t = std::time::Instant::now();
         render_line(&dense, &dir.join("dense")).unwrap();
         println!("dense: {:?}", t.elapsed());
