@@ -52,7 +52,8 @@ fn cuda_clock(ordinal: usize) -> Result<Box<dyn Clock>, WorkloadError> {
 pub fn cuda_context(
     ordinal: usize,
 ) -> Result<std::sync::Arc<cudarc::driver::CudaContext>, WorkloadError> {
-    if !cudarc::driver::sys::is_culib_present() {
+    // SAFETY: only probes whether the driver library can be loaded.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(WorkloadError::Device(
             "no CUDA driver (libcuda) found on this machine; use --device cpu".into(),
         ));
