@@ -14,6 +14,7 @@
 pub mod assets;
 pub mod clock;
 pub mod contract;
+pub mod decoder;
 pub mod device;
 pub mod seed;
 pub mod spectr;

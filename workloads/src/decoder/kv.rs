@@ -1,0 +1,337 @@
+//! The KV cache behind a trait, and the attention arithmetic every cache
+//! shares.
+//!
+//! The decoder hands a cache the keys and values of committed positions
+//! ([`KvCache::append`]) and asks it to attend for one query
+//! ([`KvCache::attend`]). The cache decides which of its entries the query
+//! sees, so an eviction or compression policy (a sliding window with
+//! attention sinks, clustered keys with a log-count bias, block-sparse page
+//! selection that looks at the query) is one implementation of this trait,
+//! plugged into the same decoder. Every policy ends in [`attend_segments`],
+//! whose arithmetic depends only on the list of keys, in order: that is what
+//! keeps a query's result identical whether it is computed alone or in a
+//! batch.
+//!
+//! The query also sees the not-yet-committed positions of the block being
+//! computed (a prompt chunk, or the ancestors of a node in a verification
+//! tree): those come in [`BlockKv`] and are always attended in full, after
+//! the cache's own entries, the order a one-token step sees them in.
+
+use super::DecoderError;
+
+/// The cache's view of the model: what one position stores per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvShape {
+    pub n_layers: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvShape {
+    /// Floats per position per layer for keys (and again for values).
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+/// Rows of the block in flight that one query sees: itself and its
+/// ancestors, oldest first. Row `r` of `k`/`v` is `kv_dim` floats.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockKv<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub rows: &'a [usize],
+}
+
+/// One run of keys/values for [`attend_segments`]: rows of `kv_dim` floats
+/// in `k`/`v`, the ones named by `rows`, each with an optional additive
+/// logit bias (for example `ln(count)` for a cluster centroid that stands in
+/// for `count` keys).
+#[derive(Debug, Clone, Copy)]
+pub struct Segment<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub rows: Rows<'a>,
+    pub bias: Option<&'a [f32]>,
+}
+
+/// Which rows of a segment, in order.
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    Range(usize, usize),
+    List(&'a [usize]),
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Rows::Range(a, b) => b - a,
+            Rows::List(l) => l.len(),
+        }
+    }
+
+    fn get(&self, i: usize) -> usize {
+        match self {
+            Rows::Range(a, _) => a + i,
+            Rows::List(l) => l[i],
+        }
+    }
+}
+
+/// A KV cache: storage, the choice of what a query attends to, and byte
+/// accounting. `Send + Sync` because the decoder attends from several
+/// threads at once (reads only).
+pub trait KvCache: Send + Sync {
+    /// Commits positions `pos..pos + rows` of `layer`: `k` and `v` hold
+    /// `rows * kv_dim` floats each (keys after RoPE). The decoder appends
+    /// every layer, in order, for each block it commits.
+    fn append(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]);
+
+    /// Positions committed (the next position is `len()`), whatever the
+    /// cache has since dropped or merged.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets positions `len..`. Speculative decoding uses it to drop a
+    /// rejected suffix; a cache that can no longer restore the state at
+    /// `len` (it evicted something that was visible then) says so.
+    fn truncate(&mut self, len: usize) -> Result<(), DecoderError>;
+
+    /// Attention output for the `n_rep` query heads of `q` (`n_rep *
+    /// head_dim` floats, already rotated) that share KV head `kv_head` of
+    /// `layer`, over what this cache lets them see plus `block` (keys of the
+    /// block in flight, always visible, attended after the cache's own
+    /// entries). Writes `n_rep * head_dim` floats to `out`.
+    fn attend(
+        &self,
+        layer: usize,
+        kv_head: usize,
+        q: &[f32],
+        block: &BlockKv<'_>,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    );
+
+    /// Bytes held for keys and values (what a compression policy saves).
+    fn bytes(&self) -> usize;
+}
+
+/// Softmax attention of `q` (`n_rep` heads of `head_dim`) over the rows of
+/// `segments`, in order, using KV head `kv_head` of each row: scores
+/// `q.k / sqrt(head_dim) + bias`, a max-subtracted softmax, and the weighted
+/// sum of values accumulated in row order. The result depends only on the
+/// sequence of rows, never on how many queries are in flight.
+pub fn attend_segments(
+    q: &[f32],
+    head_dim: usize,
+    kv_dim: usize,
+    kv_head: usize,
+    segments: &[Segment<'_>],
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let n_rep = q.len() / head_dim;
+    let total: usize = segments.iter().map(|s| s.rows.len()).sum();
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let off = kv_head * head_dim;
+    for h in 0..n_rep {
+        let qh = &q[h * head_dim..(h + 1) * head_dim];
+        scores.clear();
+        scores.reserve(total);
+        for s in segments {
+            for i in 0..s.rows.len() {
+                let r = s.rows.get(i);
+                let k = &s.k[r * kv_dim + off..r * kv_dim + off + head_dim];
+                let mut v = super::kernels::dot(qh, k) * scale;
+                if let Some(b) = s.bias {
+                    v += b[r];
+                }
+                scores.push(v);
+            }
+        }
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for v in scores.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        let oh = &mut out[h * head_dim..(h + 1) * head_dim];
+        oh.fill(0.0);
+        let mut j = 0;
+        for s in segments {
+            for i in 0..s.rows.len() {
+                let r = s.rows.get(i);
+                let p = scores[j] * inv;
+                j += 1;
+                let v = &s.v[r * kv_dim + off..r * kv_dim + off + head_dim];
+                for (o, &x) in oh.iter_mut().zip(v) {
+                    *o += p * x;
+                }
+            }
+        }
+    }
+}
+
+/// Everything kept, in f32, in buffers that grow by doubling (reserve
+/// `capacity` positions up front to never reallocate).
+#[derive(Debug, Clone)]
+pub struct DenseKv {
+    shape: KvShape,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl DenseKv {
+    pub fn new(shape: KvShape, capacity: usize) -> DenseKv {
+        let n = capacity * shape.kv_dim();
+        DenseKv {
+            shape,
+            k: (0..shape.n_layers).map(|_| Vec::with_capacity(n)).collect(),
+            v: (0..shape.n_layers).map(|_| Vec::with_capacity(n)).collect(),
+        }
+    }
+
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+}
+
+impl KvCache for DenseKv {
+    fn append(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let d = self.shape.kv_dim();
+        assert_eq!(
+            self.k[layer].len(),
+            pos * d,
+            "dense cache: append out of order"
+        );
+        assert_eq!(k.len(), v.len());
+        self.k[layer].extend_from_slice(k);
+        self.v[layer].extend_from_slice(v);
+    }
+
+    fn len(&self) -> usize {
+        self.k.last().map_or(0, |k| k.len() / self.shape.kv_dim())
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<(), DecoderError> {
+        let n = len * self.shape.kv_dim();
+        for (k, v) in self.k.iter_mut().zip(&mut self.v) {
+            k.truncate(n);
+            v.truncate(n);
+        }
+        Ok(())
+    }
+
+    fn attend(
+        &self,
+        layer: usize,
+        kv_head: usize,
+        q: &[f32],
+        block: &BlockKv<'_>,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let d = self.shape.kv_dim();
+        let n = self.k[layer].len() / d;
+        let segments = [
+            Segment {
+                k: &self.k[layer],
+                v: &self.v[layer],
+                rows: Rows::Range(0, n),
+                bias: None,
+            },
+            Segment {
+                k: block.k,
+                v: block.v,
+                rows: Rows::List(block.rows),
+                bias: None,
+            },
+        ];
+        attend_segments(q, self.shape.head_dim, d, kv_head, &segments, scores, out);
+    }
+
+    fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|x| x.len() * 4).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Attention against a float64 softmax on random data: relative error
+    /// below 1e-5 (f32 arithmetic on ~40 terms of magnitude <= 1).
+    #[test]
+    fn dense_attention_matches_f64() {
+        let shape = KvShape {
+            n_layers: 1,
+            n_kv_heads: 2,
+            head_dim: 8,
+        };
+        let d = shape.kv_dim();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let mut r = |n: usize| {
+            (0..n)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect::<Vec<_>>()
+        };
+        let mut kv = DenseKv::new(shape, 4);
+        let (k, v) = (r(30 * d), r(30 * d));
+        kv.append(0, 0, &k, &v);
+        let (bk, bv) = (r(3 * d), r(3 * d));
+        let q = r(2 * 8);
+        let block = BlockKv {
+            k: &bk,
+            v: &bv,
+            rows: &[0, 2],
+        };
+        let mut out = vec![0f32; 16];
+        kv.attend(0, 1, &q, &block, &mut Vec::new(), &mut out);
+        let keys: Vec<(&[f32], &[f32])> = (0..30)
+            .map(|i| (&k[i * d + 8..i * d + 16], &v[i * d + 8..i * d + 16]))
+            .chain(
+                [0, 2]
+                    .iter()
+                    .map(|&i| (&bk[i * d + 8..i * d + 16], &bv[i * d + 8..i * d + 16])),
+            )
+            .collect();
+        for h in 0..2 {
+            let qh = &q[h * 8..h * 8 + 8];
+            let s: Vec<f64> = keys
+                .iter()
+                .map(|(k, _)| {
+                    qh.iter()
+                        .zip(*k)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>()
+                        / 8f64.sqrt()
+                })
+                .collect();
+            let m = s.iter().copied().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for j in 0..8 {
+                let want: f64 = keys
+                    .iter()
+                    .zip(&e)
+                    .map(|((_, v), p)| v[j] as f64 * p / z)
+                    .sum();
+                let got = out[h * 8 + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{got} vs {want}"
+                );
+            }
+        }
+        assert_eq!(kv.len(), 30);
+        assert_eq!(kv.bytes(), 2 * 30 * d * 4);
+        kv.truncate(10).unwrap();
+        assert_eq!(kv.len(), 10);
+        assert_eq!(kv.bytes(), 2 * 10 * d * 4);
+    }
+}
