@@ -20,7 +20,15 @@ use workloads::clock::MockClock;
 use workloads::{Device, Profile};
 
 fn fingerprint() -> Fingerprint {
-    Fingerprint::new("bench".into(), 2, 24.0, vec![], "os".into(), "k".into(), "h".into())
+    Fingerprint::new(
+        "bench".into(),
+        2,
+        24.0,
+        vec![],
+        "os".into(),
+        "k".into(),
+        "h".into(),
+    )
 }
 
 fn now() -> String {
@@ -80,16 +88,28 @@ fn synthetic_records() -> Vec<TrialRecord> {
             for cfg in 0..50 {
                 for trial in 0..20u32 {
                     let t = 1.0 + cfg as f64 * 0.01 + f64::from(trial % 7) * 0.001;
-                    let reached = (cfg + trial as usize) % 13 != 0;
+                    let reached = !(cfg + trial as usize).is_multiple_of(13);
                     out.push(TrialRecord {
                         schema_version: records::SCHEMA_VERSION,
                         run_id: "bench".into(),
                         workload: format!("w{w}"),
                         workload_version: 1,
                         variant: format!("v{v}"),
-                        entry: if cfg == 0 { "ref".into() } else { format!("m{}", cfg % 5) },
-                        entry_kind: if cfg == 0 { "reference".into() } else { "method".into() },
-                        params: if cfg == 0 { String::new() } else { format!("k={cfg}") },
+                        entry: if cfg == 0 {
+                            "ref".into()
+                        } else {
+                            format!("m{}", cfg % 5)
+                        },
+                        entry_kind: if cfg == 0 {
+                            "reference".into()
+                        } else {
+                            "method".into()
+                        },
+                        params: if cfg == 0 {
+                            String::new()
+                        } else {
+                            format!("k={cfg}")
+                        },
                         trial,
                         seed: u64::from(trial) * 1000 + v,
                         device: "cpu".into(),
@@ -100,12 +120,18 @@ fn synthetic_records() -> Vec<TrialRecord> {
                         reached,
                         time_to_result_s: if reached { t } else { f64::INFINITY },
                         budget_s: 10.0,
-                        status: if reached { Status::Reached } else { Status::MissedTarget },
+                        status: if reached {
+                            Status::Reached
+                        } else {
+                            Status::MissedTarget
+                        },
                         started_at: now(),
                         git_commit: "bench".into(),
                         wall_s: t,
                         reason: String::new(),
-                        figures: [("tokens_per_s".to_string(), 100.0 / t)].into_iter().collect(),
+                        figures: [("tokens_per_s".to_string(), 100.0 / t)]
+                            .into_iter()
+                            .collect(),
                         note: None,
                     });
                 }

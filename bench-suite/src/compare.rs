@@ -24,8 +24,17 @@ pub fn compare(base: &HardwareGroup, new: &HardwareGroup, threshold_pct: f64) ->
         .iter()
         .filter_map(|n| {
             let b = base.configs.iter().find(|b| {
-                (b.workload.as_str(), b.variant.as_str(), b.entry.as_str(), b.params.as_str())
-                    == (n.workload.as_str(), n.variant.as_str(), n.entry.as_str(), n.params.as_str())
+                (
+                    b.workload.as_str(),
+                    b.variant.as_str(),
+                    b.entry.as_str(),
+                    b.params.as_str(),
+                ) == (
+                    n.workload.as_str(),
+                    n.variant.as_str(),
+                    n.entry.as_str(),
+                    n.params.as_str(),
+                )
             })?;
             let ratio = match (b.median_s.is_finite(), n.median_s.is_finite()) {
                 (true, true) => n.median_s / b.median_s,
@@ -46,7 +55,10 @@ pub fn compare(base: &HardwareGroup, new: &HardwareGroup, threshold_pct: f64) ->
 
 pub fn render(changes: &[Change], threshold_pct: f64) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "| configuration | base (s) | new (s) | new/base | verdict |");
+    let _ = writeln!(
+        s,
+        "| configuration | base (s) | new (s) | new/base | verdict |"
+    );
     let _ = writeln!(s, "|---|---|---|---|---|");
     for c in changes {
         let verdict = if c.regression {

@@ -88,7 +88,10 @@ impl Fingerprint {
             self.cpu_model, self.cpu_cores, self.memory_gib
         );
         for g in &self.gpus {
-            s.push_str(&format!(", {} (driver {}, CUDA {})", g.name, g.driver, g.cuda));
+            s.push_str(&format!(
+                ", {} (driver {}, CUDA {})",
+                g.name, g.driver, g.cuda
+            ));
         }
         s
     }
@@ -175,7 +178,15 @@ mod tests {
     #[test]
     fn hardware_id_ignores_host_and_kernel_but_not_hardware() {
         let fp = |cpu: &str, host: &str, kernel: &str| {
-            Fingerprint::new(cpu.into(), 2, 23.5, vec![], "Debian 12".into(), kernel.into(), host.into())
+            Fingerprint::new(
+                cpu.into(),
+                2,
+                23.5,
+                vec![],
+                "Debian 12".into(),
+                kernel.into(),
+                host.into(),
+            )
         };
         let a = fp("EPYC", "runner-1", "6.1");
         assert_eq!(a.hardware_id, fp("EPYC", "runner-2", "6.2").hardware_id);

@@ -136,7 +136,9 @@ fn parse_shard(s: &str) -> Result<Shard, String> {
 fn parse_threshold(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-        _ => Err(format!("threshold `{s}` must be a non-negative percentage, e.g. 10")),
+        _ => Err(format!(
+            "threshold `{s}` must be a non-negative percentage, e.g. 10"
+        )),
     }
 }
 
@@ -206,7 +208,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
         }
         Command::Merge { dirs, out } => {
             let n = merge::merge(&dirs, &out).map_err(usage)?;
-            eprintln!("merged {n} records from {} directories into {}", dirs.len(), out.display());
+            eprintln!(
+                "merged {n} records from {} directories into {}",
+                dirs.len(),
+                out.display()
+            );
             Ok(Done::Ok)
         }
         Command::Report {
@@ -216,7 +222,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
         } => {
             let out = out.unwrap_or_else(|| dirs[0].clone());
             let files = render_report(&dirs, &out, allow_mixed_hardware)?;
-            eprintln!("wrote {} files; summary: {}", files.len(), out.join("summary.md").display());
+            eprintln!(
+                "wrote {} files; summary: {}",
+                files.len(),
+                out.join("summary.md").display()
+            );
             Ok(Done::Ok)
         }
         Command::Compare {
@@ -240,7 +250,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
             }
             let changes = compare::compare(&bg[0], &ng[0], threshold);
             if changes.is_empty() {
-                return Err(usage("the two directories share no configuration to compare"));
+                return Err(usage(
+                    "the two directories share no configuration to compare",
+                ));
             }
             print!("{}", compare::render(&changes, threshold));
             let regressions = changes.iter().filter(|c| c.regression).count();
@@ -282,7 +294,10 @@ fn run(selection: Selection, opts: RunArgs, shard: Option<Shard>) -> anyhow::Res
     let units = plan::shard(units, shard);
     if units.is_empty() {
         // More shards than units: this shard has nothing to do.
-        eprintln!("shard {} has no units (the suite has fewer units than shards)", shard.map_or(String::new(), |s| s.to_string()));
+        eprintln!(
+            "shard {} has no units (the suite has fewer units than shards)",
+            shard.map_or(String::new(), |s| s.to_string())
+        );
         return Ok(Done::Ok);
     }
     let clock = opts.device.clock().map_err(usage)?;
@@ -324,13 +339,17 @@ fn run(selection: Selection, opts: RunArgs, shard: Option<Shard>) -> anyhow::Res
         out.display()
     );
     if !opts.no_report {
-        render_report(&[out.clone()], &out, false)?;
+        render_report(std::slice::from_ref(&out), &out, false)?;
         eprintln!("report: {}", out.join("summary.md").display());
     }
     Ok(Done::Ok)
 }
 
-fn render_report(dirs: &[PathBuf], out: &std::path::Path, allow_mixed: bool) -> anyhow::Result<Vec<PathBuf>> {
+fn render_report(
+    dirs: &[PathBuf],
+    out: &std::path::Path,
+    allow_mixed: bool,
+) -> anyhow::Result<Vec<PathBuf>> {
     let mut all = Vec::new();
     let mut runs = Vec::new();
     for d in dirs {
@@ -401,7 +420,11 @@ fn list_text() -> String {
                 e.id,
                 e.kind.as_str(),
                 e.description,
-                if grid.is_empty() { String::new() } else { format!(" [{}]", grid.join(" x ")) }
+                if grid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", grid.join(" x "))
+                }
             );
         }
     }

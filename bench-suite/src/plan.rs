@@ -42,9 +42,7 @@ pub struct Shard {
 impl FromStr for Shard {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!("malformed shard `{s}`: write I/N with 1 <= I <= N, e.g. --shard 2/4")
-        };
+        let bad = || format!("malformed shard `{s}`: write I/N with 1 <= I <= N, e.g. --shard 2/4");
         let (i, n) = s.split_once('/').ok_or_else(bad)?;
         let index: usize = i.trim().parse().map_err(|_| bad())?;
         let count: usize = n.trim().parse().map_err(|_| bad())?;
@@ -106,7 +104,11 @@ pub fn plan(
             .find(|w| w.spec().id == name)
             .ok_or_else(|| PlanError::UnknownWorkload {
                 name: name.clone(),
-                valid: registry.iter().map(|w| w.spec().id).collect::<Vec<_>>().join(", "),
+                valid: registry
+                    .iter()
+                    .map(|w| w.spec().id)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             })?;
         chosen.push(w);
     }
@@ -199,7 +201,12 @@ mod tests {
     fn shards_parse_strictly() {
         assert_eq!("2/4".parse::<Shard>(), Ok(Shard { index: 2, count: 4 }));
         for bad in ["0/4", "5/4", "1/0", "1", "a/b", "1/2/3", ""] {
-            assert!(bad.parse::<Shard>().unwrap_err().contains("malformed shard"), "{bad}");
+            assert!(
+                bad.parse::<Shard>()
+                    .unwrap_err()
+                    .contains("malformed shard"),
+                "{bad}"
+            );
         }
     }
 }

@@ -310,7 +310,8 @@ impl RecordWriter {
     pub fn open(dir: &Path) -> Result<Self, RecordsError> {
         let csv_path = dir.join(RAW_CSV);
         let jsonl_path = dir.join(RECORDS_JSONL);
-        let new_csv = !csv_path.exists() || fs::metadata(&csv_path).map_err(io(&csv_path))?.len() == 0;
+        let new_csv =
+            !csv_path.exists() || fs::metadata(&csv_path).map_err(io(&csv_path))?.len() == 0;
         let open = |p: &Path| {
             OpenOptions::new()
                 .create(true)
@@ -321,7 +322,8 @@ impl RecordWriter {
         let mut csv = open(&csv_path)?;
         let jsonl = open(&jsonl_path)?;
         if new_csv {
-            csv.write_all(csv_header().as_bytes()).map_err(io(&csv_path))?;
+            csv.write_all(csv_header().as_bytes())
+                .map_err(io(&csv_path))?;
             csv.flush().map_err(io(&csv_path))?;
         }
         Ok(RecordWriter {
@@ -345,13 +347,17 @@ impl RecordWriter {
 }
 
 fn csv_header() -> String {
-    let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(vec![]);
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(vec![]);
     w.write_record(CSV_COLUMNS).expect("in-memory write");
     String::from_utf8(w.into_inner().expect("in-memory")).expect("ascii")
 }
 
 fn csv_row(record: &TrialRecord) -> Vec<u8> {
-    let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(vec![]);
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(vec![]);
     w.serialize(CsvRow::from(record)).expect("in-memory write");
     w.into_inner().expect("in-memory")
 }
@@ -406,7 +412,10 @@ pub fn read_jsonl(
     let bytes = fs::read(path).map_err(io(path))?;
     let text = std::str::from_utf8(&bytes).map_err(|e| RecordsError::Malformed {
         path: path.to_path_buf(),
-        line: 1 + bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count(),
+        line: 1 + bytes[..e.valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count(),
         problem: "not UTF-8 text".into(),
     })?;
     let mut records = Vec::new();
@@ -433,7 +442,9 @@ pub fn read_jsonl(
             problem: if terminated {
                 format!("not a bench-suite trial record ({e})")
             } else {
-                format!("truncated last line ({e}); the run was interrupted: rerun it with --resume")
+                format!(
+                    "truncated last line ({e}); the run was interrupted: rerun it with --resume"
+                )
             },
         })?;
         if rec.schema_version != SCHEMA_VERSION {
@@ -455,7 +466,9 @@ pub fn read_jsonl(
 /// Returns the number of data rows.
 pub fn check_csv(path: &Path) -> Result<usize, RecordsError> {
     let file = File::open(path).map_err(io(path))?;
-    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(BufReader::new(file));
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(BufReader::new(file));
     let header = reader.headers().map_err(|e| RecordsError::Malformed {
         path: path.to_path_buf(),
         line: 1,

@@ -12,6 +12,13 @@ use crate::charts::{self, DotChart, DotRow, Line, LineChart, Point};
 use crate::records::{self, RunInfo};
 use crate::summary::{ConfigSummary, HardwareGroup, ProfileSummary};
 
+/// The charts drawn for one workload on one hardware: (title, file stem).
+pub struct ChartLinks {
+    pub hardware_id: String,
+    pub workload: String,
+    pub links: Vec<(String, String)>,
+}
+
 /// What the report is about, beyond the records: the runs' `run.json`.
 pub struct ReportInput<'a> {
     pub groups: &'a [HardwareGroup],
@@ -23,13 +30,17 @@ pub struct ReportInput<'a> {
 pub fn write_report(input: &ReportInput<'_>, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out.join("charts"))?;
     let mut written = Vec::new();
-    let mut chart_links: Vec<(String, String, Vec<(String, String)>)> = Vec::new();
+    let mut chart_links: Vec<ChartLinks> = Vec::new();
     for g in input.groups {
         for w in g.workloads() {
             let spec = spec_of(input.registry, w);
             let mut links = Vec::new();
             let hw = hw_suffix(input.groups, g);
-            if let Some(p) = g.profiles.iter().find(|p| p.scope == format!("workload {w}")) {
+            if let Some(p) = g
+                .profiles
+                .iter()
+                .find(|p| p.scope == format!("workload {w}"))
+            {
                 let stem = out.join("charts").join(format!("{w}{hw}-profile"));
                 written.extend(charts::render_profile(
                     &p.profile,
@@ -50,13 +61,21 @@ pub fn write_report(input: &ReportInput<'_>, out: &Path) -> anyhow::Result<Vec<P
                     }
                 }
             }
-            chart_links.push((g.hardware_id.clone(), w.to_string(), links));
+            chart_links.push(ChartLinks {
+                hardware_id: g.hardware_id.clone(),
+                workload: w.to_string(),
+                links,
+            });
         }
         if let Some(p) = &g.suite_profile {
             let stem = out
                 .join("charts")
                 .join(format!("suite{}-profile", hw_suffix(input.groups, g)));
-            written.extend(charts::render_profile(&p.profile, "Performance profile: suite", &stem)?);
+            written.extend(charts::render_profile(
+                &p.profile,
+                "Performance profile: suite",
+                &stem,
+            )?);
         }
     }
     let md = summary_markdown(input, &chart_links);
@@ -81,15 +100,15 @@ fn rel(out: &Path, stem: &Path) -> String {
         .into_owned()
 }
 
-fn spec_of(registry: &[&'static dyn workloads::Workload], id: &str) -> Option<&'static WorkloadSpec> {
+fn spec_of(
+    registry: &[&'static dyn workloads::Workload],
+    id: &str,
+) -> Option<&'static WorkloadSpec> {
     registry.iter().map(|w| w.spec()).find(|s| s.id == id)
 }
 
 /// The Markdown summary. Pure function of its input: snapshot-tested.
-pub fn summary_markdown(
-    input: &ReportInput<'_>,
-    chart_links: &[(String, String, Vec<(String, String)>)],
-) -> String {
+pub fn summary_markdown(input: &ReportInput<'_>, chart_links: &[ChartLinks]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# bench-suite report\n");
     let _ = writeln!(
@@ -98,7 +117,10 @@ pub fn summary_markdown(
     );
     if !input.runs.is_empty() {
         let _ = writeln!(s, "## Runs\n");
-        let _ = writeln!(s, "| run | profile | trials | seed | device | shard | commit | hardware |");
+        let _ = writeln!(
+            s,
+            "| run | profile | trials | seed | device | shard | commit | hardware |"
+        );
         let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
         for r in input.runs {
             let _ = writeln!(
@@ -144,7 +166,10 @@ pub fn summary_markdown(
 }
 
 fn short_commit(c: &str) -> String {
-    let (hash, rest) = c.split_at(c.find(|ch: char| !ch.is_ascii_hexdigit()).unwrap_or(c.len()));
+    let (hash, rest) = c.split_at(
+        c.find(|ch: char| !ch.is_ascii_hexdigit())
+            .unwrap_or(c.len()),
+    );
     format!("{}{rest}", &hash[..hash.len().min(10)])
 }
 
@@ -153,10 +178,14 @@ fn workload_section(
     input: &ReportInput<'_>,
     g: &HardwareGroup,
     w: &str,
-    chart_links: &[(String, String, Vec<(String, String)>)],
+    chart_links: &[ChartLinks],
 ) {
     let spec = spec_of(input.registry, w);
-    let version = g.configs.iter().find(|c| c.workload == w).map_or(0, |c| c.workload_version);
+    let version = g
+        .configs
+        .iter()
+        .find(|c| c.workload == w)
+        .map_or(0, |c| c.workload_version);
     match spec {
         Some(spec) => {
             let _ = writeln!(s, "## `{w}` v{version}: {}\n", spec.title);
@@ -182,7 +211,10 @@ fn workload_section(
             );
         }
         None => {
-            let _ = writeln!(s, "## `{w}` v{version} (not in this bench-suite's registry)\n");
+            let _ = writeln!(
+                s,
+                "## `{w}` v{version} (not in this bench-suite's registry)\n"
+            );
         }
     }
     for v in g.variants(w) {
@@ -196,7 +228,11 @@ fn workload_section(
         }
         config_table(s, g, w, v, spec);
     }
-    if let Some(p) = g.profiles.iter().find(|p| p.scope == format!("workload {w}")) {
+    if let Some(p) = g
+        .profiles
+        .iter()
+        .find(|p| p.scope == format!("workload {w}"))
+    {
         let _ = writeln!(s, "### Performance profile over variants\n");
         profile_table(s, p);
     }
@@ -209,9 +245,9 @@ fn workload_section(
             s.push('\n');
         }
     }
-    if let Some((_, _, links)) = chart_links
+    if let Some(ChartLinks { links, .. }) = chart_links
         .iter()
-        .find(|(hw, wl, _)| *hw == g.hardware_id && wl == w)
+        .find(|c| c.hardware_id == g.hardware_id && c.workload == w)
     {
         let _ = writeln!(s, "### Charts\n");
         for (title, stem) in links {
@@ -250,7 +286,10 @@ fn config_table(s: &mut String, g: &HardwareGroup, w: &str, v: &str, spec: Optio
     s.push('\n');
     for c in &configs {
         let (sp, sp_ci) = match &c.speedup {
-            Some(sp) => (fmt_ratio(sp.median), format!("{} – {}", fmt_ratio(sp.lo), fmt_ratio(sp.hi))),
+            Some(sp) => (
+                fmt_ratio(sp.median),
+                format!("{} – {}", fmt_ratio(sp.lo), fmt_ratio(sp.hi)),
+            ),
             None => ("-".into(), "-".into()),
         };
         let _ = write!(
@@ -268,7 +307,11 @@ fn config_table(s: &mut String, g: &HardwareGroup, w: &str, v: &str, spec: Optio
             c.quality_median.map_or("-".into(), fmt_num),
         );
         for (key, _) in &figures {
-            let _ = write!(s, " {} |", c.figures.get(*key).map_or("-".into(), |v| fmt_num(*v)));
+            let _ = write!(
+                s,
+                " {} |",
+                c.figures.get(*key).map_or("-".into(), |v| fmt_num(*v))
+            );
         }
         s.push('\n');
     }
@@ -288,7 +331,10 @@ fn profile_table(s: &mut String, p: &ProfileSummary) {
         "Problems: {}. Score B = area under rho(tau) for tau in [1, 4], divided by 3 (1 = fastest everywhere, 0 = never within 4x of the fastest).\n",
         p.profile.problems.join(", ")
     );
-    let _ = writeln!(s, "| entry | B | geometric-mean speedup vs reference | problems |");
+    let _ = writeln!(
+        s,
+        "| entry | B | geometric-mean speedup vs reference | problems |"
+    );
     let _ = writeln!(s, "|---|---|---|---|");
     for (i, m) in p.profile.methods.iter().enumerate() {
         let (gm, n) = match p.geomean_speedup[i] {
@@ -370,16 +416,27 @@ fn spec_chart(g: &HardwareGroup, w: &str, v: &str, chart: &Chart) -> Option<Line
         .filter(|c| chart.entries.is_empty() || chart.entries.contains(&c.entry.as_str()))
         .collect();
     let mut lines: Vec<Line> = Vec::new();
-    let mut push = |label: String, dashed: bool, x: f64, y: f64| {
-        match lines.iter_mut().find(|l| l.label == label) {
-            Some(l) => l.points.push(Point { x, y, lo: None, hi: None }),
-            None => lines.push(Line {
-                label,
-                points: vec![Point { x, y, lo: None, hi: None }],
-                dashed,
-                step: false,
-            }),
-        }
+    let mut push = |label: String, dashed: bool, x: f64, y: f64| match lines
+        .iter_mut()
+        .find(|l| l.label == label)
+    {
+        Some(l) => l.points.push(Point {
+            x,
+            y,
+            lo: None,
+            hi: None,
+        }),
+        None => lines.push(Line {
+            label,
+            points: vec![Point {
+                x,
+                y,
+                lo: None,
+                hi: None,
+            }],
+            dashed,
+            step: false,
+        }),
     };
     match chart.series {
         Series::Param(param) => {
@@ -387,7 +444,9 @@ fn spec_chart(g: &HardwareGroup, w: &str, v: &str, chart: &Chart) -> Option<Line
                 let (Some(x), Some(y)) = (coordinate(c, chart.x), coordinate(c, chart.y)) else {
                     continue;
                 };
-                let group = c.param(param).map_or("all".to_string(), |p| format!("{param}={p}"));
+                let group = c
+                    .param(param)
+                    .map_or("all".to_string(), |p| format!("{param}={p}"));
                 push(group.clone(), false, x, y);
                 if let Some(t) = chart.theory.and_then(|f| c.figures.get(f)) {
                     push(format!("{group} closed form"), true, x, *t);
@@ -396,7 +455,9 @@ fn spec_chart(g: &HardwareGroup, w: &str, v: &str, chart: &Chart) -> Option<Line
         }
         Series::Figures(figs) => {
             for c in &configs {
-                let Some(x) = coordinate(c, chart.x) else { continue };
+                let Some(x) = coordinate(c, chart.x) else {
+                    continue;
+                };
                 for (label, key) in figs {
                     if let Some(y) = c.figures.get(*key).filter(|y| y.is_finite()) {
                         push(label.to_string(), false, x, *y);

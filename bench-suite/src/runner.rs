@@ -15,8 +15,7 @@ use std::path::{Path, PathBuf};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use workloads::clock::{Clock, Stopwatch};
 use workloads::{
-    seed, Device, Entry, Job, LoadContext, Params, Profile, TrialContext, TrialData,
-    WorkloadError,
+    seed, Device, Entry, Job, LoadContext, Params, Profile, TrialContext, TrialData, WorkloadError,
 };
 
 use crate::fingerprint::Fingerprint;
@@ -80,7 +79,9 @@ pub fn prepare_out(opts: &RunOptions) -> Result<(), RunError> {
         problem,
     };
     if dir.exists() && !dir.is_dir() {
-        return Err(out_err("exists and is not a directory; choose another --out".into()));
+        return Err(out_err(
+            "exists and is not a directory; choose another --out".into(),
+        ));
     }
     std::fs::create_dir_all(dir)
         .map_err(|e| out_err(format!("cannot create it ({e}); choose a writable --out")))?;
@@ -119,7 +120,13 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
         let (existing, torn) = records::recover(dir)?;
         summary.dropped_torn = torn;
         let info = records::read_run_info(dir)?;
-        (existing.iter().map(TrialRecord::key).collect::<HashSet<_>>(), info.run_id)
+        (
+            existing
+                .iter()
+                .map(TrialRecord::key)
+                .collect::<HashSet<_>>(),
+            info.run_id,
+        )
     } else {
         let started = (env.now)();
         let run_id = format!(
@@ -172,7 +179,8 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
             + units[start..]
                 .iter()
                 .take_while(|u| {
-                    u.workload.spec().id == head.workload.spec().id && u.variant.id == head.variant.id
+                    u.workload.spec().id == head.workload.spec().id
+                        && u.variant.id == head.variant.id
                 })
                 .count();
         let group = &units[start..end];
@@ -199,7 +207,11 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
             bar.inc(configs.len() as u64 * u64::from(opts.trials));
             continue;
         }
-        bar.set_message(format!("{} / {}: loading", head.workload.spec().id, head.variant.id));
+        bar.set_message(format!(
+            "{} / {}: loading",
+            head.workload.spec().id,
+            head.variant.id
+        ));
         let loaded = guarded(|| {
             head.workload.load(&LoadContext {
                 variant: head.variant,
@@ -215,7 +227,8 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
             if todo.is_empty() {
                 continue;
             }
-            let trial_seed = seed::trial_seed(opts.seed, head.workload.spec().id, head.variant.id, trial);
+            let trial_seed =
+                seed::trial_seed(opts.seed, head.workload.spec().id, head.variant.id, trial);
             let data = match &loaded {
                 Ok(l) => guarded(|| {
                     l.trial(&TrialContext {
@@ -372,18 +385,31 @@ impl Ctx<'_> {
         let target = self.head.variant.target.value;
         let budget_s = self.budget();
         let (quality, status, reason, figures, note, time) = match attempt.outcome {
-            Err(f) => (None, f.status, f.reason, Default::default(), None, f64::INFINITY),
+            Err(f) => (
+                None,
+                f.status,
+                f.reason,
+                Default::default(),
+                None,
+                f64::INFINITY,
+            ),
             Ok(o) => {
                 let time = o.measured_time_s.unwrap_or(attempt.wall_s);
                 let (status, reason) = if attempt.wall_s > budget_s {
                     (
                         Status::OverBudget,
-                        format!("timed part took {:.3} s of a {budget_s} s budget", attempt.wall_s),
+                        format!(
+                            "timed part took {:.3} s of a {budget_s} s budget",
+                            attempt.wall_s
+                        ),
                     )
                 } else if !spec.metric.reached(o.quality, target) {
                     (
                         Status::MissedTarget,
-                        format!("{} = {} misses the target {target}", spec.metric.name, o.quality),
+                        format!(
+                            "{} = {} misses the target {target}",
+                            spec.metric.name, o.quality
+                        ),
                     )
                 } else {
                     (Status::Reached, String::new())
@@ -428,7 +454,16 @@ pub fn default_out(fp: &Fingerprint, device: Device) -> PathBuf {
     let host: String = fp
         .hostname
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
-    Path::new("results/runs").join(format!("{date}-{host}-{}", fp.device_label(device.is_cuda())))
+    Path::new("results/runs").join(format!(
+        "{date}-{host}-{}",
+        fp.device_label(device.is_cuda())
+    ))
 }

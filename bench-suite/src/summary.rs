@@ -125,7 +125,10 @@ pub enum SummaryError {
 }
 
 /// Summarises `records`, one group per hardware fingerprint.
-pub fn summarise(records: &[TrialRecord], allow_mixed: bool) -> Result<Vec<HardwareGroup>, SummaryError> {
+pub fn summarise(
+    records: &[TrialRecord],
+    allow_mixed: bool,
+) -> Result<Vec<HardwareGroup>, SummaryError> {
     if records.is_empty() {
         return Err(SummaryError::Empty);
     }
@@ -150,13 +153,22 @@ pub fn summarise(records: &[TrialRecord], allow_mixed: bool) -> Result<Vec<Hardw
         .collect()
 }
 
-fn summarise_group(hardware_id: &str, records: &[&TrialRecord]) -> Result<HardwareGroup, SummaryError> {
+fn summarise_group(
+    hardware_id: &str,
+    records: &[&TrialRecord],
+) -> Result<HardwareGroup, SummaryError> {
     // Configurations in order of first appearance.
     let mut order: Vec<(String, String, String, String)> = Vec::new();
-    let mut by_config: HashMap<(String, String, String, String), Vec<&TrialRecord>> = HashMap::new();
+    let mut by_config: HashMap<(String, String, String, String), Vec<&TrialRecord>> =
+        HashMap::new();
     let mut seen = HashSet::new();
     for r in records {
-        let key = (r.workload.clone(), r.variant.clone(), r.entry.clone(), r.params.clone());
+        let key = (
+            r.workload.clone(),
+            r.variant.clone(),
+            r.entry.clone(),
+            r.params.clone(),
+        );
         if !seen.insert((key.clone(), r.seed)) {
             return Err(SummaryError::Duplicate {
                 key: r.key().to_string(),
@@ -217,18 +229,39 @@ fn summarise_group(hardware_id: &str, records: &[&TrialRecord]) -> Result<Hardwa
                 .filter(|c| c.workload == *w)
                 .map(|c| (c.workload.clone(), c.variant.clone())),
         );
-        let entries = unique(configs.iter().filter(|c| c.workload == *w).map(|c| c.entry.clone()));
-        profiles.push(profile_over(&configs, &format!("workload {w}"), &entries, &problems));
+        let entries = unique(
+            configs
+                .iter()
+                .filter(|c| c.workload == *w)
+                .map(|c| c.entry.clone()),
+        );
+        profiles.push(profile_over(
+            &configs,
+            &format!("workload {w}"),
+            &entries,
+            &problems,
+        ));
     }
     // Suite-wide: entries that appear in at least two workloads.
     let shared: Vec<String> = unique(configs.iter().map(|c| c.entry.clone()))
         .into_iter()
         .filter(|e| {
-            unique(configs.iter().filter(|c| &c.entry == e).map(|c| c.workload.clone())).len() >= 2
+            unique(
+                configs
+                    .iter()
+                    .filter(|c| &c.entry == e)
+                    .map(|c| c.workload.clone()),
+            )
+            .len()
+                >= 2
         })
         .collect();
     let suite_profile = (!shared.is_empty()).then(|| {
-        let problems = unique(configs.iter().map(|c| (c.workload.clone(), c.variant.clone())));
+        let problems = unique(
+            configs
+                .iter()
+                .map(|c| (c.workload.clone(), c.variant.clone())),
+        );
         profile_over(&configs, "suite", &shared, &problems)
     });
     Ok(HardwareGroup {
@@ -277,7 +310,11 @@ fn profile_over(
         .map(|e| {
             let speedups: Vec<f64> = problems
                 .iter()
-                .filter_map(|p| best(e, p).and_then(|c| c.speedup.as_ref()).map(|s| s.median))
+                .filter_map(|p| {
+                    best(e, p)
+                        .and_then(|c| c.speedup.as_ref())
+                        .map(|s| s.median)
+                })
                 .collect();
             stats::geometric_mean_speedup(&speedups)
         })

@@ -52,7 +52,12 @@ fn list_shows_the_registry_in_text_and_json() {
     let out = bench().args(["list", "--json"]).output().unwrap();
     assert!(out.status.success());
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let spectr = json.as_array().unwrap().iter().find(|w| w["id"] == "spectr").unwrap();
+    let spectr = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == "spectr")
+        .unwrap();
     assert!(spectr["variants"].as_array().unwrap().len() >= 2);
     assert_eq!(spectr["metric"]["direction"], "higher-is-better");
 }
@@ -75,11 +80,26 @@ fn bad_selections_exit_2_and_list_the_valid_choices() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let cases: &[(&[&str], &str)] = &[
-        (&["run", "nope"], "unknown workload `nope`; valid workloads: spectr"),
-        (&["run", "spectr", "--variant", "nope"], "valid variants: ngram-jargon"),
-        (&["run", "spectr", "--entry", "nope"], "valid entries: autoregressive"),
-        (&["run", "spectr", "--device", "gpu"], "valid devices: cpu, cuda"),
-        (&["run", "spectr", "--profile", "huge"], "valid profiles: quick, full"),
+        (
+            &["run", "nope"],
+            "unknown workload `nope`; valid workloads: spectr",
+        ),
+        (
+            &["run", "spectr", "--variant", "nope"],
+            "valid variants: ngram-jargon",
+        ),
+        (
+            &["run", "spectr", "--entry", "nope"],
+            "valid entries: autoregressive",
+        ),
+        (
+            &["run", "spectr", "--device", "gpu"],
+            "valid devices: cpu, cuda",
+        ),
+        (
+            &["run", "spectr", "--profile", "huge"],
+            "valid profiles: quick, full",
+        ),
         (&["suite", "--shard", "5/4"], "malformed shard `5/4`"),
         (&["suite", "--shard", "x"], "malformed shard"),
         (&["run", "spectr", "--trials", "0"], "--trials"),
@@ -142,7 +162,11 @@ fn an_unwritable_or_occupied_out_is_refused_before_running() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("--resume"));
-    assert_eq!(fs::read(run.join("records.jsonl")).unwrap(), before, "records untouched");
+    assert_eq!(
+        fs::read(run.join("records.jsonl")).unwrap(),
+        before,
+        "records untouched"
+    );
 }
 
 #[test]
@@ -154,7 +178,13 @@ fn run_writes_records_and_a_report_and_resume_skips_what_is_done() {
         assert!(run.join(f).exists(), "{f}");
     }
     // 1 + 3 configurations x 2 trials.
-    assert_eq!(fs::read_to_string(run.join("records.jsonl")).unwrap().lines().count(), 8);
+    assert_eq!(
+        fs::read_to_string(run.join("records.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        8
+    );
     assert!(run.join("charts/spectr-synthetic-small-ttr.png").exists());
     let summary = fs::read_to_string(run.join("summary.md")).unwrap();
     assert!(summary.contains("### Variant `synthetic-small`"));
@@ -193,7 +223,13 @@ fn report_and_compare_read_only_records_and_reject_corrupt_files() {
     small_run(&b, "2");
 
     let out = dir.path().join("report");
-    bench().args(["report"]).arg(&a).arg("--out").arg(&out).assert().success();
+    bench()
+        .args(["report"])
+        .arg(&a)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .success();
     assert!(out.join("summary.md").exists());
 
     // Two runs with the same seed would duplicate trials: refused.
@@ -303,7 +339,13 @@ fn suite_shards_merge_into_the_unsharded_set() {
         }
     }
     let merged = dir.path().join("merged");
-    bench().arg("merge").args(&shards).arg("--out").arg(&merged).assert().success();
+    bench()
+        .arg("merge")
+        .args(&shards)
+        .arg("--out")
+        .arg(&merged)
+        .assert()
+        .success();
     let keys: std::collections::BTreeSet<String> = fs::read_to_string(merged.join("records.jsonl"))
         .unwrap()
         .lines()

@@ -76,7 +76,11 @@ fn find<'a>(rs: &'a [TrialRecord], entry: &str, params: &str, trial: u32) -> &'a
 #[test]
 fn a_run_applies_the_rules_and_records_every_trial() {
     let dir = tempfile::tempdir().unwrap();
-    let done = run_toy(&options(dir.path(), Profile::Quick, 3, None), &Selection::default(), "cpu-a");
+    let done = run_toy(
+        &options(dir.path(), Profile::Quick, 3, None),
+        &Selection::default(),
+        "cpu-a",
+    );
     // quick runs only the default variant: 7 configurations x 3 trials.
     assert_eq!(done.recorded, 21);
     assert_eq!(done.reached, 3 + 6 + 2);
@@ -85,7 +89,10 @@ fn a_run_applies_the_rules_and_records_every_trial() {
     assert!(rs.iter().all(|r| r.variant == "easy"));
 
     let r = find(&rs, "ref", "", 0);
-    assert_eq!((r.status, r.time_to_result_s, r.reached), (Status::Reached, 2.0, true));
+    assert_eq!(
+        (r.status, r.time_to_result_s, r.reached),
+        (Status::Reached, 2.0, true)
+    );
     assert_eq!(find(&rs, "fast", "speed=4", 2).time_to_result_s, 0.5);
     let miss = find(&rs, "miss", "", 0);
     assert_eq!(miss.status, Status::MissedTarget);
@@ -95,7 +102,10 @@ fn a_run_applies_the_rules_and_records_every_trial() {
     let over = find(&rs, "over", "", 1);
     assert_eq!(over.status, Status::OverBudget);
     assert!(over.time_to_result_s.is_infinite());
-    assert_eq!(over.wall_s, 10.5, "stopped at the first check past the 10 s budget");
+    assert_eq!(
+        over.wall_s, 10.5,
+        "stopped at the first check past the 10 s budget"
+    );
     let panicked = find(&rs, "panics", "", 2);
     assert_eq!(panicked.status, Status::Panicked);
     assert!(panicked.reason.contains("toy panic"));
@@ -112,17 +122,26 @@ fn a_run_applies_the_rules_and_records_every_trial() {
     let header = fs::read_to_string(dir.path().join("raw.csv")).unwrap();
     assert!(header.starts_with(&records::CSV_COLUMNS.join(",")));
     let info = records::read_run_info(dir.path()).unwrap();
-    assert_eq!((info.profile.as_str(), info.trials, info.seed), ("quick", 3, 7));
+    assert_eq!(
+        (info.profile.as_str(), info.trials, info.seed),
+        ("quick", 3, 7)
+    );
 }
 
 fn summarise(dir: &Path) -> HardwareGroup {
-    summary::summarise(&records_of(dir), false).unwrap().remove(0)
+    summary::summarise(&records_of(dir), false)
+        .unwrap()
+        .remove(0)
 }
 
 #[test]
 fn medians_intervals_speedups_and_profiles_match_hand_computed_values() {
     let dir = tempfile::tempdir().unwrap();
-    run_toy(&options(dir.path(), Profile::Quick, 3, None), &Selection::default(), "cpu-a");
+    run_toy(
+        &options(dir.path(), Profile::Quick, 3, None),
+        &Selection::default(),
+        "cpu-a",
+    );
     let g = summarise(dir.path());
     let c = |entry: &str, params: &str| {
         g.configs
@@ -166,8 +185,15 @@ fn medians_intervals_speedups_and_profiles_match_hand_computed_values() {
 #[test]
 fn the_full_profile_adds_variants_and_held_out_variants_need_naming() {
     let dir = tempfile::tempdir().unwrap();
-    run_toy(&options(dir.path(), Profile::Full, 2, None), &Selection::default(), "cpu-a");
-    let variants: BTreeSet<String> = records_of(dir.path()).into_iter().map(|r| r.variant).collect();
+    run_toy(
+        &options(dir.path(), Profile::Full, 2, None),
+        &Selection::default(),
+        "cpu-a",
+    );
+    let variants: BTreeSet<String> = records_of(dir.path())
+        .into_iter()
+        .map(|r| r.variant)
+        .collect();
     assert_eq!(variants, BTreeSet::from(["easy".into(), "hard".into()]));
     let g = summarise(dir.path());
     // hard doubles every time, so the ratios and B are unchanged.
@@ -185,7 +211,11 @@ fn the_full_profile_adds_variants_and_held_out_variants_need_naming() {
         variants: vec!["secret".into()],
         entries: vec!["ref".into()],
     };
-    run_toy(&options(named.path(), Profile::Quick, 1, None), &sel, "cpu-a");
+    run_toy(
+        &options(named.path(), Profile::Quick, 1, None),
+        &sel,
+        "cpu-a",
+    );
     let rs = records_of(named.path());
     assert_eq!(rs.len(), 1);
     assert_eq!(rs[0].variant, "secret");
@@ -194,13 +224,21 @@ fn the_full_profile_adds_variants_and_held_out_variants_need_naming() {
 #[test]
 fn resume_after_an_interruption_finishes_the_run_without_repeating_trials() {
     let full = tempfile::tempdir().unwrap();
-    run_toy(&options(full.path(), Profile::Quick, 3, None), &Selection::default(), "cpu-a");
+    run_toy(
+        &options(full.path(), Profile::Quick, 3, None),
+        &Selection::default(),
+        "cpu-a",
+    );
     let expected = records_of(full.path());
 
     // Simulate a kill: 10 complete records, the 11th torn mid-line, and a
     // raw.csv that stopped one row earlier still.
     let cut = tempfile::tempdir().unwrap();
-    run_toy(&options(cut.path(), Profile::Quick, 3, None), &Selection::default(), "cpu-a");
+    run_toy(
+        &options(cut.path(), Profile::Quick, 3, None),
+        &Selection::default(),
+        "cpu-a",
+    );
     let jsonl = fs::read_to_string(cut.path().join("records.jsonl")).unwrap();
     let lines: Vec<&str> = jsonl.lines().collect();
     let torn = format!("{}\n{}", lines[..10].join("\n"), &lines[10][..40]);
@@ -211,15 +249,24 @@ fn resume_after_an_interruption_finishes_the_run_without_repeating_trials() {
 
     // Reading it without --resume is an error naming file and line.
     let err = records::read_dir(cut.path()).unwrap_err().to_string();
-    assert!(err.contains("records.jsonl:11") && err.contains("--resume"), "{err}");
+    assert!(
+        err.contains("records.jsonl:11") && err.contains("--resume"),
+        "{err}"
+    );
     // A fresh run into it is refused.
     let opts = options(cut.path(), Profile::Quick, 3, None);
-    assert!(runner::prepare_out(&opts).unwrap_err().to_string().contains("--resume"));
+    assert!(runner::prepare_out(&opts)
+        .unwrap_err()
+        .to_string()
+        .contains("--resume"));
     // So is a resume with other settings.
     let mut other = opts.clone();
     other.resume = true;
     other.seed = 8;
-    assert!(runner::prepare_out(&other).unwrap_err().to_string().contains("same settings"));
+    assert!(runner::prepare_out(&other)
+        .unwrap_err()
+        .to_string()
+        .contains("same settings"));
 
     let mut resume = opts.clone();
     resume.resume = true;
@@ -271,13 +318,21 @@ fn shards_partition_the_plan_and_merge_back_to_the_unsharded_run() {
     }
 
     let whole = tempfile::tempdir().unwrap();
-    run_toy(&options(whole.path(), Profile::Full, 2, None), &Selection::default(), "cpu-a");
+    run_toy(
+        &options(whole.path(), Profile::Full, 2, None),
+        &Selection::default(),
+        "cpu-a",
+    );
     let root = tempfile::tempdir().unwrap();
     let mut dirs = Vec::new();
     for i in 1..=3 {
         let d = root.path().join(format!("shard-{i}"));
         let shard = Some(Shard { index: i, count: 3 });
-        run_toy(&options(&d, Profile::Full, 2, shard), &Selection::default(), "cpu-a");
+        run_toy(
+            &options(&d, Profile::Full, 2, shard),
+            &Selection::default(),
+            "cpu-a",
+        );
         dirs.push(d);
     }
     let merged = root.path().join("merged");
@@ -289,10 +344,14 @@ fn shards_partition_the_plan_and_merge_back_to_the_unsharded_run() {
     };
     assert_eq!(n, records_of(whole.path()).len());
     assert_eq!(keyed(records_of(&merged)), keyed(records_of(whole.path())));
-    assert_eq!(records::read_run_info(&merged).unwrap().merged_from.len(), 3);
+    assert_eq!(
+        records::read_run_info(&merged).unwrap().merged_from.len(),
+        3
+    );
     // Overlapping shards are refused.
-    let err = bench_suite::merge::merge(&[dirs[0].clone(), dirs[0].clone()], &root.path().join("m2"))
-        .unwrap_err();
+    let err =
+        bench_suite::merge::merge(&[dirs[0].clone(), dirs[0].clone()], &root.path().join("m2"))
+            .unwrap_err();
     assert!(err.to_string().contains("must not overlap"), "{err}");
 }
 
@@ -300,8 +359,16 @@ fn shards_partition_the_plan_and_merge_back_to_the_unsharded_run() {
 fn reports_refuse_mixed_hardware_unless_told_and_then_label_it() {
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
-    run_toy(&options(a.path(), Profile::Quick, 2, None), &Selection::default(), "cpu-a");
-    run_toy(&options(b.path(), Profile::Quick, 2, None), &Selection::default(), "cpu-b");
+    run_toy(
+        &options(a.path(), Profile::Quick, 2, None),
+        &Selection::default(),
+        "cpu-a",
+    );
+    run_toy(
+        &options(b.path(), Profile::Quick, 2, None),
+        &Selection::default(),
+        "cpu-b",
+    );
     let mut both = records_of(a.path());
     both.extend(records_of(b.path()));
     let err = summary::summarise(&both, false).unwrap_err().to_string();
@@ -329,7 +396,11 @@ fn reports_refuse_mixed_hardware_unless_told_and_then_label_it() {
 #[test]
 fn the_report_renders_tables_and_charts_from_records() {
     let dir = tempfile::tempdir().unwrap();
-    run_toy(&options(dir.path(), Profile::Full, 3, None), &Selection::default(), "cpu-a");
+    run_toy(
+        &options(dir.path(), Profile::Full, 3, None),
+        &Selection::default(),
+        "cpu-a",
+    );
     let groups = summary::summarise(&records_of(dir.path()), false).unwrap();
     let runs = vec![records::read_run_info(dir.path()).unwrap()];
     let input = ReportInput {
@@ -338,7 +409,12 @@ fn the_report_renders_tables_and_charts_from_records() {
         registry: toy::REGISTRY,
     };
     let files = report::write_report(&input, dir.path()).unwrap();
-    for stem in ["toy-profile", "toy-easy-ttr", "toy-hard-ttr", "toy-easy-work"] {
+    for stem in [
+        "toy-profile",
+        "toy-easy-ttr",
+        "toy-hard-ttr",
+        "toy-easy-work",
+    ] {
         for ext in ["svg", "png"] {
             let f = dir.path().join("charts").join(format!("{stem}.{ext}"));
             assert!(files.contains(&f), "missing {}", f.display());

@@ -120,7 +120,9 @@ impl FromStr for Profile {
         match s {
             "quick" => Ok(Profile::Quick),
             "full" => Ok(Profile::Full),
-            _ => Err(format!("unknown profile `{s}`; valid profiles: quick, full")),
+            _ => Err(format!(
+                "unknown profile `{s}`; valid profiles: quick, full"
+            )),
         }
     }
 }
@@ -427,12 +429,17 @@ impl WorkloadSpec {
             }
             for v in e.variants {
                 if self.variant(v).is_none() {
-                    return Err(format!("{id}: entry `{}` names unknown variant `{v}`", e.id));
+                    return Err(format!(
+                        "{id}: entry `{}` names unknown variant `{v}`",
+                        e.id
+                    ));
                 }
             }
         }
         if !self.reference().variants.is_empty() {
-            return Err(format!("{id}: the reference entry must apply to every variant"));
+            return Err(format!(
+                "{id}: the reference entry must apply to every variant"
+            ));
         }
         let mut variants = std::collections::BTreeSet::new();
         for v in self.variants {

@@ -74,7 +74,8 @@ impl fmt::Display for Device {
 impl FromStr for Device {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("unknown device `{s}`; valid devices: cpu, cuda, cuda:N (N = 0, 1, ...)");
+        let bad =
+            || format!("unknown device `{s}`; valid devices: cpu, cuda, cuda:N (N = 0, 1, ...)");
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),

@@ -91,7 +91,12 @@ mod tests {
         let got: Vec<String> = e.configs().iter().map(|p| p.to_string()).collect();
         assert_eq!(
             got,
-            ["t=0.5,k=2,L=1", "t=0.5,k=2,L=8", "t=0.5,k=4,L=1", "t=0.5,k=4,L=8"]
+            [
+                "t=0.5,k=2,L=1",
+                "t=0.5,k=2,L=8",
+                "t=0.5,k=4,L=1",
+                "t=0.5,k=4,L=8"
+            ]
         );
         for s in &got {
             assert_eq!(&s.parse::<Params>().unwrap().to_string(), s);

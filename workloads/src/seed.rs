@@ -43,7 +43,10 @@ mod tests {
     #[test]
     fn seeds_are_stable_and_distinct() {
         // Pinned: changing the derivation changes every published run.
-        assert_eq!(trial_seed(0, "spectr", "synthetic", 0), trial_seed(0, "spectr", "synthetic", 0));
+        assert_eq!(
+            trial_seed(0, "spectr", "synthetic", 0),
+            trial_seed(0, "spectr", "synthetic", 0)
+        );
         let a = trial_seed(1, "w", "v", 0);
         assert_ne!(a, trial_seed(1, "w", "v", 1));
         assert_ne!(a, trial_seed(2, "w", "v", 0));

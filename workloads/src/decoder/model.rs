@@ -533,6 +533,36 @@ impl Decoder {
         Ok(&self.work.logits[..self.model.vocab_size()])
     }
 
+    /// As [`Decoder::prefill`], but returns the logits after every token of
+    /// `tokens[from..]`, row-major (row `i`: after `tokens[..=from + i]`).
+    /// Rows are the bits one `step` per token would give; scoring a whole
+    /// generated sequence this way costs one prompt-sized pass, not one
+    /// pass per token.
+    pub fn prefill_logits(
+        &mut self,
+        tokens: &[u32],
+        from: usize,
+    ) -> Result<Vec<f32>, DecoderError> {
+        if from >= tokens.len() {
+            return Err(DecoderError::Input(format!(
+                "logits from row {from} of a prefill of {} tokens",
+                tokens.len()
+            )));
+        }
+        self.pending = None;
+        let vocab = self.model.vocab_size();
+        let mut out = Vec::with_capacity((tokens.len() - from) * vocab);
+        let chunk = self.chunk;
+        for (c, piece) in tokens.chunks(chunk).enumerate() {
+            let parents: Vec<Option<usize>> = (0..piece.len()).map(|i| i.checked_sub(1)).collect();
+            let want: Vec<usize> = (from.saturating_sub(c * chunk)..piece.len()).collect();
+            self.forward(piece, &parents, &want)?;
+            out.extend_from_slice(&self.work.logits[..want.len() * vocab]);
+            self.commit_block(piece, &(0..piece.len()).collect::<Vec<_>>());
+        }
+        Ok(out)
+    }
+
     /// Appends one token; the logits after it.
     pub fn step(&mut self, token: u32) -> Result<&[f32], DecoderError> {
         self.prefill(&[token])

@@ -538,6 +538,37 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_sampler_one_percent_off_is_caught() {
+        // SpecTr's output, except that with probability eps the sequence
+        // starts from the draft's first-token law instead (later tokens
+        // still from the target given the first): the joint is then exactly
+        // eps * TV(draft row, target row) = 0.037 * 0.27 = 1.0% off in total
+        // variation.
+        let (draft, target) = (Markov(DRAFT), Markov(TARGET));
+        let eps = 0.037;
+        let tv = eps
+            * 0.5
+            * DRAFT[0]
+                .iter()
+                .zip(&TARGET[0])
+                .map(|(a, b)| (a - b).abs())
+                .sum::<f64>();
+        assert!((tv - 0.01).abs() < 1e-4);
+        let counts = joint_counts(RUNS, 250, |rng| {
+            if rng.random::<f64>() < eps {
+                let first = sample_categorical(&DRAFT[0], rng) as u32;
+                let mut g = autoregressive(&target, &[first], 2, rng, &mut no_check()).unwrap();
+                g.tokens.insert(0, first);
+                g
+            } else {
+                spectr(&draft, &target, &PROMPT, 3, 2, 2, rng, &mut no_check()).unwrap()
+            }
+        });
+        let p = chi_square_gof(&counts, &exact_joint()).p_value;
+        assert!(p < 1e-4, "a sampler 1% off passed with p = {p}");
+    }
+
     /// Standard speculative sampling written out with the baseline step,
     /// consuming random numbers in the order `spectr` does: `L` draft draws,
     /// then one uniform per acceptance test, one for a residual, one for the

@@ -31,19 +31,30 @@
 //! # Finding `rho*` fast
 //!
 //! The vocabularies of interest have ~150k tokens and K-SEQ runs at every
-//! position, so `rho*` must cost a few passes over the vocabulary, not a
-//! bisection of ~50. Write `s(rho) = rho * beta(rho) = sum_y min(rho p, q)`:
-//! it is concave and piecewise linear, with slope `a(rho) = sum_{q >= rho p}
-//! p`, and a breakpoint at each ratio `q(y)/p(y)` in `[1, k]`. One pass at
-//! `rho` gives `s` and `a`; freezing which tokens lie on which side gives a
-//! model `s ~ a rho + b` that is exact up to the next breakpoint, and its
-//! root (a scalar equation) is a Newton-like step. A few such steps, kept
-//! inside a bracket `f(lo) > 0 >= f(hi)`, get within 0.1% of the root; one
-//! last pass then collects the few tokens whose ratio lies in a narrow
-//! window around it, with exact sums for everything outside, and the root is
-//! solved exactly over those breakpoints, sorted. Passes are branch-free
-//! with four accumulators so they vectorise; `p(y) = 0` needs no special
-//! case (the token always counts on the `a` side with weight zero).
+//! position, so `rho*` must cost a couple of passes over the vocabulary, not
+//! a bisection of ~50. Write `s(rho) = rho * beta(rho) = sum_y min(rho p,
+//! q)`: it is concave and piecewise linear, with slope `a(rho) = sum_{q >=
+//! rho p} p` and a breakpoint at each ratio `q(y)/p(y)` in `[1, k]`
+//! (typically tens of thousands of them, so sorting them all is out).
+//!
+//! 1. One pass at `rho = 1` gives `a` and `b = sum_{q < p} q`. Freezing which
+//!    tokens lie on which side gives the model `s ~ a rho + b`, exact up to
+//!    the next breakpoint; its root (a scalar equation) is a Newton-like
+//!    candidate, which on realistic pairs lands within 0.3% of its own step
+//!    from `rho*`.
+//! 2. The next pass returns the exact sums outside a window of ratios of 1%
+//!    of that step around the candidate and collects the few hundred tokens
+//!    inside it, which gives `f` at both ends of the window. If the window
+//!    brackets the root (`f(lo) > 0 >= f(hi)`), the rest of the search
+//!    partitions those tokens around Newton-like pivots and finally sorts
+//!    the last few dozen and solves each segment exactly. Otherwise the
+//!    bracket tightens and the step repeats from the nearer end.
+//!
+//! The passes are written with SIMD intrinsics (AVX2 when the CPU has it,
+//! else SSE2) because the compiler turns the selects of the plain loops into
+//! branches; they are compared with the scalar pass in the tests. A token
+//! with `p(y) = 0` needs no special case: it always counts on the `a` side,
+//! with weight zero.
 
 use rand::Rng;
 
@@ -84,18 +95,21 @@ pub fn solve_rho(p: &[f64], q: &[f64], k: usize) -> (f64, f64) {
 }
 
 /// One K-SEQ step: `draws` are the draft tokens (i.i.d. from `p`), `k =
-/// draws.len()`. Allocates only when the root search needs a window (see
-/// [`KSeq`] to reuse that buffer across steps).
+/// draws.len()`. Allocates the root search's scratch buffers; [`KSeq`]
+/// reuses them across steps.
 pub fn kseq_step<R: Rng + ?Sized>(p: &[f64], q: &[f64], draws: &[u32], rng: &mut R) -> StepResult {
     KSeq::default()
         .plan(p, q, draws.len())
         .step(p, q, draws, rng)
 }
 
-/// Reusable K-SEQ solver: holds the scratch buffer of the root search.
+/// Reusable K-SEQ solver: holds the scratch buffers of the root search.
 #[derive(Debug, Default)]
 pub struct KSeq {
+    /// Breakpoints `(q/p, p, q)` inside the current window of ratios.
     window: Vec<(f64, f64, f64)>,
+    /// Starts of the chunks (8 or 16 tokens) that hold a window token.
+    chunks: Vec<u32>,
 }
 
 /// Everything one K-SEQ step needs once `rho` is known.
@@ -108,136 +122,159 @@ pub struct Plan {
     gamma: f64,
 }
 
-/// Above this relative step the Newton-like iteration goes on over the
-/// whole vocabulary; below it, the last pass collects a window.
-const WINDOW_STEP: f64 = 1e-3;
-/// Iterations before the search falls back to halving the bracket.
-const NEWTON_ITERATIONS: usize = 12;
-const MAX_ITERATIONS: usize = 200;
+/// Full passes with Newton-like windows before the search collects the
+/// whole bracket as its window instead (never reached on the pairs tested).
+const NEWTON_PASSES: usize = 8;
+/// Half-width of the window around a Newton-like candidate, as a fraction
+/// of the step that produced it. The candidate's error is second order in
+/// the step: on the benchmark pairs the first candidate from `rho = 1` is
+/// within 0.3% of that step of the root, and a window that misses costs one
+/// more pass, from a closer point.
+const WINDOW_FRACTION: f64 = 0.01;
+/// Below this many breakpoints the window is sorted and walked.
+const SORT_BELOW: usize = 64;
 
 impl KSeq {
     /// Solves for `rho*` and returns the plan for `k` drafts.
+    ///
+    /// Every pass over the vocabulary returns the exact sums outside a
+    /// window of ratios `[wlo, whi]` and the breakpoints inside it, which
+    /// gives `f` at both ends. The first pass is at `rho = 1` with an empty
+    /// window; each later one is centred on the Newton-like candidate from
+    /// the previous pass, with a half-width of 1% of that step. Once a window
+    /// brackets the root, the rest of the search runs over its breakpoints
+    /// only.
     ///
     /// # Panics
     /// If `k == 0` or `p` and `q` differ in length.
     pub fn plan(&mut self, p: &[f64], q: &[f64], k: usize) -> Plan {
         assert!(k >= 1, "K-SEQ needs at least one draft");
         assert_eq!(p.len(), q.len(), "draft and target vocabularies differ");
-        let (s1, a1) = pass(p, q, 1.0);
+        let (a1, b1) = window_pass(p, q, 1.0, 1.0, &mut self.window, &mut self.chunks);
         if k == 1 {
             return Plan {
                 k,
                 rho: 1.0,
-                beta: s1,
+                beta: a1 + b1,
                 gamma: 1.0,
             };
         }
-        let kf = k as f64;
         // f(1) = 1 - (1 - beta)^k - beta >= 0, with equality only when
         // beta(1) is 0 or 1 (disjoint or equal distributions).
-        let mut cur = Point::new(1.0, a1, s1 - a1, k);
+        let mut cur = Point::new(1.0, a1, b1, k);
         if cur.f <= 0.0 {
             return Plan::from_point(&cur, k);
         }
         let mut lo = cur;
-        // f(k) <= 0 always (k beta(k) = sum min(k p, q) >= 1 - (1 - beta)^k);
-        // its sums are computed only if the search ends there.
-        let mut hi: Option<Point> = None;
-        let mut hi_rho = kf;
-        for iteration in 0..MAX_ITERATIONS {
-            let cand = if iteration < NEWTON_ITERATIONS {
-                segment_root(cur.a, cur.b, k, lo.rho, hi_rho)
-            } else {
-                0.5 * (lo.rho + hi_rho)
-            };
-            let narrow = (hi_rho - lo.rho) <= WINDOW_STEP * lo.rho;
-            let step = (cand - cur.rho).abs() / cur.rho;
-            if narrow || step < WINDOW_STEP {
-                let half = if narrow {
-                    f64::INFINITY
-                } else {
-                    4.0 * step + 1e-12
-                };
-                let wlo = lo.rho.max(cand * (1.0 - half));
-                let whi = hi_rho.min(cand * (1.0 + half));
-                match self.window_solve(p, q, k, wlo, whi) {
-                    Ok(plan) => return plan,
-                    Err((at_lo, at_hi)) => {
-                        // The root is outside the window: tighten the
-                        // bracket with the two exact evaluations and go on.
-                        if at_lo.f > 0.0 {
-                            lo = at_lo;
-                        }
-                        if at_hi.f > 0.0 {
-                            lo = at_hi;
-                        }
-                        if at_lo.f <= 0.0 && at_lo.rho < hi_rho {
-                            hi_rho = at_lo.rho;
-                            hi = Some(at_lo);
-                        }
-                        if at_hi.f <= 0.0 && at_hi.rho < hi_rho {
-                            hi_rho = at_hi.rho;
-                            hi = Some(at_hi);
-                        }
-                        cur = if at_hi.f > 0.0 { at_hi } else { at_lo };
-                        continue;
-                    }
-                }
+        // f(k) <= 0 always (k beta(k) = sum min(k p, q) >= 1 - (1 - beta)^k),
+        // so k closes the bracket without being evaluated.
+        let mut hi_rho = k as f64;
+        for passes in 1.. {
+            if lo.rho >= hi_rho {
+                // f(k) rounded above zero: k is the root to rounding.
+                return Plan::from_point(&lo, k);
             }
-            let (s, a) = pass(p, q, cand);
-            cur = Point::new(cand, a, s - cand * a, k);
-            if cur.f > 0.0 {
-                lo = cur;
+            let (wlo, whi) = if passes < NEWTON_PASSES {
+                let cand = segment_root(cur.a, cur.b, k, lo.rho, hi_rho);
+                let half = WINDOW_FRACTION * (cand - cur.rho).abs() + 1e-12 * cand;
+                ((cand - half).max(lo.rho), (cand + half).min(hi_rho))
             } else {
-                hi_rho = cand;
-                hi = Some(cur);
+                // The whole bracket: it brackets the root by construction.
+                (lo.rho, hi_rho)
+            };
+            let (a_out, b_out) = window_pass(p, q, wlo, whi, &mut self.window, &mut self.chunks);
+            let (p_in, q_in) = self
+                .window
+                .iter()
+                .fold((0.0, 0.0), |(x, y), &(_, pp, qq)| (x + pp, y + qq));
+            let at_lo = Point::new(wlo, a_out + p_in, b_out, k);
+            let at_hi = Point::new(whi, a_out, b_out + q_in, k);
+            if at_lo.f > 0.0 && at_hi.f <= 0.0 {
+                return Plan::from_point(&self.solve_window(at_lo, at_hi, a_out, b_out, k), k);
+            }
+            // The root is outside the window: tighten the bracket.
+            if at_hi.f > 0.0 {
+                lo = at_hi;
+                cur = at_hi;
+            } else {
+                hi_rho = at_lo.rho;
+                cur = at_lo;
             }
         }
-        // Not reached in practice; any bracket end with f <= 0 is valid.
-        let end = hi.unwrap_or_else(|| {
-            let (s, a) = pass(p, q, kf);
-            Point::new(kf, a, s - kf * a, k)
-        });
-        Plan::from_point(&end, k)
+        unreachable!("the loop returns once the bracket is collected")
     }
 
-    /// Collects the breakpoints with ratio in `[wlo, whi)` and solves
-    /// exactly if the root is inside; else returns the evaluations at the
-    /// window's ends.
-    fn window_solve(
+    /// The root inside the window `[lo.rho, hi.rho]`, given the sums
+    /// outside it (`a_out` above, `b_out` below) and its breakpoints in
+    /// `self.window`. Narrows the window by partitioning the breakpoints
+    /// around Newton-like pivots until few are left, then sorts and walks
+    /// them; each segment between breakpoints is solved as a scalar equation.
+    fn solve_window(
         &mut self,
-        p: &[f64],
-        q: &[f64],
+        mut lo: Point,
+        mut hi: Point,
+        mut a_out: f64,
+        mut b_out: f64,
         k: usize,
-        wlo: f64,
-        whi: f64,
-    ) -> Result<Plan, (Point, Point)> {
-        let (a_out, b_out) = window_pass(p, q, wlo, whi, &mut self.window);
-        let (mut a, mut b) = (a_out, b_out);
-        for &(_, pp, _) in &self.window {
-            a += pp;
+    ) -> Point {
+        let set = &mut self.window;
+        let mut use_median = false;
+        while set.len() > SORT_BELOW {
+            // The Newton-like candidate from the lower end; the middle
+            // element's ratio when that failed to split the set last time.
+            let newton = segment_root(lo.a, lo.b, k, lo.rho, hi.rho);
+            let median = use_median || newton <= lo.rho || newton >= hi.rho;
+            let pivot = if median { set[set.len() / 2].0 } else { newton };
+            let len = set.len();
+            let split = partition(set, pivot);
+            if median && (split == 0 || split == len) {
+                // Ties at the median: sorting handles them.
+                break;
+            }
+            use_median = split == 0 || split == len;
+            let (below, above) = set.split_at(split);
+            let a_above: f64 = above.iter().map(|e| e.1).sum();
+            let b_below: f64 = below.iter().map(|e| e.2).sum();
+            let at = Point::new(pivot, a_out + a_above, b_out + b_below, k);
+            if at.f > 0.0 {
+                // Root above the pivot: the lower part is settled.
+                b_out += b_below;
+                lo = at;
+                set.drain(..split);
+            } else {
+                a_out += a_above;
+                hi = at;
+                set.truncate(split);
+            }
         }
-        let at_lo = Point::new(wlo, a, b, k);
-        let b_in: f64 = self.window.iter().map(|&(_, _, qq)| qq).sum();
-        let at_hi = Point::new(whi, a_out, b_out + b_in, k);
-        if !(at_lo.f > 0.0 && at_hi.f <= 0.0) {
-            return Err((at_lo, at_hi));
-        }
-        self.window.sort_unstable_by(|x, y| x.0.total_cmp(&y.0));
-        let mut seg_lo = wlo;
-        for &(r, pp, qq) in &self.window {
+        set.sort_unstable_by(|x, y| x.0.total_cmp(&y.0));
+        // At lo.rho every remaining breakpoint counts on the `a` side.
+        let mut a = a_out + set.iter().map(|e| e.1).sum::<f64>();
+        let mut b = b_out;
+        let mut seg_lo = lo.rho;
+        for &(r, pp, qq) in set.iter() {
             // Up to and including r, this token is on the `a` side.
             if f_at(r, a, b, k) <= 0.0 {
-                let rho = segment_root(a, b, k, seg_lo, r);
-                return Ok(Plan::from_point(&Point::new(rho, a, b, k), k));
+                return Point::new(segment_root(a, b, k, seg_lo, r), a, b, k);
             }
             a -= pp;
             b += qq;
             seg_lo = r;
         }
-        let rho = segment_root(a, b, k, seg_lo, whi);
-        Ok(Plan::from_point(&Point::new(rho, a, b, k), k))
+        Point::new(segment_root(a, b, k, seg_lo, hi.rho), a, b, k)
     }
+}
+
+/// Reorders `set` so that ratios below `pivot` come first; returns how many.
+fn partition(set: &mut [(f64, f64, f64)], pivot: f64) -> usize {
+    let mut split = 0;
+    for i in 0..set.len() {
+        if set[i].0 < pivot {
+            set.swap(i, split);
+            split += 1;
+        }
+    }
+    split
 }
 
 /// `rho` with the exact sums there: `a = sum_{q >= rho p} p`,
@@ -310,8 +347,8 @@ impl Plan {
     /// A plan for an arbitrary `rho` (an O(V) pass). Exact only when `rho
     /// >= rho*`, where it accepts less often than [`KSeq::plan`].
     pub fn at_rho(p: &[f64], q: &[f64], k: usize, rho: f64) -> Plan {
-        let (s, a) = pass(p, q, rho);
-        Plan::from_point(&Point::new(rho, a, s - rho * a, k), k)
+        let (a, b) = window_pass(p, q, rho, rho, &mut Vec::new(), &mut Vec::new());
+        Plan::from_point(&Point::new(rho, a, b, k), k)
     }
 
     /// A deliberately wrong plan for tests: keep each draft with
@@ -360,132 +397,371 @@ impl Plan {
     /// draw is from `q`.
     fn sample_residual<R: Rng + ?Sized>(&self, p: &[f64], q: &[f64], rng: &mut R) -> usize {
         let (rho, gamma) = (self.rho, self.gamma);
-        let weight = |pp: f64, qq: f64| {
-            let m = rho * pp;
-            let m = if m < qq { m } else { qq };
-            (qq - gamma * m).max(0.0)
-        };
         let total: f64 = p
             .chunks(BLOCK)
             .zip(q.chunks(BLOCK))
-            .map(|(pb, qb)| block_sum(pb, qb, weight))
+            .map(|(pb, qb)| residual_sum(pb, qb, rho, gamma))
             .sum();
         let v = rng.random::<f64>();
-        if !(total > 0.0) {
+        // Also catches a NaN total.
+        if total.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             return baselines::sampling::sample_categorical(q, rng);
         }
         let target = v * total;
         let mut acc = 0.0;
-        let mut last_positive = 0;
+        let mut last_positive = None;
         for (block, (pb, qb)) in p.chunks(BLOCK).zip(q.chunks(BLOCK)).enumerate() {
-            let sum = block_sum(pb, qb, weight);
+            let sum = residual_sum(pb, qb, rho, gamma);
             if acc + sum <= target {
                 acc += sum;
-                if sum > 0.0 {
-                    last_positive = block * BLOCK + pb.len() - 1;
-                }
                 continue;
             }
             for (i, (&pp, &qq)) in pb.iter().zip(qb).enumerate() {
-                let w = weight(pp, qq);
+                let w = residual_weight(pp, qq, rho, gamma);
                 if w > 0.0 {
                     acc += w;
-                    last_positive = block * BLOCK + i;
+                    last_positive = Some(block * BLOCK + i);
                     if target < acc {
-                        return last_positive;
+                        return block * BLOCK + i;
                     }
                 }
             }
         }
-        // Rounding carried the target past the end.
-        while last_positive > 0 && weight(p[last_positive], q[last_positive]) <= 0.0 {
-            last_positive -= 1;
-        }
-        last_positive
+        // Rounding carried the target past the end: the last token with
+        // residual mass.
+        last_positive.unwrap_or_else(|| {
+            (0..p.len())
+                .rev()
+                .find(|&i| residual_weight(p[i], q[i], rho, gamma) > 0.0)
+                .expect("the residual has positive total mass")
+        })
     }
 }
 
 const BLOCK: usize = 256;
 
-/// Sum of `weight` over a block with four independent accumulators.
+/// `q - gamma min(rho p, q)`, floored at zero; written as the SIMD code
+/// computes it (`min` as `m < q ? m : q`).
 #[inline]
-fn block_sum(p: &[f64], q: &[f64], weight: impl Fn(f64, f64) -> f64) -> f64 {
-    let mut acc = [0.0f64; 4];
-    let (pc, qc) = (p.chunks_exact(4), q.chunks_exact(4));
-    let (pr, qr) = (pc.remainder(), qc.remainder());
-    for (a, b) in pc.zip(qc) {
-        for l in 0..4 {
-            acc[l] += weight(a[l], b[l]);
-        }
+fn residual_weight(p: f64, q: f64, rho: f64, gamma: f64) -> f64 {
+    let m = rho * p;
+    let m = if m < q { m } else { q };
+    let w = q - gamma * m;
+    if w > 0.0 {
+        w
+    } else {
+        0.0
     }
-    let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    for (&a, &b) in pr.iter().zip(qr) {
-        s += weight(a, b);
-    }
-    s
 }
 
-/// One pass at `rho`: `(s, a)` with `s = sum min(rho p, q)` and
-/// `a = sum_{q >= rho p} p`.
-fn pass(p: &[f64], q: &[f64], rho: f64) -> (f64, f64) {
-    let mut s = [0.0f64; 4];
-    let mut a = [0.0f64; 4];
-    let (pc, qc) = (p.chunks_exact(4), q.chunks_exact(4));
-    let (pr, qr) = (pc.remainder(), qc.remainder());
-    for (pb, qb) in pc.zip(qc) {
-        for l in 0..4 {
-            let m = rho * pb[l];
-            let above = qb[l] >= m;
-            s[l] += if above { m } else { qb[l] };
-            a[l] += if above { pb[l] } else { 0.0 };
-        }
+/// Sum of [`residual_weight`] over a block.
+fn residual_sum(p: &[f64], q: &[f64], rho: f64, gamma: f64) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        simd::residual_sum(p, q, rho, gamma)
     }
-    let mut s_tot = (s[0] + s[1]) + (s[2] + s[3]);
-    let mut a_tot = (a[0] + a[1]) + (a[2] + a[3]);
-    for (&pp, &qq) in pr.iter().zip(qr) {
-        let m = rho * pp;
-        if qq >= m {
-            s_tot += m;
-            a_tot += pp;
-        } else {
-            s_tot += qq;
-        }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        p.iter()
+            .zip(q)
+            .map(|(&pp, &qq)| residual_weight(pp, qq, rho, gamma))
+            .sum()
     }
-    (s_tot, a_tot)
 }
 
-/// One pass for a window `[wlo, whi)` of ratios: returns
-/// `(sum_{q >= whi p} p, sum_{q < wlo p} q)` and leaves the tokens in the
-/// window in `out` as `(q/p, p, q)`.
+/// One pass over the vocabulary for a window `[wlo, whi]` of ratios:
+/// returns `(a_out, b_out) = (sum_{q >= whi p} p, sum_{q < wlo p} q)` and
+/// leaves the tokens with `wlo p <= q < whi p` in `out` as `(q/p, p, q)`.
+/// With `wlo == whi == rho` the window is empty and the sums are `a(rho)`
+/// and `b(rho)`. A token with `p = 0` always lands in `a_out`, with weight
+/// zero, and never in the window.
 fn window_pass(
     p: &[f64],
     q: &[f64],
     wlo: f64,
     whi: f64,
     out: &mut Vec<(f64, f64, f64)>,
+    chunks: &mut Vec<u32>,
 ) -> (f64, f64) {
     out.clear();
-    let mut a = [0.0f64; 4];
-    let mut b = [0.0f64; 4];
-    for (i, (pb, qb)) in p.chunks(4).zip(q.chunks(4)).enumerate() {
-        let mut inside = false;
-        for l in 0..pb.len() {
-            let (lo_m, hi_m) = (wlo * pb[l], whi * pb[l]);
-            a[l] += if qb[l] >= hi_m { pb[l] } else { 0.0 };
-            b[l] += if qb[l] < lo_m { qb[l] } else { 0.0 };
-            inside |= qb[l] >= lo_m && qb[l] < hi_m;
-        }
-        if inside {
-            for l in 0..pb.len() {
-                let (pp, qq) = (pb[l], qb[l]);
-                if qq >= wlo * pp && qq < whi * pp {
-                    out.push((qq / pp, pp, qq));
-                }
-            }
-        }
-        let _ = i;
+    #[cfg(target_arch = "x86_64")]
+    {
+        simd::window_pass(p, q, wlo, whi, out, chunks)
     }
-    ((a[0] + a[1]) + (a[2] + a[3]), (b[0] + b[1]) + (b[2] + b[3]))
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = chunks;
+        window_pass_scalar(p, q, wlo, whi, out)
+    }
+}
+
+/// The scalar form of [`window_pass`], also used for the SIMD remainders.
+fn window_pass_scalar(
+    p: &[f64],
+    q: &[f64],
+    wlo: f64,
+    whi: f64,
+    out: &mut Vec<(f64, f64, f64)>,
+) -> (f64, f64) {
+    let (mut a, mut b) = (0.0, 0.0);
+    for (&pp, &qq) in p.iter().zip(q) {
+        let above = qq >= whi * pp;
+        let below = qq < wlo * pp;
+        if above {
+            a += pp;
+        } else if below {
+            b += qq;
+        } else {
+            out.push((qq / pp, pp, qq));
+        }
+    }
+    (a, b)
+}
+
+/// Vector forms of the passes, dispatched once per call: AVX2 where the
+/// CPU has it (about 1.5x faster than SSE2 here), else SSE2, which every
+/// x86_64 CPU has. The plain loops are not vectorised by the compiler (their
+/// selects become branches) and ran 3x slower than SSE2. Each form computes
+/// the same quantities with the same comparisons as the scalar code; sums
+/// differ only in the order of additions. The tests compare every form with
+/// the scalar one.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    pub(super) fn window_pass(
+        p: &[f64],
+        q: &[f64],
+        wlo: f64,
+        whi: f64,
+        out: &mut Vec<(f64, f64, f64)>,
+        chunks: &mut Vec<u32>,
+    ) -> (f64, f64) {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present.
+            unsafe { avx2::window_pass(p, q, wlo, whi, out, chunks) }
+        } else {
+            // SAFETY: SSE2 is part of the x86_64 baseline.
+            unsafe { sse2::window_pass(p, q, wlo, whi, out, chunks) }
+        }
+    }
+
+    pub(super) fn residual_sum(p: &[f64], q: &[f64], rho: f64, gamma: f64) -> f64 {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present.
+            unsafe { avx2::residual_sum(p, q, rho, gamma) }
+        } else {
+            // SAFETY: SSE2 is part of the x86_64 baseline.
+            unsafe { sse2::residual_sum(p, q, rho, gamma) }
+        }
+    }
+
+    /// The tokens of the flagged chunks that lie in the window (their sums
+    /// are already counted), then the scalar tail from `main` on.
+    fn finish(
+        (p, q): (&[f64], &[f64]),
+        (wlo, whi): (f64, f64),
+        out: &mut Vec<(f64, f64, f64)>,
+        starts: &[u32],
+        width: usize,
+        main: usize,
+    ) -> (f64, f64) {
+        for &start in starts {
+            let c = start as usize;
+            super::window_pass_scalar(&p[c..c + width], &q[c..c + width], wlo, whi, out);
+        }
+        let n = p.len().min(q.len());
+        super::window_pass_scalar(&p[main..n], &q[main..n], wlo, whi, out)
+    }
+
+    /// Written for any lane width: `$w` doubles per register, four
+    /// registers per step.
+    macro_rules! kernels {
+        ($feature:literal, $reg:ty, $w:literal, $zero:ident, $set1:ident, $load:ident, $store:ident,
+         $mul:ident, $add:ident, $sub:ident, $min:ident, $max:ident, $and:ident, $or:ident,
+         $ge:expr, $lt:expr, $movemask:ident, $ones:expr) => {
+            use std::arch::x86_64::*;
+
+            const STEP: usize = 4 * $w;
+
+            /// SAFETY: the caller guarantees the target feature.
+            #[target_feature(enable = $feature)]
+            unsafe fn hsum(v: [$reg; 4]) -> f64 {
+                let mut x = [0.0f64; $w];
+                $store(x.as_mut_ptr(), $add($add(v[0], v[1]), $add(v[2], v[3])));
+                x.iter().sum()
+            }
+
+            /// SAFETY: the caller guarantees the target feature.
+            #[target_feature(enable = $feature)]
+            pub(in super::super) unsafe fn window_pass(
+                p: &[f64],
+                q: &[f64],
+                wlo: f64,
+                whi: f64,
+                out: &mut Vec<(f64, f64, f64)>,
+                chunks: &mut Vec<u32>,
+            ) -> (f64, f64) {
+                if wlo == whi {
+                    return point_pass(p, q, wlo);
+                }
+                let n = p.len().min(q.len());
+                let main = n - n % STEP;
+                chunks.clear();
+                chunks.reserve(main / STEP + 1);
+                let starts = chunks.as_mut_ptr();
+                let mut found = 0;
+                let (lo, hi) = ($set1(wlo), $set1(whi));
+                let mut a = [$zero(); 4];
+                let mut b = [$zero(); 4];
+                let mut i = 0;
+                // Loads read p[i..i + STEP], q[i..i + STEP] with i + STEP <=
+                // main <= n; one chunk start is written per step, into the
+                // main / STEP + 1 slots reserved.
+                while i < main {
+                    let mut outside = $ones;
+                    for l in 0..4 {
+                        let pv = $load(p.as_ptr().add(i + $w * l));
+                        let qv = $load(q.as_ptr().add(i + $w * l));
+                        let above = $ge(qv, $mul(hi, pv));
+                        let below = $lt(qv, $mul(lo, pv));
+                        a[l] = $add(a[l], $and(above, pv));
+                        b[l] = $add(b[l], $and(below, qv));
+                        outside = $and(outside, $or(above, below));
+                    }
+                    // Branch-free: a chunk with a breakpoint keeps its slot
+                    // (a branch or a call here costs more than the write).
+                    *starts.add(found) = i as u32;
+                    found += ($movemask(outside) != (1 << $w) - 1) as usize;
+                    i += STEP;
+                }
+                // The first `found` slots were written above.
+                chunks.set_len(found);
+                let (ra, rb) = super::finish((p, q), (wlo, whi), out, chunks, STEP, main);
+                (hsum(a) + ra, hsum(b) + rb)
+            }
+
+            /// The empty window at `rho`: `(a, b)` from `s = sum min(rho
+            /// p, q)` and `a = sum_{q >= rho p} p`, cheaper than two masked
+            /// sums.
+            /// SAFETY: the caller guarantees the target feature.
+            #[target_feature(enable = $feature)]
+            unsafe fn point_pass(p: &[f64], q: &[f64], rho: f64) -> (f64, f64) {
+                let n = p.len().min(q.len());
+                let main = n - n % STEP;
+                let r = $set1(rho);
+                let mut s = [$zero(); 4];
+                let mut a = [$zero(); 4];
+                let mut i = 0;
+                while i < main {
+                    for l in 0..4 {
+                        let pv = $load(p.as_ptr().add(i + $w * l));
+                        let qv = $load(q.as_ptr().add(i + $w * l));
+                        let m = $mul(r, pv);
+                        s[l] = $add(s[l], $min(m, qv));
+                        a[l] = $add(a[l], $and($ge(qv, m), pv));
+                    }
+                    i += STEP;
+                }
+                let (s, a) = (hsum(s), hsum(a));
+                let (ra, rb) = super::super::window_pass_scalar(
+                    &p[main..n],
+                    &q[main..n],
+                    rho,
+                    rho,
+                    &mut Vec::new(),
+                );
+                (a + ra, (s - rho * a).max(0.0) + rb)
+            }
+
+            /// SAFETY: the caller guarantees the target feature.
+            #[target_feature(enable = $feature)]
+            pub(in super::super) unsafe fn residual_sum(
+                p: &[f64],
+                q: &[f64],
+                rho: f64,
+                gamma: f64,
+            ) -> f64 {
+                let n = p.len().min(q.len());
+                let main = n - n % STEP;
+                let (r, g, zero) = ($set1(rho), $set1(gamma), $zero());
+                let mut s = [$zero(); 4];
+                let mut i = 0;
+                while i < main {
+                    for (l, acc) in s.iter_mut().enumerate() {
+                        let pv = $load(p.as_ptr().add(i + $w * l));
+                        let qv = $load(q.as_ptr().add(i + $w * l));
+                        let m = $min($mul(r, pv), qv);
+                        let w = $max($sub(qv, $mul(g, m)), zero);
+                        *acc = $add(*acc, w);
+                    }
+                    i += STEP;
+                }
+                hsum(s)
+                    + p[main..n]
+                        .iter()
+                        .zip(&q[main..n])
+                        .map(|(&pp, &qq)| super::super::residual_weight(pp, qq, rho, gamma))
+                        .sum::<f64>()
+            }
+        };
+    }
+
+    pub(super) mod sse2 {
+        kernels!(
+            "sse2",
+            __m128d,
+            2,
+            _mm_setzero_pd,
+            _mm_set1_pd,
+            _mm_loadu_pd,
+            _mm_storeu_pd,
+            _mm_mul_pd,
+            _mm_add_pd,
+            _mm_sub_pd,
+            _mm_min_pd,
+            _mm_max_pd,
+            _mm_and_pd,
+            _mm_or_pd,
+            _mm_cmpge_pd,
+            _mm_cmplt_pd,
+            _mm_movemask_pd,
+            _mm_castsi128_pd(_mm_set1_epi32(-1))
+        );
+    }
+
+    pub(super) mod avx2 {
+        /// `_mm256_cmp_pd` with an ordered `>=`.
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        unsafe fn ge(a: __m256d, b: __m256d) -> __m256d {
+            _mm256_cmp_pd::<_CMP_GE_OQ>(a, b)
+        }
+        /// `_mm256_cmp_pd` with an ordered `<`.
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        unsafe fn lt(a: __m256d, b: __m256d) -> __m256d {
+            _mm256_cmp_pd::<_CMP_LT_OQ>(a, b)
+        }
+        kernels!(
+            "avx2",
+            __m256d,
+            4,
+            _mm256_setzero_pd,
+            _mm256_set1_pd,
+            _mm256_loadu_pd,
+            _mm256_storeu_pd,
+            _mm256_mul_pd,
+            _mm256_add_pd,
+            _mm256_sub_pd,
+            _mm256_min_pd,
+            _mm256_max_pd,
+            _mm256_and_pd,
+            _mm256_or_pd,
+            ge,
+            lt,
+            _mm256_movemask_pd,
+            _mm256_castsi256_pd(_mm256_set1_epi32(-1))
+        );
+    }
 }
 
 #[cfg(test)]
@@ -583,6 +859,66 @@ mod tests {
         let q = random_dist(152_000, 14.0, 0.0, &mut rng);
         for k in [2, 4, 8] {
             assert_same_root(&p, &q, k, &format!("k {k}"));
+        }
+    }
+
+    /// Every vector form of the passes against the scalar one: the same
+    /// window tokens and the same sums to 1e-12 relative (only the order of
+    /// additions differs).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_passes_match_the_scalar_pass() {
+        type WindowPass = unsafe fn(
+            &[f64],
+            &[f64],
+            f64,
+            f64,
+            &mut Vec<(f64, f64, f64)>,
+            &mut Vec<u32>,
+        ) -> (f64, f64);
+        type ResidualSum = unsafe fn(&[f64], &[f64], f64, f64) -> f64;
+        let mut forms: Vec<(&str, WindowPass, ResidualSum)> =
+            vec![("sse2", simd::sse2::window_pass, simd::sse2::residual_sum)];
+        if std::is_x86_feature_detected!("avx2") {
+            forms.push(("avx2", simd::avx2::window_pass, simd::avx2::residual_sum));
+        }
+        let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * x.abs().max(y.abs()) + 1e-300;
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        for case in 0..200 {
+            let n = [1, 7, 8, 15, 16, 17, 33, 1000, 4099][case % 9];
+            let p = random_dist(n, 8.0, 0.1, &mut rng);
+            let q = random_dist(n, 8.0, 0.1, &mut rng);
+            let wlo = 1.0 + 3.0 * rng.random::<f64>();
+            let whi = if case % 3 == 0 {
+                wlo
+            } else {
+                wlo * (1.0 + rng.random::<f64>())
+            };
+            let mut want_set = Vec::new();
+            let (wa, wb) = window_pass_scalar(&p, &q, wlo, whi, &mut want_set);
+            let key = |set: &mut Vec<(f64, f64, f64)>| {
+                set.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.total_cmp(&y.1)));
+            };
+            key(&mut want_set);
+            let (rho, gamma) = (wlo, rng.random::<f64>());
+            let want_res: f64 = p
+                .iter()
+                .zip(&q)
+                .map(|(&a, &b)| residual_weight(a, b, rho, gamma))
+                .sum();
+            for &(name, pass, residual) in &forms {
+                let (mut set, mut chunks) = (Vec::new(), Vec::new());
+                // SAFETY: SSE2 is baseline; AVX2 was detected above.
+                let (a, b) = unsafe { pass(&p, &q, wlo, whi, &mut set, &mut chunks) };
+                key(&mut set);
+                assert!(
+                    close(a, wa) && close(b, wb),
+                    "{name} case {case}: ({a}, {b}) vs ({wa}, {wb})"
+                );
+                assert_eq!(set, want_set, "{name} case {case}");
+                let r = unsafe { residual(&p, &q, rho, gamma) };
+                assert!(close(r, want_res), "{name} case {case}: {r} vs {want_res}");
+            }
         }
     }
 

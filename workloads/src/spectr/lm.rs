@@ -1,7 +1,8 @@
 //! What the samplers see of a language model: next-token distributions.
 //!
-//! The n-gram models (`ngram.rs`), the synthetic pairs (`synthetic.rs`) and,
-//! later, the GGUF decoder all implement [`LanguageModel`]. A model *call*
+//! The n-gram models (`ngram.rs`), the synthetic pairs (`synthetic.rs`) and
+//! the GGUF decoder (through the adapter in `llm.rs`) all implement
+//! [`LanguageModel`]. A model *call*
 //! is one invocation of [`LanguageModel::next_dists`]; speculative methods
 //! score every draft position of a block in one call, the way a transformer
 //! scores k x (L + 1) tokens in one batched forward pass.
@@ -19,5 +20,15 @@ pub trait LanguageModel {
     /// One context; the same call, for one row.
     fn next_dist(&self, context: &[u32]) -> Dist {
         self.next_dists(&[context]).pop().expect("one row")
+    }
+
+    /// The law of each `tokens[j]` given `tokens[..j]`, for `j` in
+    /// `first..tokens.len()`: what an evaluation needs to score a generated
+    /// sequence. Not a sampler's call (samplers never use it); a model that
+    /// can score a whole sequence in one pass (the decoder) overrides it.
+    fn conditionals(&self, tokens: &[u32], first: usize) -> Vec<Dist> {
+        (first..tokens.len())
+            .map(|j| self.next_dist(&tokens[..j]))
+            .collect()
     }
 }

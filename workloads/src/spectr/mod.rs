@@ -305,7 +305,11 @@ impl Workload for Spectr {
                 sigma: 1.0,
             }),
             "synthetic-small" => Models::Small,
-            other => return Err(WorkloadError::Config(format!("spectr has no variant `{other}`"))),
+            other => {
+                return Err(WorkloadError::Config(format!(
+                    "spectr has no variant `{other}`"
+                )))
+            }
         };
         Ok(Box::new(LoadedSpectr {
             models,
@@ -402,8 +406,13 @@ impl SpectrTrial<'_> {
 enum Method {
     Autoregressive,
     /// k = 1 is speculative sampling.
-    Spectr { k: usize, l: usize },
-    Optimal { k: usize },
+    Spectr {
+        k: usize,
+        l: usize,
+    },
+    Optimal {
+        k: usize,
+    },
 }
 
 impl TrialData for SpectrTrial<'_> {
@@ -417,7 +426,11 @@ impl TrialData for SpectrTrial<'_> {
             "ot-optimal" => Method::Optimal {
                 k: params.usize("k")?,
             },
-            other => return Err(WorkloadError::Config(format!("spectr has no entry `{other}`"))),
+            other => {
+                return Err(WorkloadError::Config(format!(
+                    "spectr has no entry `{other}`"
+                )))
+            }
         };
         let problems = self.problems();
         // Set-up outside the clock: the LP solve of the optimal coupling.
@@ -433,7 +446,8 @@ impl TrialData for SpectrTrial<'_> {
             _ => Vec::new(),
         };
         // Each configuration draws its own randomness from the trial seed.
-        let rng = ChaCha8Rng::seed_from_u64(seed::derive(self.seed, &[entry.id, &params.to_string()]));
+        let rng =
+            ChaCha8Rng::seed_from_u64(seed::derive(self.seed, &[entry.id, &params.to_string()]));
         let job = SpectrJob {
             method,
             problems,
@@ -472,7 +486,9 @@ impl SpectrJob<'_> {
     ) -> Result<decode::Generation, WorkloadError> {
         let p = &self.problems[i];
         match self.method {
-            Method::Autoregressive => decode::autoregressive(p.target, &p.prompt, tokens, rng, check),
+            Method::Autoregressive => {
+                decode::autoregressive(p.target, &p.prompt, tokens, rng, check)
+            }
             Method::Spectr { k, l } => {
                 decode::spectr(p.draft, p.target, &p.prompt, tokens, k, l, rng, check)
             }

@@ -253,15 +253,15 @@ mod tests {
         let mut accept = 0.0;
         for x in 0..v * v {
             let px = tuple_prob(&p, x, 2);
-            for y in 0..v {
-                y_law[y] += px * c.conditional[x][y];
+            for (y, (law, &w)) in y_law.iter_mut().zip(&c.conditional[x]).enumerate() {
+                *law += px * w;
                 if tuple_contains(x, v, 2, y) {
-                    accept += px * c.conditional[x][y];
+                    accept += px * w;
                 }
             }
         }
-        for y in 0..v {
-            assert!((y_law[y] - q[y]).abs() < 1e-6, "{y_law:?}");
+        for (got, want) in y_law.iter().zip(&q) {
+            assert!((got - want).abs() < 1e-6, "{y_law:?}");
         }
         assert!((accept - c.acceptance()).abs() < 1e-6);
         // Token 3 is never drafted, so at most 0.6 can be accepted.
