@@ -624,3 +624,31 @@ fn tokenizers_match_python_reference_and_round_trip() {
         }
     }
 }
+
+/// `prefill_logits` gives every row a step per token gives, bitwise, also
+/// when the rows asked for start inside a later prompt chunk.
+#[test]
+fn tiny_prefill_logits_equal_single_steps() {
+    let mut dec = ours(&tiny_gguf(&QWEN2, GgmlDType::Q4K, 9));
+    let tokens: Vec<u32> = (0..13u32).map(|i| (i * 17 + 3) % 64).collect();
+    let steps: Vec<Vec<f32>> = tokens
+        .iter()
+        .map(|&t| dec.step(t).unwrap().to_vec())
+        .collect();
+    let vocab = dec.vocab_size();
+    for (chunk, from) in [(64, 0), (5, 0), (5, 7), (4, 12)] {
+        dec.truncate(0).unwrap();
+        dec.set_chunk(chunk);
+        let rows = dec.prefill_logits(&tokens, from).unwrap();
+        assert_eq!(rows.len(), (tokens.len() - from) * vocab);
+        for (i, row) in rows.chunks_exact(vocab).enumerate() {
+            assert!(
+                row == &steps[from + i][..],
+                "chunk {chunk}, row {}",
+                from + i
+            );
+        }
+        assert_eq!(dec.tokens(), &tokens[..]);
+    }
+    assert!(dec.prefill_logits(&tokens, tokens.len()).is_err());
+}

@@ -17,18 +17,40 @@
 //!
 //! Modules: [`lm`] (what a sampler sees of a model), [`kseq`] (one K-SEQ
 //! step), [`decode`] (the generation loops), [`optimal`] (the LP optimum on
-//! small vocabularies), [`synthetic`] and [`ngram`] (the models).
+//! small vocabularies), [`synthetic`] and [`ngram`] (the models), [`llm`]
+//! (the GGUF decoder as a model, and the prompts).
 //!
-//! Not yet here (issue 3): the GGUF decoder and the Qwen2.5-Coder
-//! 0.5B/1.5B variant, the user's-own-pair option, greedy (temperature 0)
-//! equality, and the GPU figures. The variants below are the ones that run.
+//! Transformer pairs: `qwen2.5-coder-0.5b-1.5b` (full profile) drafts with
+//! Qwen2.5-Coder-0.5B-Instruct for Qwen2.5-Coder-1.5B-Instruct, on the 48
+//! prompts of `workloads/data/spectr-prompts.jsonl` in the Qwen chat
+//! template, at temperature 1. Its trials also record `greedy_match`: the
+//! fraction of [`GREEDY_PROMPTS`] prompts on which the configuration at
+//! temperature 0 emits exactly greedy autoregressive decoding's
+//! [`GREEDY_TOKENS`] tokens (1 for a correct implementation).
+//!
+//! Your own pair: the held-out variant `user-pair` loads the draft GGUF
+//! named by `BENCH_SUITE_DRAFT_GGUF` and the target GGUF named by
+//! `BENCH_SUITE_TARGET_GGUF` (`llama` or `qwen2` architectures, byte-level
+//! BPE tokenizers), refuses the pair if their tokenizers differ, and runs
+//! the same prompts in the target's chat template:
+//!
+//! ```text
+//! BENCH_SUITE_DRAFT_GGUF=/m/small.gguf BENCH_SUITE_TARGET_GGUF=/m/big.gguf \
+//!     bench-suite run spectr --variant user-pair --profile quick
+//! ```
+//!
+//! Not yet here (issue 3): the GPU figures.
 
 pub mod decode;
 pub mod kseq;
+pub mod llm;
 pub mod lm;
 pub mod ngram;
 pub mod optimal;
 pub mod synthetic;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -36,6 +58,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::clock::Stopwatch;
 use crate::contract::*;
 use crate::{assets, seed, WorkloadError};
+use llm::ModelPair;
 use lm::LanguageModel;
 use synthetic::{Fixed, PairSpec};
 
@@ -43,6 +66,16 @@ pub struct Spectr;
 
 const EXACTNESS_ALPHA: f64 = 1e-3;
 const PIT_BINS: usize = 10;
+/// Prompts and new tokens of the greedy check of the transformer variants
+/// (untimed, once per configuration and run: greedy output does not
+/// depend on the trial's seed).
+pub const GREEDY_PROMPTS: usize = 2;
+pub const GREEDY_TOKENS: usize = 32;
+/// Longest draft of the entries' grids, for the context-length check.
+const MAX_L: usize = 8;
+/// Full-profile budget of one trial of a transformer variant (48 prompts x
+/// 64 tokens through a 1.5B target on a CPU).
+const BUDGET_LLM_FULL_S: f64 = 1800.0;
 
 static SPEC: WorkloadSpec = WorkloadSpec {
     id: "spectr",
@@ -128,6 +161,34 @@ static SPEC: WorkloadSpec = WorkloadSpec {
                 full_s: 300.0,
             },
         },
+        Variant {
+            id: "qwen2.5-coder-0.5b-1.5b",
+            description: "Models: Qwen2.5-Coder-0.5B-Instruct drafts for Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, one tokenizer) on our CPU decoder; 48 chat prompts in six categories (workloads/data/spectr-prompts.jsonl) in the Qwen chat template, temperature 1. The draft's call costs a fraction of the target's, as in the paper's setting. Also records greedy_match (temperature 0 equals greedy decoding).",
+            role: VariantRole::Standard,
+            profiles: &[Profile::Full],
+            target: Target {
+                value: EXACTNESS_ALPHA,
+                source: "significance level 0.001 of the exactness test",
+            },
+            budget: Budget {
+                quick_s: 120.0,
+                full_s: BUDGET_LLM_FULL_S,
+            },
+        },
+        Variant {
+            id: "user-pair",
+            description: "Your own draft/target GGUF pair (llama or qwen2 architecture, one tokenizer), named by the environment variables BENCH_SUITE_DRAFT_GGUF and BENCH_SUITE_TARGET_GGUF, on the same prompts in the target's chat template, temperature 1. Held out: runs only when named.",
+            role: VariantRole::HeldOut,
+            profiles: &[Profile::Quick, Profile::Full],
+            target: Target {
+                value: EXACTNESS_ALPHA,
+                source: "significance level 0.001 of the exactness test",
+            },
+            budget: Budget {
+                quick_s: 120.0,
+                full_s: BUDGET_LLM_FULL_S,
+            },
+        },
     ],
     entries: &[
         Entry {
@@ -207,6 +268,10 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             key: "target_calls",
             label: "target calls",
         },
+        Figure {
+            key: "greedy_match",
+            label: "greedy = autoregressive",
+        },
     ],
     charts: &[
         Chart {
@@ -270,6 +335,8 @@ fn job_size(variant: &str, profile: Profile) -> (usize, usize) {
         ("synthetic-50k", Profile::Quick) => (1, 500),
         ("synthetic-50k", Profile::Full) => (1, 5_000),
         ("synthetic-small", Profile::Quick) => (16, 500),
+        ("qwen2.5-coder-0.5b-1.5b" | "user-pair", Profile::Quick) => (2, 16),
+        ("qwen2.5-coder-0.5b-1.5b" | "user-pair", Profile::Full) => (48, 64),
         _ => (16, 2_000),
     }
 }
@@ -282,7 +349,9 @@ impl Workload for Spectr {
     fn load(&self, ctx: &LoadContext<'_>) -> Result<Box<dyn Loaded>, WorkloadError> {
         if ctx.device.is_cuda() {
             return Err(WorkloadError::Device(
-                "spectr's n-gram and synthetic variants run on the CPU; use --device cpu".into(),
+                "spectr's models (n-gram, synthetic, and the GGUF decoder) run on the CPU; use \
+                 --device cpu"
+                    .into(),
             ));
         }
         let (prompts, tokens) = job_size(ctx.variant.id, ctx.profile);
@@ -305,6 +374,20 @@ impl Workload for Spectr {
                 sigma: 1.0,
             }),
             "synthetic-small" => Models::Small,
+            "qwen2.5-coder-0.5b-1.5b" => {
+                let draft = assets::verify(&assets::QWEN_CODER_0_5B)?;
+                let target = assets::verify(&assets::QWEN_CODER_1_5B)?;
+                Models::Llm(Box::new(LlmModels::new(
+                    ModelPair::load(&draft, &target)?,
+                    prompts,
+                    tokens,
+                )?))
+            }
+            "user-pair" => Models::Llm(Box::new(LlmModels::new(
+                ModelPair::from_env()?,
+                prompts,
+                tokens,
+            )?)),
             other => {
                 return Err(WorkloadError::Config(format!(
                     "spectr has no variant `{other}`"
@@ -323,6 +406,78 @@ enum Models {
     Ngram(Box<ngram::NgramPair>),
     Synthetic(PairSpec),
     Small,
+    Llm(Box<LlmModels>),
+}
+
+/// A transformer pair, its prompts (token ids), and what the greedy check
+/// has computed so far.
+struct LlmModels {
+    pair: ModelPair,
+    prompts: Vec<Vec<u32>>,
+    /// Greedy autoregressive output on the first prompts, computed once.
+    greedy_reference: RefCell<Option<Vec<Vec<u32>>>>,
+    /// `greedy_match` per (k, L), computed once per run.
+    greedy_match: RefCell<BTreeMap<(usize, usize), f64>>,
+}
+
+impl LlmModels {
+    /// `n` prompts spread over the file's categories, rendered in the
+    /// target's chat template and tokenized (untimed).
+    fn new(pair: ModelPair, n: usize, tokens: usize) -> Result<LlmModels, WorkloadError> {
+        let all = llm::prompts()?;
+        let n = n.min(all.len());
+        let model = pair.target.model();
+        let prompts = (0..n)
+            .map(|i| {
+                let p = &all[i * all.len() / n];
+                Ok(model.tokenizer().encode(&llm::render(&model, p))?)
+            })
+            .collect::<Result<Vec<_>, WorkloadError>>()?;
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + tokens + MAX_L + 1;
+        pair.check_context(longest)?;
+        Ok(LlmModels {
+            pair,
+            prompts,
+            greedy_reference: RefCell::new(None),
+            greedy_match: RefCell::new(BTreeMap::new()),
+        })
+    }
+
+    /// The fraction of the first [`GREEDY_PROMPTS`] prompts on which SpecTr
+    /// with `k` drafts of `l` tokens at temperature 0 emits exactly greedy
+    /// autoregressive decoding's [`GREEDY_TOKENS`] tokens.
+    fn greedy_match(&self, k: usize, l: usize) -> Result<f64, WorkloadError> {
+        if let Some(&m) = self.greedy_match.borrow().get(&(k, l)) {
+            return Ok(m);
+        }
+        let n = GREEDY_PROMPTS.min(self.prompts.len());
+        // At temperature 0 every distribution is one-hot, so the tokens do
+        // not depend on the random numbers.
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let (draft, target) = (&self.pair.greedy_draft, &self.pair.greedy_target);
+        let mut reference = self.greedy_reference.borrow_mut();
+        if reference.is_none() {
+            *reference = Some(
+                self.prompts[..n]
+                    .iter()
+                    .map(|p| {
+                        decode::autoregressive(target, p, GREEDY_TOKENS, &mut rng, &mut || Ok(()))
+                            .map(|g| g.tokens)
+                    })
+                    .collect::<Result<_, _>>()?,
+            );
+        }
+        let mut equal = 0;
+        for (p, want) in self.prompts.iter().zip(reference.as_ref().expect("set")) {
+            let g = decode::spectr(draft, target, p, GREEDY_TOKENS, k, l, &mut rng, &mut || {
+                Ok(())
+            })?;
+            equal += usize::from(g.tokens == *want);
+        }
+        let m = equal as f64 / n as f64;
+        self.greedy_match.borrow_mut().insert((k, l), m);
+        Ok(m)
+    }
 }
 
 struct LoadedSpectr {
@@ -352,6 +507,7 @@ impl Loaded for LoadedSpectr {
         let (pairs, prompts) = match &self.models {
             Models::Ngram(pair) => (Vec::new(), pair.prompts(self.prompts, 16, ctx.seed)),
             Models::Synthetic(spec) => (vec![synthetic::draw_pair(*spec, &mut rng)], vec![vec![]]),
+            Models::Llm(m) => (Vec::new(), m.prompts.clone()),
             Models::Small => {
                 let pairs: Vec<_> = (0..self.prompts)
                     .map(|i| {
@@ -385,6 +541,15 @@ impl SpectrTrial<'_> {
                 .map(|p| Problem {
                     draft: &pair.draft,
                     target: &pair.target,
+                    prompt: p.clone(),
+                })
+                .collect(),
+            Models::Llm(m) => self
+                .prompts
+                .iter()
+                .map(|p| Problem {
+                    draft: &m.pair.draft,
+                    target: &m.pair.target,
                     prompt: p.clone(),
                 })
                 .collect(),
@@ -448,8 +613,13 @@ impl TrialData for SpectrTrial<'_> {
         // Each configuration draws its own randomness from the trial seed.
         let rng =
             ChaCha8Rng::seed_from_u64(seed::derive(self.seed, &[entry.id, &params.to_string()]));
+        let llm = match &self.loaded.models {
+            Models::Llm(m) => Some(&**m),
+            _ => None,
+        };
         let job = SpectrJob {
             method,
+            llm,
             problems,
             couplings,
             tokens: self.loaded.tokens,
@@ -465,6 +635,7 @@ impl TrialData for SpectrTrial<'_> {
 
 struct SpectrJob<'a> {
     method: Method,
+    llm: Option<&'a LlmModels>,
     problems: Vec<Problem<'a>>,
     couplings: Vec<optimal::OptimalCoupling>,
     tokens: usize,
@@ -535,11 +706,10 @@ impl Job for SpectrJob<'_> {
         };
         let mut acceptance = vec![0.0; positions];
         for (p, g) in self.problems.iter().zip(&self.outputs) {
-            let mut context = p.prompt.clone();
-            for &t in &g.tokens {
-                let q = p.target.next_dist(&context);
-                pit.push(crate::stats::pit_value(&q, t, eval_rng.random::<f64>()));
-                context.push(t);
+            let sequence = [&p.prompt[..], &g.tokens[..]].concat();
+            let laws = p.target.conditionals(&sequence, p.prompt.len());
+            for (q, &t) in laws.iter().zip(&g.tokens) {
+                pit.push(crate::stats::pit_value(q, t, eval_rng.random::<f64>()));
             }
             emitted += g.tokens.len();
             target_calls += g.target_calls;
@@ -575,6 +745,9 @@ impl Job for SpectrJob<'_> {
         match self.method {
             Method::Autoregressive => {}
             Method::Spectr { k, l } => {
+                if let Some(m) = self.llm {
+                    out = out.figure("greedy_match", m.greedy_match(k, l)?);
+                }
                 let theory = self.theory(k, l);
                 if let Some(a) = theory.0 {
                     out = out.figure("acceptance_first_theory", a);
@@ -630,5 +803,61 @@ impl SpectrJob<'_> {
             (k == 1 && self.problems.len() == 1).then_some(eff / n),
             opt.map(|o| o / n),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::CpuClock;
+    use crate::device::Device;
+
+    /// The transformer variant end to end in its quick size (2 prompts x 16
+    /// tokens): load, trial, set-up, run, evaluation with the greedy check.
+    /// Minutes on two CPU cores, so ignored; run it with `--ignored` when
+    /// the Qwen files are fetched.
+    #[test]
+    #[ignore]
+    fn qwen_pair_runs_end_to_end_in_quick() {
+        if assets::path(&assets::QWEN_CODER_1_5B).is_err() {
+            eprintln!("skipped: Qwen2.5-Coder 1.5B not fetched");
+            return;
+        }
+        let variant = SPEC.variant("qwen2.5-coder-0.5b-1.5b").unwrap();
+        let loaded = Spectr
+            .load(&LoadContext {
+                variant,
+                profile: Profile::Quick,
+                device: Device::Cpu,
+                seed: 1,
+            })
+            .unwrap();
+        let trial = loaded
+            .trial(&TrialContext {
+                variant,
+                profile: Profile::Quick,
+                device: Device::Cpu,
+                trial: 0,
+                seed: 2,
+            })
+            .unwrap();
+        for (entry, params) in [("autoregressive", ""), ("spectr", "k=2,L=4")] {
+            let entry = SPEC.entry(entry).unwrap();
+            let mut job = trial.setup(entry, &params.parse().unwrap()).unwrap();
+            let clock = CpuClock::default();
+            let mut sw = Stopwatch::new(&clock, 600.0);
+            sw.start();
+            job.run(&mut sw).unwrap();
+            sw.stop();
+            let out = job.evaluate().unwrap();
+            eprintln!("{} {params}: {out:?}", entry.id);
+            assert_eq!(out.figures["tokens"], 32.0);
+            assert!(out.figures["tokens_per_s"].is_finite());
+            assert!(out.quality > 0.0);
+            if entry.id == "spectr" {
+                assert_eq!(out.figures["greedy_match"], 1.0);
+                assert!(out.figures["block_efficiency"] > 1.0);
+            }
+        }
     }
 }
