@@ -14,25 +14,32 @@ fn bench() -> Command {
     c
 }
 
-/// A tiny real run: the synthetic-small variant, two cheap entries.
+/// The arguments of a tiny real run: the synthetic-small variant, two
+/// cheap entries, two trials.
+fn small_run_args(seed: &str) -> Vec<String> {
+    [
+        "run",
+        "spectr",
+        "--variant",
+        "synthetic-small",
+        "--entry",
+        "autoregressive",
+        "--entry",
+        "speculative",
+        "--trials",
+        "2",
+        "--quiet",
+        "--seed",
+        seed,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 fn small_run(out: &Path, seed: &str) {
     bench()
-        .args([
-            "run",
-            "spectr",
-            "--variant",
-            "synthetic-small",
-            "--entry",
-            "autoregressive",
-            "--entry",
-            "speculative",
-            "--trials",
-            "2",
-            "--quiet",
-            "--seed",
-            seed,
-            "--out",
-        ])
+        .args(small_run_args(seed))
+        .arg("--out")
         .arg(out)
         .assert()
         .success()
@@ -190,23 +197,8 @@ fn run_writes_records_and_a_report_and_resume_skips_what_is_done() {
     assert!(summary.contains("### Variant `synthetic-small`"));
 
     bench()
-        .args([
-            "run",
-            "spectr",
-            "--variant",
-            "synthetic-small",
-            "--entry",
-            "autoregressive",
-            "--entry",
-            "speculative",
-            "--trials",
-            "2",
-            "--seed",
-            "1",
-            "--quiet",
-            "--resume",
-            "--out",
-        ])
+        .args(small_run_args("1"))
+        .args(["--resume", "--out"])
         .arg(&run)
         .assert()
         .success()
