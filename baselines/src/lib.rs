@@ -10,3 +10,4 @@
 //! next-token function.
 
 pub mod sampling;
+pub mod window_attention;

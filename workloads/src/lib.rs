@@ -16,6 +16,7 @@ pub mod clock;
 pub mod contract;
 pub mod decoder;
 pub mod device;
+pub mod pointcloud;
 pub mod seed;
 pub mod spectr;
 pub mod stats;

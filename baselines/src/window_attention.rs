@@ -1,0 +1,1 @@
+//! Padded window attention (in progress)
