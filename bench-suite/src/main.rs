@@ -290,7 +290,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
 }
 
 fn run(selection: Selection, opts: RunArgs, shard: Option<Shard>) -> anyhow::Result<Done> {
-    let units = plan::plan(WORKLOADS, &selection, opts.profile).map_err(usage)?;
+    let units = plan::plan(WORKLOADS, &selection, opts.profile, opts.device).map_err(usage)?;
     let units = plan::shard(units, shard);
     if units.is_empty() {
         // More shards than units: this shard has nothing to do.

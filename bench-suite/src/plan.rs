@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use workloads::{Entry, Profile, Variant, Workload};
+use workloads::{Device, Entry, Profile, Variant, Workload};
 
 /// One unit of work: every configuration and trial of an entry on a variant.
 #[derive(Clone, Copy)]
@@ -88,6 +88,8 @@ pub enum PlanError {
     },
     #[error("nothing to run: {0}")]
     Empty(String),
+    #[error("entry `{0}` runs only on a GPU; add `--device cuda`")]
+    NeedsCuda(String),
 }
 
 /// Resolves a selection against a registry, in registry order.
@@ -95,6 +97,7 @@ pub fn plan(
     registry: &[&'static dyn Workload],
     selection: &Selection,
     profile: Profile,
+    device: Device,
 ) -> Result<Vec<Unit>, PlanError> {
     let mut chosen = Vec::new();
     for name in &selection.workloads {
@@ -158,8 +161,14 @@ pub fn plan(
                 continue;
             }
             for entry in spec.entries {
-                let wanted =
-                    selection.entries.is_empty() || selection.entries.iter().any(|e| e == entry.id);
+                let named = selection.entries.iter().any(|e| e == entry.id);
+                if entry.cuda_only && !device.is_cuda() {
+                    if named {
+                        return Err(PlanError::NeedsCuda(entry.id.into()));
+                    }
+                    continue;
+                }
+                let wanted = selection.entries.is_empty() || named;
                 if wanted && entry.applies_to(variant.id) {
                     units.push(Unit {
                         workload: w,

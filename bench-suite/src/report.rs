@@ -409,11 +409,19 @@ fn coordinate(c: &ConfigSummary, source: Source) -> Option<f64> {
     .filter(|x| x.is_finite())
 }
 
+fn param_names(params: &str) -> Vec<String> {
+    params
+        .split(',')
+        .filter_map(|kv| kv.split_once('=').map(|(n, _)| n.to_string()))
+        .collect()
+}
+
 /// Builds a declared chart for one variant; `None` if it has no data there.
 fn spec_chart(g: &HardwareGroup, w: &str, v: &str, chart: &Chart) -> Option<LineChart> {
     let configs: Vec<&ConfigSummary> = g
         .configs_of(w, v)
         .filter(|c| chart.entries.is_empty() || chart.entries.contains(&c.entry.as_str()))
+        .filter(|c| chart.only.iter().all(|&(p, v)| c.param(p) == Some(v)))
         .collect();
     let mut lines: Vec<Line> = Vec::new();
     let mut push = |label: String, dashed: bool, x: f64, y: f64| match lines
@@ -450,6 +458,62 @@ fn spec_chart(g: &HardwareGroup, w: &str, v: &str, chart: &Chart) -> Option<Line
                 push(group.clone(), false, x, y);
                 if let Some(t) = chart.theory.and_then(|f| c.figures.get(f)) {
                     push(format!("{group} closed form"), true, x, *t);
+                }
+            }
+        }
+        Series::Entries => {
+            // Parameters that vary among these configurations, other than
+            // the x axis, split an entry into several lines.
+            let x_param = match chart.x {
+                Source::Param(p) => Some(p),
+                _ => None,
+            };
+            let varying: Vec<String> = configs
+                .iter()
+                .flat_map(|c| param_names(&c.params))
+                .filter(|n| Some(n.as_str()) != x_param)
+                .filter(|n| {
+                    let mut vals = configs.iter().filter_map(|c| c.param(n));
+                    let first = vals.next();
+                    vals.any(|v| Some(v) != first)
+                })
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            for c in &configs {
+                let (Some(x), Some(y)) = (coordinate(c, chart.x), coordinate(c, chart.y)) else {
+                    continue;
+                };
+                let mut label = c.entry.clone();
+                for n in &varying {
+                    if let Some(v) = c.param(n) {
+                        label.push_str(&format!(" {n}={v}"));
+                    }
+                }
+                push(label, false, x, y);
+            }
+        }
+        Series::Quantiles(points) => {
+            let fixed: Vec<&str> = chart.only.iter().map(|&(p, _)| p).collect();
+            for c in &configs {
+                let label = c
+                    .params
+                    .split(',')
+                    .filter(|kv| {
+                        kv.split_once('=')
+                            .is_some_and(|(n, _)| !fixed.contains(&n))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let label = if label.is_empty() {
+                    c.entry.clone()
+                } else {
+                    format!("{} {label}", c.entry)
+                };
+                for &(level, key) in points {
+                    if let Some(y) = c.figures.get(key).filter(|y| y.is_finite()) {
+                        push(label.clone(), false, level, *y);
+                    }
                 }
             }
         }

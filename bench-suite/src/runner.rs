@@ -167,7 +167,7 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
 
     let total: u64 = units
         .iter()
-        .map(|u| u.entry.configs().len() as u64 * u64::from(opts.trials))
+        .map(|u| u.variant.configs(u.entry).len() as u64 * u64::from(opts.trials))
         .sum();
     let bar = progress_bar(total, opts.quiet);
 
@@ -194,7 +194,7 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
         };
         let configs: Vec<(Unit, Params)> = group
             .iter()
-            .flat_map(|u| u.entry.configs().into_iter().map(move |p| (*u, p)))
+            .flat_map(|u| u.variant.configs(u.entry).into_iter().map(move |p| (*u, p)))
             .collect();
         let pending = |trial: u32| {
             configs

@@ -50,7 +50,7 @@ fn now() -> String {
 }
 
 fn run_toy(opts: &RunOptions, selection: &Selection, cpu: &str) -> RunSummary {
-    let units = plan::plan(toy::REGISTRY, selection, opts.profile).unwrap();
+    let units = plan::plan(toy::REGISTRY, selection, opts.profile, opts.device).unwrap();
     let units = plan::shard(units, opts.shard);
     runner::prepare_out(opts).unwrap();
     let clock = MockClock::default();
@@ -297,7 +297,7 @@ fn shards_partition_the_plan_and_merge_back_to_the_unsharded_run() {
         (workloads::WORKLOADS, Profile::Full),
         (toy::REGISTRY, Profile::Full),
     ] {
-        let all: Vec<String> = plan::plan(registry, &Selection::default(), profile)
+        let all: Vec<String> = plan::plan(registry, &Selection::default(), profile, Device::Cpu)
             .unwrap()
             .iter()
             .map(|u| u.label())
@@ -306,7 +306,7 @@ fn shards_partition_the_plan_and_merge_back_to_the_unsharded_run() {
             let mut union = Vec::new();
             for i in 1..=n {
                 let part = plan::shard(
-                    plan::plan(registry, &Selection::default(), profile).unwrap(),
+                    plan::plan(registry, &Selection::default(), profile, Device::Cpu).unwrap(),
                     Some(Shard { index: i, count: n }),
                 );
                 union.extend(part.iter().map(|u| u.label()));

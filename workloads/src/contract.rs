@@ -164,9 +164,41 @@ pub struct Variant {
     pub profiles: &'static [Profile],
     pub target: Target,
     pub budget: Budget,
+    /// Axes every configuration of this variant is crossed with, before the
+    /// entry's own grid (the scene size of a scaling variant: one chart
+    /// then puts every size on one axis). Usually empty.
+    pub params: &'static [Param],
 }
 
 impl Variant {
+    /// Every configuration of `entry` on this variant: the variant's axes
+    /// first, then the entry's fixed parameters and grid.
+    pub fn configs(&self, entry: &Entry) -> Vec<Params> {
+        let own = entry.configs();
+        let mut out = vec![Params::default()];
+        for p in self.params {
+            out = out
+                .into_iter()
+                .flat_map(|base| {
+                    p.values.iter().map(move |&v| {
+                        let mut next = base.clone();
+                        next.0.push((p.name.to_string(), v));
+                        next
+                    })
+                })
+                .collect();
+        }
+        out.into_iter()
+            .flat_map(|base| {
+                own.iter().map(move |e| {
+                    let mut next = base.clone();
+                    next.0.extend(e.0.iter().cloned());
+                    next
+                })
+            })
+            .collect()
+    }
+
     /// Whether an un-filtered run of `profile` includes this variant.
     pub fn runs_by_default(&self, profile: Profile) -> bool {
         self.role != VariantRole::HeldOut && self.profiles.contains(&profile)
@@ -212,6 +244,9 @@ pub struct Entry {
     pub fixed: &'static [(&'static str, f64)],
     /// Variants this entry applies to; empty means all.
     pub variants: &'static [&'static str],
+    /// Runs only with `--device cuda` (a peer that exists only on GPUs);
+    /// CPU runs leave it out unless it is named, which is then an error.
+    pub cuda_only: bool,
 }
 
 impl Entry {
@@ -331,6 +366,13 @@ pub enum Series {
     /// One line per listed figure, each `(legend label, figure key)`; the x
     /// axis must be a parameter or figure shared by all.
     Figures(&'static [(&'static str, &'static str)]),
+    /// One line per entry (and per value of any other parameter that
+    /// varies among the chart's configurations, besides the x axis).
+    Entries,
+    /// A distribution drawn as its quantile function: one line per
+    /// configuration, through the points `(level, figure)` (for example
+    /// `(0.5, "occ_p50")`); the chart's `x` is ignored.
+    Quantiles(&'static [(f64, &'static str)]),
 }
 
 /// A workload-specific chart, declared as data; `bench-suite` renders it
@@ -352,6 +394,9 @@ pub struct Chart {
     pub theory: Option<&'static str>,
     pub log_x: bool,
     pub log_y: bool,
+    /// Only configurations with these parameter values (e.g. the forward
+    /// pass in f32); empty means all.
+    pub only: &'static [(&'static str, f64)],
 }
 
 /// Everything a workload declares as data.

@@ -88,6 +88,7 @@ mod tests {
             ],
             fixed: &[("t", 0.5)],
             variants: &[],
+            cuda_only: false,
         };
         let got: Vec<String> = e.configs().iter().map(|p| p.to_string()).collect();
         assert_eq!(

@@ -40,6 +40,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
                 quick_s: 10.0,
                 full_s: 10.0,
             },
+            params: &[],
         },
         Variant {
             id: "hard",
@@ -54,6 +55,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
                 quick_s: 10.0,
                 full_s: 10.0,
             },
+            params: &[],
         },
         Variant {
             id: "secret",
@@ -68,6 +70,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
                 quick_s: 10.0,
                 full_s: 10.0,
             },
+            params: &[],
         },
     ],
     entries: &[
@@ -78,6 +81,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             grid: &[],
             fixed: &[],
             variants: &[],
+            cuda_only: false,
         },
         Entry {
             id: "fast",
@@ -89,6 +93,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             }],
             fixed: &[],
             variants: &[],
+            cuda_only: false,
         },
         Entry {
             id: "miss",
@@ -97,6 +102,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             grid: &[],
             fixed: &[],
             variants: &[],
+            cuda_only: false,
         },
         Entry {
             id: "over",
@@ -105,6 +111,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             grid: &[],
             fixed: &[],
             variants: &[],
+            cuda_only: false,
         },
         Entry {
             id: "panics",
@@ -113,6 +120,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             grid: &[],
             fixed: &[],
             variants: &["easy"],
+            cuda_only: false,
         },
         Entry {
             id: "flaky",
@@ -121,6 +129,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             grid: &[],
             fixed: &[],
             variants: &[],
+            cuda_only: false,
         },
     ],
     figures: &[Figure {
@@ -139,6 +148,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
         theory: None,
         log_x: false,
         log_y: false,
+        only: &[],
     }],
     claims: &["The toy paper claims 4x."],
 };

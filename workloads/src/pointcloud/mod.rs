@@ -12,3 +12,5 @@ pub mod lidar;
 pub mod sla;
 pub mod stereo;
 pub mod voxel;
+#[cfg(feature = "cuda")]
+pub mod cuda;

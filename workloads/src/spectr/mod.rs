@@ -118,6 +118,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
                 quick_s: 20.0,
                 full_s: 300.0,
             },
+            params: &[],
         },
         Variant {
             id: "synthetic",
@@ -132,6 +133,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
                 quick_s: 20.0,
                 full_s: 300.0,
             },
+            params: &[],
         },
         Variant {
             id: "synthetic-50k",
@@ -146,6 +148,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
                 quick_s: 60.0,
                 full_s: 600.0,
             },
+            params: &[],
         },
         Variant {
             id: "synthetic-small",
@@ -160,6 +163,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
                 quick_s: 20.0,
                 full_s: 300.0,
             },
+            params: &[],
         },
         Variant {
             id: "qwen2.5-coder-0.5b-1.5b",
@@ -174,6 +178,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
                 quick_s: 120.0,
                 full_s: BUDGET_LLM_FULL_S,
             },
+            params: &[],
         },
         Variant {
             id: "user-pair",
@@ -188,6 +193,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
                 quick_s: 120.0,
                 full_s: BUDGET_LLM_FULL_S,
             },
+            params: &[],
         },
     ],
     entries: &[
@@ -198,6 +204,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             grid: &[],
             fixed: &[],
             variants: &[],
+            cuda_only: false,
         },
         Entry {
             id: "speculative",
@@ -209,6 +216,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             }],
             fixed: &[("k", 1.0)],
             variants: &[],
+            cuda_only: false,
         },
         Entry {
             id: "spectr",
@@ -226,6 +234,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             ],
             fixed: &[],
             variants: &[],
+            cuda_only: false,
         },
         Entry {
             id: "ot-optimal",
@@ -237,6 +246,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             }],
             fixed: &[("L", 1.0)],
             variants: &["synthetic-small"],
+            cuda_only: false,
         },
     ],
     figures: &[
@@ -286,6 +296,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             theory: Some("block_efficiency_theory"),
             log_x: true,
             log_y: false,
+            only: &[],
         },
         Chart {
             id: "speedup",
@@ -299,6 +310,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             theory: None,
             log_x: true,
             log_y: false,
+            only: &[],
         },
         Chart {
             id: "acceptance-vs-opt",
@@ -317,6 +329,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             theory: None,
             log_x: false,
             log_y: false,
+            only: &[],
         },
     ],
     claims: &[

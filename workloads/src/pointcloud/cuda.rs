@@ -1,0 +1,713 @@
+//! The CUDA side of `point-cloud-sla` (feature `cuda`): our kernels in
+//! `kernels.cu`, compiled at run time with NVRTC for `compute_90`, and the
+//! host code that lays a scene out on the device, launches an operator and
+//! times it with CUDA events.
+//!
+//! What is metadata and what is work. Everything derived from the window
+//! sizes alone (the offsets, the work list that packs small windows into
+//! blocks, the padded layout and the voxel-to-padded-row map) is built once
+//! per layout, on the host, untimed: ScatterFormer's backbone and the
+//! SST/DSVT-style window transformers alike compute it once per stage and
+//! reuse it in every layer of the stage. What every layer pays, and what is
+//! timed, is the data movement and the arithmetic: for the padded baselines
+//! that is zeroing the padded buffers, gathering q, k, v into them (the
+//! "sort" of the features into window order), attention on the padded
+//! groups, and scattering the results back.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
+};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+
+use crate::WorkloadError;
+
+const SOURCE: &str = include_str!("kernels.cu");
+/// Warps per block of the SLA kernels (`WARPS` in kernels.cu).
+const WARPS: usize = 8;
+/// Windows with more voxels than this get a whole block (`SMALL`).
+const SMALL: u32 = 32;
+/// Smallest padded length of the sort-and-pad baselines.
+pub const MIN_PAD: u32 = 8;
+/// Queries per tile of the softmax kernels, and tiles per block.
+const TILE: u32 = 32;
+const TILES_PER_BLOCK: u32 = 4;
+
+fn dev(what: &str, e: impl std::fmt::Display) -> WorkloadError {
+    WorkloadError::Device(format!("{what}: {e}"))
+}
+
+/// An element type the kernels are instantiated for.
+pub trait GpuElem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {
+    const SUFFIX: &'static str;
+    fn to_f32(self) -> f32;
+}
+
+impl GpuElem for f32 {
+    const SUFFIX: &'static str = "f32";
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+/// bf16 travels as its bit pattern.
+impl GpuElem for u16 {
+    const SUFFIX: &'static str = "bf16";
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+}
+
+/// A CUDA context with the workload's kernels loaded.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    module: Arc<CudaModule>,
+    pub name: String,
+    /// Wall seconds NVRTC took (reported, never timed).
+    pub compile_s: f64,
+}
+
+impl Gpu {
+    pub fn new(ordinal: usize) -> Result<Self, WorkloadError> {
+        let ctx = crate::device::cuda_context(ordinal)?;
+        // One stream, used in order: cudarc's per-buffer event tracking only
+        // adds host work to every launch here.
+        // SAFETY: no buffer of this context is ever used on a second stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let t0 = std::time::Instant::now();
+        let ptx = compile_ptx_with_opts(
+            SOURCE,
+            CompileOptions {
+                arch: Some("compute_90"),
+                options: vec!["-DHEAD_DIM=32".into()],
+                ..Default::default()
+            },
+        )
+        .map_err(|e| dev("NVRTC could not compile kernels.cu", e))?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| dev("loading the compiled kernels", e))?;
+        let compile_s = t0.elapsed().as_secs_f64();
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        Ok(Gpu {
+            ctx,
+            stream,
+            module,
+            name,
+            compile_s,
+        })
+    }
+
+    fn function(&self, name: &str) -> Result<CudaFunction, WorkloadError> {
+        self.module
+            .load_function(name)
+            .map_err(|e| dev(&format!("kernel `{name}`"), e))
+    }
+
+    /// Device-to-device copy bandwidth in bytes per second (bytes read plus
+    /// bytes written), the median of `repeats` copies of `bytes` bytes: the
+    /// denominator of the memory-traffic floor.
+    pub fn copy_bandwidth(&self, bytes: usize, repeats: usize) -> Result<f64, WorkloadError> {
+        let n = bytes / 4;
+        let src: CudaSlice<f32> = self.stream.alloc_zeros(n).map_err(|e| dev("alloc", e))?;
+        let mut dst: CudaSlice<f32> = self.stream.alloc_zeros(n).map_err(|e| dev("alloc", e))?;
+        let mut times = Vec::with_capacity(repeats);
+        for _ in 0..repeats + 2 {
+            let t = self.time(|| {
+                self.stream
+                    .memcpy_dtod(&src, &mut dst)
+                    .map_err(|e| dev("memcpy", e))
+            })?;
+            times.push(t);
+        }
+        times.drain(..2);
+        Ok(2.0 * (n * 4) as f64 / median(&mut times))
+    }
+
+    /// Seconds between two events recorded around `f`'s launches.
+    pub fn time(
+        &self,
+        f: impl FnOnce() -> Result<(), WorkloadError>,
+    ) -> Result<f64, WorkloadError> {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.ctx.new_event(flags).map_err(|e| dev("event", e))?;
+        let end = self.ctx.new_event(flags).map_err(|e| dev("event", e))?;
+        start.record(&self.stream).map_err(|e| dev("event", e))?;
+        f()?;
+        end.record(&self.stream).map_err(|e| dev("event", e))?;
+        let ms = start.elapsed_ms(&end).map_err(|e| dev("event", e))?;
+        Ok(ms as f64 / 1e3)
+    }
+
+    pub fn synchronize(&self) -> Result<(), WorkloadError> {
+        self.stream.synchronize().map_err(|e| dev("synchronize", e))
+    }
+}
+
+pub fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        0.5 * (xs[n / 2 - 1] + xs[n / 2])
+    }
+}
+
+/// Which operator a [`Problem`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Sla,
+    PaddedLinear,
+    PaddedSoftmax,
+    /// A deliberately wrong SLA forward pass (drops each window's last
+    /// voxel from the state), for the test that a broken kernel fails.
+    SlaBroken,
+}
+
+/// The SLA work list: windows over `SMALL` voxels one per block, biggest
+/// first; the rest packed `WARPS` to a block (-1 fills the last block).
+struct WorkList {
+    big: CudaSlice<i32>,
+    n_big: i32,
+    small: CudaSlice<i32>,
+    blocks: u32,
+}
+
+impl WorkList {
+    fn new(stream: &Arc<CudaStream>, counts: &[u32]) -> Result<Self, WorkloadError> {
+        let mut big: Vec<i32> = (0..counts.len() as i32)
+            .filter(|&w| counts[w as usize] > SMALL)
+            .collect();
+        big.sort_by_key(|&w| std::cmp::Reverse(counts[w as usize]));
+        let mut small: Vec<i32> = (0..counts.len() as i32)
+            .filter(|&w| counts[w as usize] <= SMALL)
+            .collect();
+        let small_blocks = small.len().div_ceil(WARPS);
+        small.resize(small_blocks * WARPS, -1);
+        let blocks = (big.len() + small_blocks) as u32;
+        let n_big = big.len() as i32;
+        // A zero-length buffer cannot be allocated; keep one slot.
+        big.push(-1);
+        small.push(-1);
+        Ok(WorkList {
+            big: stream.clone_htod(&big).map_err(|e| dev("upload", e))?,
+            n_big,
+            small: stream.clone_htod(&small).map_err(|e| dev("upload", e))?,
+            blocks,
+        })
+    }
+}
+
+/// Windows padded to power-of-two lengths (at least [`MIN_PAD`]), grouped by
+/// padded length, as the sort-and-pad approach lays them out.
+pub struct PadPlan {
+    /// Padded length and first padded row of each window.
+    pub plen: Vec<u32>,
+    pub pbase: Vec<u32>,
+    /// Padded row of every voxel.
+    pub pad_row: Vec<u32>,
+    pub rows: usize,
+}
+
+impl PadPlan {
+    pub fn new(offsets: &[u32], counts: &[u32]) -> Self {
+        let plen: Vec<u32> = counts
+            .iter()
+            .map(|&c| c.max(MIN_PAD).next_power_of_two())
+            .collect();
+        // Group windows by padded length (stable: window order within a
+        // bucket), then lay buckets out one after another.
+        let mut order: Vec<usize> = (0..counts.len()).collect();
+        order.sort_by_key(|&w| plen[w]);
+        let mut pbase = vec![0u32; counts.len()];
+        let mut next = 0u32;
+        for &w in &order {
+            pbase[w] = next;
+            next += plen[w];
+        }
+        let n: usize = counts.iter().map(|&c| c as usize).sum();
+        let mut pad_row = vec![0u32; n];
+        for w in 0..counts.len() {
+            for r in 0..counts[w] {
+                pad_row[(offsets[w] + r) as usize] = pbase[w] + r;
+            }
+        }
+        PadPlan {
+            plen,
+            pbase,
+            pad_row,
+            rows: next as usize,
+        }
+    }
+}
+
+struct PadDevice<T> {
+    pad_row: CudaSlice<u32>,
+    pbase: CudaSlice<u32>,
+    plen: CudaSlice<u32>,
+    count: CudaSlice<u32>,
+    tile_win: CudaSlice<u32>,
+    tile_q0: CudaSlice<u32>,
+    n_tiles: i32,
+    /// The SLA kernel's work list over the padded windows.
+    work: WorkList,
+    rows: usize,
+    q: CudaSlice<T>,
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    out: CudaSlice<T>,
+    dout: CudaSlice<T>,
+    dq: CudaSlice<T>,
+    dk: CudaSlice<T>,
+    dv: CudaSlice<T>,
+    lse: CudaSlice<f32>,
+    delta: CudaSlice<f32>,
+}
+
+/// One scene on the device, ready to run one operator repeatedly.
+pub struct Problem<'g, T: GpuElem> {
+    gpu: &'g Gpu,
+    op: Op,
+    n: usize,
+    heads: usize,
+    dim: usize,
+    n_windows: usize,
+    offsets: CudaSlice<u32>,
+    counts: CudaSlice<u32>,
+    work: WorkList,
+    pad: Option<PadDevice<T>>,
+    q: CudaSlice<T>,
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    dout: CudaSlice<T>,
+    out: CudaSlice<T>,
+    dq: CudaSlice<T>,
+    dk: CudaSlice<T>,
+    dv: CudaSlice<T>,
+    f: Kernels,
+}
+
+struct Kernels {
+    sla_fwd: CudaFunction,
+    sla_bwd: CudaFunction,
+    broken: CudaFunction,
+    gather: CudaFunction,
+    scatter: CudaFunction,
+    softmax_fwd: CudaFunction,
+    softmax_dq: CudaFunction,
+    softmax_dkv: CudaFunction,
+}
+
+/// Host inputs of a [`Problem`].
+pub struct HostScene<'a, T> {
+    pub q: &'a [T],
+    pub k: &'a [T],
+    pub v: &'a [T],
+    pub dout: &'a [T],
+    pub offsets: &'a [u32],
+    pub counts: &'a [u32],
+    pub heads: usize,
+    pub dim: usize,
+}
+
+/// Host copies of what an operator produced.
+pub struct Outputs {
+    pub out: Vec<f32>,
+    pub dq: Vec<f32>,
+    pub dk: Vec<f32>,
+    pub dv: Vec<f32>,
+}
+
+impl<'g, T: GpuElem> Problem<'g, T> {
+    /// Uploads the scene and builds the layout metadata (untimed set-up).
+    pub fn new(gpu: &'g Gpu, op: Op, s: &HostScene<'_, T>) -> Result<Self, WorkloadError> {
+        if s.dim != 32 {
+            return Err(WorkloadError::Config(format!(
+                "the CUDA kernels map one head-dimension element to one lane and need d = 32, got {}",
+                s.dim
+            )));
+        }
+        let row = s.heads * s.dim;
+        let n = s.q.len() / row;
+        let st = &gpu.stream;
+        let up32 = |x: &[u32]| st.clone_htod(x).map_err(|e| dev("upload", e));
+        let up = |x: &[T]| st.clone_htod(x).map_err(|e| dev("upload", e));
+        let zeros = |len: usize| {
+            st.alloc_zeros::<T>(len.max(1))
+                .map_err(|e| dev("device allocation", e))
+        };
+        let suffix = T::SUFFIX;
+        let f = Kernels {
+            sla_fwd: gpu.function(&format!("sla_fwd_{suffix}"))?,
+            sla_bwd: gpu.function(&format!("sla_bwd_{suffix}"))?,
+            broken: gpu.function(&format!("sla_fwd_broken_{suffix}"))?,
+            gather: gpu.function(&format!("gather_rows_{suffix}"))?,
+            scatter: gpu.function(&format!("scatter_rows_{suffix}"))?,
+            softmax_fwd: gpu.function(&format!("softmax_fwd_{suffix}"))?,
+            softmax_dq: gpu.function(&format!("softmax_bwd_dq_{suffix}"))?,
+            softmax_dkv: gpu.function(&format!("softmax_bwd_dkv_{suffix}"))?,
+        };
+        let pad = match op {
+            Op::PaddedLinear | Op::PaddedSoftmax => {
+                let plan = PadPlan::new(s.offsets, s.counts);
+                let mut tile_win = Vec::new();
+                let mut tile_q0 = Vec::new();
+                for (w, &p) in plan.plen.iter().enumerate() {
+                    for q0 in (0..p).step_by(TILE as usize) {
+                        tile_win.push(w as u32);
+                        tile_q0.push(q0);
+                    }
+                }
+                let rows = plan.rows;
+                let padded_work = WorkList::new(st, &plan.plen)?;
+                let zf = |len: usize| {
+                    st.alloc_zeros::<f32>(len.max(1))
+                        .map_err(|e| dev("device allocation", e))
+                };
+                let softmax = op == Op::PaddedSoftmax;
+                Some(PadDevice {
+                    pad_row: up32(&plan.pad_row)?,
+                    pbase: up32(&plan.pbase)?,
+                    plen: up32(&plan.plen)?,
+                    count: up32(s.counts)?,
+                    n_tiles: tile_win.len() as i32,
+                    tile_win: up32(&tile_win)?,
+                    tile_q0: up32(&tile_q0)?,
+                    work: padded_work,
+                    rows,
+                    q: zeros(rows * row)?,
+                    k: zeros(rows * row)?,
+                    v: zeros(rows * row)?,
+                    out: zeros(rows * row)?,
+                    dout: zeros(rows * row)?,
+                    dq: zeros(rows * row)?,
+                    dk: zeros(rows * row)?,
+                    dv: zeros(rows * row)?,
+                    lse: zf(if softmax { rows * s.heads } else { 0 })?,
+                    delta: zf(if softmax { rows * s.heads } else { 0 })?,
+                })
+            }
+            Op::Sla | Op::SlaBroken => None,
+        };
+        Ok(Problem {
+            gpu,
+            op,
+            n,
+            heads: s.heads,
+            dim: s.dim,
+            n_windows: s.counts.len(),
+            offsets: up32(s.offsets)?,
+            counts: up32(s.counts)?,
+            work: WorkList::new(st, s.counts)?,
+            pad,
+            q: up(s.q)?,
+            k: up(s.k)?,
+            v: up(s.v)?,
+            dout: up(s.dout)?,
+            out: zeros(n * row)?,
+            dq: zeros(n * row)?,
+            dk: zeros(n * row)?,
+            dv: zeros(n * row)?,
+            f,
+        })
+    }
+
+    /// Bytes of device memory the operator needs beyond its inputs and
+    /// outputs (the padded buffers; SLA keeps its state on chip).
+    pub fn workspace_bytes(&self, backward: bool) -> usize {
+        let Some(p) = &self.pad else { return 0 };
+        let row = self.heads * self.dim * std::mem::size_of::<T>();
+        let tensors = if backward { 8 } else { 4 };
+        let stats = if self.op == Op::PaddedSoftmax {
+            p.rows * self.heads * 4 * if backward { 2 } else { 1 }
+        } else {
+            0
+        };
+        p.rows * row * tensors + stats
+    }
+
+    /// Padded rows over real rows (1 for SLA).
+    pub fn pad_ratio(&self) -> f64 {
+        self.pad
+            .as_ref()
+            .map_or(1.0, |p| p.rows as f64 / self.n as f64)
+    }
+
+    /// Enqueues one forward pass, and the backward pass after it if asked.
+    pub fn launch(&mut self, backward: bool) -> Result<(), WorkloadError> {
+        match self.op {
+            Op::Sla => {
+                self.sla_fwd_direct()?;
+                if backward {
+                    self.sla_bwd_direct()?;
+                }
+            }
+            Op::SlaBroken => {
+                let st = &self.gpu.stream;
+                let cfg = LaunchConfig {
+                    grid_dim: (
+                        self.n_windows.div_ceil(WARPS) as u32,
+                        self.heads as u32,
+                        1,
+                    ),
+                    block_dim: ((WARPS * 32) as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let (nw, h) = (self.n_windows as i32, self.heads as i32);
+                let mut b = st.launch_builder(&self.f.broken);
+                b.arg(&self.q)
+                    .arg(&self.k)
+                    .arg(&self.v)
+                    .arg(&mut self.out)
+                    .arg(&self.offsets)
+                    .arg(&self.counts)
+                    .arg(&nw)
+                    .arg(&h);
+                // SAFETY: argument list matches `sla_fwd_broken_*` in kernels.cu.
+                unsafe { b.launch(cfg) }.map_err(|e| dev("launch", e))?;
+            }
+            Op::PaddedLinear | Op::PaddedSoftmax => self.padded(backward)?,
+        }
+        Ok(())
+    }
+
+    fn sla_cfg(&self, work: &WorkList) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (work.blocks.max(1), self.heads as u32, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn sla_fwd_direct(&mut self) -> Result<(), WorkloadError> {
+        let cfg = self.sla_cfg(&self.work);
+        let h = self.heads as i32;
+        let mut b = self.gpu.stream.launch_builder(&self.f.sla_fwd);
+        b.arg(&self.q)
+            .arg(&self.k)
+            .arg(&self.v)
+            .arg(&mut self.out)
+            .arg(&self.offsets)
+            .arg(&self.counts)
+            .arg(&self.work.big)
+            .arg(&self.work.n_big)
+            .arg(&self.work.small)
+            .arg(&h);
+        // SAFETY: argument list matches `sla_fwd_*` in kernels.cu.
+        unsafe { b.launch(cfg) }.map_err(|e| dev("launch sla_fwd", e))?;
+        Ok(())
+    }
+
+    fn sla_bwd_direct(&mut self) -> Result<(), WorkloadError> {
+        let cfg = self.sla_cfg(&self.work);
+        let h = self.heads as i32;
+        let mut b = self.gpu.stream.launch_builder(&self.f.sla_bwd);
+        b.arg(&self.q)
+            .arg(&self.k)
+            .arg(&self.v)
+            .arg(&self.dout)
+            .arg(&mut self.dq)
+            .arg(&mut self.dk)
+            .arg(&mut self.dv)
+            .arg(&self.offsets)
+            .arg(&self.counts)
+            .arg(&self.work.big)
+            .arg(&self.work.n_big)
+            .arg(&self.work.small)
+            .arg(&h);
+        // SAFETY: argument list matches `sla_bwd_*` in kernels.cu.
+        unsafe { b.launch(cfg) }.map_err(|e| dev("launch sla_bwd", e))?;
+        Ok(())
+    }
+
+    fn padded(&mut self, backward: bool) -> Result<(), WorkloadError> {
+        let st = self.gpu.stream.clone();
+        let row_len = (self.heads * self.dim) as i32;
+        let n_rows = self.n as i64;
+        let elems = self.n * self.heads * self.dim;
+        let copy_cfg = LaunchConfig::for_num_elems(elems as u32);
+        let h = self.heads as i32;
+        let scale = 1.0f32 / (self.dim as f32).sqrt();
+        let f = &self.f;
+        let p = self.pad.as_mut().expect("padded op has a pad layout");
+        let sla_cfg = LaunchConfig {
+            grid_dim: (p.work.blocks.max(1), self.heads as u32, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let soft_cfg = LaunchConfig {
+            grid_dim: (
+                (p.n_tiles as u32).div_ceil(TILES_PER_BLOCK).max(1),
+                self.heads as u32,
+                1,
+            ),
+            block_dim: (TILES_PER_BLOCK * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let launch_err = |e| dev("launch", e);
+        // Pad: zero the padded buffers, gather the rows into them.
+        for (src, dst) in [
+            (&self.q, &mut p.q),
+            (&self.k, &mut p.k),
+            (&self.v, &mut p.v),
+        ] {
+            st.memset_zeros(dst).map_err(|e| dev("memset", e))?;
+            let mut b = st.launch_builder(&f.gather);
+            b.arg(src).arg(dst).arg(&p.pad_row).arg(&n_rows).arg(&row_len);
+            // SAFETY: matches `gather_rows_*`.
+            unsafe { b.launch(copy_cfg) }.map_err(launch_err)?;
+        }
+        // Attention on the padded groups.
+        if self.op == Op::PaddedLinear {
+            let mut b = st.launch_builder(&f.sla_fwd);
+            b.arg(&p.q)
+                .arg(&p.k)
+                .arg(&p.v)
+                .arg(&mut p.out)
+                .arg(&p.pbase)
+                .arg(&p.plen)
+                .arg(&p.work.big)
+                .arg(&p.work.n_big)
+                .arg(&p.work.small)
+                .arg(&h);
+            // SAFETY: matches `sla_fwd_*`.
+            unsafe { b.launch(sla_cfg) }.map_err(launch_err)?;
+        } else {
+            let mut b = st.launch_builder(&f.softmax_fwd);
+            b.arg(&p.q)
+                .arg(&p.k)
+                .arg(&p.v)
+                .arg(&mut p.out)
+                .arg(&mut p.lse)
+                .arg(&p.tile_win)
+                .arg(&p.tile_q0)
+                .arg(&p.pbase)
+                .arg(&p.plen)
+                .arg(&p.count)
+                .arg(&p.n_tiles)
+                .arg(&h)
+                .arg(&scale);
+            // SAFETY: matches `softmax_fwd_*`.
+            unsafe { b.launch(soft_cfg) }.map_err(launch_err)?;
+        }
+        // Un-pad the output.
+        let mut b = st.launch_builder(&f.scatter);
+        b.arg(&p.out)
+            .arg(&mut self.out)
+            .arg(&p.pad_row)
+            .arg(&n_rows)
+            .arg(&row_len);
+        // SAFETY: matches `scatter_rows_*`.
+        unsafe { b.launch(copy_cfg) }.map_err(launch_err)?;
+        if !backward {
+            return Ok(());
+        }
+        st.memset_zeros(&mut p.dout)
+            .map_err(|e| dev("memset", e))?;
+        let mut b = st.launch_builder(&f.gather);
+        b.arg(&self.dout)
+            .arg(&mut p.dout)
+            .arg(&p.pad_row)
+            .arg(&n_rows)
+            .arg(&row_len);
+        // SAFETY: matches `gather_rows_*`.
+        unsafe { b.launch(copy_cfg) }.map_err(launch_err)?;
+        if self.op == Op::PaddedLinear {
+            let mut b = st.launch_builder(&f.sla_bwd);
+            b.arg(&p.q)
+                .arg(&p.k)
+                .arg(&p.v)
+                .arg(&p.dout)
+                .arg(&mut p.dq)
+                .arg(&mut p.dk)
+                .arg(&mut p.dv)
+                .arg(&p.pbase)
+                .arg(&p.plen)
+                .arg(&p.work.big)
+                .arg(&p.work.n_big)
+                .arg(&p.work.small)
+                .arg(&h);
+            // SAFETY: matches `sla_bwd_*`.
+            unsafe { b.launch(sla_cfg) }.map_err(launch_err)?;
+        } else {
+            let mut b = st.launch_builder(&f.softmax_dq);
+            b.arg(&p.q)
+                .arg(&p.k)
+                .arg(&p.v)
+                .arg(&p.out)
+                .arg(&p.dout)
+                .arg(&p.lse)
+                .arg(&mut p.delta)
+                .arg(&mut p.dq)
+                .arg(&p.tile_win)
+                .arg(&p.tile_q0)
+                .arg(&p.pbase)
+                .arg(&p.plen)
+                .arg(&p.count)
+                .arg(&p.n_tiles)
+                .arg(&h)
+                .arg(&scale);
+            // SAFETY: matches `softmax_bwd_dq_*`.
+            unsafe { b.launch(soft_cfg) }.map_err(launch_err)?;
+            let mut b = st.launch_builder(&f.softmax_dkv);
+            b.arg(&p.q)
+                .arg(&p.k)
+                .arg(&p.v)
+                .arg(&p.dout)
+                .arg(&p.lse)
+                .arg(&p.delta)
+                .arg(&mut p.dk)
+                .arg(&mut p.dv)
+                .arg(&p.tile_win)
+                .arg(&p.tile_q0)
+                .arg(&p.pbase)
+                .arg(&p.plen)
+                .arg(&p.count)
+                .arg(&p.n_tiles)
+                .arg(&h)
+                .arg(&scale);
+            // SAFETY: matches `softmax_bwd_dkv_*`.
+            unsafe { b.launch(soft_cfg) }.map_err(launch_err)?;
+        }
+        for (src, dst) in [
+            (&p.dq, &mut self.dq),
+            (&p.dk, &mut self.dk),
+            (&p.dv, &mut self.dv),
+        ] {
+            let mut b = st.launch_builder(&f.scatter);
+            b.arg(src).arg(dst).arg(&p.pad_row).arg(&n_rows).arg(&row_len);
+            // SAFETY: matches `scatter_rows_*`.
+            unsafe { b.launch(copy_cfg) }.map_err(launch_err)?;
+        }
+        Ok(())
+    }
+
+    /// Times `repeats` launches one by one with CUDA events (after the
+    /// caller's warm-up); seconds per launch.
+    pub fn time(&mut self, backward: bool, repeats: usize) -> Result<Vec<f64>, WorkloadError> {
+        let gpu = self.gpu;
+        (0..repeats)
+            .map(|_| gpu.time(|| self.launch(backward)))
+            .collect()
+    }
+
+    /// Copies the outputs back (untimed).
+    pub fn outputs(&self) -> Result<Outputs, WorkloadError> {
+        let st = &self.gpu.stream;
+        let get = |x: &CudaSlice<T>| -> Result<Vec<f32>, WorkloadError> {
+            let v = st.clone_dtoh(x).map_err(|e| dev("download", e))?;
+            Ok(v.into_iter().take(self.q.len()).map(T::to_f32).collect())
+        };
+        Ok(Outputs {
+            out: get(&self.out)?,
+            dq: get(&self.dq)?,
+            dk: get(&self.dk)?,
+            dv: get(&self.dv)?,
+        })
+    }
+}

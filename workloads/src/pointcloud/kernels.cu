@@ -1,0 +1,485 @@
+// CUDA kernels of the `point-cloud-sla` workload, compiled at run time with
+// NVRTC (see cuda.rs). Element type T is `float` (f32) or `unsigned short`
+// holding bf16 bits; every sum is accumulated in f32.
+//
+// Layout everywhere: rows of [heads, HEAD_DIM] per voxel, voxel-major, so
+// element (i, h, c) sits at (i * heads + h) * HEAD_DIM + c. A window is a
+// contiguous run of rows: offsets[w] .. offsets[w] + counts[w].
+//
+// Scattered Linear Attention (ScatterFormer, arXiv 2401.00912, Sec. 3.2):
+//   KV = sum_j relu(k_j)^T v_j,  s = sum_j relu(k_j)        (per window, head)
+//   out_i = relu(q_i) KV / (relu(q_i) . s + 1e-6)
+//
+// One warp owns one (window, head) pass over voxels; lane l owns column l of
+// the d x d state, so a voxel costs one coalesced row load per tensor, 32
+// shuffles and 32 FMAs per lane, and the state never leaves the SM (no
+// round trip through global memory: q, k, v are read once and out written
+// once, which is the memory-traffic floor). Windows are scheduled in two
+// classes from a work list built once per layout: a window with more than
+// SMALL voxels gets a whole block of WARPS warps that split its voxels
+// (the paper's chunk-wise split) and reduce their partial states in shared
+// memory; smaller windows are packed WARPS to a block, one warp each.
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 32
+#endif
+#define D HEAD_DIM
+#define WARPS 8
+#define STRIDE (D + 1) /* padded row stride: conflict-free transposes */
+#define FULL 0xffffffffu
+#define EPS 1e-6f
+
+#if D != 32
+#error "these kernels map one head-dimension element to one lane: HEAD_DIM must be 32"
+#endif
+
+__device__ __forceinline__ float ld(const float *p, long long i) { return p[i]; }
+__device__ __forceinline__ float ld(const unsigned short *p, long long i) {
+    return __uint_as_float(((unsigned)p[i]) << 16);
+}
+__device__ __forceinline__ void st(float *p, long long i, float x) { p[i] = x; }
+// Round to nearest even, as half::bf16::from_f32 does on the host.
+__device__ __forceinline__ void st(unsigned short *p, long long i, float x) {
+    unsigned u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        p[i] = (unsigned short)((u >> 16) | 0x40);
+        return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    p[i] = (unsigned short)(u >> 16);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(FULL, x, o);
+    return x;
+}
+
+__device__ __forceinline__ long long at(long long row, int heads, int h, int lane) {
+    return (row * heads + h) * D + lane;
+}
+
+// kv[a] += relu(k_j)[a] * v_j[lane], s += relu(k_j)[lane] over voxels
+// first, first + stride, ... of the window.
+template <typename T>
+__device__ __forceinline__ void accumulate_state(const T *k, const T *v, long long start,
+                                                 int n, int heads, int h, int first,
+                                                 int stride, float kv[D], float &s) {
+    const int lane = threadIdx.x & 31;
+    for (int j = first; j < n; j += stride) {
+        long long idx = at(start + j, heads, h, lane);
+        float kj = fmaxf(ld(k, idx), 0.f);
+        float vj = ld(v, idx);
+        s += kj;
+#pragma unroll
+        for (int a = 0; a < D; a++) kv[a] = fmaf(__shfl_sync(FULL, kj, a), vj, kv[a]);
+    }
+}
+
+// Sums the WARPS partial d x d states (and vectors) in `part` into part[0].
+__device__ __forceinline__ void reduce_parts(float (*part)[D * STRIDE], float (*vec)[D],
+                                             int active) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < D * STRIDE; e += blockDim.x) {
+        float t = part[0][e];
+        for (int w = 1; w < active; w++) t += part[w][e];
+        part[0][e] = t;
+    }
+    for (int e = threadIdx.x; e < D; e += blockDim.x) {
+        float t = vec[0][e];
+        for (int w = 1; w < active; w++) t += vec[w][e];
+        vec[0][e] = t;
+    }
+    __syncthreads();
+}
+
+template <typename T>
+__device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsigned *offsets,
+                        const unsigned *counts, const int *big, int n_big, const int *small,
+                        int heads) {
+    __shared__ float part[WARPS][D * STRIDE];
+    __shared__ float vec[WARPS][D];
+    const int h = blockIdx.y, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float kv[D];
+#pragma unroll
+    for (int a = 0; a < D; a++) kv[a] = 0.f;
+    float s = 0.f;
+    int win, first, stride;
+    if ((int)blockIdx.x < n_big) {
+        win = big[blockIdx.x];
+        first = w;
+        stride = WARPS;
+    } else {
+        win = small[(blockIdx.x - n_big) * WARPS + w];
+        first = 0;
+        stride = 1;
+        if (win < 0) return; // no __syncthreads on this path
+    }
+    const long long start = offsets[win];
+    const int n = counts[win];
+    accumulate_state(k, v, start, n, heads, h, first, stride, kv, s);
+    if (stride == WARPS) {
+#pragma unroll
+        for (int a = 0; a < D; a++) part[w][a * STRIDE + lane] = kv[a];
+        vec[w][lane] = s;
+        reduce_parts(part, vec, WARPS);
+#pragma unroll
+        for (int a = 0; a < D; a++) kv[a] = part[0][a * STRIDE + lane];
+        s = vec[0][lane];
+    }
+    for (int i = first; i < n; i += stride) {
+        long long idx = at(start + i, heads, h, lane);
+        float qi = fmaxf(ld(q, idx), 0.f);
+        float num = 0.f;
+#pragma unroll
+        for (int a = 0; a < D; a++) num = fmaf(__shfl_sync(FULL, qi, a), kv[a], num);
+        float den = warp_sum(qi * s) + EPS;
+        st(out, idx, num / den);
+    }
+}
+
+// Backward (derivation in sla.rs): with phi = relu, num = phi(q) KV,
+// den = phi(q).s + eps, g = dout / den, dden = -(g . num) / den:
+//   dphi(q) = KV g + s dden;  dKV = sum_i phi(q_i)^T g_i;  ds = sum_i phi(q_i) dden_i
+//   dphi(k_j) = dKV v_j + ds;  dv_j = dKV^T phi(k_j)
+// The state is recomputed (as the authors' backward does), not stored.
+template <typename T>
+__device__ void sla_bwd(const T *q, const T *k, const T *v, const T *dout, T *dq, T *dk,
+                        T *dv, const unsigned *offsets, const unsigned *counts,
+                        const int *big, int n_big, const int *small, int heads) {
+    __shared__ float part[WARPS][D * STRIDE];
+    __shared__ float vec[WARPS][D];
+    const int h = blockIdx.y, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int win, first, stride;
+    if ((int)blockIdx.x < n_big) {
+        win = big[blockIdx.x];
+        first = w;
+        stride = WARPS;
+    } else {
+        win = small[(blockIdx.x - n_big) * WARPS + w];
+        first = 0;
+        stride = 1;
+        if (win < 0) return;
+    }
+    const bool shared_window = stride == WARPS;
+    const long long start = offsets[win];
+    const int n = counts[win];
+
+    // Phase 1: the state, as in the forward pass.
+    float col[D], row[D];
+#pragma unroll
+    for (int a = 0; a < D; a++) col[a] = 0.f;
+    float s = 0.f;
+    accumulate_state(k, v, start, n, heads, h, first, stride, col, s);
+#pragma unroll
+    for (int a = 0; a < D; a++) part[w][a * STRIDE + lane] = col[a];
+    vec[w][lane] = s;
+    if (shared_window) reduce_parts(part, vec, WARPS);
+    else __syncwarp();
+    const int src = shared_window ? 0 : w;
+#pragma unroll
+    for (int a = 0; a < D; a++) {
+        col[a] = part[src][a * STRIDE + lane]; // KV[a][lane]
+        row[a] = part[src][lane * STRIDE + a]; // KV[lane][a]
+    }
+    s = vec[src][lane];
+    if (shared_window) __syncthreads(); // part is reused below
+    else __syncwarp();
+
+    // Phase 2: dq, and the gradients of the state.
+    float dcol[D];
+#pragma unroll
+    for (int a = 0; a < D; a++) dcol[a] = 0.f;
+    float ds = 0.f;
+    for (int i = first; i < n; i += stride) {
+        long long idx = at(start + i, heads, h, lane);
+        float qraw = ld(q, idx);
+        float qi = fmaxf(qraw, 0.f);
+        float num = 0.f;
+#pragma unroll
+        for (int a = 0; a < D; a++) num = fmaf(__shfl_sync(FULL, qi, a), col[a], num);
+        float den = warp_sum(qi * s) + EPS;
+        float g = ld(dout, idx) / den;
+        float dden = -warp_sum(g * num) / den;
+        float dphi = s * dden;
+#pragma unroll
+        for (int b = 0; b < D; b++) {
+            float gb = __shfl_sync(FULL, g, b);
+            dphi = fmaf(row[b], gb, dphi);
+            dcol[b] = fmaf(__shfl_sync(FULL, qi, b), g, dcol[b]); // dKV[b][lane]
+        }
+        ds = fmaf(qi, dden, ds);
+        st(dq, idx, qraw > 0.f ? dphi : 0.f);
+    }
+
+    // Phase 3: dk and dv from the reduced dKV and ds.
+#pragma unroll
+    for (int a = 0; a < D; a++) part[w][a * STRIDE + lane] = dcol[a];
+    vec[w][lane] = ds;
+    if (shared_window) reduce_parts(part, vec, WARPS);
+    else __syncwarp();
+#pragma unroll
+    for (int a = 0; a < D; a++) {
+        col[a] = part[src][a * STRIDE + lane]; // dKV[a][lane]
+        row[a] = part[src][lane * STRIDE + a]; // dKV[lane][a]
+    }
+    ds = vec[src][lane];
+    for (int j = first; j < n; j += stride) {
+        long long idx = at(start + j, heads, h, lane);
+        float kraw = ld(k, idx);
+        float kj = fmaxf(kraw, 0.f);
+        float vj = ld(v, idx);
+        float dphik = ds, dvj = 0.f;
+#pragma unroll
+        for (int b = 0; b < D; b++) {
+            dphik = fmaf(row[b], __shfl_sync(FULL, vj, b), dphik);
+            dvj = fmaf(col[b], __shfl_sync(FULL, kj, b), dvj);
+        }
+        st(dk, idx, kraw > 0.f ? dphik : 0.f);
+        st(dv, idx, dvj);
+    }
+}
+
+// ---- Sort-and-pad baselines ------------------------------------------------
+// Rows move between the voxel layout and the padded layout through a row map
+// built once per layout (pad_row[i] = padded row of voxel i); pad rows are
+// zero (memset before the gather), which also masks them out of linear
+// attention since relu(0) = 0.
+
+template <typename T>
+__device__ void gather_rows(const T *src, T *dst, const unsigned *pad_row, long long n_rows,
+                            int row_len) {
+    long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n_rows * row_len) return;
+    long long i = e / row_len;
+    int c = (int)(e - i * row_len);
+    dst[(long long)pad_row[i] * row_len + c] = src[e];
+}
+
+template <typename T>
+__device__ void scatter_rows(const T *src, T *dst, const unsigned *pad_row, long long n_rows,
+                             int row_len) {
+    long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n_rows * row_len) return;
+    long long i = e / row_len;
+    int c = (int)(e - i * row_len);
+    dst[e] = src[(long long)pad_row[i] * row_len + c];
+}
+
+// Softmax attention inside each padded window (the approach ScatterFormer
+// replaces): one thread per query row, keys streamed with an online softmax
+// (flash-attention style), pad keys masked by the window's real count. A
+// tile is 32 queries of one padded window; blocks hold 4 tiles.
+#define TILE 32
+template <typename T>
+__device__ void softmax_fwd(const T *q, const T *k, const T *v, T *out, float *lse,
+                            const unsigned *tile_win, const unsigned *tile_q0,
+                            const unsigned *pbase, const unsigned *plen, const unsigned *count,
+                            int n_tiles, int heads, float scale) {
+    const int tile = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (tile >= n_tiles) return;
+    const int h = blockIdx.y, lane = threadIdx.x & 31;
+    const unsigned win = tile_win[tile];
+    const long long base = pbase[win];
+    const int qi = tile_q0[tile] + lane;
+    if (qi >= (int)plen[win]) return;
+    const int n = count[win];
+    float qr[D], acc[D];
+    const long long qrow = ((base + qi) * heads + h) * D;
+#pragma unroll
+    for (int c = 0; c < D; c++) {
+        qr[c] = ld(q, qrow + c) * scale;
+        acc[c] = 0.f;
+    }
+    float m = -INFINITY, l = 0.f;
+    for (int j = 0; j < n; j++) {
+        const long long krow = ((base + j) * heads + h) * D;
+        float sc = 0.f;
+#pragma unroll
+        for (int c = 0; c < D; c++) sc = fmaf(qr[c], ld(k, krow + c), sc);
+        float mn = fmaxf(m, sc);
+        float corr = __expf(m - mn), p = __expf(sc - mn);
+        l = l * corr + p;
+#pragma unroll
+        for (int c = 0; c < D; c++) acc[c] = fmaf(p, ld(v, krow + c), acc[c] * corr);
+        m = mn;
+    }
+    const float inv = 1.f / l;
+#pragma unroll
+    for (int c = 0; c < D; c++) st(out, qrow + c, acc[c] * inv);
+    lse[(base + qi) * heads + h] = m + __logf(l);
+}
+
+// dq (thread per query) and delta_i = dout_i . out_i.
+template <typename T>
+__device__ void softmax_bwd_dq(const T *q, const T *k, const T *v, const T *out,
+                               const T *dout, const float *lse, float *delta, T *dq,
+                               const unsigned *tile_win, const unsigned *tile_q0,
+                               const unsigned *pbase, const unsigned *plen,
+                               const unsigned *count, int n_tiles, int heads, float scale) {
+    const int tile = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (tile >= n_tiles) return;
+    const int h = blockIdx.y, lane = threadIdx.x & 31;
+    const unsigned win = tile_win[tile];
+    const long long base = pbase[win];
+    const int qi = tile_q0[tile] + lane;
+    const int n = count[win];
+    if (qi >= n) return; // pad queries have no gradient to give
+    const long long qrow = ((base + qi) * heads + h) * D;
+    float qr[D], dor[D], acc[D];
+    float dl = 0.f;
+#pragma unroll
+    for (int c = 0; c < D; c++) {
+        qr[c] = ld(q, qrow + c);
+        dor[c] = ld(dout, qrow + c);
+        dl = fmaf(dor[c], ld(out, qrow + c), dl);
+        acc[c] = 0.f;
+    }
+    const float ls = lse[(base + qi) * heads + h];
+    delta[(base + qi) * heads + h] = dl;
+    for (int j = 0; j < n; j++) {
+        const long long krow = ((base + j) * heads + h) * D;
+        float sc = 0.f, dp = 0.f;
+#pragma unroll
+        for (int c = 0; c < D; c++) {
+            sc = fmaf(qr[c], ld(k, krow + c), sc);
+            dp = fmaf(dor[c], ld(v, krow + c), dp);
+        }
+        float p = __expf(sc * scale - ls);
+        float dsc = p * (dp - dl) * scale;
+#pragma unroll
+        for (int c = 0; c < D; c++) acc[c] = fmaf(dsc, ld(k, krow + c), acc[c]);
+    }
+#pragma unroll
+    for (int c = 0; c < D; c++) st(dq, qrow + c, acc[c]);
+}
+
+// dk, dv (thread per key); needs lse and delta of every real query.
+template <typename T>
+__device__ void softmax_bwd_dkv(const T *q, const T *k, const T *v, const T *dout,
+                                const float *lse, const float *delta, T *dk, T *dv,
+                                const unsigned *tile_win, const unsigned *tile_q0,
+                                const unsigned *pbase, const unsigned *plen,
+                                const unsigned *count, int n_tiles, int heads, float scale) {
+    const int tile = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (tile >= n_tiles) return;
+    const int h = blockIdx.y, lane = threadIdx.x & 31;
+    const unsigned win = tile_win[tile];
+    const long long base = pbase[win];
+    const int kj = tile_q0[tile] + lane;
+    const int n = count[win];
+    if (kj >= n) return;
+    const long long krow = ((base + kj) * heads + h) * D;
+    float kr[D], vr[D], gk[D], gv[D];
+#pragma unroll
+    for (int c = 0; c < D; c++) {
+        kr[c] = ld(k, krow + c);
+        vr[c] = ld(v, krow + c);
+        gk[c] = 0.f;
+        gv[c] = 0.f;
+    }
+    for (int i = 0; i < n; i++) {
+        const long long qrow = ((base + i) * heads + h) * D;
+        float sc = 0.f, dp = 0.f;
+#pragma unroll
+        for (int c = 0; c < D; c++) {
+            sc = fmaf(ld(q, qrow + c), kr[c], sc);
+            dp = fmaf(ld(dout, qrow + c), vr[c], dp);
+        }
+        const long long r = (base + i) * heads + h;
+        float p = __expf(sc * scale - lse[r]);
+        float dsc = p * (dp - delta[r]) * scale;
+#pragma unroll
+        for (int c = 0; c < D; c++) {
+            gv[c] = fmaf(p, ld(dout, qrow + c), gv[c]);
+            gk[c] = fmaf(dsc, ld(q, qrow + c), gk[c]);
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < D; c++) {
+        st(dk, krow + c, gk[c]);
+        st(dv, krow + c, gv[c]);
+    }
+}
+
+// A deliberately broken forward pass for the test that a wrong kernel fails:
+// it drops the last voxel of every window from the state.
+template <typename T>
+__device__ void sla_fwd_broken(const T *q, const T *k, const T *v, T *out,
+                               const unsigned *offsets, const unsigned *counts, int n_windows,
+                               int heads) {
+    const int win = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    if (win >= n_windows) return;
+    const int h = blockIdx.y, lane = threadIdx.x & 31;
+    float kv[D];
+#pragma unroll
+    for (int a = 0; a < D; a++) kv[a] = 0.f;
+    float s = 0.f;
+    const long long start = offsets[win];
+    const int n = counts[win];
+    accumulate_state(k, v, start, n - 1, heads, h, 0, 1, kv, s);
+    for (int i = 0; i < n; i++) {
+        long long idx = at(start + i, heads, h, lane);
+        float qi = fmaxf(ld(q, idx), 0.f);
+        float num = 0.f;
+#pragma unroll
+        for (int a = 0; a < D; a++) num = fmaf(__shfl_sync(FULL, qi, a), kv[a], num);
+        st(out, idx, num / (warp_sum(qi * s) + EPS));
+    }
+}
+
+#define INSTANTIATE(SUFFIX, T)                                                               \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                 \
+        sla_fwd_##SUFFIX(const T *q, const T *k, const T *v, T *out, const unsigned *offsets, \
+                         const unsigned *counts, const int *big, int n_big, const int *small, \
+                         int heads) {                                                        \
+        sla_fwd<T>(q, k, v, out, offsets, counts, big, n_big, small, heads);                 \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                 \
+        sla_bwd_##SUFFIX(const T *q, const T *k, const T *v, const T *dout, T *dq, T *dk,    \
+                         T *dv, const unsigned *offsets, const unsigned *counts,              \
+                         const int *big, int n_big, const int *small, int heads) {           \
+        sla_bwd<T>(q, k, v, dout, dq, dk, dv, offsets, counts, big, n_big, small, heads);    \
+    }                                                                                        \
+    extern "C" __global__ void sla_fwd_broken_##SUFFIX(const T *q, const T *k, const T *v,   \
+                                                       T *out, const unsigned *offsets,      \
+                                                       const unsigned *counts, int n_windows, \
+                                                       int heads) {                          \
+        sla_fwd_broken<T>(q, k, v, out, offsets, counts, n_windows, heads);                  \
+    }                                                                                        \
+    extern "C" __global__ void gather_rows_##SUFFIX(const T *src, T *dst,                    \
+                                                    const unsigned *pad_row,                 \
+                                                    long long n_rows, int row_len) {         \
+        gather_rows<T>(src, dst, pad_row, n_rows, row_len);                                  \
+    }                                                                                        \
+    extern "C" __global__ void scatter_rows_##SUFFIX(const T *src, T *dst,                   \
+                                                     const unsigned *pad_row,                \
+                                                     long long n_rows, int row_len) {        \
+        scatter_rows<T>(src, dst, pad_row, n_rows, row_len);                                 \
+    }                                                                                        \
+    extern "C" __global__ void softmax_fwd_##SUFFIX(                                         \
+        const T *q, const T *k, const T *v, T *out, float *lse, const unsigned *tile_win,    \
+        const unsigned *tile_q0, const unsigned *pbase, const unsigned *plen,                \
+        const unsigned *count, int n_tiles, int heads, float scale) {                        \
+        softmax_fwd<T>(q, k, v, out, lse, tile_win, tile_q0, pbase, plen, count, n_tiles,    \
+                       heads, scale);                                                        \
+    }                                                                                        \
+    extern "C" __global__ void softmax_bwd_dq_##SUFFIX(                                      \
+        const T *q, const T *k, const T *v, const T *out, const T *dout, const float *lse,   \
+        float *delta, T *dq, const unsigned *tile_win, const unsigned *tile_q0,              \
+        const unsigned *pbase, const unsigned *plen, const unsigned *count, int n_tiles,     \
+        int heads, float scale) {                                                            \
+        softmax_bwd_dq<T>(q, k, v, out, dout, lse, delta, dq, tile_win, tile_q0, pbase,      \
+                          plen, count, n_tiles, heads, scale);                               \
+    }                                                                                        \
+    extern "C" __global__ void softmax_bwd_dkv_##SUFFIX(                                     \
+        const T *q, const T *k, const T *v, const T *dout, const float *lse,                 \
+        const float *delta, T *dk, T *dv, const unsigned *tile_win, const unsigned *tile_q0, \
+        const unsigned *pbase, const unsigned *plen, const unsigned *count, int n_tiles,     \
+        int heads, float scale) {                                                            \
+        softmax_bwd_dkv<T>(q, k, v, dout, lse, delta, dk, dv, tile_win, tile_q0, pbase,      \
+                           plen, count, n_tiles, heads, scale);                              \
+    }
+
+INSTANTIATE(f32, float)
+INSTANTIATE(bf16, unsigned short)
