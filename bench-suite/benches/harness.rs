@@ -43,7 +43,13 @@ fn trial_overhead(c: &mut Criterion) {
         variants: vec!["easy".into()],
         entries: vec!["fast".into()],
     };
-    let units = plan::plan(toy::REGISTRY, &selection, Profile::Quick, workloads::Device::Cpu).unwrap();
+    let units = plan::plan(
+        toy::REGISTRY,
+        &selection,
+        Profile::Quick,
+        workloads::Device::Cpu,
+    )
+    .unwrap();
     let trials = 50u32;
     let per_run = trials as usize * 2; // two grid points
     c.bench_function("overhead per trial (record flushed to disk)", |b| {

@@ -499,10 +499,7 @@ fn spec_chart(g: &HardwareGroup, w: &str, v: &str, chart: &Chart) -> Option<Line
                 let label = c
                     .params
                     .split(',')
-                    .filter(|kv| {
-                        kv.split_once('=')
-                            .is_some_and(|(n, _)| !fixed.contains(&n))
-                    })
+                    .filter(|kv| kv.split_once('=').is_some_and(|(n, _)| !fixed.contains(&n)))
                     .collect::<Vec<_>>()
                     .join(",");
                 let label = if label.is_empty() {

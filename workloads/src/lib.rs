@@ -25,7 +25,7 @@ pub use contract::*;
 pub use device::Device;
 
 /// Every workload, in the order `list` shows them.
-pub const WORKLOADS: &[&dyn Workload] = &[&spectr::Spectr];
+pub const WORKLOADS: &[&dyn Workload] = &[&spectr::Spectr, &pointcloud::PointCloudSla];
 
 /// Looks a workload up by id.
 pub fn workload(id: &str) -> Option<&'static dyn Workload> {

@@ -450,11 +450,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
             Op::SlaBroken => {
                 let st = &self.gpu.stream;
                 let cfg = LaunchConfig {
-                    grid_dim: (
-                        self.n_windows.div_ceil(WARPS) as u32,
-                        self.heads as u32,
-                        1,
-                    ),
+                    grid_dim: (self.n_windows.div_ceil(WARPS) as u32, self.heads as u32, 1),
                     block_dim: ((WARPS * 32) as u32, 1, 1),
                     shared_mem_bytes: 0,
                 };
@@ -558,7 +554,11 @@ impl<'g, T: GpuElem> Problem<'g, T> {
         ] {
             st.memset_zeros(dst).map_err(|e| dev("memset", e))?;
             let mut b = st.launch_builder(&f.gather);
-            b.arg(src).arg(dst).arg(&p.pad_row).arg(&n_rows).arg(&row_len);
+            b.arg(src)
+                .arg(dst)
+                .arg(&p.pad_row)
+                .arg(&n_rows)
+                .arg(&row_len);
             // SAFETY: matches `gather_rows_*`.
             unsafe { b.launch(copy_cfg) }.map_err(launch_err)?;
         }
@@ -607,8 +607,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
         if !backward {
             return Ok(());
         }
-        st.memset_zeros(&mut p.dout)
-            .map_err(|e| dev("memset", e))?;
+        st.memset_zeros(&mut p.dout).map_err(|e| dev("memset", e))?;
         let mut b = st.launch_builder(&f.gather);
         b.arg(&self.dout)
             .arg(&mut p.dout)
@@ -680,7 +679,11 @@ impl<'g, T: GpuElem> Problem<'g, T> {
             (&p.dv, &mut self.dv),
         ] {
             let mut b = st.launch_builder(&f.scatter);
-            b.arg(src).arg(dst).arg(&p.pad_row).arg(&n_rows).arg(&row_len);
+            b.arg(src)
+                .arg(dst)
+                .arg(&p.pad_row)
+                .arg(&n_rows)
+                .arg(&row_len);
             // SAFETY: matches `scatter_rows_*`.
             unsafe { b.launch(copy_cfg) }.map_err(launch_err)?;
         }
@@ -709,5 +712,155 @@ impl<'g, T: GpuElem> Problem<'g, T> {
             dk: get(&self.dk)?,
             dv: get(&self.dv)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The CUDA kernels against the CPU's float64 references. These run
+    //! only where a driver is present (the GPU machine: see shared GPU.md);
+    //! elsewhere they print why and pass.
+    use super::*;
+    use crate::pointcloud::sla;
+    use baselines::window_attention::{self as wa, Shape};
+    use half::bf16;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use rand_distr::{Distribution, StandardNormal};
+
+    fn gpu() -> Option<Gpu> {
+        // SAFETY: only probes whether the driver library can be loaded.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            eprintln!("no CUDA driver here: CUDA kernel tests skipped");
+            return None;
+        }
+        Some(Gpu::new(0).expect("a driver is present, so the kernels must compile"))
+    }
+
+    /// Window sizes from 1 to 900, many small and a long tail, so both the
+    /// packed small-window path and the block-per-window path run, and
+    /// padded lengths reach 1,024.
+    fn layout(seed: u64) -> (Vec<u32>, Vec<u32>) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut counts: Vec<u32> = (0..300)
+            .map(|_| {
+                let u: f64 = rng.random();
+                (1.0 + 8.0 * (-u.ln()).powf(1.8)) as u32
+            })
+            .map(|c| c.clamp(1, 900))
+            .collect();
+        counts.extend([1, 2, 31, 32, 33, 64, 65, 255, 256, 257, 893]);
+        let mut offsets = Vec::with_capacity(counts.len());
+        let mut next = 0;
+        for &c in &counts {
+            offsets.push(next);
+            next += c;
+        }
+        (offsets, counts)
+    }
+
+    fn inputs(n: usize, seed: u64) -> [Vec<f32>; 4] {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        std::array::from_fn(|_| {
+            (0..n * 4 * 32)
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect()
+        })
+    }
+
+    fn check<T: GpuElem>(gpu: &Gpu, op: Op, x: [&[T]; 4], r: [&[f32]; 4], bits: u32) -> f64 {
+        let (offsets, counts) = layout(7);
+        let n: u32 = counts.iter().sum();
+        let shape = Shape {
+            n: n as usize,
+            heads: 4,
+            dim: 32,
+        };
+        let [q, k, v, d] = r.map(wa::to_f64);
+        let reference = match op {
+            Op::PaddedSoftmax => {
+                wa::softmax_window_reference_f64(&q, &k, &v, &d, &offsets, &counts, shape)
+            }
+            _ => sla::reference_f64(&q, &k, &v, &d, &offsets, &counts, shape),
+        };
+        let mut p = Problem::new(
+            gpu,
+            op,
+            &HostScene {
+                q: x[0],
+                k: x[1],
+                v: x[2],
+                dout: x[3],
+                offsets: &offsets,
+                counts: &counts,
+                heads: 4,
+                dim: 32,
+            },
+        )
+        .unwrap();
+        p.launch(op != Op::SlaBroken).unwrap();
+        gpu.synchronize().unwrap();
+        let o = p.outputs().unwrap();
+        let mut worst = sla::max_rel_err(&o.out, &reference.out);
+        if op != Op::SlaBroken {
+            for (got, want) in [
+                (&o.dq, &reference.dq),
+                (&o.dk, &reference.dk),
+                (&o.dv, &reference.dv),
+            ] {
+                worst = worst.max(sla::max_rel_err(got, want));
+            }
+        }
+        eprintln!("{op:?} {bits}-bit: largest relative error {worst:.3e}");
+        worst
+    }
+
+    #[test]
+    fn kernels_match_the_float64_references_and_a_broken_one_fails() {
+        let Some(gpu) = gpu() else { return };
+        let (_, counts) = layout(7);
+        let n: u32 = counts.iter().sum();
+        let [q, k, v, d] = inputs(n as usize, 11);
+        let f32s = [&q[..], &k[..], &v[..], &d[..]];
+        let round = |x: &[f32]| -> Vec<bf16> { x.iter().map(|&v| bf16::from_f32(v)).collect() };
+        let h = [round(&q), round(&k), round(&v), round(&d)];
+        let bits16: Vec<Vec<u16>> = h
+            .iter()
+            .map(|x| x.iter().map(|v| v.to_bits()).collect())
+            .collect();
+        let back: Vec<Vec<f32>> = h
+            .iter()
+            .map(|x| x.iter().map(|v| v.to_f32()).collect())
+            .collect();
+        let b16 = [
+            &bits16[0][..],
+            &bits16[1][..],
+            &bits16[2][..],
+            &bits16[3][..],
+        ];
+        let r16 = [&back[0][..], &back[1][..], &back[2][..], &back[3][..]];
+        for op in [Op::Sla, Op::PaddedLinear, Op::PaddedSoftmax] {
+            let e = check::<f32>(&gpu, op, f32s, f32s, 32);
+            assert!(e <= sla::tolerance(32), "{op:?} f32: {e:.3e}");
+            let e = check::<u16>(&gpu, op, b16, r16, 16);
+            assert!(e <= sla::tolerance(16), "{op:?} bf16: {e:.3e}");
+        }
+        let e = check::<f32>(&gpu, Op::SlaBroken, f32s, f32s, 32);
+        assert!(
+            e > 100.0 * sla::tolerance(32),
+            "the broken kernel passed: {e:.3e}"
+        );
+    }
+
+    #[test]
+    fn copy_bandwidth_is_plausible() {
+        let Some(gpu) = gpu() else { return };
+        let bw = gpu.copy_bandwidth(1 << 28, 10).unwrap();
+        eprintln!(
+            "device-to-device copy: {:.2} TB/s on {}",
+            bw / 1e12,
+            gpu.name
+        );
+        assert!(bw > 1e11 && bw < 2e13, "{bw}");
     }
 }

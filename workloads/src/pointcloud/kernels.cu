@@ -291,7 +291,7 @@ __device__ void softmax_fwd(const T *q, const T *k, const T *v, T *out, float *l
         qr[c] = ld(q, qrow + c) * scale;
         acc[c] = 0.f;
     }
-    float m = -INFINITY, l = 0.f;
+    float m = -__int_as_float(0x7f800000), l = 0.f; // -inf (NVRTC has no math.h)
     for (int j = 0; j < n; j++) {
         const long long krow = ((base + j) * heads + h) * D;
         float sc = 0.f;

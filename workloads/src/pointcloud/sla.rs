@@ -88,48 +88,18 @@ fn phi_k<const F: u8>(x: f32) -> f32 {
     }
 }
 
-/// `state[a][:] += sum_j x[j][col + a] * y[j][col..col + D]` over `rows`
-/// chunk rows of `row` elements: one chunk of rank-one updates of one
-/// head's `D x D` state, the state row held in registers across the chunk.
-#[inline(always)]
-fn accumulate_outer<const D: usize>(
-    state: &mut [f32],
-    x: &[f32],
-    y: &[f32],
-    rows: usize,
-    row: usize,
-    col: usize,
-) {
-    for (a, srow) in state.chunks_exact_mut(D).enumerate() {
-        let mut acc = [0.0f32; D];
-        acc.copy_from_slice(srow);
-        for j in 0..rows {
-            let xa = x[j * row + col + a];
-            let yr = &y[j * row + col..j * row + col + D];
-            for (s, &yb) in acc.iter_mut().zip(yr) {
-                *s += xa * yb;
-            }
-        }
-        srow.copy_from_slice(&acc);
-    }
-}
-
-/// `x M` for a row-major `D x D` matrix `M` (axpys over `M`'s rows, which
-/// vectorise; `M x` is computed as `x M^T` for the same reason).
-#[inline(always)]
-fn vec_mat<const D: usize>(x: &[f32], m: &[f32]) -> [f32; D] {
-    let mut y = [0.0f32; D];
-    for (&xa, mrow) in x.iter().zip(m.chunks_exact(D)) {
-        for (yb, &mab) in y.iter_mut().zip(mrow) {
-            *yb += xa * mab;
-        }
-    }
-    y
-}
-
+/// `x . y` in eight interleaved partial sums (every head dim is a multiple
+/// of 8): a single running sum is a chain of dependent adds that the
+/// compiler may not reorder, and cost as much as the rest of a head's work.
 #[inline(always)]
 fn dot(x: &[f32], y: &[f32]) -> f32 {
-    x.iter().zip(y).map(|(a, b)| a * b).sum()
+    let mut acc = [0.0f32; 8];
+    for (xc, yc) in x.chunks_exact(8).zip(y.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += xc[l] * yc[l];
+        }
+    }
+    acc.iter().sum()
 }
 
 fn transpose_heads<const D: usize>(src: &[f32], dst: &mut [f32]) {
@@ -142,8 +112,195 @@ fn transpose_heads<const D: usize>(src: &[f32], dst: &mut [f32]) {
     }
 }
 
+/// The two products that do the arithmetic, each on one head of a chunk of
+/// voxel rows (`rows` rows of `row` elements, the head at `col..col + D`):
+///
+/// * [`simd::accumulate_outer`]: `state += X^T Y` for a `D x D` state,
+///   a chunk of rank-one updates;
+/// * [`simd::chunk_mat`]: `Out = X M` for a `D x D` matrix `M`.
+///
+/// Both update one row of `state` or `Out` per step and move to another row
+/// before coming back, so consecutive multiply-adds are independent (one
+/// row accumulated in registers over the chunk is a chain of dependent
+/// multiply-adds, and measured 1.6x slower; four such rows blocked in
+/// registers defeated the compiler's vectoriser, 3x slower).
+///
+/// Each is compiled three ways and chosen per call (the feature test is a
+/// cached load): AVX-512F with FMA, AVX2 with FMA, and the target's
+/// baseline (SSE2 on x86_64). They are real calls, not inlined into the
+/// window kernels: inlined, the compiler could no longer tell that the
+/// state and the chunk buffers (fields of one scratch struct) do not
+/// overlap, and emitted scalar code. Fused multiply-adds round once rather
+/// than twice, so results differ between machines in the last bits. The
+/// padded baselines are built the same way, so a comparison measures the
+/// algorithms, not the instruction sets.
+mod simd {
+    /// `o[..D] += a * y[..D]`, the one operation the products are made of.
+    ///
+    /// # Safety
+    /// The CPU must support instruction level `ISA` (2: AVX-512F and FMA,
+    /// 1: AVX2 and FMA, 0: none); `dispatch!` calls the bodies with `ISA`
+    /// from the feature test only.
+    #[inline(always)]
+    unsafe fn row_axpy<const D: usize, const ISA: u8>(o: &mut [f32], a: f32, y: &[f32]) {
+        let (o, y) = (&mut o[..D], &y[..D]);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if ISA == 2 && D.is_multiple_of(16) {
+                // SAFETY: AVX-512F and FMA by the caller's contract; `o` and
+                // `y` hold `D` elements.
+                unsafe { x86::axpy512::<D>(o.as_mut_ptr(), a, y.as_ptr()) };
+                return;
+            }
+            if ISA >= 1 && D.is_multiple_of(8) {
+                // SAFETY: AVX2 and FMA (implied by AVX-512F) by the
+                // caller's contract; `o` and `y` hold `D` elements.
+                unsafe { x86::axpy256::<D>(o.as_mut_ptr(), a, y.as_ptr()) };
+                return;
+            }
+        }
+        for (ob, &yb) in o.iter_mut().zip(y) {
+            *ob += a * yb;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        /// # Safety
+        /// AVX-512F and FMA; `o` and `y` valid for `D` floats, `D % 16 == 0`.
+        #[inline]
+        #[target_feature(enable = "avx512f,fma")]
+        pub(super) unsafe fn axpy512<const D: usize>(o: *mut f32, a: f32, y: *const f32) {
+            let av = _mm512_set1_ps(a);
+            for i in (0..D).step_by(16) {
+                // SAFETY: i + 16 <= D.
+                unsafe {
+                    let r =
+                        _mm512_fmadd_ps(av, _mm512_loadu_ps(y.add(i)), _mm512_loadu_ps(o.add(i)));
+                    _mm512_storeu_ps(o.add(i), r);
+                }
+            }
+        }
+
+        /// # Safety
+        /// AVX2 and FMA; `o` and `y` valid for `D` floats, `D % 8 == 0`.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) unsafe fn axpy256<const D: usize>(o: *mut f32, a: f32, y: *const f32) {
+            let av = _mm256_set1_ps(a);
+            for i in (0..D).step_by(8) {
+                // SAFETY: i + 8 <= D.
+                unsafe {
+                    let r =
+                        _mm256_fmadd_ps(av, _mm256_loadu_ps(y.add(i)), _mm256_loadu_ps(o.add(i)));
+                    _mm256_storeu_ps(o.add(i), r);
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`row_axpy`].
+    #[inline(always)]
+    unsafe fn accumulate_outer_body<const D: usize, const ISA: u8>(
+        state: &mut [f32],
+        x: &[f32],
+        y: &[f32],
+        (rows, row, col): (usize, usize, usize),
+    ) {
+        for j in 0..rows {
+            let base = j * row + col;
+            let yr = &y[base..base + D];
+            for (srow, &xa) in state.chunks_exact_mut(D).zip(&x[base..base + D]) {
+                // SAFETY: the caller's contract.
+                unsafe { row_axpy::<D, ISA>(srow, xa, yr) };
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`row_axpy`].
+    #[inline(always)]
+    unsafe fn chunk_mat_body<const D: usize, const ISA: u8>(
+        x: &[f32],
+        m: &[f32],
+        out: &mut [f32],
+        (rows, row, col): (usize, usize, usize),
+    ) {
+        for i in 0..rows {
+            out[i * row + col..][..D].fill(0.0);
+        }
+        for (a, mrow) in m.chunks_exact(D).enumerate() {
+            for i in 0..rows {
+                let xa = x[i * row + col + a];
+                // SAFETY: the caller's contract.
+                unsafe { row_axpy::<D, ISA>(&mut out[i * row + col..], xa, mrow) };
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn level() -> u8 {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("fma") {
+            2
+        } else if has!("avx2") && has!("fma") {
+            1
+        } else {
+            0
+        }
+    }
+
+    macro_rules! dispatch {
+        ($(#[$doc:meta])* $name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
+            $(#[$doc])*
+            pub(super) fn $name<const D: usize>($($arg: $ty),*) {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f,fma")]
+                    unsafe fn wide<const D: usize>($($arg: $ty),*) {
+                        // SAFETY: compiled for, and called on, AVX-512F and FMA.
+                        unsafe { $body::<D, 2>($($arg),*) }
+                    }
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn narrow<const D: usize>($($arg: $ty),*) {
+                        // SAFETY: compiled for, and called on, AVX2 and FMA.
+                        unsafe { $body::<D, 1>($($arg),*) }
+                    }
+                    match level() {
+                        // SAFETY: the CPU has AVX-512F and FMA.
+                        2 => return unsafe { wide::<D>($($arg),*) },
+                        // SAFETY: the CPU has AVX2 and FMA.
+                        1 => return unsafe { narrow::<D>($($arg),*) },
+                        _ => {}
+                    }
+                }
+                // SAFETY: level 0 needs no instruction-set extension.
+                unsafe { $body::<D, 0>($($arg),*) }
+            }
+        };
+    }
+
+    dispatch!(
+        /// `state[a][:] += sum_j x[j][col + a] * y[j][col..col + D]` over
+        /// `rows` chunk rows of `row` elements (`shape = (rows, row, col)`).
+        accumulate_outer,
+        accumulate_outer_body,
+        (state: &mut [f32], x: &[f32], y: &[f32], shape: (usize, usize, usize))
+    );
+    dispatch!(
+        /// `out[i][col..col + D] = x[i][col..col + D] M` for the chunk rows
+        /// (row-major `D x D` `M`; `shape = (rows, row, col)`).
+        chunk_mat,
+        chunk_mat_body,
+        (x: &[f32], m: &[f32], out: &mut [f32], shape: (usize, usize, usize))
+    );
+}
+
 /// Per-worker buffers: the state of one window (`kv`, `s`), its transpose
-/// and gradients for the backward, and two chunk buffers.
+/// and gradients for the backward, and chunk buffers of [`CHUNK`] rows.
 struct Scratch {
     kv: Vec<f32>,
     s: Vec<f32>,
@@ -151,12 +308,15 @@ struct Scratch {
     dkv: Vec<f32>,
     dkvt: Vec<f32>,
     ds: Vec<f32>,
+    dden: Vec<f32>,
     x: Vec<f32>,
     y: Vec<f32>,
+    z: Vec<f32>,
+    u: Vec<f32>,
 }
 
 impl Scratch {
-    /// `backward` adds the four buffers only the backward uses.
+    /// `backward` adds the buffers only the backward uses.
     fn new(heads: usize, dim: usize, backward: bool, bytes: &AtomicUsize) -> Self {
         let (st, sv, ch) = (heads * dim * dim, heads * dim, CHUNK * heads * dim);
         let bwd = |len: usize| vec![0.0f32; if backward { len } else { 0 }];
@@ -167,22 +327,35 @@ impl Scratch {
             dkv: bwd(st),
             dkvt: bwd(st),
             ds: bwd(sv),
+            dden: bwd(CHUNK * heads),
             x: vec![0.0; ch],
             y: vec![0.0; ch],
+            z: bwd(ch),
+            u: bwd(ch),
         };
-        let floats = [
-            &sc.kv, &sc.s, &sc.kvt, &sc.dkv, &sc.dkvt, &sc.ds, &sc.x, &sc.y,
+        let floats: usize = [
+            &sc.kv, &sc.s, &sc.kvt, &sc.dkv, &sc.dkvt, &sc.ds, &sc.dden, &sc.x, &sc.y, &sc.z, &sc.u,
         ]
         .iter()
         .map(|b| b.len())
-        .sum::<usize>();
+        .sum();
         bytes.fetch_add(floats * std::mem::size_of::<f32>(), Ordering::Relaxed);
         sc
     }
 }
 
+/// Converts `rows` voxel rows to `f32` through `f` into `dst`.
+#[inline(always)]
+fn load<T: Scalar>(dst: &mut [f32], src: &[T], f: impl Fn(f32) -> f32) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = f(x.to_f32());
+    }
+}
+
 /// The state of one window, all heads: `KV = sum_j phi(k_j)^T v_j`, `s =
-/// sum_j phi(k_j)`, in chunks of [`CHUNK`] voxels.
+/// sum_j phi(k_j)`, a chunk of [`CHUNK`] voxels at a time: the chunk's
+/// `phi(k)` and `v` rows are converted to `f32` once and folded into every
+/// head's state.
 fn window_state<T: Scalar, const D: usize, const F: u8>(
     k: &[T],
     v: &[T],
@@ -198,22 +371,12 @@ fn window_state<T: Scalar, const D: usize, const F: u8>(
     sc.s.fill(0.0);
     for start in (0..rows).step_by(CHUNK) {
         let g = CHUNK.min(rows - start);
-        let (kc, vc) = (&k[start * row..][..g * row], &v[start * row..][..g * row]);
-        for (x, &kk) in sc.x.iter_mut().zip(kc) {
-            *x = phi_k::<F>(kk.to_f32());
-        }
-        for (y, &vv) in sc.y.iter_mut().zip(vc) {
-            *y = vv.to_f32();
-        }
+        let at = start * row..(start + g) * row;
+        load(&mut sc.x, &k[at.clone()], phi_k::<F>);
+        load(&mut sc.y, &v[at], |x| x);
         for h in 0..heads {
-            accumulate_outer::<D>(
-                &mut sc.kv[h * D * D..][..D * D],
-                &sc.x,
-                &sc.y,
-                g,
-                row,
-                h * D,
-            );
+            let kv = &mut sc.kv[h * D * D..][..D * D];
+            simd::accumulate_outer::<D>(kv, &sc.x, &sc.y, (g, row, h * D));
         }
         for xr in sc.x[..g * row].chunks_exact(row) {
             for (sa, &xa) in sc.s.iter_mut().zip(xr) {
@@ -224,7 +387,7 @@ fn window_state<T: Scalar, const D: usize, const F: u8>(
 }
 
 /// SLA over one window: its state, then `out_i = phi(q_i) KV / (phi(q_i) .
-/// s + 1e-6)` for each of its voxels and heads.
+/// s + 1e-6)` for each of its voxels and heads, a chunk at a time.
 fn window_forward<T: Scalar, const D: usize, const F: u8>(
     q: &[T],
     k: &[T],
@@ -234,17 +397,26 @@ fn window_forward<T: Scalar, const D: usize, const F: u8>(
     sc: &mut Scratch,
 ) {
     let row = heads * D;
+    let rows = q.len() / row;
     window_state::<T, D, F>(k, v, heads, sc);
-    for (qi, oi) in q.chunks_exact(row).zip(out.chunks_exact_mut(row)) {
+    for start in (0..rows).step_by(CHUNK) {
+        let g = CHUNK.min(rows - start);
+        let at = start * row..(start + g) * row;
+        load(&mut sc.x, &q[at.clone()], relu);
         for h in 0..heads {
-            let mut phq = [0.0f32; D];
-            for (p, &x) in phq.iter_mut().zip(&qi[h * D..][..D]) {
-                *p = relu(x.to_f32());
-            }
-            let num = vec_mat::<D>(&phq, &sc.kv[h * D * D..][..D * D]);
-            let den = dot(&phq, &sc.s[h * D..][..D]) + LINEAR_EPS;
-            for (o, nb) in oi[h * D..][..D].iter_mut().zip(num) {
-                *o = T::from_f32(nb / den);
+            let kv = &sc.kv[h * D * D..][..D * D];
+            simd::chunk_mat::<D>(&sc.x, kv, &mut sc.y, (g, row, h * D));
+        }
+        let rows_out = out[at].chunks_exact_mut(row);
+        for ((o, x), y) in rows_out
+            .zip(sc.x.chunks_exact(row))
+            .zip(sc.y.chunks_exact(row))
+        {
+            for h in 0..heads {
+                let den = dot(&x[h * D..][..D], &sc.s[h * D..][..D]) + LINEAR_EPS;
+                for (ob, &nb) in o[h * D..][..D].iter_mut().zip(&y[h * D..][..D]) {
+                    *ob = T::from_f32(nb / den);
+                }
             }
         }
     }
@@ -273,7 +445,7 @@ fn window_forward<T: Scalar, const D: usize, const F: u8>(
 /// ```
 ///
 /// `KV g_i` and `dKV v_j` are computed as `g_i KV^T` and `v_j dKV^T` from
-/// the transposed states, so every product is a row-axpy.
+/// the transposed states, so that every product is one of [`simd`]'s.
 #[allow(clippy::too_many_arguments)] // the tensors of one window, named as in the math
 fn window_backward<T: Scalar, const D: usize, const F: u8>(
     (q, k, v, dout): (&[T], &[T], &[T], &[T]),
@@ -289,78 +461,103 @@ fn window_backward<T: Scalar, const D: usize, const F: u8>(
     transpose_heads::<D>(&sc.kv, &mut sc.kvt);
     sc.dkv.fill(0.0);
     sc.ds.fill(0.0);
-    // Queries, a chunk at a time: dq, and the chunk's phi(q_i) and g_i rows
-    // for dKV.
+    // Queries, a chunk at a time: x = phi(q), y = num, then y = g, z =
+    // dphi(q) without the s dden term.
     for start in (0..rows).step_by(CHUNK) {
         let g = CHUNK.min(rows - start);
-        for j in 0..g {
-            let i = start + j;
-            let (qi, di) = (&q[i * row..][..row], &dout[i * row..][..row]);
-            let dqi = &mut dq[i * row..][..row];
+        let at = start * row..(start + g) * row;
+        load(&mut sc.x, &q[at.clone()], relu);
+        for h in 0..heads {
+            let kv = &sc.kv[h * D * D..][..D * D];
+            simd::chunk_mat::<D>(&sc.x, kv, &mut sc.y, (g, row, h * D));
+        }
+        let dout_rows = dout[at.clone()].chunks_exact(row);
+        for (j, (d, (x, y))) in dout_rows
+            .zip(sc.x.chunks_exact(row).zip(sc.y.chunks_exact_mut(row)))
+            .enumerate()
+        {
             for h in 0..heads {
-                let mut phq = [0.0f32; D];
-                for (p, &x) in phq.iter_mut().zip(&qi[h * D..][..D]) {
-                    *p = relu(x.to_f32());
-                }
-                let num = vec_mat::<D>(&phq, &sc.kv[h * D * D..][..D * D]);
                 let s = &sc.s[h * D..][..D];
-                let den = dot(&phq, s) + LINEAR_EPS;
-                let mut gi = [0.0f32; D];
-                for (gb, &d) in gi.iter_mut().zip(&di[h * D..][..D]) {
-                    *gb = d.to_f32() / den;
+                let den = dot(&x[h * D..][..D], s) + LINEAR_EPS;
+                let yh = &mut y[h * D..][..D];
+                let mut gn = [0.0f32; 8];
+                for (l, (yb, &db)) in yh.iter_mut().zip(&d[h * D..][..D]).enumerate() {
+                    let gb = db.to_f32() / den;
+                    gn[l % 8] += gb * *yb;
+                    *yb = gb;
                 }
-                let dden = -dot(&gi, &num) / den;
-                let dphq = vec_mat::<D>(&gi, &sc.kvt[h * D * D..][..D * D]);
-                let s_dden = if F == fault::NO_S_DDEN { 0.0 } else { dden };
-                for a in 0..D {
-                    let grad = if qi[h * D + a].to_f32() > 0.0 {
-                        dphq[a] + s[a] * s_dden
-                    } else {
-                        0.0
-                    };
-                    dqi[h * D + a] = T::from_f32(grad);
-                    sc.ds[h * D + a] += phq[a] * dden;
+                let dden = -gn.iter().sum::<f32>() / den;
+                sc.dden[j * heads + h] = dden;
+                for (dsa, &xa) in sc.ds[h * D..][..D].iter_mut().zip(&x[h * D..][..D]) {
+                    *dsa += xa * dden;
                 }
-                sc.x[j * row + h * D..][..D].copy_from_slice(&phq);
-                sc.y[j * row + h * D..][..D].copy_from_slice(&gi);
             }
         }
         for h in 0..heads {
-            accumulate_outer::<D>(
-                &mut sc.dkv[h * D * D..][..D * D],
-                &sc.x,
-                &sc.y,
-                g,
-                row,
-                h * D,
-            );
+            let kvt = &sc.kvt[h * D * D..][..D * D];
+            simd::chunk_mat::<D>(&sc.y, kvt, &mut sc.z, (g, row, h * D));
+            let dkv = &mut sc.dkv[h * D * D..][..D * D];
+            simd::accumulate_outer::<D>(dkv, &sc.x, &sc.y, (g, row, h * D));
+        }
+        let q_rows = q[at.clone()].chunks_exact(row);
+        for (j, ((dqr, qr), z)) in dq[at]
+            .chunks_exact_mut(row)
+            .zip(q_rows)
+            .zip(sc.z.chunks_exact(row))
+            .enumerate()
+        {
+            for h in 0..heads {
+                let dden = if F == fault::NO_S_DDEN {
+                    0.0
+                } else {
+                    sc.dden[j * heads + h]
+                };
+                for a in h * D..(h + 1) * D {
+                    let grad = if qr[a].to_f32() > 0.0 {
+                        z[a] + sc.s[a] * dden
+                    } else {
+                        0.0
+                    };
+                    dqr[a] = T::from_f32(grad);
+                }
+            }
         }
     }
     if F == fault::NO_DS {
         sc.ds.fill(0.0);
     }
     transpose_heads::<D>(&sc.dkv, &mut sc.dkvt);
-    // Keys and values.
-    for j in 0..rows {
-        let (kj, vj) = (&k[j * row..][..row], &v[j * row..][..row]);
-        let (dkj, dvj) = (&mut dk[j * row..][..row], &mut dv[j * row..][..row]);
+    // Keys and values, a chunk at a time: x = phi(k), y = v, z = dKV v (as
+    // v dKV^T), u = dv.
+    for start in (0..rows).step_by(CHUNK) {
+        let g = CHUNK.min(rows - start);
+        let at = start * row..(start + g) * row;
+        load(&mut sc.x, &k[at.clone()], phi_k::<F>);
+        load(&mut sc.y, &v[at.clone()], |x| x);
         for h in 0..heads {
-            let mut phk = [0.0f32; D];
-            let mut vv = [0.0f32; D];
-            for a in 0..D {
-                phk[a] = phi_k::<F>(kj[h * D + a].to_f32());
-                vv[a] = vj[h * D + a].to_f32();
-            }
-            let dphk = vec_mat::<D>(&vv, &sc.dkvt[h * D * D..][..D * D]);
-            let dvv = vec_mat::<D>(&phk, &sc.dkv[h * D * D..][..D * D]);
-            for a in 0..D {
-                let grad = if kj[h * D + a].to_f32() > 0.0 {
-                    dphk[a] + sc.ds[h * D + a]
+            let (dkvt, dkv) = (
+                &sc.dkvt[h * D * D..][..D * D],
+                &sc.dkv[h * D * D..][..D * D],
+            );
+            simd::chunk_mat::<D>(&sc.y, dkvt, &mut sc.z, (g, row, h * D));
+            simd::chunk_mat::<D>(&sc.x, dkv, &mut sc.u, (g, row, h * D));
+        }
+        let k_rows = k[at.clone()].chunks_exact(row);
+        let grads = dk[at.clone()]
+            .chunks_exact_mut(row)
+            .zip(dv[at].chunks_exact_mut(row));
+        for (((dkr, dvr), kr), (z, u)) in grads
+            .zip(k_rows)
+            .zip(sc.z.chunks_exact(row).zip(sc.u.chunks_exact(row)))
+        {
+            for a in 0..row {
+                let grad = if kr[a].to_f32() > 0.0 {
+                    z[a] + sc.ds[a]
                 } else {
                     0.0
                 };
-                dkj[h * D + a] = T::from_f32(grad);
-                dvj[h * D + a] = T::from_f32(dvv[a]);
+                dkr[a] = T::from_f32(grad);
+                dvr[a] = T::from_f32(u[a]);
             }
         }
     }
