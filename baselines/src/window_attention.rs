@@ -30,8 +30,18 @@
 //! `offsets[w]..offsets[w] + counts[w]` ([`check_layout`]).
 //!
 //! Every padded function builds its [`PadPlan`] inside the call, because the
-//! sort and the padding are the work being measured. Work is spread over the
-//! cores with rayon (windows within a bucket, and windows for the scatter).
+//! sort and the padding are the work being measured. The padded buffers are
+//! kept between calls on the calling thread ([`release_workspace`] frees
+//! them), as a GPU framework's caching allocator keeps device memory, so
+//! that a call does not also pay for fresh pages. Work is spread over the
+//! cores with rayon: one parallel loop over the padded windows of all
+//! buckets for the gather and the attention, and one over the windows for
+//! the scatter.
+//!
+//! [`products`] holds the two dense products of linear attention on a
+//! chunk of voxel rows, vectorised for AVX-512 and AVX2; the padded linear
+//! kernel and the workload's SLA both call them, so that they differ only
+//! in sort-and-pad.
 
 use rayon::prelude::*;
 
@@ -211,9 +221,12 @@ pub struct PadPlan {
 }
 
 impl PadPlan {
-    /// The shortest padded length. SST and DSVT also pad to a few fixed
-    /// lengths rather than to every size; 8 keeps single-voxel windows from
-    /// becoming a bucket of their own while wasting at most 7 slots on them.
+    /// The shortest padded length. Windows share a few padded lengths
+    /// (powers of two, so a window is padded to less than twice its size)
+    /// and each length is one dense batch, in the spirit of SST's grouping
+    /// of windows into batches by size and DSVT's fixed-length sets (as the
+    /// ScatterFormer paper describes them, Sec. 1). 8 keeps windows of one
+    /// to seven voxels in one batch instead of three.
     pub const MIN_PAD: usize = 8;
 
     /// The padded length of a window of `count` voxels.
@@ -319,19 +332,40 @@ mod pool {
 }
 
 /// The padded tensors of one call, `[windows, padded_len, heads, dim]` per
-/// bucket: every bucket of a tensor in one flat buffer (bucket `b` at
-/// elements `starts[b]..starts[b + 1]`), and the key masks `[windows,
-/// padded_len]` (1 for a voxel, 0 for a pad) likewise at `mask_starts`.
+/// bucket: every bucket of a tensor in one flat buffer, bucket after
+/// bucket, and the key masks `[windows, padded_len]` (1 for a voxel, 0 for
+/// a pad) likewise.
 struct Padded<T> {
-    starts: Vec<usize>,
-    mask_starts: Vec<usize>,
+    /// Every padded window, bucket after bucket.
+    wins: Vec<PadWindow>,
     inputs: Vec<Vec<T>>,
     outputs: Vec<Vec<T>>,
     mask: Vec<f32>,
 }
 
+/// One padded window: its window id, first element in the flat tensors,
+/// first slot in the mask, and slots.
+#[derive(Clone, Copy)]
+struct PadWindow {
+    window: u32,
+    at: usize,
+    mask_at: usize,
+    slots: usize,
+}
+
 /// Pool role of the mask buffer (tensors use their index).
 const MASK_ROLE: usize = usize::MAX;
+
+/// `buf` cut into one slice per padded window.
+fn split_padded<'a, T>(mut buf: &'a mut [T], wins: &[PadWindow], row: usize) -> Vec<&'a mut [T]> {
+    let mut parts = Vec::with_capacity(wins.len());
+    for w in wins {
+        let (head, tail) = buf.split_at_mut(w.slots * row);
+        parts.push(head);
+        buf = tail;
+    }
+    parts
+}
 
 impl<T: Scalar> Padded<T> {
     /// Gathers `srcs` from voxel order into padded buffers (pad slots zero)
@@ -344,74 +378,129 @@ impl<T: Scalar> Padded<T> {
         (offsets, counts): (&[u32], &[u32]),
         row: usize,
     ) -> Self {
-        let (mut starts, mut mask_starts) = (vec![0], vec![0]);
+        let mut wins = Vec::with_capacity(counts.len());
+        let (mut at, mut mask_at) = (0, 0);
         for b in &plan.buckets {
-            let slots = b.windows.len() * b.padded_len;
-            starts.push(starts.last().unwrap() + slots * row);
-            mask_starts.push(mask_starts.last().unwrap() + slots);
+            for &window in &b.windows {
+                let slots = b.padded_len;
+                wins.push(PadWindow {
+                    window,
+                    at,
+                    mask_at,
+                    slots,
+                });
+                at += slots * row;
+                mask_at += slots;
+            }
         }
-        let (len, mask_len) = (*starts.last().unwrap(), *mask_starts.last().unwrap());
         let zero = T::from_f32(0.0);
+        // One parallel loop over the windows of all buckets, so that a
+        // bucket of one large window does not hold up the other cores.
         let inputs = srcs
             .iter()
             .enumerate()
             .map(|(t, src)| {
-                let mut buf = pool::take(t, len, zero);
-                for (b, bucket) in plan.buckets.iter().enumerate() {
-                    let win = bucket.padded_len * row;
-                    buf[starts[b]..starts[b + 1]]
-                        .par_chunks_mut(win)
-                        .zip(bucket.windows.par_iter())
-                        .for_each(|(d, &w)| {
-                            let start = offsets[w as usize] as usize * row;
-                            let real = counts[w as usize] as usize * row;
-                            d[..real].copy_from_slice(&src[start..start + real]);
-                            d[real..].fill(zero);
-                        });
-                }
+                let mut buf = pool::take(t, at, zero);
+                split_padded(&mut buf, &wins, row)
+                    .into_par_iter()
+                    .zip(wins.par_iter())
+                    .for_each(|(d, w)| {
+                        let start = offsets[w.window as usize] as usize * row;
+                        let real = counts[w.window as usize] as usize * row;
+                        d[..real].copy_from_slice(&src[start..start + real]);
+                        d[real..].fill(zero);
+                    });
                 buf
             })
             .collect();
         let outputs = (0..outputs)
-            .map(|t| pool::take(srcs.len() + t, len, zero))
+            .map(|t| pool::take(srcs.len() + t, at, zero))
             .collect();
-        let mut mask = pool::take(MASK_ROLE, mask_len, 0.0f32);
-        for (b, bucket) in plan.buckets.iter().enumerate() {
-            let p = bucket.padded_len;
-            let mb = &mut mask[mask_starts[b]..mask_starts[b + 1]];
-            for (m, &w) in mb.chunks_mut(p).zip(&bucket.windows) {
-                let real = counts[w as usize] as usize;
-                m[..real].fill(1.0);
-                m[real..].fill(0.0);
-            }
+        let mut mask = pool::take(MASK_ROLE, mask_at, 0.0f32);
+        for w in &wins {
+            let real = counts[w.window as usize] as usize;
+            let m = &mut mask[w.mask_at..w.mask_at + w.slots];
+            m[..real].fill(1.0);
+            m[real..].fill(0.0);
         }
         Padded {
-            starts,
-            mask_starts,
+            wins,
             inputs,
             outputs,
             mask,
         }
     }
 
+    /// Runs `f(scratch, inputs, mask, outputs)` on every padded window, the
+    /// windows of all buckets in one parallel loop; `inputs` and `outputs`
+    /// are the window's slices of each padded tensor.
+    fn for_each_window<S>(
+        &mut self,
+        row: usize,
+        init: impl Fn() -> S + Sync + Send,
+        f: impl Fn(&mut S, &[&[T]], &[f32], &mut [&mut [T]]) + Sync + Send,
+    ) {
+        let (wins, inputs, mask) = (&self.wins, &self.inputs, &self.mask);
+        let n_out = self.outputs.len();
+        assert!(
+            inputs.len() <= 4 && n_out <= 3,
+            "at most 4 inputs and 3 outputs"
+        );
+        let mut split: Vec<_> = self
+            .outputs
+            .iter_mut()
+            .map(|o| split_padded(o, wins, row).into_iter())
+            .collect();
+        let items: Vec<(usize, [&mut [T]; 3])> = (0..wins.len())
+            .map(|w| {
+                let mut outs: [&mut [T]; 3] = [&mut [], &mut [], &mut []];
+                for (o, it) in outs.iter_mut().zip(split.iter_mut()) {
+                    *o = it.next().expect("one slice per window");
+                }
+                (w, outs)
+            })
+            .collect();
+        items
+            .into_par_iter()
+            .for_each_init(init, |sc, (w, mut outs)| {
+                let win = wins[w];
+                let r = win.at..win.at + win.slots * row;
+                let mut ins: [&[T]; 4] = [&[]; 4];
+                for (i, t) in ins.iter_mut().zip(inputs) {
+                    *i = &t[r.clone()];
+                }
+                let m = &mask[win.mask_at..win.mask_at + win.slots];
+                f(sc, &ins[..inputs.len()], m, &mut outs[..n_out]);
+            });
+    }
+
     /// Bytes of the padded tensors and masks this call uses.
     fn bytes(&self) -> usize {
         let tensors = self.inputs.len() + self.outputs.len();
-        tensors * self.starts.last().unwrap() * std::mem::size_of::<T>()
+        tensors * self.inputs[0].len() * std::mem::size_of::<T>()
             + self.mask.len() * std::mem::size_of::<f32>()
     }
 
     /// Copies the real slots of output `t` back to voxel order.
     fn scatter(&self, plan: &PadPlan, t: usize, counts: &[u32], row: usize, dst: &mut [T]) {
         let src = &self.outputs[t];
+        // The padded window of window `w` is the `pos`-th of its bucket.
+        let first: Vec<usize> = plan
+            .buckets
+            .iter()
+            .scan(0, |n, b| {
+                let f = *n;
+                *n += b.windows.len();
+                Some(f)
+            })
+            .collect();
         split_windows_mut(dst, counts, row)
             .into_par_iter()
             .enumerate()
             .filter(|(_, d)| !d.is_empty())
             .for_each(|(w, d)| {
                 let (b, pos) = plan.slot[w];
-                let win = plan.buckets[b as usize].padded_len * row;
-                let start = self.starts[b as usize] + pos as usize * win;
+                let start = self.wins[first[b as usize] + pos as usize].at;
                 d.copy_from_slice(&src[start..start + d.len()]);
             });
     }
@@ -425,46 +514,444 @@ impl<T: Scalar> Padded<T> {
     }
 }
 
+// ------------------------------------------------------------ the products
+
+/// The two dense products that linear attention over a window is made of,
+/// on one head of a chunk of voxel rows (`rows` rows of `row` elements,
+/// the head at `col..col + D`; `shape = (rows, row, col)`):
+///
+/// * [`accumulate_outer`]: `S += X^T Y` for a row-major `D x D` state `S`
+///   (a chunk of rank-one updates: the state accumulation);
+/// * [`chunk_mat`]: `Out = X M` for a row-major `D x D` matrix `M` (the
+///   queries applied to the state).
+///
+/// Both the padded baseline and the `point-cloud-sla` workload's SLA use
+/// these, so the two compute bitwise the same products and a timing
+/// difference between them is the cost of sort-and-pad alone.
+///
+/// Each is compiled three ways and chosen per call (the feature test is a
+/// cached load): AVX-512F with FMA, AVX2 with FMA, and plain loops (any
+/// target; the tests compare every form the CPU has with them). The vector
+/// forms keep 8 accumulators in registers (4 state rows of 32, or 4 output
+/// rows) across the chunk: a single accumulator is a chain of dependent
+/// multiply-adds whose 4-cycle latency leaves the vector unit mostly idle,
+/// which is where profiles of that version spent their time. They are
+/// written with intrinsics because the compiler's vectoriser, given the
+/// same loops written plainly, kept the accumulators on the stack (scalar
+/// code), vectorised across state rows with gathers and scatters, or, once
+/// inlined, could not tell that the state and the chunk (fields of one
+/// scratch struct) do not overlap; each ran several times slower. Fused
+/// multiply-adds round once where the plain loops round twice, so results
+/// differ between machines in the last bits.
+pub mod products {
+    /// `state[a][:] += sum_j x[j][col + a] * y[j][col..col + D]`.
+    ///
+    /// # Panics
+    /// If a slice is too short for `D` and `shape`.
+    pub fn accumulate_outer<const D: usize>(
+        state: &mut [f32],
+        x: &[f32],
+        y: &[f32],
+        shape: (usize, usize, usize),
+    ) {
+        accumulate_outer_at::<D>(isa(), state, x, y, shape)
+    }
+
+    /// The instruction level the CPU offers: 2 for AVX-512F with FMA, 1
+    /// for AVX2 with FMA, 0 otherwise.
+    pub fn isa() -> u8 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            x86::level()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            0
+        }
+    }
+
+    /// [`accumulate_outer`] at instruction level `level` (or the CPU's,
+    /// if lower), so that the tests can run every form.
+    pub(crate) fn accumulate_outer_at<const D: usize>(
+        level: u8,
+        state: &mut [f32],
+        x: &[f32],
+        y: &[f32],
+        shape: (usize, usize, usize),
+    ) {
+        let level = level.min(isa());
+        check::<D>(state.len(), &[x.len(), y.len()], shape);
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,fma")]
+            unsafe fn wide<const D: usize>(
+                s: &mut [f32],
+                x: &[f32],
+                y: &[f32],
+                sh: (usize, usize, usize),
+            ) {
+                // SAFETY: compiled for, and called on, AVX-512F and FMA
+                // (which imply AVX2).
+                unsafe {
+                    if D & 15 == 0 {
+                        x86::accumulate::<x86::V512, D>(s, x, y, sh)
+                    } else {
+                        x86::accumulate::<x86::V256, D>(s, x, y, sh)
+                    }
+                }
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn narrow<const D: usize>(
+                s: &mut [f32],
+                x: &[f32],
+                y: &[f32],
+                sh: (usize, usize, usize),
+            ) {
+                // SAFETY: compiled for, and called on, AVX2 and FMA.
+                unsafe { x86::accumulate::<x86::V256, D>(s, x, y, sh) }
+            }
+            match level {
+                // SAFETY: the CPU has AVX-512F and FMA.
+                2 if D & 7 == 0 && D <= 64 => return unsafe { wide::<D>(state, x, y, shape) },
+                // SAFETY: the CPU has AVX2 and FMA.
+                1 if D & 7 == 0 && D <= 64 => return unsafe { narrow::<D>(state, x, y, shape) },
+                _ => {}
+            }
+        }
+        let (rows, row, col) = shape;
+        for j in 0..rows {
+            let base = j * row + col;
+            let yr = &y[base..base + D];
+            for (srow, &xa) in state.chunks_exact_mut(D).zip(&x[base..base + D]) {
+                for (s, &yb) in srow.iter_mut().zip(yr) {
+                    *s += xa * yb;
+                }
+            }
+        }
+    }
+
+    /// `out[i][col..col + D] = x[i][col..col + D] M` for the chunk rows.
+    ///
+    /// # Panics
+    /// If a slice is too short for `D` and `shape`.
+    pub fn chunk_mat<const D: usize>(
+        x: &[f32],
+        m: &[f32],
+        out: &mut [f32],
+        shape: (usize, usize, usize),
+    ) {
+        chunk_mat_at::<D>(isa(), x, m, out, shape)
+    }
+
+    /// [`chunk_mat`] at instruction level `level` (or the CPU's, if lower).
+    pub(crate) fn chunk_mat_at<const D: usize>(
+        level: u8,
+        x: &[f32],
+        m: &[f32],
+        out: &mut [f32],
+        shape: (usize, usize, usize),
+    ) {
+        let level = level.min(isa());
+        check::<D>(m.len(), &[x.len(), out.len()], shape);
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,fma")]
+            unsafe fn wide<const D: usize>(
+                x: &[f32],
+                m: &[f32],
+                o: &mut [f32],
+                sh: (usize, usize, usize),
+            ) {
+                // SAFETY: compiled for, and called on, AVX-512F and FMA.
+                unsafe {
+                    if D & 15 == 0 {
+                        x86::chunk_mat::<x86::V512, D>(x, m, o, sh)
+                    } else {
+                        x86::chunk_mat::<x86::V256, D>(x, m, o, sh)
+                    }
+                }
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn narrow<const D: usize>(
+                x: &[f32],
+                m: &[f32],
+                o: &mut [f32],
+                sh: (usize, usize, usize),
+            ) {
+                // SAFETY: compiled for, and called on, AVX2 and FMA.
+                unsafe { x86::chunk_mat::<x86::V256, D>(x, m, o, sh) }
+            }
+            match level {
+                // SAFETY: the CPU has AVX-512F and FMA.
+                2 if D & 7 == 0 && D <= 64 => return unsafe { wide::<D>(x, m, out, shape) },
+                // SAFETY: the CPU has AVX2 and FMA.
+                1 if D & 7 == 0 && D <= 64 => return unsafe { narrow::<D>(x, m, out, shape) },
+                _ => {}
+            }
+        }
+        let (rows, row, col) = shape;
+        for i in 0..rows {
+            let mut acc = [0.0f32; D];
+            for (mrow, &xa) in m.chunks_exact(D).zip(&x[i * row + col..][..D]) {
+                for (o, &mb) in acc.iter_mut().zip(mrow) {
+                    *o += xa * mb;
+                }
+            }
+            out[i * row + col..][..D].copy_from_slice(&acc);
+        }
+    }
+
+    /// The matrix holds `D x D`, and both chunk buffers `rows` rows with
+    /// the head inside each row.
+    fn check<const D: usize>(
+        matrix: usize,
+        chunks: &[usize],
+        (rows, row, col): (usize, usize, usize),
+    ) {
+        assert!(
+            matrix >= D * D,
+            "the state or matrix needs {} floats",
+            D * D
+        );
+        assert!(
+            col + D <= row,
+            "head {col}..{} is outside a row of {row}",
+            col + D
+        );
+        for &len in chunks {
+            assert!(
+                len >= rows * row,
+                "a chunk buffer of {len} floats holds fewer than {rows} rows of {row}"
+            );
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        /// 2: AVX-512F and FMA, 1: AVX2 and FMA, 0: neither.
+        pub(super) fn level() -> u8 {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("fma") {
+                2
+            } else if has!("avx2") && has!("fma") {
+                1
+            } else {
+                0
+            }
+        }
+
+        /// A vector of `W` floats. The methods are `unsafe` only for their
+        /// target features: the caller must run on a CPU that has them.
+        /// Loads and stores take slices and check their length.
+        pub(super) trait Vector: Copy {
+            const W: usize;
+            unsafe fn zero() -> Self;
+            unsafe fn splat(a: f32) -> Self;
+            unsafe fn load(p: &[f32]) -> Self;
+            unsafe fn store(self, p: &mut [f32]);
+            unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
+        }
+
+        #[derive(Clone, Copy)]
+        pub(super) struct V512(__m512);
+
+        impl Vector for V512 {
+            const W: usize = 16;
+            #[inline]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn zero() -> Self {
+                V512(_mm512_setzero_ps())
+            }
+            #[inline]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn splat(a: f32) -> Self {
+                V512(_mm512_set1_ps(a))
+            }
+            #[inline]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn load(p: &[f32]) -> Self {
+                let p = &p[..16];
+                // SAFETY: `p` holds 16 floats.
+                V512(unsafe { _mm512_loadu_ps(p.as_ptr()) })
+            }
+            #[inline]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn store(self, p: &mut [f32]) {
+                let p = &mut p[..16];
+                // SAFETY: `p` holds 16 floats.
+                unsafe { _mm512_storeu_ps(p.as_mut_ptr(), self.0) }
+            }
+            #[inline]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+                V512(_mm512_fmadd_ps(a.0, b.0, c.0))
+            }
+        }
+
+        #[derive(Clone, Copy)]
+        pub(super) struct V256(__m256);
+
+        impl Vector for V256 {
+            const W: usize = 8;
+            #[inline]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn zero() -> Self {
+                V256(_mm256_setzero_ps())
+            }
+            #[inline]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn splat(a: f32) -> Self {
+                V256(_mm256_set1_ps(a))
+            }
+            #[inline]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn load(p: &[f32]) -> Self {
+                let p = &p[..8];
+                // SAFETY: `p` holds 8 floats.
+                V256(unsafe { _mm256_loadu_ps(p.as_ptr()) })
+            }
+            #[inline]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn store(self, p: &mut [f32]) {
+                let p = &mut p[..8];
+                // SAFETY: `p` holds 8 floats.
+                unsafe { _mm256_storeu_ps(p.as_mut_ptr(), self.0) }
+            }
+            #[inline]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+                V256(_mm256_fmadd_ps(a.0, b.0, c.0))
+            }
+        }
+
+        /// Registers of a row (`D / W`, at most 8) and rows per block, so
+        /// that a block is 8 accumulators.
+        const fn blocking(d: usize, w: usize) -> (usize, usize) {
+            let nv = d / w;
+            (nv, if nv >= 8 { 1 } else { 8 / nv })
+        }
+
+        /// [`super::accumulate_outer`], `r` state rows at a time in
+        /// registers across the whole chunk.
+        ///
+        /// # Safety
+        /// The CPU has `V`'s target features; `D % V::W == 0`, `D <= 64`.
+        #[inline(always)]
+        pub(super) unsafe fn accumulate<V: Vector, const D: usize>(
+            state: &mut [f32],
+            x: &[f32],
+            y: &[f32],
+            (rows, row, col): (usize, usize, usize),
+        ) {
+            let (nv, r) = blocking(D, V::W);
+            // SAFETY (all blocks below): `V`'s features, by the contract.
+            let mut blk = 0;
+            while blk < D {
+                let mut acc = [unsafe { V::zero() }; 8];
+                for rr in 0..r {
+                    for v in 0..nv {
+                        acc[rr * nv + v] = unsafe { V::load(&state[(blk + rr) * D + v * V::W..]) };
+                    }
+                }
+                for j in 0..rows {
+                    let base = j * row + col;
+                    let yr = &y[base..base + D];
+                    let mut yv = [unsafe { V::zero() }; 8];
+                    for v in 0..nv {
+                        yv[v] = unsafe { V::load(&yr[v * V::W..]) };
+                    }
+                    let xs = &x[base + blk..base + blk + r];
+                    for rr in 0..r {
+                        let xa = unsafe { V::splat(xs[rr]) };
+                        for v in 0..nv {
+                            acc[rr * nv + v] = unsafe { V::fma(xa, yv[v], acc[rr * nv + v]) };
+                        }
+                    }
+                }
+                for rr in 0..r {
+                    for v in 0..nv {
+                        unsafe { acc[rr * nv + v].store(&mut state[(blk + rr) * D + v * V::W..]) };
+                    }
+                }
+                blk += r;
+            }
+        }
+
+        /// [`super::chunk_mat`], `r` output rows at a time in registers
+        /// across the `D` rows of `m`.
+        ///
+        /// # Safety
+        /// As [`accumulate`].
+        #[inline(always)]
+        pub(super) unsafe fn chunk_mat<V: Vector, const D: usize>(
+            x: &[f32],
+            m: &[f32],
+            out: &mut [f32],
+            (rows, row, col): (usize, usize, usize),
+        ) {
+            let (nv, r) = blocking(D, V::W);
+            // SAFETY (all blocks below): `V`'s features, by the contract.
+            let mut i0 = 0;
+            while i0 < rows {
+                let n = r.min(rows - i0);
+                let mut acc = [unsafe { V::zero() }; 8];
+                for a in 0..D {
+                    let mrow = &m[a * D..a * D + D];
+                    let mut mv = [unsafe { V::zero() }; 8];
+                    for v in 0..nv {
+                        mv[v] = unsafe { V::load(&mrow[v * V::W..]) };
+                    }
+                    for rr in 0..r {
+                        if rr < n {
+                            let xa = unsafe { V::splat(x[(i0 + rr) * row + col + a]) };
+                            for v in 0..nv {
+                                acc[rr * nv + v] = unsafe { V::fma(xa, mv[v], acc[rr * nv + v]) };
+                            }
+                        }
+                    }
+                }
+                for rr in 0..n {
+                    for v in 0..nv {
+                        let at = (i0 + rr) * row + col + v * V::W;
+                        unsafe { acc[rr * nv + v].store(&mut out[at..]) };
+                    }
+                }
+                i0 += r;
+            }
+        }
+    }
+}
+
 // ------------------------------------------------- padded linear attention
 
-/// Voxels per chunk of the state accumulation: a chunk's `phi(k)` and `v`
-/// rows, converted to `f32` once, are reused for every head and row of the
-/// state (2 x 16 x 512 bytes at heads = 4, dim = 32, beside a 16 KiB state:
-/// both fit in L1).
-const CHUNK: usize = 16;
+/// Voxels per chunk: a chunk's rows are converted to `f32` once and reused
+/// for every head (2 x 16 x 512 bytes at heads = 4, dim = 32, beside a
+/// 16 KiB state: both in L1). SLA uses the same chunk.
+pub const CHUNK: usize = 16;
 
 #[inline(always)]
 fn relu(x: f32) -> f32 {
     x.max(0.0)
 }
 
-/// `state[a][:] += sum_j x[j][col + a] * y[j][col..col + D]` over `rows`
-/// chunk rows of `row` elements: a chunk of rank-one updates of one head's
-/// `D x D` state. The state row stays in registers across the chunk.
+/// `x . y` in eight interleaved partial sums (every head dim is a multiple
+/// of 8): one running sum is a chain of dependent adds that the compiler
+/// may not reorder.
 #[inline(always)]
-fn accumulate_outer<const D: usize>(
-    state: &mut [f32],
-    x: &[f32],
-    y: &[f32],
-    rows: usize,
-    row: usize,
-    col: usize,
-) {
-    for (a, srow) in state.chunks_exact_mut(D).enumerate() {
-        let mut acc = [0.0f32; D];
-        acc.copy_from_slice(srow);
-        for j in 0..rows {
-            let xa = x[j * row + col + a];
-            let yr = &y[j * row + col..j * row + col + D];
-            for (s, &yb) in acc.iter_mut().zip(yr) {
-                *s += xa * yb;
-            }
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for (xc, yc) in x.chunks_exact(8).zip(y.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += xc[l] * yc[l];
         }
-        srow.copy_from_slice(&acc);
     }
+    acc.iter().sum()
 }
 
-/// `x M` for a row-major `D x D` matrix `M`.
+/// `x M` for a row-major matrix `M` of `x.len()` rows of `D`: the softmax
+/// kernels' weighted sums of value rows.
 #[inline(always)]
 fn vec_mat<const D: usize>(x: &[f32], m: &[f32]) -> [f32; D] {
     let mut y = [0.0f32; D];
@@ -474,11 +961,6 @@ fn vec_mat<const D: usize>(x: &[f32], m: &[f32]) -> [f32; D] {
         }
     }
     y
-}
-
-#[inline(always)]
-fn dot(x: &[f32], y: &[f32]) -> f32 {
-    x.iter().zip(y).map(|(a, b)| a * b).sum()
 }
 
 /// Transposes each head's `D x D` block of `src` into `dst`.
@@ -492,7 +974,16 @@ fn transpose_heads<const D: usize>(src: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// Per-worker buffers of the linear kernels.
+/// Converts rows to `f32` through `f`.
+#[inline(always)]
+fn load<T: Scalar>(dst: &mut [f32], src: &[T], f: impl Fn(f32) -> f32) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = f(x.to_f32());
+    }
+}
+
+/// Per-worker buffers of the linear kernels: one window's state and, for
+/// the backward, its transpose and gradients; chunk buffers.
 struct LinScratch {
     kv: Vec<f32>,
     s: Vec<f32>,
@@ -500,8 +991,11 @@ struct LinScratch {
     dkv: Vec<f32>,
     dkvt: Vec<f32>,
     ds: Vec<f32>,
+    dden: Vec<f32>,
     x: Vec<f32>,
     y: Vec<f32>,
+    z: Vec<f32>,
+    u: Vec<f32>,
 }
 
 impl LinScratch {
@@ -514,14 +1008,18 @@ impl LinScratch {
             dkv: vec![0.0; st],
             dkvt: vec![0.0; st],
             ds: vec![0.0; sv],
+            dden: vec![0.0; CHUNK * heads],
             x: vec![0.0; ch],
             y: vec![0.0; ch],
+            z: vec![0.0; ch],
+            u: vec![0.0; ch],
         }
     }
 }
 
 /// `KV = sum_j phi(k_j)^T v_j` and `s = sum_j phi(k_j)` of one padded
-/// window, pad slots masked out (`phi(k_j) * mask_j`), all heads.
+/// window, all heads, pad slots masked out (`phi(k_j) * mask_j`), a chunk
+/// at a time.
 fn linear_state<T: Scalar, const D: usize>(
     k: &[T],
     v: &[T],
@@ -534,40 +1032,27 @@ fn linear_state<T: Scalar, const D: usize>(
     sc.s.fill(0.0);
     for start in (0..mask.len()).step_by(CHUNK) {
         let g = CHUNK.min(mask.len() - start);
-        for j in 0..g {
-            let m = mask[start + j];
-            let (kr, vr) = (
-                &k[(start + j) * row..][..row],
-                &v[(start + j) * row..][..row],
-            );
-            for (x, &kk) in sc.x[j * row..][..row].iter_mut().zip(kr) {
-                *x = relu(kk.to_f32()) * m;
-            }
-            for (y, &vv) in sc.y[j * row..][..row].iter_mut().zip(vr) {
-                *y = vv.to_f32();
-            }
+        let at = start * row..(start + g) * row;
+        load(&mut sc.x, &k[at.clone()], relu);
+        for (xr, &m) in sc.x.chunks_exact_mut(row).zip(&mask[start..start + g]) {
+            xr.iter_mut().for_each(|x| *x *= m);
         }
+        load(&mut sc.y, &v[at], |x| x);
         for h in 0..heads {
-            accumulate_outer::<D>(
-                &mut sc.kv[h * D * D..][..D * D],
-                &sc.x,
-                &sc.y,
-                g,
-                row,
-                h * D,
-            );
-            let s = &mut sc.s[h * D..][..D];
-            for j in 0..g {
-                for (sa, &xa) in s.iter_mut().zip(&sc.x[j * row + h * D..][..D]) {
-                    *sa += xa;
-                }
+            let kv = &mut sc.kv[h * D * D..][..D * D];
+            products::accumulate_outer::<D>(kv, &sc.x, &sc.y, (g, row, h * D));
+        }
+        for xr in sc.x[..g * row].chunks_exact(row) {
+            for (sa, &xa) in sc.s.iter_mut().zip(xr) {
+                *sa += xa;
             }
         }
     }
 }
 
-/// Linear attention over one padded window (all slots, pads included, as a
-/// batched dense kernel does): `out_i = phi(q_i) KV / (phi(q_i) . s + eps)`.
+/// Linear attention over one padded window, every slot (pads included, as
+/// a batched dense kernel computes them): `out_i = phi(q_i) KV / (phi(q_i)
+/// . s + 1e-6)`.
 fn linear_forward_window<T: Scalar, const D: usize>(
     q: &[T],
     k: &[T],
@@ -578,24 +1063,33 @@ fn linear_forward_window<T: Scalar, const D: usize>(
     sc: &mut LinScratch,
 ) {
     let row = heads * D;
+    let slots = mask.len();
     linear_state::<T, D>(k, v, mask, heads, sc);
-    for (qi, oi) in q.chunks_exact(row).zip(out.chunks_exact_mut(row)) {
+    for start in (0..slots).step_by(CHUNK) {
+        let g = CHUNK.min(slots - start);
+        let at = start * row..(start + g) * row;
+        load(&mut sc.x, &q[at.clone()], relu);
         for h in 0..heads {
-            let mut phq = [0.0f32; D];
-            for (p, &x) in phq.iter_mut().zip(&qi[h * D..][..D]) {
-                *p = relu(x.to_f32());
-            }
-            let num = vec_mat::<D>(&phq, &sc.kv[h * D * D..][..D * D]);
-            let den = dot(&phq, &sc.s[h * D..][..D]) + LINEAR_EPS;
-            for (o, nb) in oi[h * D..][..D].iter_mut().zip(num) {
-                *o = T::from_f32(nb / den);
+            let kv = &sc.kv[h * D * D..][..D * D];
+            products::chunk_mat::<D>(&sc.x, kv, &mut sc.y, (g, row, h * D));
+        }
+        let rows_out = out[at].chunks_exact_mut(row);
+        for ((o, x), y) in rows_out
+            .zip(sc.x.chunks_exact(row))
+            .zip(sc.y.chunks_exact(row))
+        {
+            for h in 0..heads {
+                let den = dot(&x[h * D..][..D], &sc.s[h * D..][..D]) + LINEAR_EPS;
+                for (ob, &nb) in o[h * D..][..D].iter_mut().zip(&y[h * D..][..D]) {
+                    *ob = T::from_f32(nb / den);
+                }
             }
         }
     }
 }
 
-/// Backward of [`linear_forward_window`]; the same formulas as SLA's
-/// backward (see the workload's `sla` module), with `phi(k_j) * mask_j`.
+/// Backward of [`linear_forward_window`]: the formulas of SLA's backward
+/// (see the workload's `sla` module), with `phi(k_j) * mask_j`.
 #[allow(clippy::too_many_arguments)] // the tensors of one window, named as in the math
 fn linear_backward_window<T: Scalar, const D: usize>(
     (q, k, v, dout): (&[T], &[T], &[T], &[T]),
@@ -612,72 +1106,95 @@ fn linear_backward_window<T: Scalar, const D: usize>(
     transpose_heads::<D>(&sc.kv, &mut sc.kvt);
     sc.dkv.fill(0.0);
     sc.ds.fill(0.0);
-    // Queries: dq, and dKV += phi(q_i)^T g_i, ds += phi(q_i) dden_i.
+    // Queries: x = phi(q), y = num then g, z = KV g.
     for start in (0..slots).step_by(CHUNK) {
         let g = CHUNK.min(slots - start);
-        for j in 0..g {
-            let i = start + j;
-            let (qi, di) = (&q[i * row..][..row], &dout[i * row..][..row]);
-            let dqi = &mut dq[i * row..][..row];
+        let at = start * row..(start + g) * row;
+        load(&mut sc.x, &q[at.clone()], relu);
+        for h in 0..heads {
+            let kv = &sc.kv[h * D * D..][..D * D];
+            products::chunk_mat::<D>(&sc.x, kv, &mut sc.y, (g, row, h * D));
+        }
+        let dout_rows = dout[at.clone()].chunks_exact(row);
+        for (j, (d, (x, y))) in dout_rows
+            .zip(sc.x.chunks_exact(row).zip(sc.y.chunks_exact_mut(row)))
+            .enumerate()
+        {
             for h in 0..heads {
-                let mut phq = [0.0f32; D];
-                for (p, &x) in phq.iter_mut().zip(&qi[h * D..][..D]) {
-                    *p = relu(x.to_f32());
+                let den = dot(&x[h * D..][..D], &sc.s[h * D..][..D]) + LINEAR_EPS;
+                let mut gn = [0.0f32; 8];
+                for (l, (yb, &db)) in y[h * D..][..D].iter_mut().zip(&d[h * D..][..D]).enumerate() {
+                    let gb = db.to_f32() / den;
+                    gn[l % 8] += gb * *yb;
+                    *yb = gb;
                 }
-                let num = vec_mat::<D>(&phq, &sc.kv[h * D * D..][..D * D]);
-                let s = &sc.s[h * D..][..D];
-                let den = dot(&phq, s) + LINEAR_EPS;
-                let mut gi = [0.0f32; D];
-                for (gb, &d) in gi.iter_mut().zip(&di[h * D..][..D]) {
-                    *gb = d.to_f32() / den;
+                let dden = -gn.iter().sum::<f32>() / den;
+                sc.dden[j * heads + h] = dden;
+                for (dsa, &xa) in sc.ds[h * D..][..D].iter_mut().zip(&x[h * D..][..D]) {
+                    *dsa += xa * dden;
                 }
-                let dden = -dot(&gi, &num) / den;
-                let dphq = vec_mat::<D>(&gi, &sc.kvt[h * D * D..][..D * D]);
-                for a in 0..D {
-                    let x = qi[h * D + a].to_f32();
-                    let grad = if x > 0.0 { dphq[a] + s[a] * dden } else { 0.0 };
-                    dqi[h * D + a] = T::from_f32(grad);
-                    sc.ds[h * D + a] += phq[a] * dden;
-                }
-                sc.x[j * row + h * D..][..D].copy_from_slice(&phq);
-                sc.y[j * row + h * D..][..D].copy_from_slice(&gi);
             }
         }
         for h in 0..heads {
-            accumulate_outer::<D>(
-                &mut sc.dkv[h * D * D..][..D * D],
-                &sc.x,
-                &sc.y,
-                g,
-                row,
-                h * D,
-            );
+            let kvt = &sc.kvt[h * D * D..][..D * D];
+            products::chunk_mat::<D>(&sc.y, kvt, &mut sc.z, (g, row, h * D));
+            let dkv = &mut sc.dkv[h * D * D..][..D * D];
+            products::accumulate_outer::<D>(dkv, &sc.x, &sc.y, (g, row, h * D));
+        }
+        let q_rows = q[at.clone()].chunks_exact(row);
+        let z_rows = sc.z.chunks_exact(row);
+        for (j, ((dqr, qr), z)) in dq[at]
+            .chunks_exact_mut(row)
+            .zip(q_rows)
+            .zip(z_rows)
+            .enumerate()
+        {
+            for h in 0..heads {
+                let dden = sc.dden[j * heads + h];
+                for a in h * D..(h + 1) * D {
+                    let grad = if qr[a].to_f32() > 0.0 {
+                        z[a] + sc.s[a] * dden
+                    } else {
+                        0.0
+                    };
+                    dqr[a] = T::from_f32(grad);
+                }
+            }
         }
     }
     transpose_heads::<D>(&sc.dkv, &mut sc.dkvt);
-    // Keys and values: dphi(k_j) = dKV v_j + ds, dv_j = dKV^T phi(k_j).
-    for j in 0..slots {
-        let m = mask[j];
-        let (kj, vj) = (&k[j * row..][..row], &v[j * row..][..row]);
-        let (dkj, dvj) = (&mut dk[j * row..][..row], &mut dv[j * row..][..row]);
+    // Keys and values: x = phi(k) mask, y = v, z = dKV v, u = dv.
+    for start in (0..slots).step_by(CHUNK) {
+        let g = CHUNK.min(slots - start);
+        let at = start * row..(start + g) * row;
+        let m = &mask[start..start + g];
+        load(&mut sc.x, &k[at.clone()], relu);
+        for (xr, &mj) in sc.x.chunks_exact_mut(row).zip(m) {
+            xr.iter_mut().for_each(|x| *x *= mj);
+        }
+        load(&mut sc.y, &v[at.clone()], |x| x);
         for h in 0..heads {
-            let mut phk = [0.0f32; D];
-            let mut vv = [0.0f32; D];
-            for a in 0..D {
-                phk[a] = relu(kj[h * D + a].to_f32()) * m;
-                vv[a] = vj[h * D + a].to_f32();
-            }
-            let dphk = vec_mat::<D>(&vv, &sc.dkvt[h * D * D..][..D * D]);
-            let dvv = vec_mat::<D>(&phk, &sc.dkv[h * D * D..][..D * D]);
-            for a in 0..D {
-                let x = kj[h * D + a].to_f32();
-                let grad = if x > 0.0 {
-                    (dphk[a] + sc.ds[h * D + a]) * m
+            let (dkvt, dkv) = (
+                &sc.dkvt[h * D * D..][..D * D],
+                &sc.dkv[h * D * D..][..D * D],
+            );
+            products::chunk_mat::<D>(&sc.y, dkvt, &mut sc.z, (g, row, h * D));
+            products::chunk_mat::<D>(&sc.x, dkv, &mut sc.u, (g, row, h * D));
+        }
+        let k_rows = k[at.clone()].chunks_exact(row);
+        let grads = dk[at.clone()]
+            .chunks_exact_mut(row)
+            .zip(dv[at].chunks_exact_mut(row));
+        let zu = sc.z.chunks_exact(row).zip(sc.u.chunks_exact(row));
+        for ((((dkr, dvr), kr), (z, u)), &mj) in grads.zip(k_rows).zip(zu).zip(m) {
+            for a in 0..row {
+                let grad = if kr[a].to_f32() > 0.0 {
+                    (z[a] + sc.ds[a]) * mj
                 } else {
                     0.0
                 };
-                dkj[h * D + a] = T::from_f32(grad);
-                dvj[h * D + a] = T::from_f32(dvv[a]);
+                dkr[a] = T::from_f32(grad);
+                dvr[a] = T::from_f32(u[a]);
             }
         }
     }
@@ -724,21 +1241,11 @@ fn padded_linear_forward_d<T: Scalar, const D: usize>(
     let (row, heads) = (shape.row(), shape.heads);
     let plan = PadPlan::new(counts);
     let mut pad = Padded::new(&plan, &[q, k, v], 1, (offsets, counts), row);
-    for (b, bucket) in plan.buckets.iter().enumerate() {
-        let (win, at) = (bucket.padded_len * row, pad.starts[b]..pad.starts[b + 1]);
-        let t = |i: usize| pad.inputs[i][at.clone()].par_chunks(win);
-        let mask =
-            pad.mask[pad.mask_starts[b]..pad.mask_starts[b + 1]].par_chunks(bucket.padded_len);
-        pad.outputs[0][at.clone()]
-            .par_chunks_mut(win)
-            .zip(t(0))
-            .zip(t(1).zip(t(2)))
-            .zip(mask)
-            .for_each_init(
-                || LinScratch::new(heads, D),
-                |sc, (((o, q), (k, v)), m)| linear_forward_window::<T, D>(q, k, v, m, heads, o, sc),
-            );
-    }
+    pad.for_each_window(
+        row,
+        || LinScratch::new(heads, D),
+        |sc, x, m, o| linear_forward_window::<T, D>(x[0], x[1], x[2], m, heads, o[0], sc),
+    );
     pad.scatter(&plan, 0, counts, row, out);
     let stats = PadStats {
         padded_slots: plan.padded_slots(),
@@ -795,29 +1302,16 @@ fn padded_linear_backward_d<T: Scalar, const D: usize>(
     let (row, heads) = (shape.row(), shape.heads);
     let plan = PadPlan::new(counts);
     let mut pad = Padded::new(&plan, &inputs, 3, (offsets, counts), row);
-    for (b, bucket) in plan.buckets.iter().enumerate() {
-        let (win, at) = (bucket.padded_len * row, pad.starts[b]..pad.starts[b + 1]);
-        let t = |i: usize| pad.inputs[i][at.clone()].par_chunks(win);
-        let mask =
-            pad.mask[pad.mask_starts[b]..pad.mask_starts[b + 1]].par_chunks(bucket.padded_len);
-        let [gq, gk, gv] = &mut pad.outputs[..] else {
-            unreachable!("three gradients")
-        };
-        let grads = gq[at.clone()]
-            .par_chunks_mut(win)
-            .zip(gk[at.clone()].par_chunks_mut(win))
-            .zip(gv[at.clone()].par_chunks_mut(win));
-        t(0).zip(t(1))
-            .zip(t(2).zip(t(3)))
-            .zip(grads)
-            .zip(mask)
-            .for_each_init(
-                || LinScratch::new(heads, D),
-                |sc, ((((q, k), (v, d)), ((dq, dk), dv)), m)| {
-                    linear_backward_window::<T, D>((q, k, v, d), m, heads, dq, dk, dv, sc)
-                },
-            );
-    }
+    pad.for_each_window(
+        row,
+        || LinScratch::new(heads, D),
+        |sc, x, m, g| {
+            let [dq, dk, dv] = g else {
+                unreachable!("three gradients")
+            };
+            linear_backward_window::<T, D>((x[0], x[1], x[2], x[3]), m, heads, dq, dk, dv, sc)
+        },
+    );
     for (t, dst) in grads.into_iter().enumerate() {
         pad.scatter(&plan, t, counts, row, dst);
     }
@@ -920,7 +1414,8 @@ impl SoftScratch {
 }
 
 /// Masked softmax attention over one padded window, every slot a query.
-fn softmax_forward_window<T: Scalar, const D: usize>(
+#[inline(always)]
+fn softmax_forward_body<T: Scalar, const D: usize>(
     q: &[T],
     k: &[T],
     v: &[T],
@@ -952,7 +1447,8 @@ fn softmax_forward_window<T: Scalar, const D: usize>(
 /// (dp_ij - dout_i . out_i)`, `dq_i = sum_j dS_ij k_j / sqrt(d)`, `dk_j =
 /// sum_i dS_ij q_i / sqrt(d)`, `dv_j = sum_i p_ij dout_i`.
 #[allow(clippy::too_many_arguments)] // the tensors of one window, named as in the math
-fn softmax_backward_window<T: Scalar, const D: usize>(
+#[inline(always)]
+fn softmax_backward_body<T: Scalar, const D: usize>(
     (q, k, v, dout): (&[T], &[T], &[T], &[T]),
     mask: &[f32],
     heads: usize,
@@ -1017,6 +1513,55 @@ fn softmax_backward_window<T: Scalar, const D: usize>(
     }
 }
 
+/// The softmax kernels compiled for AVX-512 or AVX2 where the CPU has them,
+/// as the linear kernels' products are, so that the comparison is not one
+/// of instruction sets. Their loops run over the padded length, which the
+/// compiler vectorises without help.
+macro_rules! softmax_dispatch {
+    ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
+        fn $name<T: Scalar, const D: usize>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,fma")]
+                unsafe fn wide<T: Scalar, const D: usize>($($arg: $ty),*) {
+                    $body::<T, D>($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn narrow<T: Scalar, const D: usize>($($arg: $ty),*) {
+                    $body::<T, D>($($arg),*)
+                }
+                match products::isa() {
+                    // SAFETY: the CPU has AVX-512F and FMA.
+                    2 => return unsafe { wide::<T, D>($($arg),*) },
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    1 => return unsafe { narrow::<T, D>($($arg),*) },
+                    _ => {}
+                }
+            }
+            $body::<T, D>($($arg),*)
+        }
+    };
+}
+
+softmax_dispatch!(
+    softmax_forward_window,
+    softmax_forward_body,
+    (q: &[T], k: &[T], v: &[T], mask: &[f32], heads: usize, out: &mut [T], sc: &mut SoftScratch)
+);
+softmax_dispatch!(
+    softmax_backward_window,
+    softmax_backward_body,
+    (
+        x: (&[T], &[T], &[T], &[T]),
+        mask: &[f32],
+        heads: usize,
+        dq: &mut [T],
+        dk: &mut [T],
+        dv: &mut [T],
+        sc: &mut SoftScratch
+    )
+);
+
 /// Softmax attention (`softmax(q k^T / sqrt(dim)) v`) within each window,
 /// computed the sort-and-pad way: each window is padded, pad keys are masked
 /// out, every slot of the padded window is computed, and the real slots are
@@ -1058,20 +1603,9 @@ fn padded_softmax_forward_d<T: Scalar, const D: usize>(
     let (row, heads) = (shape.row(), shape.heads);
     let plan = PadPlan::new(counts);
     let mut pad = Padded::new(&plan, &[q, k, v], 1, (offsets, counts), row);
-    for (b, bucket) in plan.buckets.iter().enumerate() {
-        let (win, at) = (bucket.padded_len * row, pad.starts[b]..pad.starts[b + 1]);
-        let t = |i: usize| pad.inputs[i][at.clone()].par_chunks(win);
-        let mask =
-            pad.mask[pad.mask_starts[b]..pad.mask_starts[b + 1]].par_chunks(bucket.padded_len);
-        pad.outputs[0][at.clone()]
-            .par_chunks_mut(win)
-            .zip(t(0))
-            .zip(t(1).zip(t(2)))
-            .zip(mask)
-            .for_each_init(SoftScratch::new, |sc, (((o, q), (k, v)), m)| {
-                softmax_forward_window::<T, D>(q, k, v, m, heads, o, sc)
-            });
-    }
+    pad.for_each_window(row, SoftScratch::new, |sc, x, m, o| {
+        softmax_forward_window::<T, D>(x[0], x[1], x[2], m, heads, o[0], sc)
+    });
     pad.scatter(&plan, 0, counts, row, out);
     let stats = PadStats {
         padded_slots: plan.padded_slots(),
@@ -1127,29 +1661,12 @@ fn padded_softmax_backward_d<T: Scalar, const D: usize>(
     let (row, heads) = (shape.row(), shape.heads);
     let plan = PadPlan::new(counts);
     let mut pad = Padded::new(&plan, &inputs, 3, (offsets, counts), row);
-    for (b, bucket) in plan.buckets.iter().enumerate() {
-        let (win, at) = (bucket.padded_len * row, pad.starts[b]..pad.starts[b + 1]);
-        let t = |i: usize| pad.inputs[i][at.clone()].par_chunks(win);
-        let mask =
-            pad.mask[pad.mask_starts[b]..pad.mask_starts[b + 1]].par_chunks(bucket.padded_len);
-        let [gq, gk, gv] = &mut pad.outputs[..] else {
+    pad.for_each_window(row, SoftScratch::new, |sc, x, m, g| {
+        let [dq, dk, dv] = g else {
             unreachable!("three gradients")
         };
-        let grads = gq[at.clone()]
-            .par_chunks_mut(win)
-            .zip(gk[at.clone()].par_chunks_mut(win))
-            .zip(gv[at.clone()].par_chunks_mut(win));
-        t(0).zip(t(1))
-            .zip(t(2).zip(t(3)))
-            .zip(grads)
-            .zip(mask)
-            .for_each_init(
-                SoftScratch::new,
-                |sc, ((((q, k), (v, d)), ((dq, dk), dv)), m)| {
-                    softmax_backward_window::<T, D>((q, k, v, d), m, heads, dq, dk, dv, sc)
-                },
-            );
-    }
+        softmax_backward_window::<T, D>((x[0], x[1], x[2], x[3]), m, heads, dq, dk, dv, sc)
+    });
     for (t, dst) in grads.into_iter().enumerate() {
         pad.scatter(&plan, t, counts, row, dst);
     }
@@ -1596,6 +2113,58 @@ mod tests {
             lin < 1e-6 && soft < 1e-6,
             "linear {lin:e}, softmax {soft:e}"
         );
+    }
+
+    /// Every instruction level this CPU has against the plain loops, for
+    /// every head dim, with whole and partial chunks. The vector forms fuse
+    /// multiply-adds and sum in another order, so they agree to rounding:
+    /// `1e-5` relative to the largest entry, against sums of at most 64
+    /// products whose errors are near `64 * 6e-8`.
+    #[test]
+    fn window_attention_products_agree_at_every_level() {
+        fn case<const D: usize>(rng: &mut ChaCha8Rng) -> f64 {
+            let (heads, rows) = (3, 13);
+            let row = heads * D;
+            let mut r = || rng.random::<f32>() * 2.0 - 1.0;
+            let x: Vec<f32> = (0..CHUNK * row).map(|_| r()).collect();
+            let y: Vec<f32> = (0..CHUNK * row).map(|_| r()).collect();
+            let m: Vec<f32> = (0..D * D).map(|_| r()).collect();
+            let mut worst = 0.0f64;
+            for g in [rows, CHUNK, 1] {
+                let shape = (g, row, D);
+                let mut s0 = m.clone();
+                let mut o0 = vec![0.0f32; CHUNK * row];
+                products::accumulate_outer_at::<D>(0, &mut s0, &x, &y, shape);
+                products::chunk_mat_at::<D>(0, &x, &m, &mut o0, shape);
+                for level in 1..=products::isa() {
+                    let mut s = m.clone();
+                    let mut o = vec![0.0f32; CHUNK * row];
+                    products::accumulate_outer_at::<D>(level, &mut s, &x, &y, shape);
+                    products::chunk_mat_at::<D>(level, &x, &m, &mut o, shape);
+                    let rel = |a: &[f32], b: &[f32]| {
+                        let scale = b.iter().fold(0.0f32, |acc, v| acc.max(v.abs())) as f64;
+                        let diff = a
+                            .iter()
+                            .zip(b)
+                            .fold(0.0f32, |acc, (p, q)| acc.max((p - q).abs()));
+                        diff as f64 / scale
+                    };
+                    worst = worst.max(rel(&s, &s0)).max(rel(&o, &o0));
+                    // Rows outside the chunk stay untouched.
+                    assert!(o[g * row..].iter().all(|&v| v == 0.0));
+                }
+            }
+            worst
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        for dim in HEAD_DIMS {
+            let worst = with_head_dim!(dim, D => case::<D>(&mut rng));
+            eprintln!(
+                "products, dim {dim}, levels 1..={}: {worst:.2e}",
+                products::isa()
+            );
+            assert!(worst < 1e-5, "dim {dim}: {worst:e}");
+        }
     }
 
     #[test]

@@ -26,6 +26,13 @@
 //! because a voxel's heads share one 512-byte row and splitting by head
 //! would read each row once per head.
 //!
+//! The two dense products inside a chunk (`KV += phi(K)^T V` and `phi(Q)
+//! KV`) are [`baselines::window_attention::products`], register-blocked
+//! and chosen at run time for AVX-512 or AVX2 with FMA. The padded linear
+//! baseline calls the same products on its padded windows, so the two
+//! compute the same arithmetic and their timing difference is the cost of
+//! sort-and-pad alone.
+//!
 //! What this does not include: the released `ScatterAttention` module also
 //! sum-pools `KV` and `s` over neighbouring windows with a sparse 3x3 pool
 //! before applying them (`scatterformer_utils.py`); `SLALayer`, which the
@@ -38,7 +45,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use baselines::window_attention::{check_layout, split_windows_mut, LINEAR_EPS};
+use baselines::window_attention::{check_layout, products, split_windows_mut, LINEAR_EPS};
 pub use baselines::window_attention::{Grads64, Scalar, Shape};
 use baselines::with_head_dim;
 use rayon::prelude::*;
@@ -110,193 +117,6 @@ fn transpose_heads<const D: usize>(src: &[f32], dst: &mut [f32]) {
             }
         }
     }
-}
-
-/// The two products that do the arithmetic, each on one head of a chunk of
-/// voxel rows (`rows` rows of `row` elements, the head at `col..col + D`):
-///
-/// * [`simd::accumulate_outer`]: `state += X^T Y` for a `D x D` state,
-///   a chunk of rank-one updates;
-/// * [`simd::chunk_mat`]: `Out = X M` for a `D x D` matrix `M`.
-///
-/// Both update one row of `state` or `Out` per step and move to another row
-/// before coming back, so consecutive multiply-adds are independent (one
-/// row accumulated in registers over the chunk is a chain of dependent
-/// multiply-adds, and measured 1.6x slower; four such rows blocked in
-/// registers defeated the compiler's vectoriser, 3x slower).
-///
-/// Each is compiled three ways and chosen per call (the feature test is a
-/// cached load): AVX-512F with FMA, AVX2 with FMA, and the target's
-/// baseline (SSE2 on x86_64). They are real calls, not inlined into the
-/// window kernels: inlined, the compiler could no longer tell that the
-/// state and the chunk buffers (fields of one scratch struct) do not
-/// overlap, and emitted scalar code. Fused multiply-adds round once rather
-/// than twice, so results differ between machines in the last bits. The
-/// padded baselines are built the same way, so a comparison measures the
-/// algorithms, not the instruction sets.
-mod simd {
-    /// `o[..D] += a * y[..D]`, the one operation the products are made of.
-    ///
-    /// # Safety
-    /// The CPU must support instruction level `ISA` (2: AVX-512F and FMA,
-    /// 1: AVX2 and FMA, 0: none); `dispatch!` calls the bodies with `ISA`
-    /// from the feature test only.
-    #[inline(always)]
-    unsafe fn row_axpy<const D: usize, const ISA: u8>(o: &mut [f32], a: f32, y: &[f32]) {
-        let (o, y) = (&mut o[..D], &y[..D]);
-        #[cfg(target_arch = "x86_64")]
-        {
-            if ISA == 2 && D.is_multiple_of(16) {
-                // SAFETY: AVX-512F and FMA by the caller's contract; `o` and
-                // `y` hold `D` elements.
-                unsafe { x86::axpy512::<D>(o.as_mut_ptr(), a, y.as_ptr()) };
-                return;
-            }
-            if ISA >= 1 && D.is_multiple_of(8) {
-                // SAFETY: AVX2 and FMA (implied by AVX-512F) by the
-                // caller's contract; `o` and `y` hold `D` elements.
-                unsafe { x86::axpy256::<D>(o.as_mut_ptr(), a, y.as_ptr()) };
-                return;
-            }
-        }
-        for (ob, &yb) in o.iter_mut().zip(y) {
-            *ob += a * yb;
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    mod x86 {
-        use std::arch::x86_64::*;
-
-        /// # Safety
-        /// AVX-512F and FMA; `o` and `y` valid for `D` floats, `D % 16 == 0`.
-        #[inline]
-        #[target_feature(enable = "avx512f,fma")]
-        pub(super) unsafe fn axpy512<const D: usize>(o: *mut f32, a: f32, y: *const f32) {
-            let av = _mm512_set1_ps(a);
-            for i in (0..D).step_by(16) {
-                // SAFETY: i + 16 <= D.
-                unsafe {
-                    let r =
-                        _mm512_fmadd_ps(av, _mm512_loadu_ps(y.add(i)), _mm512_loadu_ps(o.add(i)));
-                    _mm512_storeu_ps(o.add(i), r);
-                }
-            }
-        }
-
-        /// # Safety
-        /// AVX2 and FMA; `o` and `y` valid for `D` floats, `D % 8 == 0`.
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) unsafe fn axpy256<const D: usize>(o: *mut f32, a: f32, y: *const f32) {
-            let av = _mm256_set1_ps(a);
-            for i in (0..D).step_by(8) {
-                // SAFETY: i + 8 <= D.
-                unsafe {
-                    let r =
-                        _mm256_fmadd_ps(av, _mm256_loadu_ps(y.add(i)), _mm256_loadu_ps(o.add(i)));
-                    _mm256_storeu_ps(o.add(i), r);
-                }
-            }
-        }
-    }
-
-    /// # Safety
-    /// As [`row_axpy`].
-    #[inline(always)]
-    unsafe fn accumulate_outer_body<const D: usize, const ISA: u8>(
-        state: &mut [f32],
-        x: &[f32],
-        y: &[f32],
-        (rows, row, col): (usize, usize, usize),
-    ) {
-        for j in 0..rows {
-            let base = j * row + col;
-            let yr = &y[base..base + D];
-            for (srow, &xa) in state.chunks_exact_mut(D).zip(&x[base..base + D]) {
-                // SAFETY: the caller's contract.
-                unsafe { row_axpy::<D, ISA>(srow, xa, yr) };
-            }
-        }
-    }
-
-    /// # Safety
-    /// As [`row_axpy`].
-    #[inline(always)]
-    unsafe fn chunk_mat_body<const D: usize, const ISA: u8>(
-        x: &[f32],
-        m: &[f32],
-        out: &mut [f32],
-        (rows, row, col): (usize, usize, usize),
-    ) {
-        for i in 0..rows {
-            out[i * row + col..][..D].fill(0.0);
-        }
-        for (a, mrow) in m.chunks_exact(D).enumerate() {
-            for i in 0..rows {
-                let xa = x[i * row + col + a];
-                // SAFETY: the caller's contract.
-                unsafe { row_axpy::<D, ISA>(&mut out[i * row + col..], xa, mrow) };
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn level() -> u8 {
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("fma") {
-            2
-        } else if has!("avx2") && has!("fma") {
-            1
-        } else {
-            0
-        }
-    }
-
-    macro_rules! dispatch {
-        ($(#[$doc:meta])* $name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
-            $(#[$doc])*
-            pub(super) fn $name<const D: usize>($($arg: $ty),*) {
-                #[cfg(target_arch = "x86_64")]
-                {
-                    #[target_feature(enable = "avx512f,fma")]
-                    unsafe fn wide<const D: usize>($($arg: $ty),*) {
-                        // SAFETY: compiled for, and called on, AVX-512F and FMA.
-                        unsafe { $body::<D, 2>($($arg),*) }
-                    }
-                    #[target_feature(enable = "avx2,fma")]
-                    unsafe fn narrow<const D: usize>($($arg: $ty),*) {
-                        // SAFETY: compiled for, and called on, AVX2 and FMA.
-                        unsafe { $body::<D, 1>($($arg),*) }
-                    }
-                    match level() {
-                        // SAFETY: the CPU has AVX-512F and FMA.
-                        2 => return unsafe { wide::<D>($($arg),*) },
-                        // SAFETY: the CPU has AVX2 and FMA.
-                        1 => return unsafe { narrow::<D>($($arg),*) },
-                        _ => {}
-                    }
-                }
-                // SAFETY: level 0 needs no instruction-set extension.
-                unsafe { $body::<D, 0>($($arg),*) }
-            }
-        };
-    }
-
-    dispatch!(
-        /// `state[a][:] += sum_j x[j][col + a] * y[j][col..col + D]` over
-        /// `rows` chunk rows of `row` elements (`shape = (rows, row, col)`).
-        accumulate_outer,
-        accumulate_outer_body,
-        (state: &mut [f32], x: &[f32], y: &[f32], shape: (usize, usize, usize))
-    );
-    dispatch!(
-        /// `out[i][col..col + D] = x[i][col..col + D] M` for the chunk rows
-        /// (row-major `D x D` `M`; `shape = (rows, row, col)`).
-        chunk_mat,
-        chunk_mat_body,
-        (x: &[f32], m: &[f32], out: &mut [f32], shape: (usize, usize, usize))
-    );
 }
 
 /// Per-worker buffers: the state of one window (`kv`, `s`), its transpose
@@ -376,7 +196,7 @@ fn window_state<T: Scalar, const D: usize, const F: u8>(
         load(&mut sc.y, &v[at], |x| x);
         for h in 0..heads {
             let kv = &mut sc.kv[h * D * D..][..D * D];
-            simd::accumulate_outer::<D>(kv, &sc.x, &sc.y, (g, row, h * D));
+            products::accumulate_outer::<D>(kv, &sc.x, &sc.y, (g, row, h * D));
         }
         for xr in sc.x[..g * row].chunks_exact(row) {
             for (sa, &xa) in sc.s.iter_mut().zip(xr) {
@@ -405,7 +225,7 @@ fn window_forward<T: Scalar, const D: usize, const F: u8>(
         load(&mut sc.x, &q[at.clone()], relu);
         for h in 0..heads {
             let kv = &sc.kv[h * D * D..][..D * D];
-            simd::chunk_mat::<D>(&sc.x, kv, &mut sc.y, (g, row, h * D));
+            products::chunk_mat::<D>(&sc.x, kv, &mut sc.y, (g, row, h * D));
         }
         let rows_out = out[at].chunks_exact_mut(row);
         for ((o, x), y) in rows_out
@@ -445,7 +265,7 @@ fn window_forward<T: Scalar, const D: usize, const F: u8>(
 /// ```
 ///
 /// `KV g_i` and `dKV v_j` are computed as `g_i KV^T` and `v_j dKV^T` from
-/// the transposed states, so that every product is one of [`simd`]'s.
+/// the transposed states, so that every product is one of [`products`]'.
 #[allow(clippy::too_many_arguments)] // the tensors of one window, named as in the math
 fn window_backward<T: Scalar, const D: usize, const F: u8>(
     (q, k, v, dout): (&[T], &[T], &[T], &[T]),
@@ -469,7 +289,7 @@ fn window_backward<T: Scalar, const D: usize, const F: u8>(
         load(&mut sc.x, &q[at.clone()], relu);
         for h in 0..heads {
             let kv = &sc.kv[h * D * D..][..D * D];
-            simd::chunk_mat::<D>(&sc.x, kv, &mut sc.y, (g, row, h * D));
+            products::chunk_mat::<D>(&sc.x, kv, &mut sc.y, (g, row, h * D));
         }
         let dout_rows = dout[at.clone()].chunks_exact(row);
         for (j, (d, (x, y))) in dout_rows
@@ -495,9 +315,9 @@ fn window_backward<T: Scalar, const D: usize, const F: u8>(
         }
         for h in 0..heads {
             let kvt = &sc.kvt[h * D * D..][..D * D];
-            simd::chunk_mat::<D>(&sc.y, kvt, &mut sc.z, (g, row, h * D));
+            products::chunk_mat::<D>(&sc.y, kvt, &mut sc.z, (g, row, h * D));
             let dkv = &mut sc.dkv[h * D * D..][..D * D];
-            simd::accumulate_outer::<D>(dkv, &sc.x, &sc.y, (g, row, h * D));
+            products::accumulate_outer::<D>(dkv, &sc.x, &sc.y, (g, row, h * D));
         }
         let q_rows = q[at.clone()].chunks_exact(row);
         for (j, ((dqr, qr), z)) in dq[at]
@@ -539,8 +359,8 @@ fn window_backward<T: Scalar, const D: usize, const F: u8>(
                 &sc.dkvt[h * D * D..][..D * D],
                 &sc.dkv[h * D * D..][..D * D],
             );
-            simd::chunk_mat::<D>(&sc.y, dkvt, &mut sc.z, (g, row, h * D));
-            simd::chunk_mat::<D>(&sc.x, dkv, &mut sc.u, (g, row, h * D));
+            products::chunk_mat::<D>(&sc.y, dkvt, &mut sc.z, (g, row, h * D));
+            products::chunk_mat::<D>(&sc.x, dkv, &mut sc.u, (g, row, h * D));
         }
         let k_rows = k[at.clone()].chunks_exact(row);
         let grads = dk[at.clone()]
@@ -849,7 +669,9 @@ mod tests {
     //! tolerance, on fresh random inputs from a seeded generator.
 
     use super::*;
-    use baselines::window_attention::{linear_window_reference_f64, padded_linear_forward, to_f64};
+    use baselines::window_attention::{
+        linear_window_reference_f64, padded_linear_backward, padded_linear_forward, to_f64,
+    };
     use half::bf16;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -1003,14 +825,29 @@ mod tests {
     fn sla_equals_padded_linear() {
         let c = case(14, 40, 300, 4, 32);
         let (got, inputs) = run::<f32, { fault::NONE }>(&c);
-        let [q, k, v] = [&c.x[0], &c.x[1], &c.x[2]].map(|x| cast::<f32>(x));
-        let mut padded = vec![0.0f32; c.shape.len()];
-        padded_linear_forward(&q, &k, &v, &c.offsets, &c.counts, c.shape, &mut padded);
-        let e = max_rel_err(&padded, &to_f64(&got[0]));
-        let want = reference(&c, &inputs);
-        let e_ref = max_rel_err(&padded, &want.out);
-        eprintln!("padded linear vs sla: {e:.2e}; padded linear vs reference: {e_ref:.2e}");
-        assert!(e <= tolerance(32) && e_ref <= tolerance(32), "{e} {e_ref}");
+        let [q, k, v, d] = c.x.each_ref().map(|x| cast::<f32>(x));
+        let zero = || vec![0.0f32; c.shape.len()];
+        let (mut out, mut dq, mut dk, mut dv) = (zero(), zero(), zero(), zero());
+        let (o, n) = (&c.offsets, &c.counts);
+        padded_linear_forward(&q, &k, &v, o, n, c.shape, &mut out);
+        padded_linear_backward(&q, &k, &v, &d, o, n, c.shape, &mut dq, &mut dk, &mut dv);
+        let padded = [out, dq, dk, dv];
+        let vs_sla: Vec<f64> = padded
+            .iter()
+            .zip(&got)
+            .map(|(p, s)| max_rel_err(p, &to_f64(s)))
+            .collect();
+        let vs_ref = errors(&padded, &reference(&c, &inputs));
+        eprintln!(
+            "padded linear vs sla (out, dq, dk, dv): {}; vs reference: {}",
+            sci(&vs_sla),
+            sci(&vs_ref)
+        );
+        let tol = tolerance(32);
+        assert!(
+            vs_sla.iter().chain(&vs_ref).all(|&e| e <= tol),
+            "{vs_sla:?} {vs_ref:?}"
+        );
     }
 
     /// Each fault must miss the tolerance by a factor of at least 100 in the
