@@ -59,20 +59,101 @@ __device__ __forceinline__ long long at(long long row, int heads, int h, int lan
     return (row * heads + h) * D + lane;
 }
 
+// Rows a warp needs in every lane (relu(k_j) to update the state, relu(q_i)
+// to apply it) are staged in shared memory and read back as float4
+// broadcasts: 8 shared loads per row instead of 32 warp shuffles, which
+// would otherwise bound the kernel (shuffles issue at one warp instruction
+// per cycle per SM, FMAs at four). Loads from global memory run UNROLL
+// voxels ahead of the arithmetic so that each warp keeps rows in flight.
+#define UNROLL 4
+
+// acc[a] += row[a] * x
+__device__ __forceinline__ void axpy_row(float acc[D], const float *row, float x) {
+    const float4 *p = reinterpret_cast<const float4 *>(row);
+#pragma unroll
+    for (int a4 = 0; a4 < D / 4; a4++) {
+        const float4 r = p[a4];
+        acc[4 * a4] = fmaf(r.x, x, acc[4 * a4]);
+        acc[4 * a4 + 1] = fmaf(r.y, x, acc[4 * a4 + 1]);
+        acc[4 * a4 + 2] = fmaf(r.z, x, acc[4 * a4 + 2]);
+        acc[4 * a4 + 3] = fmaf(r.w, x, acc[4 * a4 + 3]);
+    }
+}
+
+// sum_a row[a] * r[a]
+__device__ __forceinline__ float dot_row(const float *row, const float r[D]) {
+    const float4 *p = reinterpret_cast<const float4 *>(row);
+    float acc = 0.f;
+#pragma unroll
+    for (int a4 = 0; a4 < D / 4; a4++) {
+        const float4 x = p[a4];
+        acc = fmaf(x.x, r[4 * a4], acc);
+        acc = fmaf(x.y, r[4 * a4 + 1], acc);
+        acc = fmaf(x.z, r[4 * a4 + 2], acc);
+        acc = fmaf(x.w, r[4 * a4 + 3], acc);
+    }
+    return acc;
+}
+
 // kv[a] += relu(k_j)[a] * v_j[lane], s += relu(k_j)[lane] over voxels
-// first, first + stride, ... of the window.
+// first, first + stride, ... of the window; `stage` holds UNROLL rows.
 template <typename T>
 __device__ __forceinline__ void accumulate_state(const T *k, const T *v, long long start,
                                                  int n, int heads, int h, int first,
-                                                 int stride, float kv[D], float &s) {
+                                                 int stride, float kv[D], float &s,
+                                                 float *stage) {
     const int lane = threadIdx.x & 31;
-    for (int j = first; j < n; j += stride) {
-        long long idx = at(start + j, heads, h, lane);
-        float kj = fmaxf(ld(k, idx), 0.f);
-        float vj = ld(v, idx);
-        s += kj;
+    for (int j0 = first; j0 < n; j0 += UNROLL * stride) {
+        float kk[UNROLL], vv[UNROLL];
 #pragma unroll
-        for (int a = 0; a < D; a++) kv[a] = fmaf(__shfl_sync(FULL, kj, a), vj, kv[a]);
+        for (int u = 0; u < UNROLL; u++) {
+            const int j = j0 + u * stride;
+            // Past the end: zeros, which add nothing (relu(0) = 0).
+            kk[u] = 0.f;
+            vv[u] = 0.f;
+            if (j < n) {
+                const long long idx = at(start + j, heads, h, lane);
+                kk[u] = ld(k, idx);
+                vv[u] = ld(v, idx);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const float kj = fmaxf(kk[u], 0.f);
+            s += kj;
+            stage[u * D + lane] = kj;
+        }
+        __syncwarp();
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) axpy_row(kv, stage + u * D, vv[u]);
+        __syncwarp();
+    }
+}
+
+// out_i = relu(q_i) KV / (relu(q_i) . s + eps) for voxels first, first +
+// stride, ... of the window.
+template <typename T>
+__device__ __forceinline__ void apply_state(const T *q, T *out, long long start, int n,
+                                            int heads, int h, int first, int stride,
+                                            const float kv[D], float s, float *stage) {
+    const int lane = threadIdx.x & 31;
+    for (int i0 = first; i0 < n; i0 += UNROLL * stride) {
+        float qq[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int i = i0 + u * stride;
+            qq[u] = i < n ? fmaxf(ld(q, at(start + i, heads, h, lane)), 0.f) : 0.f;
+            stage[u * D + lane] = qq[u];
+        }
+        __syncwarp();
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int i = i0 + u * stride;
+            const float num = dot_row(stage + u * D, kv);
+            const float den = warp_sum(qq[u] * s) + EPS;
+            if (i < n) st(out, at(start + i, heads, h, lane), num / den);
+        }
+        __syncwarp();
     }
 }
 
@@ -99,7 +180,9 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
                         int heads) {
     __shared__ float part[WARPS][D * STRIDE];
     __shared__ float vec[WARPS][D];
+    __shared__ __align__(16) float stage_all[WARPS][UNROLL * D];
     const int h = blockIdx.y, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float *stage = stage_all[w];
     float kv[D];
 #pragma unroll
     for (int a = 0; a < D; a++) kv[a] = 0.f;
@@ -117,7 +200,7 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
     }
     const long long start = offsets[win];
     const int n = counts[win];
-    accumulate_state(k, v, start, n, heads, h, first, stride, kv, s);
+    accumulate_state(k, v, start, n, heads, h, first, stride, kv, s, stage);
     if (stride == WARPS) {
 #pragma unroll
         for (int a = 0; a < D; a++) part[w][a * STRIDE + lane] = kv[a];
@@ -127,15 +210,7 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
         for (int a = 0; a < D; a++) kv[a] = part[0][a * STRIDE + lane];
         s = vec[0][lane];
     }
-    for (int i = first; i < n; i += stride) {
-        long long idx = at(start + i, heads, h, lane);
-        float qi = fmaxf(ld(q, idx), 0.f);
-        float num = 0.f;
-#pragma unroll
-        for (int a = 0; a < D; a++) num = fmaf(__shfl_sync(FULL, qi, a), kv[a], num);
-        float den = warp_sum(qi * s) + EPS;
-        st(out, idx, num / den);
-    }
+    apply_state(q, out, start, n, heads, h, first, stride, kv, s, stage);
 }
 
 // Backward (derivation in sla.rs): with phi = relu, num = phi(q) KV,
@@ -149,7 +224,9 @@ __device__ void sla_bwd(const T *q, const T *k, const T *v, const T *dout, T *dq
                         const int *big, int n_big, const int *small, int heads) {
     __shared__ float part[WARPS][D * STRIDE];
     __shared__ float vec[WARPS][D];
+    __shared__ __align__(16) float stage_all[WARPS][2 * UNROLL * D];
     const int h = blockIdx.y, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float *stage = stage_all[w], *stage2 = stage_all[w] + UNROLL * D;
     int win, first, stride;
     if ((int)blockIdx.x < n_big) {
         win = big[blockIdx.x];
@@ -170,7 +247,7 @@ __device__ void sla_bwd(const T *q, const T *k, const T *v, const T *dout, T *dq
 #pragma unroll
     for (int a = 0; a < D; a++) col[a] = 0.f;
     float s = 0.f;
-    accumulate_state(k, v, start, n, heads, h, first, stride, col, s);
+    accumulate_state(k, v, start, n, heads, h, first, stride, col, s, stage);
 #pragma unroll
     for (int a = 0; a < D; a++) part[w][a * STRIDE + lane] = col[a];
     vec[w][lane] = s;
@@ -191,25 +268,42 @@ __device__ void sla_bwd(const T *q, const T *k, const T *v, const T *dout, T *dq
 #pragma unroll
     for (int a = 0; a < D; a++) dcol[a] = 0.f;
     float ds = 0.f;
-    for (int i = first; i < n; i += stride) {
-        long long idx = at(start + i, heads, h, lane);
-        float qraw = ld(q, idx);
-        float qi = fmaxf(qraw, 0.f);
-        float num = 0.f;
+    for (int i0 = first; i0 < n; i0 += UNROLL * stride) {
+        float qq[UNROLL], gg[UNROLL], dd[UNROLL];
 #pragma unroll
-        for (int a = 0; a < D; a++) num = fmaf(__shfl_sync(FULL, qi, a), col[a], num);
-        float den = warp_sum(qi * s) + EPS;
-        float g = ld(dout, idx) / den;
-        float dden = -warp_sum(g * num) / den;
-        float dphi = s * dden;
-#pragma unroll
-        for (int b = 0; b < D; b++) {
-            float gb = __shfl_sync(FULL, g, b);
-            dphi = fmaf(row[b], gb, dphi);
-            dcol[b] = fmaf(__shfl_sync(FULL, qi, b), g, dcol[b]); // dKV[b][lane]
+        for (int u = 0; u < UNROLL; u++) {
+            const int i = i0 + u * stride;
+            qq[u] = 0.f;
+            gg[u] = 0.f;
+            if (i < n) {
+                const long long idx = at(start + i, heads, h, lane);
+                qq[u] = ld(q, idx);
+                gg[u] = ld(dout, idx);
+            }
+            stage[u * D + lane] = fmaxf(qq[u], 0.f);
         }
-        ds = fmaf(qi, dden, ds);
-        st(dq, idx, qraw > 0.f ? dphi : 0.f);
+        __syncwarp();
+        // Past the end q = dout = 0, so g = dden = 0: no contribution.
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const float qi = fmaxf(qq[u], 0.f);
+            const float num = dot_row(stage + u * D, col);
+            const float den = warp_sum(qi * s) + EPS;
+            gg[u] = gg[u] / den;
+            dd[u] = -warp_sum(gg[u] * num) / den;
+            stage2[u * D + lane] = gg[u];
+        }
+        __syncwarp();
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int i = i0 + u * stride;
+            const float qi = fmaxf(qq[u], 0.f);
+            const float dphi = fmaf(s, dd[u], dot_row(stage2 + u * D, row));
+            axpy_row(dcol, stage + u * D, gg[u]); // dKV[b][lane] += phi(q)[b] g[lane]
+            ds = fmaf(qi, dd[u], ds);
+            if (i < n) st(dq, at(start + i, heads, h, lane), qq[u] > 0.f ? dphi : 0.f);
+        }
+        __syncwarp();
     }
 
     // Phase 3: dk and dv from the reduced dKV and ds.
@@ -224,19 +318,34 @@ __device__ void sla_bwd(const T *q, const T *k, const T *v, const T *dout, T *dq
         row[a] = part[src][lane * STRIDE + a]; // dKV[lane][a]
     }
     ds = vec[src][lane];
-    for (int j = first; j < n; j += stride) {
-        long long idx = at(start + j, heads, h, lane);
-        float kraw = ld(k, idx);
-        float kj = fmaxf(kraw, 0.f);
-        float vj = ld(v, idx);
-        float dphik = ds, dvj = 0.f;
+    for (int j0 = first; j0 < n; j0 += UNROLL * stride) {
+        float kk[UNROLL], vv[UNROLL];
 #pragma unroll
-        for (int b = 0; b < D; b++) {
-            dphik = fmaf(row[b], __shfl_sync(FULL, vj, b), dphik);
-            dvj = fmaf(col[b], __shfl_sync(FULL, kj, b), dvj);
+        for (int u = 0; u < UNROLL; u++) {
+            const int j = j0 + u * stride;
+            kk[u] = 0.f;
+            vv[u] = 0.f;
+            if (j < n) {
+                const long long idx = at(start + j, heads, h, lane);
+                kk[u] = ld(k, idx);
+                vv[u] = ld(v, idx);
+            }
+            stage[u * D + lane] = fmaxf(kk[u], 0.f);
+            stage2[u * D + lane] = vv[u];
         }
-        st(dk, idx, kraw > 0.f ? dphik : 0.f);
-        st(dv, idx, dvj);
+        __syncwarp();
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int j = j0 + u * stride;
+            const float dphik = ds + dot_row(stage2 + u * D, row);
+            const float dvj = dot_row(stage + u * D, col);
+            if (j < n) {
+                const long long idx = at(start + j, heads, h, lane);
+                st(dk, idx, kk[u] > 0.f ? dphik : 0.f);
+                st(dv, idx, dvj);
+            }
+        }
+        __syncwarp();
     }
 }
 
@@ -417,7 +526,8 @@ __device__ void sla_fwd_broken(const T *q, const T *k, const T *v, T *out,
     float s = 0.f;
     const long long start = offsets[win];
     const int n = counts[win];
-    accumulate_state(k, v, start, n - 1, heads, h, 0, 1, kv, s);
+    __shared__ __align__(16) float stage_all[WARPS][UNROLL * D];
+    accumulate_state(k, v, start, n - 1, heads, h, 0, 1, kv, s, stage_all[threadIdx.x >> 5]);
     for (int i = 0; i < n; i++) {
         long long idx = at(start + i, heads, h, lane);
         float qi = fmaxf(ld(q, idx), 0.f);
