@@ -146,9 +146,17 @@ fn detect_gpus() -> Vec<Gpu> {
         .collect()
 }
 
-/// The commit the results were produced from: the working tree's HEAD (with
-/// `-dirty` if it has changes), else the commit the binary was built from.
+/// The commit the results were produced from: `BENCH_SUITE_COMMIT` when set
+/// (a machine that runs a copied binary in a copied tree, whose git
+/// metadata may be stale), else the working tree's HEAD (with `-dirty` if it
+/// has changes), else the commit the binary was built from.
 pub fn git_commit() -> String {
+    if let Some(c) = std::env::var("BENCH_SUITE_COMMIT")
+        .ok()
+        .filter(|c| !c.trim().is_empty())
+    {
+        return c.trim().to_string();
+    }
     let run = |args: &[&str]| {
         Command::new("git")
             .args(args)
