@@ -207,6 +207,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn gpu_only_entries_stay_out_of_cpu_runs_and_naming_one_is_an_error() {
+        let registry = workloads::WORKLOADS;
+        let pick = |entries: &[&str], device| {
+            plan(
+                registry,
+                &Selection {
+                    workloads: vec!["point-cloud-sla".into()],
+                    variants: vec![],
+                    entries: entries.iter().map(|e| e.to_string()).collect(),
+                },
+                Profile::Quick,
+                device,
+            )
+        };
+        let cpu = pick(&[], Device::Cpu).unwrap();
+        assert!(!cpu.is_empty());
+        assert!(cpu.iter().all(|u| !u.entry.cuda_only));
+        let gpu = pick(&[], Device::Cuda(0)).unwrap();
+        assert!(gpu.iter().any(|u| u.entry.id == "pytorch-scatter"));
+        let err = pick(&["pytorch-scatter"], Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("--device cuda"), "{err}");
+    }
+
+    #[test]
     fn shards_parse_strictly() {
         assert_eq!("2/4".parse::<Shard>(), Ok(Shard { index: 2, count: 4 }));
         for bad in ["0/4", "5/4", "1/0", "1", "a/b", "1/2/3", ""] {

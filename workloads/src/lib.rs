@@ -104,6 +104,29 @@ mod tests {
             assert_eq!(&s.parse::<Params>().unwrap().to_string(), s);
         }
         assert!("k".parse::<Params>().is_err());
+        // A variant's own axes come first and cross every entry config.
+        let v = Variant {
+            id: "scaling",
+            description: "",
+            role: VariantRole::Standard,
+            profiles: &[Profile::Full],
+            target: Target {
+                value: 1.0,
+                source: "",
+            },
+            budget: Budget {
+                quick_s: 1.0,
+                full_s: 1.0,
+            },
+            params: &[Param {
+                name: "n",
+                values: &[10.0, 20.0],
+            }],
+        };
+        let got: Vec<String> = v.configs(&e).iter().map(|p| p.to_string()).collect();
+        assert_eq!(got.len(), 8);
+        assert_eq!(got[0], "n=10,t=0.5,k=2,L=1");
+        assert_eq!(got[7], "n=20,t=0.5,k=4,L=8");
         assert!("k=x".parse::<Params>().is_err());
     }
 }
