@@ -394,39 +394,49 @@ fn list_text() -> String {
             let profiles: Vec<&str> = v.profiles.iter().map(|p| p.as_str()).collect();
             let _ = writeln!(
                 s,
-                "    {:<28} {:?}, profiles [{}], target {} ({}), budget {} s quick / {} s full",
+                "    {:<28} {:?}, profiles [{}], target {} ({}), budget {} s quick / {} s full{}",
                 v.id,
                 v.role,
                 profiles.join(", "),
                 v.target.value,
                 v.target.source,
                 v.budget.quick_s,
-                v.budget.full_s
+                v.budget.full_s,
+                if v.params.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [every configuration x {}]", axes(v.params))
+                }
             );
         }
         let _ = writeln!(s, "  entries:");
         for e in spec.entries {
-            let grid: Vec<String> = e
-                .grid
-                .iter()
-                .map(|p| {
-                    let vals: Vec<String> = p.values.iter().map(|v| v.to_string()).collect();
-                    format!("{} in {{{}}}", p.name, vals.join(", "))
-                })
-                .collect();
             let _ = writeln!(
                 s,
-                "    {:<28} {:<9} {}{}",
+                "    {:<28} {:<9} {}{}{}",
                 e.id,
                 e.kind.as_str(),
+                if e.cuda_only { "(GPU only) " } else { "" },
                 e.description,
-                if grid.is_empty() {
+                if e.grid.is_empty() {
                     String::new()
                 } else {
-                    format!(" [{}]", grid.join(" x "))
+                    format!(" [{}]", axes(e.grid))
                 }
             );
         }
     }
     s
+}
+
+/// `k in {2, 4} x L in {2, 4}`.
+fn axes(params: &[workloads::Param]) -> String {
+    params
+        .iter()
+        .map(|p| {
+            let vals: Vec<String> = p.values.iter().map(|v| v.to_string()).collect();
+            format!("{} in {{{}}}", p.name, vals.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(" x ")
 }
