@@ -175,20 +175,8 @@ impl Variant {
     /// first, then the entry's fixed parameters and grid.
     pub fn configs(&self, entry: &Entry) -> Vec<Params> {
         let own = entry.configs();
-        let mut out = vec![Params::default()];
-        for p in self.params {
-            out = out
-                .into_iter()
-                .flat_map(|base| {
-                    p.values.iter().map(move |&v| {
-                        let mut next = base.clone();
-                        next.0.push((p.name.to_string(), v));
-                        next
-                    })
-                })
-                .collect();
-        }
-        out.into_iter()
+        cross(vec![Params::default()], self.params)
+            .into_iter()
             .flat_map(|base| {
                 own.iter().map(move |e| {
                     let mut next = base.clone();
@@ -257,26 +245,30 @@ impl Entry {
     /// Every configuration of the grid, in declaration order (the last
     /// parameter varies fastest), fixed parameters first.
     pub fn configs(&self) -> Vec<Params> {
-        let mut out = vec![Params(
+        let fixed = Params(
             self.fixed
                 .iter()
                 .map(|&(n, v)| (n.to_string(), v))
                 .collect(),
-        )];
-        for p in self.grid {
-            out = out
-                .into_iter()
-                .flat_map(|base| {
-                    p.values.iter().map(move |&v| {
-                        let mut next = base.clone();
-                        next.0.push((p.name.to_string(), v));
-                        next
-                    })
-                })
-                .collect();
-        }
-        out
+        );
+        cross(vec![fixed], self.grid)
     }
+}
+
+/// Every extension of `bases` by one value of each axis, in order (the
+/// last axis varies fastest).
+fn cross(bases: Vec<Params>, axes: &[Param]) -> Vec<Params> {
+    axes.iter().fold(bases, |out, p| {
+        out.into_iter()
+            .flat_map(|base| {
+                p.values.iter().map(move |&v| {
+                    let mut next = base.clone();
+                    next.0.push((p.name.to_string(), v));
+                    next
+                })
+            })
+            .collect()
+    })
 }
 
 /// One grid point, in the order the entry declares its parameters.
