@@ -493,7 +493,7 @@ fn spec_chart(g: &HardwareGroup, w: &str, v: &str, chart: &Chart) -> Option<Line
                 push(label, false, x, y);
             }
         }
-        Series::Quantiles(points) => {
+        Series::Curve(points) => {
             let fixed: Vec<&str> = chart.only.iter().map(|&(p, _)| p).collect();
             for c in &configs {
                 let label = c

@@ -361,10 +361,11 @@ pub enum Series {
     /// One line per entry (and per value of any other parameter that
     /// varies among the chart's configurations, besides the x axis).
     Entries,
-    /// A distribution drawn as its quantile function: one line per
-    /// configuration, through the points `(level, figure)` (for example
-    /// `(0.5, "occ_p50")`); the chart's `x` is ignored.
-    Quantiles(&'static [(f64, &'static str)]),
+    /// One line per configuration through fixed points `(x, figure)`: a
+    /// distribution as its quantile function (`(0.5, "occ_p50")`), or one
+    /// figure measured at several sizes within a trial (`(4096.0,
+    /// "tokens_per_s_c4096")`); the chart's `x` is ignored.
+    Curve(&'static [(f64, &'static str)]),
 }
 
 /// A workload-specific chart, declared as data; `bench-suite` renders it

@@ -16,6 +16,7 @@ pub mod clock;
 pub mod contract;
 pub mod decoder;
 pub mod device;
+pub mod longctx;
 pub mod pointcloud;
 pub mod seed;
 pub mod spectr;
@@ -25,7 +26,11 @@ pub use contract::*;
 pub use device::Device;
 
 /// Every workload, in the order `list` shows them.
-pub const WORKLOADS: &[&dyn Workload] = &[&spectr::Spectr, &pointcloud::PointCloudSla];
+pub const WORKLOADS: &[&dyn Workload] = &[
+    &spectr::Spectr,
+    &pointcloud::PointCloudSla,
+    &longctx::LongContext,
+];
 
 /// Looks a workload up by id.
 pub fn workload(id: &str) -> Option<&'static dyn Workload> {

@@ -17,6 +17,8 @@
 //! tree): those come in [`BlockKv`] and are always attended in full, after
 //! the cache's own entries, the order a one-token step sees them in.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::DecoderError;
 
 /// The cache's view of the model: what one position stores per layer.
@@ -115,8 +117,91 @@ pub trait KvCache: Send + Sync {
         out: &mut [f32],
     );
 
-    /// Bytes held for keys and values (what a compression policy saves).
+    /// Bytes held for keys and values (what a compression policy saves),
+    /// including any metadata the policy keeps beside them (page bounds,
+    /// centroid counts).
     fn bytes(&self) -> usize;
+
+    /// Called by the decoder before it computes a block of new positions
+    /// `pos..pos + tokens.len()` (a prompt chunk or one decode step), with
+    /// their token ids. Policies that act on token boundaries (a chunk that
+    /// ends at a sentence) learn the tokens here; the default ignores them.
+    fn begin_block(&mut self, _pos: usize, _tokens: &[u32]) {}
+
+    /// What attention has read so far: see [`Reads`]. The default (a cache
+    /// that does not count) reports nothing.
+    fn reads(&self) -> Reads {
+        Reads::default()
+    }
+
+    /// The dense cache behind this one, if it is one (to reuse a dense
+    /// prefill as the starting point of another policy).
+    fn as_dense(&self) -> Option<&DenseKv> {
+        None
+    }
+}
+
+/// Read accounting, summed over every [`KvCache::attend`] call (one per
+/// query position, layer and KV head): `rows_read` cached rows scored by
+/// the query (selection metadata not included), out of `rows_visible`
+/// committed positions the query could have seen. Rows of the block in
+/// flight are not counted. `rows_read / rows_visible` is the share of the
+/// cache a step reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reads {
+    pub calls: u64,
+    pub rows_read: u64,
+    pub rows_visible: u64,
+}
+
+impl Reads {
+    /// The share of visible positions read (1 for dense attention; NaN
+    /// before any call).
+    pub fn share(&self) -> f64 {
+        self.rows_read as f64 / self.rows_visible as f64
+    }
+}
+
+/// Thread-safe [`Reads`] counters for a cache's `attend` (which runs on
+/// several threads at once).
+#[derive(Debug, Default)]
+pub struct ReadCounter {
+    calls: AtomicU64,
+    read: AtomicU64,
+    visible: AtomicU64,
+}
+
+impl ReadCounter {
+    pub fn add(&self, rows_read: usize, rows_visible: usize) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.read.fetch_add(rows_read as u64, Ordering::Relaxed);
+        self.visible.fetch_add(rows_visible as u64, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Reads {
+        Reads {
+            calls: self.calls.load(Ordering::Relaxed),
+            rows_read: self.read.load(Ordering::Relaxed),
+            rows_visible: self.visible.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn reset(&self) {
+        self.calls.store(0, Ordering::Relaxed);
+        self.read.store(0, Ordering::Relaxed);
+        self.visible.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Clone for ReadCounter {
+    fn clone(&self) -> Self {
+        let r = self.get();
+        ReadCounter {
+            calls: AtomicU64::new(r.calls),
+            read: AtomicU64::new(r.rows_read),
+            visible: AtomicU64::new(r.rows_visible),
+        }
+    }
 }
 
 /// Softmax attention of `q` (`n_rep` heads of `head_dim`) over the rows of
@@ -183,6 +268,7 @@ pub struct DenseKv {
     shape: KvShape,
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    reads: ReadCounter,
 }
 
 impl DenseKv {
@@ -192,11 +278,29 @@ impl DenseKv {
             shape,
             k: (0..shape.n_layers).map(|_| Vec::with_capacity(n)).collect(),
             v: (0..shape.n_layers).map(|_| Vec::with_capacity(n)).collect(),
+            reads: ReadCounter::default(),
         }
     }
 
     pub fn shape(&self) -> KvShape {
         self.shape
+    }
+
+    /// Keys of `layer`, `len() * kv_dim` floats, position-major (each row
+    /// holds every KV head, head-major within the row).
+    pub fn keys(&self, layer: usize) -> &[f32] {
+        &self.k[layer]
+    }
+
+    /// Values of `layer`, laid out as [`DenseKv::keys`].
+    pub fn values(&self, layer: usize) -> &[f32] {
+        &self.v[layer]
+    }
+
+    /// Zeroes the read counters (a clone of a prefilled cache starts its
+    /// decode accounting afresh).
+    pub fn reset_reads(&self) {
+        self.reads.reset();
     }
 }
 
@@ -252,10 +356,19 @@ impl KvCache for DenseKv {
             },
         ];
         attend_segments(q, self.shape.head_dim, d, kv_head, &segments, scores, out);
+        self.reads.add(n, n);
     }
 
     fn bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(|x| x.len() * 4).sum()
+    }
+
+    fn reads(&self) -> Reads {
+        self.reads.get()
+    }
+
+    fn as_dense(&self) -> Option<&DenseKv> {
+        Some(self)
     }
 }
 
@@ -330,6 +443,15 @@ mod tests {
         }
         assert_eq!(kv.len(), 30);
         assert_eq!(kv.bytes(), 2 * 30 * d * 4);
+        assert_eq!(
+            kv.reads(),
+            Reads {
+                calls: 1,
+                rows_read: 30,
+                rows_visible: 30
+            }
+        );
+        assert_eq!(kv.keys(0), &k[..]);
         kv.truncate(10).unwrap();
         assert_eq!(kv.len(), 10);
         assert_eq!(kv.bytes(), 2 * 10 * d * 4);

@@ -29,7 +29,9 @@ pub mod kv;
 pub mod model;
 pub mod tokenizer;
 
-pub use kv::{attend_segments, BlockKv, DenseKv, KvCache, KvShape, Rows, Segment};
+pub use kv::{
+    attend_segments, BlockKv, DenseKv, KvCache, KvShape, ReadCounter, Reads, Rows, Segment,
+};
 pub use model::{Arch, Config, Decoder, Model, Verification};
 pub use tokenizer::{ChatTemplate, Tokenizer};
 

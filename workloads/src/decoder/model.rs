@@ -484,6 +484,33 @@ impl Decoder {
         }
     }
 
+    /// A decoder that continues a sequence already in `cache`: `tokens` are
+    /// the committed tokens (`cache.len()` of them). A policy that starts
+    /// from a shared dense prefill is built from it and resumed here; the
+    /// next call is a [`Decoder::step`] with the token the prefill's last
+    /// logits chose.
+    pub fn resume(
+        model: Arc<Model>,
+        cache: Box<dyn KvCache>,
+        tokens: Vec<u32>,
+    ) -> Result<Decoder, DecoderError> {
+        if cache.len() != tokens.len() {
+            return Err(DecoderError::Input(format!(
+                "resume with {} tokens over a cache of {} positions",
+                tokens.len(),
+                cache.len()
+            )));
+        }
+        Ok(Decoder {
+            model,
+            cache,
+            tokens,
+            pending: None,
+            work: Work::default(),
+            chunk: DEFAULT_CHUNK,
+        })
+    }
+
     /// Prompt positions per forward block (results do not depend on it).
     pub fn set_chunk(&mut self, chunk: usize) {
         self.chunk = chunk.max(1);
@@ -709,6 +736,7 @@ impl Decoder {
                 c.vocab_size
             )));
         }
+        self.cache.begin_block(base, tokens);
         let mut depth = vec![0usize; t];
         let mut ancestors: Vec<Vec<usize>> = Vec::with_capacity(t);
         for i in 0..t {

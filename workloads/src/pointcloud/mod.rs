@@ -301,7 +301,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             x_label: "fraction of windows",
             y: Source::Figure("occ_p50"),
             y_label: "voxels in the window",
-            series: Series::Quantiles(&[
+            series: Series::Curve(&[
                 (0.1, "occ_p10"),
                 (0.25, "occ_p25"),
                 (0.5, "occ_p50"),
