@@ -9,7 +9,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-"$root/scripts/fetch-assets.sh" jargon
+"$root/scripts/fetch-assets.sh" jargon smollm2
 cargo build --release --locked -p bench-suite
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 out="results/quick/$stamp"

@@ -37,6 +37,7 @@ use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters::style::FontTransform;
 
 use crate::stats::{PerformanceProfile, MAX_TAU};
 
@@ -104,6 +105,69 @@ pub struct DotChart {
     pub rows: Vec<DotRow>,
 }
 
+/// One panel of a [`HeatChart`]: one configuration's grid of values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeatPanel {
+    /// Printed above the panel (entry and parameters).
+    pub label: String,
+    /// `cells[row][col]`; `None` (or a non-finite value) where nothing was
+    /// recorded, drawn as a hatched grey cell.
+    pub cells: Vec<Vec<Option<f64>>>,
+}
+
+/// Small multiples of heat maps on one fixed 0..1 colour scale: one panel
+/// per configuration, up to [`HEAT_PER_ROW`] panels a row, the value
+/// printed in each cell, a colour bar on the right. The canvas grows with
+/// the number of panels and the size of the grid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeatChart {
+    pub title: String,
+    /// Describes the columns (needle depth, %).
+    pub x_label: String,
+    /// Describes the rows (context length, tokens).
+    pub y_label: String,
+    /// Row values, drawn top to bottom in this order.
+    pub rows: Vec<f64>,
+    /// Column values, drawn left to right in this order.
+    pub cols: Vec<f64>,
+    pub panels: Vec<HeatPanel>,
+}
+
+/// Panels per row of a [`HeatChart`].
+pub const HEAT_PER_ROW: usize = 4;
+
+/// One marker of a [`ParetoChart`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScatterPoint {
+    /// The whole configuration (`quest budget=0.25`), listed in the caption
+    /// when it is on the front.
+    pub label: String,
+    pub x: f64,
+    pub y: f64,
+}
+
+/// Points sharing a colour and a legend entry (one entry's
+/// configurations), joined by a thin line in the order given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScatterGroup {
+    pub label: String,
+    pub points: Vec<ScatterPoint>,
+}
+
+/// A scatter with its Pareto front drawn dashed through the points that no
+/// other point beats on both axes (see [`pareto_front`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParetoChart {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub log_x: bool,
+    pub log_y: bool,
+    pub x_higher_better: bool,
+    pub y_higher_better: bool,
+    pub groups: Vec<ScatterGroup>,
+}
+
 /// Writes `chart` to `<stem>.svg` and `<stem>.png` (the extensions are
 /// appended, so `spectr-k=4.5` keeps its name; a missing directory is
 /// created); returns both paths. A line without a single placeable point
@@ -125,6 +189,52 @@ pub fn render_profile(
     stem: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {
     write_figure(&profile_plan(p, title), stem)
+}
+
+/// Writes the heat-map panels to `<stem>.svg` and `<stem>.png`; returns
+/// both paths.
+pub fn render_heat(chart: &HeatChart, stem: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    write_figure(&heat_plan(chart), stem)
+}
+
+/// Writes the scatter and its Pareto front to `<stem>.svg` and
+/// `<stem>.png`; returns both paths.
+pub fn render_pareto(chart: &ParetoChart, stem: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    write_figure(&pareto_plan(chart), stem)
+}
+
+/// The indices of the non-dominated points, ordered by `x` then `y`
+/// (the order the front is drawn in). A point is dominated when another is
+/// at least as good on both axes and better on one, "good" meaning higher
+/// or lower as the flags say; equal points do not dominate each other, so
+/// both stay on the front. Points with a NaN or infinite coordinate take
+/// no part: they can be neither drawn nor compared.
+pub fn pareto_front(
+    points: &[(f64, f64)],
+    x_higher_better: bool,
+    y_higher_better: bool,
+) -> Vec<usize> {
+    let sign = |higher: bool| if higher { 1.0 } else { -1.0 };
+    let (sx, sy) = (sign(x_higher_better), sign(y_higher_better));
+    let dominates = |a: (f64, f64), b: (f64, f64)| {
+        let (dx, dy) = (sx * (a.0 - b.0), sy * (a.1 - b.1));
+        dx >= 0.0 && dy >= 0.0 && (dx > 0.0 || dy > 0.0)
+    };
+    let finite: Vec<usize> = (0..points.len())
+        .filter(|&i| points[i].0.is_finite() && points[i].1.is_finite())
+        .collect();
+    let mut front: Vec<usize> = finite
+        .iter()
+        .copied()
+        .filter(|&i| !finite.iter().any(|&j| dominates(points[j], points[i])))
+        .collect();
+    front.sort_by(|&a, &b| {
+        points[a]
+            .0
+            .total_cmp(&points[b].0)
+            .then(points[a].1.total_cmp(&points[b].1))
+    });
+    front
 }
 
 // ---------------------------------------------------------------------------
@@ -399,6 +509,11 @@ struct SeriesPlan {
     marks: Vec<(f64, f64)>,
     /// `(x, lo, hi)`; an end that is `None` runs off the axis (open).
     whiskers: Vec<(f64, Option<f64>, Option<f64>)>,
+    /// Line width in pixels ([`LINE_W`] but for the thin lines of a scatter).
+    width: u32,
+    /// Whether the legend sample carries the series marker (a line that
+    /// joins markers of other series, like a Pareto front, has none).
+    legend_marker: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -449,10 +564,69 @@ struct EmptyPlan {
     detail: String,
 }
 
+/// A rectangle in pixels: left, top, right, bottom.
+type Rect = (i32, i32, i32, i32);
+
+/// One cell of a heat-map panel.
+#[derive(Debug, Clone, PartialEq)]
+struct HeatCell {
+    /// `None`: nothing finite recorded; drawn hatched grey.
+    value: Option<f64>,
+    fill: RGBColor,
+    /// The value as printed (empty for a missing cell).
+    text: String,
+    /// Colour of the text: white on the dark end of the scale.
+    ink: RGBColor,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct HeatPanelPlan {
+    label: String,
+    /// The cells' area, in pixels.
+    grid: Rect,
+    /// `cells[row][col]`.
+    cells: Vec<Vec<HeatCell>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct HeatPlan {
+    size: (u32, u32),
+    title: String,
+    x_label: String,
+    y_label: String,
+    row_labels: Vec<String>,
+    col_labels: Vec<String>,
+    /// Width of the row-label column left of each grid.
+    row_label_w: i32,
+    /// Font size of the column labels (smaller than a tick where wide
+    /// labels meet narrow cells).
+    col_px: f64,
+    /// Cell width and height in pixels.
+    cell: (i32, i32),
+    /// Font size of the values printed in the cells.
+    value_px: f64,
+    panels: Vec<HeatPanelPlan>,
+    /// The colour bar: 1 at the top, 0 at the bottom.
+    bar: Rect,
+    /// Whether the legend explains hatched cells.
+    any_missing: bool,
+    caption: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct ParetoPlan {
+    /// The scatter as an x-y chart; its last series is the front.
+    xy: XyPlan,
+    /// The labels of the configurations on the front, in drawing order.
+    front: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 enum Plan {
     Xy(XyPlan),
     Dots(DotPlan),
+    Heat(HeatPlan),
+    Pareto(ParetoPlan),
     Empty(EmptyPlan),
 }
 
@@ -514,6 +688,8 @@ fn line_plan(chart: &LineChart) -> Plan {
             path,
             marks,
             whiskers,
+            width: LINE_W,
+            legend_marker: true,
         });
     }
     let xs: Vec<f64> = series
@@ -617,6 +793,8 @@ fn profile_plan(p: &PerformanceProfile, title: &str) -> Plan {
                 path,
                 marks,
                 whiskers: Vec::new(),
+                width: LINE_W,
+                legend_marker: true,
             }
         })
         .collect();
@@ -736,6 +914,335 @@ fn dot_plan(chart: &DotChart) -> Plan {
         band_lo,
         rows,
         caption,
+    })
+}
+
+/// Viridis (van der Walt & Smith, matplotlib), sampled at tenths: a
+/// sequential scale that is perceptually uniform, readable with the common
+/// colour-vision deficiencies and monotone in lightness, so greyscale keeps
+/// the order.
+const VIRIDIS: [RGBColor; 11] = [
+    RGBColor(68, 1, 84),
+    RGBColor(72, 36, 117),
+    RGBColor(65, 68, 135),
+    RGBColor(53, 95, 141),
+    RGBColor(42, 120, 142),
+    RGBColor(33, 145, 140),
+    RGBColor(34, 168, 132),
+    RGBColor(68, 191, 112),
+    RGBColor(122, 209, 81),
+    RGBColor(189, 223, 38),
+    RGBColor(253, 231, 37),
+];
+const MISSING_CELL: RGBColor = RGBColor(238, 238, 238);
+const MISSING_HATCH: RGBColor = RGBColor(190, 190, 190);
+
+/// The colour of `v` on the fixed 0..1 scale; values outside take the
+/// nearer end.
+fn heat_colour(v: f64) -> RGBColor {
+    let t = v.clamp(0.0, 1.0) * (VIRIDIS.len() - 1) as f64;
+    let k = (t.floor() as usize).min(VIRIDIS.len() - 2);
+    let f = t - k as f64;
+    let (a, b) = (VIRIDIS[k], VIRIDIS[k + 1]);
+    let mix = |a: u8, b: u8| (f64::from(a) + f * (f64::from(b) - f64::from(a))).round() as u8;
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+/// Rough lightness of a colour (Rec. 709 weights on the stored values),
+/// enough to choose black or white text on it.
+fn lightness(c: RGBColor) -> f64 {
+    (0.2126 * f64::from(c.0) + 0.7152 * f64::from(c.1) + 0.0722 * f64::from(c.2)) / 255.0
+}
+
+/// A cell's value as printed: two decimals on the scale, else as a tick.
+fn heat_text(v: f64) -> String {
+    if (0.0..=1.0).contains(&v) {
+        format!("{v:.2}")
+    } else {
+        fmt_number(v)
+    }
+}
+
+/// Text width for layout before any backend exists: DejaVu Sans digits are
+/// 0.636 em wide, and most letters narrower.
+fn estimate_width(s: &str, px: f64) -> i32 {
+    (s.chars().count() as f64 * px * 0.64).ceil() as i32
+}
+
+/// Diagonal hatching of `rect` (lines `x + y = k`, `step` pixels apart),
+/// each segment clipped to the rectangle.
+fn hatch((x0, y0, x1, y1): Rect, step: i32) -> Vec<[(i32, i32); 2]> {
+    let step = step.max(1);
+    (1..)
+        .map(|i| x0 + y0 + i * step)
+        .take_while(|&k| k < x1 + y1)
+        .map(|k| {
+            let (xa, xb) = ((k - y1).max(x0), (k - y0).min(x1));
+            [(xa, k - xa), (xb, k - xb)]
+        })
+        .collect()
+}
+
+fn heat_plan(chart: &HeatChart) -> Plan {
+    let (nr, nc, np) = (chart.rows.len(), chart.cols.len(), chart.panels.len());
+    let empty = |detail: String| {
+        Plan::Empty(EmptyPlan {
+            title: chart.title.clone(),
+            detail,
+        })
+    };
+    if np == 0 {
+        return empty("no configurations".into());
+    }
+    if nr == 0 || nc == 0 {
+        return empty("no rows or no columns".into());
+    }
+    let cells: Vec<Vec<Vec<HeatCell>>> = chart
+        .panels
+        .iter()
+        .map(|p| {
+            (0..nr)
+                .map(|r| {
+                    (0..nc)
+                        .map(|c| {
+                            let v = p.cells.get(r).and_then(|row| row.get(c)).copied();
+                            match v.flatten().filter(|v| v.is_finite()) {
+                                Some(v) => {
+                                    let fill = heat_colour(v);
+                                    HeatCell {
+                                        value: Some(v),
+                                        fill,
+                                        text: heat_text(v),
+                                        ink: if lightness(fill) < 0.5 { WHITE } else { INK },
+                                    }
+                                }
+                                None => HeatCell {
+                                    value: None,
+                                    fill: MISSING_CELL,
+                                    text: String::new(),
+                                    ink: MUTED,
+                                },
+                            }
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let all = || cells.iter().flatten().flatten();
+    let total = np * nr * nc;
+    let missing = all().filter(|c| c.value.is_none()).count();
+    let outside = all()
+        .filter(|c| c.value.is_some_and(|v| !(0.0..=1.0).contains(&v)))
+        .count();
+    if missing == total {
+        return empty(format!(
+            "none of the {} has a finite value",
+            plural(total, "cell", "cells")
+        ));
+    }
+
+    // Cells: the grid about 300 x 240 px, each cell wide enough for its
+    // longest value at 11 px.
+    let longest = all().map(|c| c.text.chars().count()).max().unwrap_or(4);
+    let cell_w = (300 / nc as i32)
+        .clamp(40, 96)
+        .max(estimate_width(&"0".repeat(longest), 11.0) + 8);
+    let cell_h = (240 / nr as i32).clamp(26, 56);
+    let value_px = 16f64
+        .min(f64::from(cell_h) * 0.5)
+        .min(f64::from(cell_w - 8) / (longest as f64 * 0.64));
+    let row_labels: Vec<String> = chart.rows.iter().map(|&v| fmt_number(v)).collect();
+    let col_labels: Vec<String> = chart.cols.iter().map(|&v| fmt_number(v)).collect();
+    let col_chars = col_labels
+        .iter()
+        .map(|l| l.chars().count())
+        .max()
+        .unwrap_or(1);
+    let col_px = TICK_PX.min(f64::from(cell_w - 4) / (col_chars as f64 * 0.64));
+    let row_label_w = row_labels
+        .iter()
+        .map(|l| estimate_width(l, TICK_PX))
+        .max()
+        .unwrap_or(0)
+        + 12;
+
+    let mut caption =
+        vec!["Each cell prints its value, coloured on a fixed 0 to 1 scale.".to_string()];
+    if missing > 0 {
+        caption.push(format!(
+            "Hatched grey cells: no finite value recorded ({missing} of {total})."
+        ));
+    }
+    if outside > 0 {
+        caption.push(format!(
+            "{} outside 0 to 1, coloured as the nearer end of the scale.",
+            plural(outside, "cell", "cells")
+        ));
+    }
+
+    const GAP_X: i32 = 30;
+    const GAP_Y: i32 = 20;
+    const BAR_W: i32 = 24;
+    const LEGEND_W: i32 = 140;
+    let title_h = TITLE_PX as i32 + 30;
+    let left = MARGIN + AXIS_PX as i32 + 18;
+    let label_h = LEGEND_PX as i32 + 14;
+    let tick_h = TICK_PX as i32 + 12;
+    let (grid_w, grid_h) = (nc as i32 * cell_w, nr as i32 * cell_h);
+    let (panel_w, panel_h) = (row_label_w + grid_w, label_h + grid_h + tick_h);
+    let per_row = np.min(HEAT_PER_ROW);
+    let panel_rows = np.div_ceil(per_row);
+    let content_w = per_row as i32 * (panel_w + GAP_X) - GAP_X;
+    let panels_h = panel_rows as i32 * (panel_h + GAP_Y) - GAP_Y;
+    let bar_h = (panels_h - label_h - tick_h).clamp(160, 360);
+    let legend_h = bar_h + if missing > 0 { 60 } else { 16 };
+    let body_h = panels_h.max(label_h + legend_h);
+    let x_label_h = AXIS_PX as i32 + 24;
+    let caption_h = (CAPTION_PX as i32 + 8) * caption.len() as i32 + 14;
+    let needed_w = left + content_w + GAP_X + LEGEND_W + MARGIN;
+    let width = needed_w.max(720);
+    let height = title_h + body_h + x_label_h + caption_h + MARGIN;
+    let x0 = left + (width - needed_w) / 2;
+
+    let panels = chart
+        .panels
+        .iter()
+        .zip(cells)
+        .enumerate()
+        .map(|(k, (p, cells))| {
+            let (col, row) = ((k % per_row) as i32, (k / per_row) as i32);
+            let gx = x0 + col * (panel_w + GAP_X) + row_label_w;
+            let gy = title_h + row * (panel_h + GAP_Y) + label_h;
+            HeatPanelPlan {
+                label: p.label.clone(),
+                grid: (gx, gy, gx + grid_w, gy + grid_h),
+                cells,
+            }
+        })
+        .collect();
+    let bx = x0 + content_w + GAP_X;
+    Plan::Heat(HeatPlan {
+        size: (width as u32, height as u32),
+        title: chart.title.clone(),
+        x_label: chart.x_label.clone(),
+        y_label: chart.y_label.clone(),
+        row_labels,
+        col_labels,
+        row_label_w,
+        col_px,
+        cell: (cell_w, cell_h),
+        value_px,
+        panels,
+        bar: (bx, title_h + label_h, bx + BAR_W, title_h + label_h + bar_h),
+        any_missing: missing > 0,
+        caption,
+    })
+}
+
+/// The front is drawn in black, which the groups never get.
+const FRONT_LOOK: usize = 6;
+/// Width of the thin lines that join one entry's configurations (in the
+/// PNG, 2 px would come out as wide as [`LINE_W`]; see [`draw_polyline`]).
+const SCATTER_LINE_W: u32 = 1;
+
+/// The look of the `i`-th group of a scatter: every colour but black.
+fn group_look(i: usize) -> usize {
+    i + i / (PALETTE.len() - 1)
+}
+
+fn pareto_plan(chart: &ParetoChart) -> Plan {
+    let mut skipped = 0usize;
+    let mut placed: Vec<(f64, f64)> = Vec::new();
+    let mut labels: Vec<&str> = Vec::new();
+    let mut series = Vec::with_capacity(chart.groups.len() + 1);
+    for (i, g) in chart.groups.iter().enumerate() {
+        let mut pts = Vec::with_capacity(g.points.len());
+        for p in &g.points {
+            match (to_axis(chart.log_x, p.x), to_axis(chart.log_y, p.y)) {
+                (Some(x), Some(y)) => {
+                    pts.push((x, y));
+                    placed.push((x, y));
+                    labels.push(&p.label);
+                }
+                _ => skipped += 1,
+            }
+        }
+        series.push(SeriesPlan {
+            label: if pts.is_empty() {
+                format!("{} (no finite data)", g.label)
+            } else {
+                g.label.clone()
+            },
+            look: group_look(i),
+            dashed: false,
+            path: pts.clone(),
+            marks: pts,
+            whiskers: Vec::new(),
+            width: SCATTER_LINE_W,
+            legend_marker: true,
+        });
+    }
+    let log = if chart.log_x || chart.log_y {
+        ", or not positive on a log axis"
+    } else {
+        ""
+    };
+    if placed.is_empty() {
+        return Plan::Empty(EmptyPlan {
+            title: chart.title.clone(),
+            detail: if skipped == 0 {
+                "no configurations to draw".into()
+            } else {
+                format!(
+                    "none of the {} has a finite x and y{log}",
+                    plural(skipped, "configuration", "configurations")
+                )
+            },
+        });
+    }
+    // log10 is increasing, so dominance in drawing units is dominance in
+    // the data.
+    let front = pareto_front(&placed, chart.x_higher_better, chart.y_higher_better);
+    series.push(SeriesPlan {
+        label: "Pareto front".into(),
+        look: FRONT_LOOK,
+        dashed: true,
+        path: front.iter().map(|&i| placed[i]).collect(),
+        marks: Vec::new(),
+        whiskers: Vec::new(),
+        width: LINE_W,
+        legend_marker: false,
+    });
+    let front: Vec<String> = front.iter().map(|&i| labels[i].to_string()).collect();
+    let better = |higher: bool| if higher { "higher" } else { "lower" };
+    let mut caption = vec![
+        format!(
+            "Pareto front (dashed): configurations that no other matches or beats on both axes \
+             ({} x and {} y are better).",
+            better(chart.x_higher_better),
+            better(chart.y_higher_better)
+        ),
+        format!("On the front: {}.", front.join(", ")),
+    ];
+    if skipped > 0 {
+        caption.push(format!(
+            "{} not drawn: no finite x and y{log}.",
+            plural(skipped, "configuration", "configurations")
+        ));
+    }
+    Plan::Pareto(ParetoPlan {
+        xy: XyPlan {
+            size: (WIDTH, HEIGHT),
+            title: chart.title.clone(),
+            x_label: chart.x_label.clone(),
+            y_label: chart.y_label.clone(),
+            x: Axis::fit(chart.log_x, placed.iter().map(|p| p.0)),
+            y: Axis::fit(chart.log_y, placed.iter().map(|p| p.1)),
+            series,
+            caption,
+        },
+        front,
     })
 }
 
@@ -926,25 +1433,27 @@ fn draw_marker<DB: DrawingBackend>(
 
 /// A horizontal line sample `len` pixels long starting at `(x, y)`, dashed
 /// like the series (same pattern as [`dashes`]), with the series marker of
-/// radius `r` in its middle.
+/// radius `r` in its middle unless the series has none in the legend.
 fn draw_sample<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     (x, y): (i32, i32),
     len: i32,
-    look: usize,
-    dashed: bool,
+    s: &SeriesPlan,
     r: i32,
 ) -> anyhow::Result<()> {
-    let (color, shape) = series_look(look);
-    let style = color.stroke_width(LINE_W);
+    let (color, shape) = series_look(s.look);
+    let style = color.stroke_width(s.width);
     let line = vec![(x, y), (x + len, y)];
-    let pieces = if dashed {
+    let pieces = if s.dashed {
         dashes(&line, 12.0, 8.0)
     } else {
         vec![line]
     };
     for piece in pieces {
         root.draw(&PathElement::new(piece, style)).plot()?;
+    }
+    if !s.legend_marker {
+        return Ok(());
     }
     draw_marker(root, (x + len / 2, y), shape, color, r)
 }
@@ -1163,7 +1672,7 @@ impl XyPlan {
         let px = |(x, y): (f64, f64)| area.map_coordinate(&(self.x.clamp(x), self.y.clamp(y)));
         for s in &self.series {
             let (color, shape) = series_look(s.look);
-            let style = color.stroke_width(LINE_W);
+            let style = color.stroke_width(s.width);
             // Lines are drawn in pixels, simplified first: thousands of
             // sub-pixel segments drawn 3 px wide come out ragged in the PNG
             // and bloat the SVG.
@@ -1229,7 +1738,7 @@ impl XyPlan {
             let row_y = |k: usize| y0 + PAD + row_h * k as i32 + text_px as i32 / 2;
             for (k, (label, s)) in entries.iter().take(shown).enumerate() {
                 let r = MARKER_R.min(row_h / 2 - 2);
-                draw_sample(root, (x0 + PAD, row_y(k)), SAMPLE, s.look, s.dashed, r)?;
+                draw_sample(root, (x0 + PAD, row_y(k)), SAMPLE, s, r)?;
                 draw_text(
                     root,
                     label,
@@ -1386,6 +1895,159 @@ impl DotPlan {
     }
 }
 
+impl HeatPlan {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
+        let body = draw_title(root, &self.title)?;
+        draw_caption(root, body, &self.caption)?;
+        let (cw, ch) = self.cell;
+        let tick = |px: f64, h: HPos, v: VPos| text_style(px, INK, h, v);
+        for p in &self.panels {
+            let (gx0, gy0, gx1, gy1) = p.grid;
+            let panel_x0 = gx0 - self.row_label_w;
+            let label = fit_text(root, &p.label, LEGEND_PX, gx1 - panel_x0);
+            draw_text(
+                root,
+                &label,
+                ((panel_x0 + gx1) / 2, gy0 - 8),
+                &tick(LEGEND_PX, HPos::Center, VPos::Bottom),
+            )?;
+            for (r, row) in p.cells.iter().enumerate() {
+                for (c, cell) in row.iter().enumerate() {
+                    let (x, y) = (gx0 + c as i32 * cw, gy0 + r as i32 * ch);
+                    let rect = (x, y, x + cw, y + ch);
+                    draw_cell(root, rect, cell.fill, cell.value.is_none())?;
+                    draw_text(
+                        root,
+                        &cell.text,
+                        (x + cw / 2, y + ch / 2),
+                        &text_style(self.value_px, cell.ink, HPos::Center, VPos::Center),
+                    )?;
+                }
+            }
+            root.draw(&Rectangle::new(
+                [(gx0, gy0), (gx1, gy1)],
+                MUTED.stroke_width(1),
+            ))
+            .plot()?;
+            for (r, l) in self.row_labels.iter().enumerate() {
+                let y = gy0 + r as i32 * ch + ch / 2;
+                draw_text(
+                    root,
+                    l,
+                    (gx0 - 8, y),
+                    &tick(TICK_PX, HPos::Right, VPos::Center),
+                )?;
+            }
+            for (c, l) in self.col_labels.iter().enumerate() {
+                let x = gx0 + c as i32 * cw + cw / 2;
+                draw_text(
+                    root,
+                    l,
+                    (x, gy1 + 6),
+                    &tick(self.col_px, HPos::Center, VPos::Top),
+                )?;
+            }
+        }
+
+        // Axis descriptions, shared by every panel.
+        let left = self.panels.iter().map(|p| p.grid.0).min().unwrap_or(0);
+        let right = self.panels.iter().map(|p| p.grid.2).max().unwrap_or(0);
+        let top = self.panels.iter().map(|p| p.grid.1).min().unwrap_or(0);
+        let bottom = self.panels.iter().map(|p| p.grid.3).max().unwrap_or(0);
+        let axis_y = bottom + TICK_PX as i32 + 22;
+        draw_text(
+            root,
+            &fit_text(
+                root,
+                &self.x_label,
+                AXIS_PX,
+                right - left + self.row_label_w,
+            ),
+            ((left + right) / 2, axis_y),
+            &tick(AXIS_PX, HPos::Center, VPos::Top),
+        )?;
+        if !self.y_label.is_empty() {
+            let y_label = fit_text(root, &self.y_label, AXIS_PX, bottom - top + 40);
+            let style = font(AXIS_PX)
+                .transform(FontTransform::Rotate270)
+                .color(&INK)
+                .pos(Pos::new(HPos::Center, VPos::Top));
+            root.draw(&Text::new(y_label, (MARGIN, (top + bottom) / 2), style))
+                .plot()?;
+        }
+
+        // The colour bar, 1 on top, with the "no data" swatch below it.
+        let (bx0, by0, bx1, by1) = self.bar;
+        let h = by1 - by0;
+        for k in 0..h {
+            let c = heat_colour(1.0 - f64::from(k) / f64::from(h - 1));
+            root.draw(&Rectangle::new(
+                [(bx0, by0 + k), (bx1, by0 + k + 1)],
+                c.filled(),
+            ))
+            .plot()?;
+        }
+        root.draw(&Rectangle::new(
+            [(bx0, by0), (bx1, by1)],
+            MUTED.stroke_width(1),
+        ))
+        .plot()?;
+        for t in [0.0, 0.25, 0.5, 0.75, 1.0] {
+            let y = by1 - (t * f64::from(h)).round() as i32;
+            root.draw(&PathElement::new(
+                vec![(bx1, y), (bx1 + 5, y)],
+                INK.stroke_width(1),
+            ))
+            .plot()?;
+            draw_text(
+                root,
+                &fmt_number(t),
+                (bx1 + 9, y),
+                &tick(TICK_PX, HPos::Left, VPos::Center),
+            )?;
+        }
+        if self.any_missing {
+            let (sy0, sy1) = (by1 + 24, by1 + 24 + (bx1 - bx0));
+            draw_cell(root, (bx0, sy0, bx1, sy1), MISSING_CELL, true)?;
+            root.draw(&Rectangle::new(
+                [(bx0, sy0), (bx1, sy1)],
+                MUTED.stroke_width(1),
+            ))
+            .plot()?;
+            draw_text(
+                root,
+                "no data",
+                (bx1 + 9, (sy0 + sy1) / 2),
+                &tick(TICK_PX, HPos::Left, VPos::Center),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A filled cell with a white rim (so neighbours read as tiles), hatched
+/// when it has no value.
+fn draw_cell<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    (x0, y0, x1, y1): Rect,
+    fill: RGBColor,
+    hatched: bool,
+) -> anyhow::Result<()> {
+    root.draw(&Rectangle::new([(x0, y0), (x1, y1)], fill.filled()))
+        .plot()?;
+    if hatched {
+        for seg in hatch((x0, y0, x1, y1), 7) {
+            root.draw(&PathElement::new(
+                seg.to_vec(),
+                MISSING_HATCH.stroke_width(1),
+            ))
+            .plot()?;
+        }
+    }
+    root.draw(&Rectangle::new([(x0, y0), (x1, y1)], WHITE.stroke_width(1)))
+        .plot()
+}
+
 impl EmptyPlan {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
         let body = draw_title(root, &self.title)?;
@@ -1421,6 +2083,8 @@ impl Plan {
         match self {
             Plan::Xy(p) => p.size,
             Plan::Dots(p) => p.size,
+            Plan::Heat(p) => p.size,
+            Plan::Pareto(p) => p.xy.size,
             Plan::Empty(_) => (WIDTH, HEIGHT),
         }
     }
@@ -1435,6 +2099,8 @@ impl Plan {
         match self {
             Plan::Xy(p) => p.draw(root, raster)?,
             Plan::Dots(p) => p.draw(root)?,
+            Plan::Heat(p) => p.draw(root)?,
+            Plan::Pareto(p) => p.xy.draw(root, raster)?,
             Plan::Empty(p) => p.draw(root)?,
         }
         root.present().plot()
@@ -2166,5 +2832,466 @@ mod tests {
         let d = dashes(&[(0, 0), (6, 0), (6, 30)], 12.0, 8.0);
         assert_eq!(d[0], vec![(0, 0), (6, 0), (6, 6)]);
         assert_eq!(d[1], vec![(6, 14), (6, 26)]);
+    }
+
+    const NAN: f64 = f64::NAN;
+
+    // --- Pareto front --------------------------------------------------
+
+    #[test]
+    fn pareto_front_drops_dominated_points_and_keeps_ties() {
+        // Lower x (time) and higher y (accuracy) are better.
+        let pts = [
+            (1.0, 0.5), // 0: fastest
+            (2.0, 0.9), // 1
+            (2.0, 0.8), // 2: same x as 1, worse y: dominated
+            (3.0, 0.9), // 3: same y as 1, slower: dominated
+            (4.0, 1.0), // 4: most accurate
+            (2.0, 0.9), // 5: equal to 1: neither dominates the other
+            (5.0, 0.4), // 6: worse than 0 on both
+        ];
+        assert_eq!(pareto_front(&pts, false, true), vec![0, 1, 5, 4]);
+        // The slowest point is also the least accurate: it beats them all.
+        assert_eq!(pareto_front(&pts, true, false), vec![6]);
+        // Higher is better on both: the top-right corner.
+        assert_eq!(pareto_front(&pts, true, true), vec![4, 6]);
+        assert_eq!(pareto_front(&pts, false, false), vec![0, 6]);
+    }
+
+    #[test]
+    fn pareto_front_of_one_point_and_of_a_trade_off_curve() {
+        assert_eq!(pareto_front(&[(3.0, -2.0)], false, true), vec![0]);
+        assert!(pareto_front(&[], true, true).is_empty());
+        // Every point trades x for y: all on the front, ordered by x.
+        let curve: Vec<(f64, f64)> = (0..8)
+            .rev()
+            .map(|i| (f64::from(i), f64::from(i * i)))
+            .collect();
+        assert_eq!(
+            pareto_front(&curve, false, true),
+            (0..8).rev().collect::<Vec<_>>()
+        );
+        // Equal points only: all of them.
+        assert_eq!(pareto_front(&[(1.0, 1.0); 3], true, true), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn pareto_front_leaves_out_nan_and_infinity() {
+        let pts = [
+            (INF, INF), // would dominate everything if it counted
+            (1.0, 1.0),
+            (NAN, 5.0),
+            (2.0, NAN),
+            (0.5, 0.5),
+            (-INF, 9.0),
+        ];
+        assert_eq!(pareto_front(&pts, true, true), vec![1]);
+        assert_eq!(pareto_front(&pts, false, false), vec![4]);
+        assert!(pareto_front(&[(NAN, NAN), (INF, 1.0)], true, true).is_empty());
+    }
+
+    fn sample_pareto_chart() -> ParetoChart {
+        let group = |label: &str, pts: &[(f64, f64)]| ScatterGroup {
+            label: label.into(),
+            points: pts
+                .iter()
+                .enumerate()
+                .map(|(k, &(x, y))| ScatterPoint {
+                    label: format!("{label} budget={}", [0.1, 0.25, 0.5][k]),
+                    x,
+                    y,
+                })
+                .collect(),
+        };
+        ParetoChart {
+            title: "Accuracy against speedup: long-context / needle".into(),
+            x_label: "speedup over dense".into(),
+            y_label: "exact match".into(),
+            log_x: true,
+            log_y: false,
+            x_higher_better: true,
+            y_higher_better: true,
+            groups: vec![
+                ScatterGroup {
+                    label: "dense".into(),
+                    points: vec![ScatterPoint {
+                        label: "dense".into(),
+                        x: 1.0,
+                        y: 0.95,
+                    }],
+                },
+                group("quest", &[(3.0, 0.7), (2.0, 0.9), (1.5, 0.93)]),
+                group("streaming", &[(3.5, 0.3), (2.5, 0.5), (0.0, 0.8)]),
+                group("h2o", &[(NAN, 0.5), (2.0, 0.6), (1.2, 0.9)]),
+            ],
+        }
+    }
+
+    #[test]
+    fn pareto_plan_colours_entries_and_draws_the_front() {
+        let Plan::Pareto(plan) = pareto_plan(&sample_pareto_chart()) else {
+            panic!("expected a Pareto plan")
+        };
+        let series = &plan.xy.series;
+        assert_eq!(series.len(), 5, "four entries and the front");
+        let labels: Vec<&str> = series.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            ["dense", "quest", "streaming", "h2o", "Pareto front"]
+        );
+        // One look per entry, none of them the front's black.
+        let looks: Vec<usize> = series[..4].iter().map(|s| s.look).collect();
+        assert_eq!(looks, [0, 1, 2, 3]);
+        assert!((0..60).all(|i| group_look(i) % PALETTE.len() != FRONT_LOOK));
+        assert_eq!(series_look(FRONT_LOOK).0, RGBColor(0, 0, 0));
+        // An entry's points stay in parameter order, joined by a thin line;
+        // x = 0 cannot be placed on the log axis, x = NaN nowhere.
+        let l = f64::log10;
+        assert_eq!(
+            series[1].path,
+            vec![(l(3.0), 0.7), (l(2.0), 0.9), (l(1.5), 0.93)]
+        );
+        assert_eq!(series[1].marks, series[1].path);
+        assert_eq!(series[2].path, vec![(l(3.5), 0.3), (l(2.5), 0.5)]);
+        assert_eq!(series[3].path, vec![(l(2.0), 0.6), (l(1.2), 0.9)]);
+        assert!(series[..4].iter().all(|s| s.width < LINE_W && !s.dashed));
+        // The front, by increasing speedup: dense (most accurate), quest at
+        // 0.5 and 0.25, then quest 0.1 and streaming 0.1 (fastest).
+        let front = &series[4];
+        assert!(front.dashed && front.marks.is_empty() && !front.legend_marker);
+        assert_eq!(
+            front.path,
+            vec![
+                (0.0, 0.95),
+                (l(1.5), 0.93),
+                (l(2.0), 0.9),
+                (l(3.0), 0.7),
+                (l(3.5), 0.3)
+            ]
+        );
+        assert_eq!(
+            plan.front,
+            [
+                "dense",
+                "quest budget=0.5",
+                "quest budget=0.25",
+                "quest budget=0.1",
+                "streaming budget=0.1"
+            ]
+        );
+        assert_eq!(
+            plan.xy.caption,
+            [
+                "Pareto front (dashed): configurations that no other matches or beats on both axes \
+                 (higher x and higher y are better).",
+                "On the front: dense, quest budget=0.5, quest budget=0.25, quest budget=0.1, \
+                 streaming budget=0.1.",
+                "2 configurations not drawn: no finite x and y, or not positive on a log axis.",
+            ]
+        );
+        // The axes hold every placed point.
+        assert!(plan.xy.x.lo < 0.0 && plan.xy.x.hi > l(3.5));
+        assert!(plan.xy.y.lo < 0.3 && plan.xy.y.hi > 0.95);
+    }
+
+    #[test]
+    fn pareto_plan_without_finite_points_says_so() {
+        let mut chart = sample_pareto_chart();
+        for g in &mut chart.groups {
+            for p in &mut g.points {
+                p.y = NAN;
+            }
+        }
+        let Plan::Empty(e) = pareto_plan(&chart) else {
+            panic!("expected an empty plan")
+        };
+        assert_eq!(
+            e.detail,
+            "none of the 10 configurations has a finite x and y, or not positive on a log axis"
+        );
+        chart.groups.clear();
+        assert!(matches!(pareto_plan(&chart), Plan::Empty(_)));
+    }
+
+    #[test]
+    fn pareto_chart_writes_svg_and_png() {
+        let dir = scratch("pareto");
+        let stem = dir.join("pareto");
+        let written = render_pareto(&sample_pareto_chart(), &stem).unwrap();
+        check_outputs(
+            &written,
+            &stem,
+            (WIDTH, HEIGHT),
+            &[
+                "Accuracy against speedup: long-context / needle",
+                "speedup over dense",
+                "exact match",
+                "Pareto front",
+                "streaming",
+                "On the front: dense",
+            ],
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    // --- Heat maps -----------------------------------------------------
+
+    /// `n` configurations on a 3 x 4 grid (context x depth); the second has
+    /// two cells missing and one out of range.
+    fn sample_heat_chart(n: usize) -> HeatChart {
+        let rows = vec![1024.0, 2048.0, 4096.0];
+        let cols = vec![0.0, 25.0, 50.0, 100.0];
+        let panels = (0..n)
+            .map(|k| {
+                let mut cells: Vec<Vec<Option<f64>>> = (0..rows.len())
+                    .map(|r| {
+                        (0..cols.len())
+                            .map(|c| Some(1.0 - 0.1 * r as f64 - 0.05 * c as f64 - 0.02 * k as f64))
+                            .collect()
+                    })
+                    .collect();
+                if k == 1 {
+                    cells[0][0] = None;
+                    cells[2][3] = Some(NAN);
+                    cells[1][1] = Some(1.25);
+                }
+                HeatPanel {
+                    label: format!("quest budget={}%", 5 * (k + 1)),
+                    cells,
+                }
+            })
+            .collect();
+        HeatChart {
+            title: "Needle accuracy by context and depth: long-context / needle".into(),
+            x_label: "needle depth (%)".into(),
+            y_label: "context (tokens)".into(),
+            rows,
+            cols,
+            panels,
+        }
+    }
+
+    fn heat(chart: &HeatChart) -> HeatPlan {
+        match heat_plan(chart) {
+            Plan::Heat(p) => p,
+            other => panic!("expected a heat plan, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn heat_colours_run_from_dark_to_light() {
+        assert_eq!(heat_colour(0.0), VIRIDIS[0]);
+        assert_eq!(heat_colour(1.0), VIRIDIS[10]);
+        assert_eq!(heat_colour(0.5), VIRIDIS[5]);
+        assert_eq!(heat_colour(-3.0), VIRIDIS[0]);
+        assert_eq!(heat_colour(7.0), VIRIDIS[10]);
+        // Halfway between two stops is their mean.
+        assert_eq!(heat_colour(0.05), RGBColor(70, 19, 101));
+        // Lightness rises all along, so the order survives greyscale.
+        let l: Vec<f64> = (0..=100)
+            .map(|k| lightness(heat_colour(f64::from(k) / 100.0)))
+            .collect();
+        assert!(l.windows(2).all(|w| w[1] > w[0]), "{l:?}");
+    }
+
+    #[test]
+    fn heat_plan_prints_values_and_marks_missing_cells() {
+        let plan = heat(&sample_heat_chart(2));
+        assert_eq!(plan.row_labels, ["1024", "2048", "4096"]);
+        assert_eq!(plan.col_labels, ["0", "25", "50", "100"]);
+        let first = &plan.panels[0];
+        assert_eq!(first.label, "quest budget=5%");
+        assert_eq!(first.cells.len(), 3);
+        assert!(first.cells.iter().all(|r| r.len() == 4));
+        let c = &first.cells[0][0];
+        assert_eq!(
+            (c.value, c.text.as_str(), c.fill, c.ink),
+            (Some(1.0), "1.00", VIRIDIS[10], INK)
+        );
+        let c = &first.cells[1][0];
+        assert_eq!(
+            (c.value, c.text.as_str(), c.fill),
+            (Some(0.9), "0.90", VIRIDIS[9])
+        );
+        assert_eq!(first.cells[2][3].text, "0.65");
+        // Dark cells get white text.
+        let dark = heat(&HeatChart {
+            panels: vec![HeatPanel {
+                label: "dense".into(),
+                cells: vec![vec![Some(0.05); 4]; 3],
+            }],
+            ..sample_heat_chart(0)
+        });
+        assert_eq!(dark.panels[0].cells[1][2].ink, WHITE);
+        // Missing and NaN cells are hatched grey without text; a value
+        // above 1 keeps its text and takes the top colour.
+        let second = &plan.panels[1];
+        for (r, c) in [(0, 0), (2, 3)] {
+            let cell = &second.cells[r][c];
+            assert_eq!(
+                (cell.value, cell.fill, cell.text.as_str()),
+                (None, MISSING_CELL, "")
+            );
+        }
+        assert_eq!(second.cells[1][1].text, "1.25");
+        assert_eq!(second.cells[1][1].fill, VIRIDIS[10]);
+        assert!(plan.any_missing);
+        assert_eq!(
+            plan.caption,
+            [
+                "Each cell prints its value, coloured on a fixed 0 to 1 scale.",
+                "Hatched grey cells: no finite value recorded (2 of 24).",
+                "1 cell outside 0 to 1, coloured as the nearer end of the scale.",
+            ]
+        );
+        // Without holes, the caption says nothing of them.
+        let full = heat(&sample_heat_chart(1));
+        assert!(!full.any_missing);
+        assert_eq!(
+            full.caption,
+            ["Each cell prints its value, coloured on a fixed 0 to 1 scale."]
+        );
+        // A short row of cells is padded with missing ones.
+        let ragged = heat(&HeatChart {
+            panels: vec![HeatPanel {
+                label: "ragged".into(),
+                cells: vec![vec![Some(0.5)]],
+            }],
+            ..sample_heat_chart(0)
+        });
+        let missing = ragged.panels[0]
+            .cells
+            .iter()
+            .flatten()
+            .filter(|c| c.value.is_none())
+            .count();
+        assert_eq!(missing, 11);
+    }
+
+    #[test]
+    fn heat_panels_sit_in_rows_of_four_and_the_canvas_grows() {
+        let overlaps = |a: Rect, b: Rect| a.0 < b.2 && b.0 < a.2 && a.1 < b.3 && b.1 < a.3;
+        let mut last = (0, 0);
+        for n in [1, 2, 4, 5, 8, 9] {
+            let plan = heat(&sample_heat_chart(n));
+            let (w, h) = (plan.size.0 as i32, plan.size.1 as i32);
+            assert_eq!(plan.panels.len(), n);
+            let (cw, ch) = plan.cell;
+            for (k, p) in plan.panels.iter().enumerate() {
+                let (x0, y0, x1, y1) = p.grid;
+                assert_eq!((x1 - x0, y1 - y0), (4 * cw, 3 * ch), "panel {k} of {n}");
+                // Row labels, panel label and column labels on the canvas.
+                assert!(x0 - plan.row_label_w >= 0 && y0 >= 60 && x1 < w && y1 + 40 < h);
+                // Left to right, then down: four to a row.
+                let first = &plan.panels[k - k % HEAT_PER_ROW];
+                assert_eq!(p.grid.1, first.grid.1, "panel {k} of {n} on its row");
+                if k % HEAT_PER_ROW > 0 {
+                    assert!(x0 > plan.panels[k - 1].grid.2 + plan.row_label_w);
+                }
+                if k >= HEAT_PER_ROW {
+                    assert_eq!(x0, plan.panels[k - HEAT_PER_ROW].grid.0);
+                    assert!(y0 > plan.panels[k - HEAT_PER_ROW].grid.3 + 40);
+                }
+                for q in &plan.panels[..k] {
+                    assert!(!overlaps(p.grid, q.grid));
+                }
+                // The colour bar is right of every panel.
+                assert!(plan.bar.0 > x1);
+            }
+            let rows = n.div_ceil(HEAT_PER_ROW) as i32;
+            let distinct_rows = plan
+                .panels
+                .iter()
+                .map(|p| p.grid.1)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len() as i32;
+            assert_eq!(distinct_rows, rows);
+            assert!(plan.bar.2 < w && plan.bar.3 < h);
+            assert!(
+                w >= last.0 && h >= last.1,
+                "{n} panels: {w}x{h} after {last:?}"
+            );
+            last = (w, h);
+        }
+        // Wider with each panel up to four, then taller.
+        let size = |n| heat(&sample_heat_chart(n)).size;
+        assert!(size(2).0 > size(1).0 && size(4).0 > size(2).0);
+        assert_eq!(size(5).0, size(4).0);
+        assert!(size(5).1 > size(4).1);
+        // Cells fit their values, and the printed values fit their cells.
+        let plan = heat(&sample_heat_chart(2));
+        assert!(plan.value_px >= 11.0 && plan.value_px <= 16.0);
+        assert!(estimate_width("0.00", plan.value_px) <= plan.cell.0 - 6);
+        assert!(estimate_width("100", plan.col_px) <= plan.cell.0);
+    }
+
+    #[test]
+    fn heat_plan_without_finite_cells_says_so() {
+        let mut chart = sample_heat_chart(2);
+        for p in &mut chart.panels {
+            for row in &mut p.cells {
+                row.fill(Some(NAN));
+            }
+        }
+        let detail = |c: &HeatChart| match heat_plan(c) {
+            Plan::Empty(e) => e.detail,
+            other => panic!("expected an empty plan, got {other:?}"),
+        };
+        assert_eq!(detail(&chart), "none of the 24 cells has a finite value");
+        assert_eq!(
+            detail(&HeatChart {
+                cols: vec![],
+                ..sample_heat_chart(1)
+            }),
+            "no rows or no columns"
+        );
+        assert_eq!(detail(&sample_heat_chart(0)), "no configurations");
+    }
+
+    #[test]
+    fn hatching_stays_inside_the_cell() {
+        let rect = (10, 20, 50, 44);
+        let segs = hatch(rect, 7);
+        // Lines x + y = k every 7 px across the whole cell.
+        assert_eq!(segs.len(), ((50 + 44 - 10 - 20 - 1) / 7) as usize);
+        for [(xa, ya), (xb, yb)] in segs {
+            assert_eq!(xa + ya, xb + yb);
+            for (x, y) in [(xa, ya), (xb, yb)] {
+                assert!(
+                    (10..=50).contains(&x) && (20..=44).contains(&y),
+                    "({x}, {y})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn heat_chart_writes_svg_and_png() {
+        let dir = scratch("heat");
+        let stem = dir.join("heat");
+        let chart = sample_heat_chart(6);
+        let written = render_heat(&chart, &stem).unwrap();
+        let size = heat(&chart).size;
+        let mut texts = vec![
+            "Needle accuracy by context and depth: long-context / needle",
+            "needle depth (%)",
+            "context (tokens)",
+            "4096",
+            "0.65",
+            "no data",
+            "Hatched grey cells",
+        ];
+        let labels: Vec<String> = chart.panels.iter().map(|p| p.label.clone()).collect();
+        texts.extend(labels.iter().map(String::as_str));
+        check_outputs(&written, &stem, size, &texts);
+        // The empty chart is drawn too, saying why.
+        let empty = render_heat(&sample_heat_chart(0), &dir.join("empty")).unwrap();
+        check_outputs(
+            &empty,
+            &dir.join("empty"),
+            (WIDTH, HEIGHT),
+            &["no finite data"],
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 
 use workloads::{Chart, Series, Source, WorkloadSpec};
 
-use crate::charts::{self, DotChart, DotRow, Line, LineChart, Point};
+use crate::charts::{
+    self, DotChart, DotRow, HeatChart, HeatPanel, Line, LineChart, ParetoChart, Point,
+    ScatterGroup, ScatterPoint,
+};
 use crate::records::{self, RunInfo};
 use crate::summary::{ConfigSummary, HardwareGroup, ProfileSummary};
 
@@ -54,9 +57,13 @@ pub fn write_report(input: &ReportInput<'_>, out: &Path) -> anyhow::Result<Vec<P
                 written.extend(charts::render_dots(&ttr_chart(g, w, v), &stem)?);
                 links.push((format!("{v}: time-to-result"), rel(out, &stem)));
                 for chart in spec.map(|s| s.charts).unwrap_or(&[]) {
-                    if let Some(line) = spec_chart(g, w, v, chart) {
+                    if let Some(drawn) = spec_chart(g, w, v, chart) {
                         let stem = out.join("charts").join(format!("{w}{hw}-{v}-{}", chart.id));
-                        written.extend(charts::render_line(&line, &stem)?);
+                        written.extend(match &drawn {
+                            SpecChart::Line(c) => charts::render_line(c, &stem)?,
+                            SpecChart::Heat(c) => charts::render_heat(c, &stem)?,
+                            SpecChart::Pareto(c) => charts::render_pareto(c, &stem)?,
+                        });
                         links.push((format!("{v}: {}", chart.title), rel(out, &stem)));
                     }
                 }
@@ -416,13 +423,128 @@ fn param_names(params: &str) -> Vec<String> {
         .collect()
 }
 
+/// A declared chart, built from records, in the model its renderer takes.
+#[derive(Debug, Clone, PartialEq)]
+enum SpecChart {
+    Line(LineChart),
+    Heat(HeatChart),
+    Pareto(ParetoChart),
+}
+
+/// A configuration's label on a chart: the entry and its parameters, less
+/// those the chart fixes with `only` (the same on every configuration).
+fn config_label(c: &ConfigSummary, chart: &Chart) -> String {
+    let params = c
+        .params
+        .split(',')
+        .filter(|kv| {
+            kv.split_once('=')
+                .is_some_and(|(n, _)| !chart.only.iter().any(|&(p, _)| p == n))
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    if params.is_empty() {
+        c.entry.clone()
+    } else {
+        format!("{} {params}", c.entry)
+    }
+}
+
+/// The figure key of one heat-map cell: `{row}` and `{col}` in `template`
+/// replaced by the values in their shortest form (`1024`, `50`, `0.5`),
+/// which is how `f64` displays and how records write parameters.
+fn heat_key(template: &str, row: f64, col: f64) -> String {
+    template
+        .replace("{row}", &row.to_string())
+        .replace("{col}", &col.to_string())
+}
+
+/// One panel per configuration with at least one finite cell; `None` when
+/// no configuration has one (the variant does not record these figures).
+fn heat_chart(
+    configs: &[&ConfigSummary],
+    chart: &Chart,
+    title: String,
+    (rows, cols, key): (&[f64], &[f64], &str),
+) -> Option<HeatChart> {
+    let panels: Vec<HeatPanel> = configs
+        .iter()
+        .map(|c| HeatPanel {
+            label: config_label(c, chart),
+            cells: rows
+                .iter()
+                .map(|&r| {
+                    cols.iter()
+                        .map(|&k| {
+                            c.figures
+                                .get(&heat_key(key, r, k))
+                                .copied()
+                                .filter(|v| v.is_finite())
+                        })
+                        .collect()
+                })
+                .collect(),
+        })
+        .filter(|p| p.cells.iter().flatten().any(Option::is_some))
+        .collect();
+    (!panels.is_empty()).then(|| HeatChart {
+        title,
+        x_label: chart.x_label.into(),
+        y_label: chart.y_label.into(),
+        rows: rows.to_vec(),
+        cols: cols.to_vec(),
+        panels,
+    })
+}
+
+/// One group per entry, its configurations in record (parameter) order; a
+/// configuration without a finite coordinate is kept as NaN, so that the
+/// renderer counts it in its caption. `None` when no configuration has
+/// both coordinates.
+fn pareto_chart(
+    configs: &[&ConfigSummary],
+    chart: &Chart,
+    title: String,
+    (x_higher_better, y_higher_better): (bool, bool),
+) -> Option<ParetoChart> {
+    let mut groups: Vec<ScatterGroup> = Vec::new();
+    let mut any = false;
+    for c in configs {
+        let (x, y) = (coordinate(c, chart.x), coordinate(c, chart.y));
+        any |= x.is_some() && y.is_some();
+        let point = ScatterPoint {
+            label: config_label(c, chart),
+            x: x.unwrap_or(f64::NAN),
+            y: y.unwrap_or(f64::NAN),
+        };
+        match groups.iter_mut().find(|g| g.label == c.entry) {
+            Some(g) => g.points.push(point),
+            None => groups.push(ScatterGroup {
+                label: c.entry.clone(),
+                points: vec![point],
+            }),
+        }
+    }
+    any.then(|| ParetoChart {
+        title,
+        x_label: chart.x_label.into(),
+        y_label: chart.y_label.into(),
+        log_x: chart.log_x,
+        log_y: chart.log_y,
+        x_higher_better,
+        y_higher_better,
+        groups,
+    })
+}
+
 /// Builds a declared chart for one variant; `None` if it has no data there.
-fn spec_chart(g: &HardwareGroup, w: &str, v: &str, chart: &Chart) -> Option<LineChart> {
+fn spec_chart(g: &HardwareGroup, w: &str, v: &str, chart: &Chart) -> Option<SpecChart> {
     let configs: Vec<&ConfigSummary> = g
         .configs_of(w, v)
         .filter(|c| chart.entries.is_empty() || chart.entries.contains(&c.entry.as_str()))
         .filter(|c| chart.only.iter().all(|&(p, v)| c.param(p) == Some(v)))
         .collect();
+    let title = format!("{}: {w} / {v}", chart.title);
     let mut lines: Vec<Line> = Vec::new();
     let mut push = |label: String, dashed: bool, x: f64, y: f64| match lines
         .iter_mut()
@@ -447,6 +569,16 @@ fn spec_chart(g: &HardwareGroup, w: &str, v: &str, chart: &Chart) -> Option<Line
         }),
     };
     match chart.series {
+        Series::Heat { rows, cols, key } => {
+            return heat_chart(&configs, chart, title, (rows, cols, key)).map(SpecChart::Heat);
+        }
+        Series::Pareto {
+            x_higher_better,
+            y_higher_better,
+        } => {
+            return pareto_chart(&configs, chart, title, (x_higher_better, y_higher_better))
+                .map(SpecChart::Pareto);
+        }
         Series::Param(param) => {
             for c in &configs {
                 let (Some(x), Some(y)) = (coordinate(c, chart.x), coordinate(c, chart.y)) else {
@@ -494,19 +626,8 @@ fn spec_chart(g: &HardwareGroup, w: &str, v: &str, chart: &Chart) -> Option<Line
             }
         }
         Series::Curve(points) => {
-            let fixed: Vec<&str> = chart.only.iter().map(|&(p, _)| p).collect();
             for c in &configs {
-                let label = c
-                    .params
-                    .split(',')
-                    .filter(|kv| kv.split_once('=').is_some_and(|(n, _)| !fixed.contains(&n)))
-                    .collect::<Vec<_>>()
-                    .join(",");
-                let label = if label.is_empty() {
-                    c.entry.clone()
-                } else {
-                    format!("{} {label}", c.entry)
-                };
+                let label = config_label(c, chart);
                 for &(level, key) in points {
                     if let Some(y) = c.figures.get(key).filter(|y| y.is_finite()) {
                         push(label.clone(), false, level, *y);
@@ -533,15 +654,15 @@ fn spec_chart(g: &HardwareGroup, w: &str, v: &str, chart: &Chart) -> Option<Line
     if lines.is_empty() {
         return None;
     }
-    Some(LineChart {
-        title: format!("{}: {w} / {v}", chart.title),
+    Some(SpecChart::Line(LineChart {
+        title,
         x_label: chart.x_label.into(),
         y_label: chart.y_label.into(),
         log_x: chart.log_x,
         log_y: chart.log_y,
         lines,
         y_range: None,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -558,5 +679,313 @@ mod tests {
         assert_eq!(fmt_time(f64::INFINITY), "miss");
         assert_eq!(fmt_ratio(2.0), "2.00x");
         assert_eq!(short_commit("0123456789abcdef-dirty"), "0123456789-dirty");
+    }
+
+    fn config(entry: &str, params: &str, median_s: f64, figures: &[(&str, f64)]) -> ConfigSummary {
+        ConfigSummary {
+            workload: "long-context".into(),
+            workload_version: 1,
+            variant: "needle".into(),
+            entry: entry.into(),
+            entry_kind: if entry == "dense" {
+                "reference"
+            } else {
+                "method"
+            }
+            .into(),
+            params: params.into(),
+            times: vec![median_s],
+            seeds: vec![1],
+            median_s,
+            ci_s: (median_s, median_s),
+            successes: usize::from(median_s.is_finite()),
+            trials: 1,
+            speedup: None,
+            figures: figures.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
+            quality_median: None,
+            target: 0.9,
+            failure: None,
+        }
+    }
+
+    fn group(configs: Vec<ConfigSummary>) -> HardwareGroup {
+        HardwareGroup {
+            hardware_id: "hw".into(),
+            configs,
+            profiles: Vec::new(),
+            suite_profile: None,
+        }
+    }
+
+    fn chart(series: Series) -> Chart {
+        Chart {
+            id: "c",
+            title: "Chart",
+            x: Source::TimeToResult,
+            x_label: "time-to-result (s)",
+            y: Source::Figure("accuracy"),
+            y_label: "exact match",
+            series,
+            entries: &[],
+            theory: None,
+            log_x: false,
+            log_y: false,
+            only: &[],
+        }
+    }
+
+    #[test]
+    fn heat_keys_use_the_shortest_form_of_each_value() {
+        assert_eq!(heat_key("acc_c{row}_d{col}", 1024.0, 50.0), "acc_c1024_d50");
+        assert_eq!(heat_key("acc_c{row}_d{col}", 0.5, 0.0), "acc_c0.5_d0");
+        assert_eq!(heat_key("d{col}_c{row}_{row}", 2.0, 12.5), "d12.5_c2_2");
+        assert_eq!(heat_key("plain", 1.0, 2.0), "plain");
+    }
+
+    #[test]
+    fn heat_chart_reads_one_panel_per_configuration() {
+        let g = group(vec![
+            config(
+                "dense",
+                "dtype=32",
+                2.0,
+                &[
+                    ("acc_c1024_d0", 1.0),
+                    ("acc_c1024_d50", 0.5),
+                    ("acc_c2048_d0", 0.75),
+                ],
+            ),
+            config(
+                "quest",
+                "dtype=32,budget=0.25",
+                1.0,
+                &[("acc_c2048_d50", 0.25), ("acc_c2048_d100", f64::NAN)],
+            ),
+            // Nothing recorded for the grid: no panel.
+            config("quest", "dtype=32,budget=0.5", 1.0, &[("accuracy", 0.9)]),
+            // Left out by `only`.
+            config(
+                "quest",
+                "dtype=16,budget=0.25",
+                1.0,
+                &[("acc_c1024_d0", 0.1)],
+            ),
+        ]);
+        let mut c = chart(Series::Heat {
+            rows: &[1024.0, 2048.0],
+            cols: &[0.0, 50.0, 100.0],
+            key: "acc_c{row}_d{col}",
+        });
+        c.only = &[("dtype", 32.0)];
+        let Some(SpecChart::Heat(h)) = spec_chart(&g, "long-context", "needle", &c) else {
+            panic!("expected a heat chart")
+        };
+        assert_eq!(h.title, "Chart: long-context / needle");
+        assert_eq!(
+            (h.x_label.as_str(), h.y_label.as_str()),
+            ("time-to-result (s)", "exact match")
+        );
+        assert_eq!(
+            (h.rows, h.cols),
+            (vec![1024.0, 2048.0], vec![0.0, 50.0, 100.0])
+        );
+        let labels: Vec<&str> = h.panels.iter().map(|p| p.label.as_str()).collect();
+        assert_eq!(labels, ["dense", "quest budget=0.25"]);
+        assert_eq!(
+            h.panels[0].cells,
+            vec![
+                vec![Some(1.0), Some(0.5), None],
+                vec![Some(0.75), None, None]
+            ]
+        );
+        assert_eq!(
+            h.panels[1].cells,
+            vec![vec![None, None, None], vec![None, Some(0.25), None]]
+        );
+        // Another variant without these figures gets no chart.
+        let none = group(vec![config("dense", "", 1.0, &[("accuracy", 1.0)])]);
+        assert_eq!(spec_chart(&none, "long-context", "needle", &c), None);
+    }
+
+    #[test]
+    fn pareto_chart_groups_configurations_by_entry() {
+        let g = group(vec![
+            config("dense", "", 4.0, &[("accuracy", 1.0)]),
+            config("quest", "budget=0.1", 1.0, &[("accuracy", 0.6)]),
+            config("streaming", "budget=0.1", 0.5, &[("accuracy", 0.2)]),
+            config("quest", "budget=0.5", 2.0, &[("accuracy", 0.95)]),
+            // A miss: infinite time, kept as NaN for the renderer to count.
+            config(
+                "streaming",
+                "budget=0.5",
+                f64::INFINITY,
+                &[("accuracy", 0.9)],
+            ),
+        ]);
+        let c = chart(Series::Pareto {
+            x_higher_better: false,
+            y_higher_better: true,
+        });
+        let Some(SpecChart::Pareto(p)) = spec_chart(&g, "long-context", "needle", &c) else {
+            panic!("expected a Pareto chart")
+        };
+        assert!(!p.x_higher_better && p.y_higher_better);
+        type Group<'a> = (&'a str, Vec<(&'a str, f64, f64)>);
+        let groups: Vec<Group> = p
+            .groups
+            .iter()
+            .map(|g| {
+                let pts = g
+                    .points
+                    .iter()
+                    .map(|q| (q.label.as_str(), q.x, q.y))
+                    .collect();
+                (g.label.as_str(), pts)
+            })
+            .collect();
+        assert_eq!(groups[0], ("dense", vec![("dense", 4.0, 1.0)]));
+        assert_eq!(
+            groups[1],
+            (
+                "quest",
+                vec![
+                    ("quest budget=0.1", 1.0, 0.6),
+                    ("quest budget=0.5", 2.0, 0.95)
+                ]
+            )
+        );
+        assert_eq!(groups[2].0, "streaming");
+        assert_eq!(groups[2].1[0], ("streaming budget=0.1", 0.5, 0.2));
+        assert!(groups[2].1[1].1.is_nan() && groups[2].1[1].2 == 0.9);
+        // Without a single finite pair there is no chart.
+        let misses = group(vec![config(
+            "dense",
+            "",
+            f64::INFINITY,
+            &[("accuracy", 1.0)],
+        )]);
+        assert_eq!(spec_chart(&misses, "long-context", "needle", &c), None);
+    }
+
+    /// A registry of one workload that declares a heat map and a Pareto
+    /// chart, for [`write_report`] (it never runs: `load` fails).
+    struct Declared;
+
+    static DECLARED: WorkloadSpec = WorkloadSpec {
+        id: "long-context",
+        version: 1,
+        title: "declared charts",
+        summary: "",
+        papers: &[],
+        metric: workloads::Metric {
+            name: "accuracy",
+            description: "exact match",
+            direction: workloads::Direction::HigherIsBetter,
+        },
+        variants: &[],
+        entries: &[],
+        figures: &[],
+        charts: &[
+            Chart {
+                id: "needle-grid",
+                title: "Needle accuracy",
+                x: Source::TimeToResult,
+                x_label: "needle depth (%)",
+                y: Source::TimeToResult,
+                y_label: "context (tokens)",
+                series: Series::Heat {
+                    rows: &[1024.0, 2048.0],
+                    cols: &[0.0, 50.0],
+                    key: "acc_c{row}_d{col}",
+                },
+                entries: &[],
+                theory: None,
+                log_x: false,
+                log_y: false,
+                only: &[],
+            },
+            Chart {
+                id: "front",
+                title: "Accuracy against time",
+                x: Source::TimeToResult,
+                x_label: "time-to-result (s)",
+                y: Source::Figure("accuracy"),
+                y_label: "exact match",
+                series: Series::Pareto {
+                    x_higher_better: false,
+                    y_higher_better: true,
+                },
+                entries: &[],
+                theory: None,
+                log_x: false,
+                log_y: false,
+                only: &[],
+            },
+        ],
+        claims: &[],
+    };
+
+    impl workloads::Workload for Declared {
+        fn spec(&self) -> &'static WorkloadSpec {
+            &DECLARED
+        }
+
+        fn load(
+            &self,
+            _: &workloads::LoadContext<'_>,
+        ) -> Result<Box<dyn workloads::Loaded>, workloads::WorkloadError> {
+            Err(workloads::WorkloadError::Config(
+                "only declares charts".into(),
+            ))
+        }
+    }
+
+    #[test]
+    fn heat_and_pareto_charts_are_written_with_the_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let cells = [("acc_c1024_d0", 1.0), ("acc_c2048_d50", 0.5)];
+        let g = group(vec![
+            config(
+                "dense",
+                "",
+                4.0,
+                &[&cells[..], &[("accuracy", 1.0)]].concat(),
+            ),
+            config(
+                "quest",
+                "budget=0.1",
+                1.0,
+                &[&cells[1..], &[("accuracy", 0.6)]].concat(),
+            ),
+            config("quest", "budget=0.5", 3.0, &[("accuracy", 0.5)]),
+        ]);
+        let input = ReportInput {
+            groups: &[g],
+            runs: &[],
+            registry: &[&Declared],
+        };
+        let written = write_report(&input, dir.path()).unwrap();
+        let read = |name: &str| {
+            let path = dir.path().join("charts").join(name);
+            assert!(written.contains(&path), "{name} not written");
+            std::fs::read_to_string(&path).unwrap_or_default()
+        };
+        let heat = read("long-context-needle-needle-grid.svg");
+        assert!(heat.contains("Needle accuracy: long-context / needle"));
+        assert!(heat.contains("quest budget=0.1") && heat.contains("dense"));
+        // quest budget=0.5 records no cell: no panel.
+        assert!(!heat.contains("budget=0.5"));
+        assert!(heat.contains("Hatched grey cells: no finite value recorded (5 of 8)."));
+        let front = read("long-context-needle-front.svg");
+        assert!(front.contains("Pareto front"));
+        assert!(front.contains("On the front: quest budget=0.1, dense."));
+        for png in ["needle-grid", "front"] {
+            read(&format!("long-context-needle-{png}.png"));
+        }
+        let summary = std::fs::read_to_string(dir.path().join("summary.md")).unwrap();
+        assert!(summary
+            .contains("needle: Needle accuracy: [charts/long-context-needle-needle-grid.svg]"));
+        assert!(summary
+            .contains("needle: Accuracy against time: [charts/long-context-needle-front.svg]"));
     }
 }

@@ -366,6 +366,33 @@ pub enum Series {
     /// figure measured at several sizes within a trial (`(4096.0,
     /// "tokens_per_s_c4096")`); the chart's `x` is ignored.
     Curve(&'static [(f64, &'static str)]),
+    /// A heat map per configuration (small multiples): one panel per
+    /// configuration, labelled like [`Series::Curve`] lines, with one cell
+    /// per `(row, col)` pair. A cell's value is the figure named by `key`
+    /// with `{row}` and `{col}` replaced by the row and column values
+    /// written in their shortest form (`1024.0` -> `1024`, `0.5` -> `0.5`),
+    /// so `"acc_c{row}_d{col}"` reads `acc_c1024_d50`. Rows run down the
+    /// chart's `y_label` (context length, first row on top), columns along
+    /// its `x_label` (needle depth); cells are coloured on a fixed 0..1
+    /// scale, so the figures should be shares (accuracy); a missing cell is
+    /// drawn hatched grey, and a configuration without any of these figures
+    /// gets no panel. The chart's `x`, `y`, `theory`, `log_x` and `log_y`
+    /// are ignored.
+    Heat {
+        rows: &'static [f64],
+        cols: &'static [f64],
+        key: &'static str,
+    },
+    /// A scatter of configurations at (`x`, `y`), one colour per entry (its
+    /// configurations joined in parameter order), with a dashed line
+    /// through the Pareto front: the configurations that no other one
+    /// dominates (matches on both axes and beats on one), higher or lower
+    /// being better as given. Configurations without a finite `x` and `y`
+    /// (a missed time-to-result) are left out, and counted in the caption.
+    Pareto {
+        x_higher_better: bool,
+        y_higher_better: bool,
+    },
 }
 
 /// A workload-specific chart, declared as data; `bench-suite` renders it
