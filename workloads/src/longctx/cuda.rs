@@ -1,1 +1,904 @@
-//! (being written)
+//! The decode-attention step of `long-context` on an NVIDIA GPU (feature
+//! `cuda`): our kernels in `decode_attn.cu`, compiled at run time with NVRTC
+//! for `compute_90`, the host code that lays a step's cache out on the
+//! device, and its timing against the memory-traffic floor. The problem,
+//! its float64 reference and the byte count of the floor are in
+//! [`super::kernel`].
+//!
+//! Kernels. Dense, windowed and clustered steps are one launch of a
+//! split-K kernel (flash-decoding: Dao et al., "Flash-Decoding for
+//! long-context inference", 2023): block `(s, h)` reads split `s` of KV head
+//! `h`'s rows once, in 16-byte loads, for the four query heads that share
+//! the KV head (grouped-query attention: no KV row is read twice), keeps an
+//! online softmax in f32, and the last block of a head to finish combines
+//! the splits (no second launch). A split is a span of the selection's rows
+//! in order: one range (dense; the clustered cache, with its `ln(count)`
+//! bias; Chelsea, arXiv 2506.11418), two ranges (StreamingLLM's sinks and
+//! window, arXiv 2309.17453), or a list of pages. Block-topk (Quest, arXiv
+//! 2406.10774) is three launches: page scores over the min/max metadata
+//! (which also histograms the scores' top bits), an exact top-k per KV head
+//! (the rest of a radix select over the scores' order-preserving bits, then
+//! compaction), and the same attention kernel over the selected pages. The
+//! number of splits fills the device once: (SMs x resident blocks) / KV
+//! heads, fewer when the rows are short, so every block is resident from
+//! the start and finishes at about the same time.
+//!
+//! What is timed, and why so. One step is everything the step kind does on
+//! the device, selection included, from its inputs (the query, the cache,
+//! the metadata) to the output, on one stream. A decoder runs these steps
+//! back to back, one per layer, each layer with its own cache, under a CUDA
+//! graph; so does the timing: a graph of `layers` steps, each over its own
+//! copy of the cache (as many copies as it takes for the steps of one graph
+//! to read at least 4 times the L2 cache, so that no step finds its data
+//! in L2 left there by the previous replay), replayed back to back with
+//! CUDA events around each replay; a step's time is a replay's time over
+//! `layers`, and the reported figure is the median over replays after
+//! warm-up. Launch costs are then what a decoder pays between graph nodes,
+//! not the host's launch latency. The floor is the step's bytes
+//! ([`super::kernel::Step::bytes`]) over the copy bandwidth measured here
+//! (a device-to-device copy of 1 GiB, counting bytes read and written).
+//! Set-up (data generation, upload, compile, graph capture) is untimed,
+//! and so is the check of one step's output against the float64 reference.
+
+use std::cell::OnceCell;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{
+    CUdevice_attribute, CUevent_flags, CUfunction_attribute, CUgraphInstantiate_flags,
+    CUstreamCaptureMode,
+};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use half::slice::HalfFloatSliceExt;
+
+use super::kernel::{max_rel_err, Selection, Shape, Step, StepKind, StepOutput, PAGE};
+use crate::WorkloadError;
+
+const SOURCE: &str = include_str!("decode_attn.cu");
+/// Threads of an attention block, rows of a tile, largest number of splits
+/// per KV head, most pages one paged split may span (`ATT_THREADS`, `TILE`,
+/// `MAX_SPLITS`, `MAX_SPAN_PAGES` in decode_attn.cu).
+const ATT_THREADS: u32 = 128;
+const TILE: usize = 32;
+pub const MAX_SPLITS: usize = 256;
+const MAX_SPAN_PAGES: usize = 1024;
+/// Dynamic shared memory of an attention block (`SMEM_BASE`, `SMEM_PAGED`):
+/// 4 stages of K and V tiles (64 KiB), bias tiles, scores, rescale factors
+/// and combine weights; paged blocks add their page ids.
+const SMEM_BASE: usize = 4 * TILE * 128 * 4 + 4 * TILE * 4 + TILE * 4 * 4 + 16 + 4 * MAX_SPLITS * 4;
+const SMEM_PAGED: usize = SMEM_BASE + MAX_SPAN_PAGES * 4;
+/// Threads of the page-scoring and top-k blocks; bins of the first
+/// radix-select histogram (`SC_THREADS`, `SEL_THREADS`, `HIST1`).
+const SC_THREADS: u32 = 256;
+const SEL_THREADS: u32 = 1024;
+const HIST1: usize = 2048;
+/// Pages one scoring block visits per round (16 half-warps, unrolled 4).
+const SC_ROUND: usize = 64;
+/// The shapes the kernels are compiled for.
+const HEAD_DIM: usize = 128;
+const GROUP: usize = 4;
+/// The layers of one timed graph read at least this many times the L2.
+const L2_MULTIPLE: usize = 4;
+const MAX_LAYERS: usize = 64;
+/// Copies of the caches may take at most this share of free device memory.
+const MEMORY_SHARE: f64 = 0.6;
+
+fn dev(what: &str, e: impl std::fmt::Display) -> WorkloadError {
+    WorkloadError::Device(format!("{what}: {e}"))
+}
+
+/// A CUDA context with the decode-attention kernels loaded, and one
+/// capturable stream.
+pub struct DecodeGpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    module: Arc<CudaModule>,
+    pub name: String,
+    /// Wall seconds NVRTC and the module load took (reported, never timed).
+    pub compile_s: f64,
+    sms: usize,
+    l2_bytes: usize,
+    copy_bw: OnceCell<f64>,
+}
+
+impl DecodeGpu {
+    pub fn new(ordinal: usize) -> Result<Self, WorkloadError> {
+        let ctx = crate::device::cuda_context(ordinal)?;
+        // One stream, used in order: cudarc's per-buffer event tracking
+        // would only add host work, and events cannot be recorded inside a
+        // graph capture.
+        // SAFETY: no buffer of this context is ever used on a second stream.
+        unsafe { ctx.disable_event_tracking() };
+        // Not the legacy default stream: it cannot be captured into a graph.
+        let stream = ctx.new_stream().map_err(|e| dev("creating a stream", e))?;
+        let t0 = std::time::Instant::now();
+        let ptx = compile_ptx_with_opts(
+            SOURCE,
+            CompileOptions {
+                arch: Some("compute_90"),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| dev("NVRTC could not compile decode_attn.cu", e))?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| dev("loading the compiled kernels", e))?;
+        let compile_s = t0.elapsed().as_secs_f64();
+        let attr = |a| {
+            ctx.attribute(a)
+                .map(|x| x.max(1) as usize)
+                .map_err(|e| dev("device attribute", e))
+        };
+        let sms = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let l2_bytes = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        Ok(DecodeGpu {
+            ctx,
+            stream,
+            module,
+            name,
+            compile_s,
+            sms,
+            l2_bytes,
+            copy_bw: OnceCell::new(),
+        })
+    }
+
+    fn function(&self, name: &str) -> Result<CudaFunction, WorkloadError> {
+        self.module
+            .load_function(name)
+            .map_err(|e| dev(&format!("kernel `{name}`"), e))
+    }
+
+    /// An attention kernel, allowed the dynamic shared memory it uses
+    /// (above the 48 KiB default).
+    fn attention(&self, name: &str, smem: usize) -> Result<CudaFunction, WorkloadError> {
+        let f = self.function(name)?;
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| dev(&format!("shared memory of `{name}`"), e))?;
+        Ok(f)
+    }
+
+    /// Device-to-device copy bandwidth in bytes per second (bytes read plus
+    /// bytes written), the median of 10 copies of 1 GiB after 2 warm-up
+    /// copies: the denominator of the memory-traffic floor. Measured once
+    /// per context.
+    pub fn copy_bandwidth(&self) -> Result<f64, WorkloadError> {
+        if let Some(&bw) = self.copy_bw.get() {
+            return Ok(bw);
+        }
+        let n = 1usize << 28;
+        let src: CudaSlice<f32> = self.stream.alloc_zeros(n).map_err(|e| dev("alloc", e))?;
+        let mut dst: CudaSlice<f32> = self.stream.alloc_zeros(n).map_err(|e| dev("alloc", e))?;
+        let mut times = Vec::new();
+        for i in 0..12 {
+            let (start, end) = (self.event()?, self.event()?);
+            start.record(&self.stream).map_err(|e| dev("event", e))?;
+            self.stream
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(|e| dev("memcpy", e))?;
+            end.record(&self.stream).map_err(|e| dev("event", e))?;
+            let ms = start.elapsed_ms(&end).map_err(|e| dev("event", e))?;
+            if i >= 2 {
+                times.push(ms as f64 / 1e3);
+            }
+        }
+        let bw = 2.0 * (n * 4) as f64 / median(&mut times);
+        let _ = self.copy_bw.set(bw);
+        Ok(bw)
+    }
+
+    fn event(&self) -> Result<cudarc::driver::CudaEvent, WorkloadError> {
+        self.ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| dev("event", e))
+    }
+
+    fn synchronize(&self) -> Result<(), WorkloadError> {
+        self.stream.synchronize().map_err(|e| dev("synchronize", e))
+    }
+}
+
+pub fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        0.5 * (xs[n / 2 - 1] + xs[n / 2])
+    }
+}
+
+/// One layer's copy of what a step reads.
+struct Layer {
+    k: CudaSlice<u16>,
+    v: CudaSlice<u16>,
+    meta: Option<CudaSlice<u16>>,
+    bias: Option<CudaSlice<f32>>,
+}
+
+/// Which attention kernel a bench launches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    Normal,
+    /// Deliberately wrong: the combine leaves out each head's last split
+    /// (dense and window steps only), for the test that the check catches it.
+    DropLastSplit,
+}
+
+/// How much of a step to launch: block-topk's parts can be timed alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upto {
+    /// Page scores only.
+    Score,
+    /// Page scores and the top-k selection.
+    Select,
+    /// The whole step.
+    All,
+}
+
+/// How the rows of a step are cut into splits.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// Logical rows per KV head, rows per split, splits per KV head.
+    total: usize,
+    span: usize,
+    splits: usize,
+}
+
+/// What [`DecodeBench::time`] measured.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// Median seconds per step.
+    pub median_s: f64,
+    /// Bytes the step must move over the copy bandwidth.
+    pub floor_s: f64,
+    pub bytes: u64,
+    /// Copy bandwidth the floor used, bytes per second.
+    pub copy_bw: f64,
+    /// Largest relative error of one step's output against the float64
+    /// reference over the step's own selection (after checking that
+    /// selection).
+    pub rel_err_vs_cpu_ref: f64,
+    /// Pages on which the GPU's top-k differs from the float64 top-k by a
+    /// near tie (block-topk).
+    pub near_tie_swaps: usize,
+    /// Steps per replay, splits per KV head.
+    pub layers: usize,
+    pub splits: usize,
+    /// Seconds per step of every replay.
+    pub samples_s: Vec<f64>,
+}
+
+impl Timing {
+    pub fn ratio_to_floor(&self) -> f64 {
+        self.median_s / self.floor_s
+    }
+}
+
+/// One step kind at one context on the device, ready to run repeatedly.
+pub struct DecodeBench<'g> {
+    gpu: &'g DecodeGpu,
+    pub step: Step,
+    layers: Vec<Layer>,
+    q: CudaSlice<u16>,
+    out: CudaSlice<f32>,
+    part_o: CudaSlice<f32>,
+    part_ml: CudaSlice<f32>,
+    counters: CudaSlice<u32>,
+    keys: CudaSlice<u32>,
+    hist: CudaSlice<u32>,
+    pages: CudaSlice<i32>,
+    /// Stands in for the bias of kinds without one (never read).
+    no_bias: CudaSlice<f32>,
+    attn: CudaFunction,
+    /// Dynamic shared memory of `attn`.
+    smem: usize,
+    score: CudaFunction,
+    select: CudaFunction,
+    plan: Plan,
+    graph: Option<CudaGraph>,
+}
+
+impl<'g> DecodeBench<'g> {
+    /// Generates the data of `kind` at `shape` and sets the step up on the
+    /// device (untimed).
+    pub fn new(
+        gpu: &'g DecodeGpu,
+        shape: Shape,
+        kind: StepKind,
+        seed: u64,
+    ) -> Result<Self, WorkloadError> {
+        Self::from_step(gpu, Step::generate(shape, kind, seed)?)
+    }
+
+    /// Uploads `step`'s data, one copy per layer of the timed graph, and
+    /// plans the splits (untimed).
+    pub fn from_step(gpu: &'g DecodeGpu, step: Step) -> Result<Self, WorkloadError> {
+        let s = step.shape();
+        if s.head_dim != HEAD_DIM || s.group() != GROUP {
+            return Err(WorkloadError::Config(format!(
+                "the CUDA kernels are compiled for head dimension {HEAD_DIM} and {GROUP} query heads per KV head; got {} and {}",
+                s.head_dim,
+                s.group()
+            )));
+        }
+        if let StepKind::BlockTopk { page, .. } = step.kind {
+            if page != PAGE {
+                return Err(WorkloadError::Config(format!(
+                    "the CUDA kernels read Quest pages of {PAGE} rows; got {page}"
+                )));
+            }
+        }
+        let st = &gpu.stream;
+        let up16 = |x: &[half::bf16]| {
+            st.clone_htod(x.reinterpret_cast())
+                .map_err(|e| dev("upload", e))
+        };
+        let (k, v, _) = step.kv();
+        let first = Layer {
+            k: up16(k)?,
+            v: up16(v)?,
+            meta: if step.meta.is_empty() {
+                None
+            } else {
+                Some(up16(&step.meta)?)
+            },
+            bias: match step.bias() {
+                Some(b) => Some(st.clone_htod(b).map_err(|e| dev("upload", e))?),
+                None => None,
+            },
+        };
+        let stored = 2 * (k.len() + step.meta.len()) + 4 * step.bias().map_or(0, |b| b.len());
+        let read = step.bytes().total() as usize;
+        let (free, _) = gpu.ctx.mem_get_info().map_err(|e| dev("memory info", e))?;
+        let fit = ((free as f64 * MEMORY_SHARE) / stored as f64) as usize + 1;
+        let n_layers = (L2_MULTIPLE * gpu.l2_bytes)
+            .div_ceil(read)
+            .clamp(1, MAX_LAYERS)
+            .min(fit.max(1));
+        let mut layers = vec![first];
+        for _ in 1..n_layers {
+            let copy = |x: &CudaSlice<u16>| -> Result<CudaSlice<u16>, WorkloadError> {
+                // SAFETY: filled by the copy below before any use.
+                let mut y = unsafe { st.alloc::<u16>(x.len()) }.map_err(|e| dev("alloc", e))?;
+                st.memcpy_dtod(x, &mut y).map_err(|e| dev("copy", e))?;
+                Ok(y)
+            };
+            let l0 = &layers[0];
+            let layer = Layer {
+                k: copy(&l0.k)?,
+                v: copy(&l0.v)?,
+                meta: l0.meta.as_ref().map(copy).transpose()?,
+                bias: match &l0.bias {
+                    Some(b) => {
+                        // SAFETY: filled by the copy below before any use.
+                        let mut y =
+                            unsafe { st.alloc::<f32>(b.len()) }.map_err(|e| dev("alloc", e))?;
+                        st.memcpy_dtod(b, &mut y).map_err(|e| dev("copy", e))?;
+                        Some(y)
+                    }
+                    None => None,
+                },
+            };
+            layers.push(layer);
+        }
+        let zeros32 = |n: usize| st.alloc_zeros::<u32>(n.max(1)).map_err(|e| dev("alloc", e));
+        let zerosf = |n: usize| st.alloc_zeros::<f32>(n.max(1)).map_err(|e| dev("alloc", e));
+        let kvh = s.kv_heads;
+        let smem = match step.kind {
+            StepKind::BlockTopk { .. } => SMEM_PAGED,
+            _ => SMEM_BASE,
+        };
+        let attn = gpu.attention(
+            match (step.kind, step.bias().is_some()) {
+                (StepKind::BlockTopk { .. }, _) => "attn_pages",
+                (_, true) => "attn_ranges_bias",
+                _ => "attn_ranges",
+            },
+            smem,
+        )?;
+        let mut bench = DecodeBench {
+            gpu,
+            q: up16(&step.cache.q)?,
+            out: zerosf(s.q_heads * s.head_dim)?,
+            part_o: zerosf(kvh * MAX_SPLITS * GROUP * HEAD_DIM)?,
+            part_ml: zerosf(kvh * MAX_SPLITS * GROUP * 2)?,
+            counters: zeros32(kvh)?,
+            keys: zeros32(kvh * step.n_pages())?,
+            hist: zeros32(kvh * HIST1)?,
+            pages: st
+                .alloc_zeros::<i32>((kvh * step.pages_kept()).max(1))
+                .map_err(|e| dev("alloc", e))?,
+            no_bias: zerosf(1)?,
+            attn,
+            smem,
+            score: gpu.function("quest_score")?,
+            select: gpu.function("topk_select")?,
+            plan: Plan {
+                total: 0,
+                span: 0,
+                splits: 0,
+            },
+            graph: None,
+            layers,
+            step,
+        };
+        bench.plan = bench.plan_splits(None)?;
+        gpu.synchronize()?;
+        Ok(bench)
+    }
+
+    /// Replaces the default number of splits per KV head (for tuning).
+    pub fn with_splits(mut self, splits: usize) -> Result<Self, WorkloadError> {
+        self.plan = self.plan_splits(Some(splits))?;
+        self.graph = None;
+        Ok(self)
+    }
+
+    /// Switches to a deliberately broken attention kernel.
+    pub fn with_variant(mut self, variant: Variant) -> Result<Self, WorkloadError> {
+        if variant == Variant::DropLastSplit {
+            if !matches!(self.step.kind, StepKind::Dense | StepKind::Window { .. }) {
+                return Err(WorkloadError::Config(
+                    "the drop-last-split kernel exists for dense and window steps only".into(),
+                ));
+            }
+            self.attn = self.gpu.attention("attn_ranges_drop_last", self.smem)?;
+        }
+        self.graph = None;
+        Ok(self)
+    }
+
+    /// Steps per timed graph replay.
+    pub fn layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn splits(&self) -> usize {
+        self.plan.splits
+    }
+
+    fn plan_splits(&self, splits: Option<usize>) -> Result<Plan, WorkloadError> {
+        let total = self.step.rows_read();
+        let wanted = match splits {
+            Some(x) => x,
+            None => {
+                let resident = self
+                    .attn
+                    .occupancy_max_active_blocks_per_multiprocessor(ATT_THREADS, self.smem, None)
+                    .map_err(|e| dev("occupancy", e))?
+                    .max(1) as usize;
+                let per_head = self.gpu.sms * resident / self.step.shape().kv_heads;
+                per_head.min(total.div_ceil(TILE))
+            }
+        }
+        .clamp(1, MAX_SPLITS);
+        // A paged split keeps its page ids in shared memory; a span that
+        // starts mid-page touches at most two pages beyond span / 16.
+        let fewest = match self.step.kind {
+            StepKind::BlockTopk { .. } => total.div_ceil((MAX_SPAN_PAGES - 2) * PAGE),
+            _ => 1,
+        };
+        if fewest > MAX_SPLITS {
+            return Err(WorkloadError::Config(format!(
+                "block-topk: {total} selected rows per KV head need more than {MAX_SPLITS} splits; lower the fraction"
+            )));
+        }
+        let span = total.div_ceil(wanted.max(fewest));
+        Ok(Plan {
+            total,
+            span,
+            splits: total.div_ceil(span),
+        })
+    }
+
+    /// Enqueues one step (or its first parts) over layer `li`'s cache.
+    fn launch_step(&mut self, li: usize, upto: Upto) -> Result<(), WorkloadError> {
+        let s = self.step.shape();
+        let st = &self.gpu.stream;
+        let kvh = s.kv_heads;
+        let layer = &self.layers[li];
+        let launch_err = |e| dev("launch", e);
+        let n_sel = self.step.pages_kept() as i32;
+        let (start0, len0, start1) = match self.step.fixed_ranges() {
+            Some(r) => (
+                r[0].start as i32,
+                r[0].len() as i32,
+                r.get(1).map_or(0, |x| x.start) as i32,
+            ),
+            None => (0, 0, 0),
+        };
+        if let StepKind::BlockTopk { .. } = self.step.kind {
+            let np = self.step.n_pages();
+            let meta = layer.meta.as_ref().expect("block-topk has metadata");
+            // About 4 blocks per SM in all; whole rounds of SC_ROUND pages.
+            let per_block = (np * kvh)
+                .div_ceil(self.gpu.sms * 4)
+                .div_ceil(SC_ROUND)
+                .max(1)
+                * SC_ROUND;
+            let cfg = LaunchConfig {
+                grid_dim: (np.div_ceil(per_block) as u32, kvh as u32, 1),
+                block_dim: (SC_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (np32, pb32) = (np as i32, per_block as i32);
+            let mut b = st.launch_builder(&self.score);
+            b.arg(&self.q)
+                .arg(meta)
+                .arg(&np32)
+                .arg(&pb32)
+                .arg(&mut self.keys)
+                .arg(&mut self.hist);
+            // SAFETY: matches `quest_score` in decode_attn.cu.
+            unsafe { b.launch(cfg) }.map_err(launch_err)?;
+            if upto == Upto::Score {
+                return Ok(());
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (kvh as u32, 1, 1),
+                block_dim: (SEL_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = st.launch_builder(&self.select);
+            b.arg(&self.keys)
+                .arg(&mut self.hist)
+                .arg(&np32)
+                .arg(&n_sel)
+                .arg(&mut self.pages);
+            // SAFETY: matches `topk_select` in decode_attn.cu.
+            unsafe { b.launch(cfg) }.map_err(launch_err)?;
+        }
+        if upto != Upto::All {
+            return Ok(());
+        }
+        let (_, _, rows) = self.step.kv();
+        let rows = rows as i64;
+        let Plan {
+            total,
+            span,
+            splits,
+        } = self.plan;
+        let (total, span) = (total as i32, span as i32);
+        let scale_log2 = std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt();
+        let cfg = LaunchConfig {
+            grid_dim: (splits as u32, kvh as u32, 1),
+            block_dim: (ATT_THREADS, 1, 1),
+            shared_mem_bytes: self.smem as u32,
+        };
+        let mut b = st.launch_builder(&self.attn);
+        b.arg(&self.q)
+            .arg(&layer.k)
+            .arg(&layer.v)
+            .arg(layer.bias.as_ref().unwrap_or(&self.no_bias))
+            .arg(&self.pages)
+            .arg(&n_sel)
+            .arg(&rows)
+            .arg(&start0)
+            .arg(&len0)
+            .arg(&start1)
+            .arg(&total)
+            .arg(&span)
+            .arg(&scale_log2)
+            .arg(&mut self.part_o)
+            .arg(&mut self.part_ml)
+            .arg(&mut self.counters)
+            .arg(&mut self.out);
+        // SAFETY: matches `attn_*` (ATTN_ARGS) in decode_attn.cu; `splits`
+        // is at most MAX_SPLITS, the partial buffers' capacity.
+        unsafe { b.launch(cfg) }.map_err(launch_err)?;
+        Ok(())
+    }
+
+    /// Runs one step over the first layer (untimed) and returns its output
+    /// and the rows it read.
+    pub fn run_once(&mut self) -> Result<StepOutput, WorkloadError> {
+        self.launch_step(0, Upto::All)?;
+        self.gpu.synchronize()?;
+        let st = &self.gpu.stream;
+        let out = st.clone_dtoh(&self.out).map_err(|e| dev("download", e))?;
+        let selection = match self.step.fixed_ranges() {
+            Some(r) => Selection::Ranges(r),
+            None => {
+                let k = self.step.pages_kept();
+                let p = st.clone_dtoh(&self.pages).map_err(|e| dev("download", e))?;
+                Selection::Pages(
+                    p.chunks(k)
+                        .map(|c| c.iter().map(|&x| x as u32).collect())
+                        .collect(),
+                )
+            }
+        };
+        Ok(StepOutput { out, selection })
+    }
+
+    /// One step checked against the float64 reference: the selection must
+    /// be a valid top-k (near ties aside), and the output is compared over
+    /// that selection. Returns the relative error and the near-tie swaps.
+    pub fn check(&mut self) -> Result<(f64, usize), WorkloadError> {
+        let got = self.run_once()?;
+        let swaps = self.step.check_selection(&got.selection).map_err(|e| {
+            WorkloadError::Other(format!(
+                "{} at n = {}: the GPU's page selection is wrong: {e}",
+                self.step.kind.name(),
+                self.step.shape().n
+            ))
+        })?;
+        let want = self.step.reference_f64(&got.selection);
+        Ok((max_rel_err(&got.out, &want), swaps))
+    }
+
+    /// A graph of one step (or its first parts) per layer.
+    fn capture(&mut self, upto: Upto) -> Result<CudaGraph, WorkloadError> {
+        let st = self.gpu.stream.clone();
+        st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| dev("graph capture", e))?;
+        let launched = (0..self.layers.len()).try_for_each(|li| self.launch_step(li, upto));
+        // End the capture whatever happened, so the stream is usable again.
+        let graph = st.end_capture(CUgraphInstantiate_flags(0));
+        launched?;
+        let graph = graph
+            .map_err(|e| dev("graph instantiation", e))?
+            .ok_or_else(|| dev("graph capture", "nothing was captured"))?;
+        graph.upload().map_err(|e| dev("graph upload", e))?;
+        Ok(graph)
+    }
+
+    /// Seconds per step of `reps` replays of `graph`, after 3 warm-up
+    /// replays that stay queued ahead of the timed ones (so the device
+    /// never idles between replays).
+    fn replay_samples(&self, graph: &CudaGraph, reps: usize) -> Result<Vec<f64>, WorkloadError> {
+        let gpu = self.gpu;
+        let replay = || graph.launch().map_err(|e| dev("graph launch", e));
+        let events: Vec<_> = (0..reps.max(1))
+            .map(|_| Ok((gpu.event()?, gpu.event()?)))
+            .collect::<Result<_, WorkloadError>>()?;
+        for _ in 0..3 {
+            replay()?;
+        }
+        for (start, end) in &events {
+            start.record(&gpu.stream).map_err(|e| dev("event", e))?;
+            replay()?;
+            end.record(&gpu.stream).map_err(|e| dev("event", e))?;
+        }
+        gpu.synchronize()?;
+        let layers = self.layers.len() as f64;
+        events
+            .iter()
+            .map(|(a, b)| {
+                a.elapsed_ms(b)
+                    .map(|ms| ms as f64 / 1e3 / layers)
+                    .map_err(|e| dev("event", e))
+            })
+            .collect()
+    }
+
+    /// Checks one step, then times `reps` replays of the graph of
+    /// [`Self::layers`] steps after warm-up (see the module docs).
+    pub fn time(&mut self, reps: usize) -> Result<Timing, WorkloadError> {
+        let (rel_err, swaps) = self.check()?;
+        if self.graph.is_none() {
+            self.graph = Some(self.capture(Upto::All)?);
+        }
+        let copy_bw = self.gpu.copy_bandwidth()?;
+        let graph = self.graph.as_ref().expect("captured above");
+        let samples_s = self.replay_samples(graph, reps)?;
+        let median_s = median(&mut samples_s.clone());
+        let bytes = self.step.bytes().total();
+        Ok(Timing {
+            median_s,
+            floor_s: bytes as f64 / copy_bw,
+            bytes,
+            copy_bw,
+            rel_err_vs_cpu_ref: rel_err,
+            near_tie_swaps: swaps,
+            layers: self.layers.len(),
+            splits: self.plan.splits,
+            samples_s,
+        })
+    }
+
+    /// Median seconds per step of the first parts of a step (block-topk's
+    /// scoring, or scoring and selection), timed as [`Self::time`] times a
+    /// whole step; for seeing where a step's time goes.
+    pub fn time_part(&mut self, upto: Upto, reps: usize) -> Result<f64, WorkloadError> {
+        let graph = self.capture(upto)?;
+        Ok(median(&mut self.replay_samples(&graph, reps)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The kernels against the float64 reference of `kernel.rs`. These run
+    //! only where a driver is present (the GPU machine: see shared GPU.md);
+    //! elsewhere they print why and pass. The timing tables are `#[ignore]`d
+    //! (run them with `--ignored` on the GPU machine).
+    use super::*;
+    use crate::longctx::kernel::{DenseCache, TOLERANCE};
+
+    fn gpu() -> Option<DecodeGpu> {
+        // SAFETY: only probes whether the driver library can be loaded.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            eprintln!("no CUDA driver here: longctx CUDA kernel tests skipped");
+            return None;
+        }
+        Some(DecodeGpu::new(0).expect("a driver is present, so the kernels must compile"))
+    }
+
+    fn kinds() -> Vec<StepKind> {
+        vec![
+            StepKind::Dense,
+            StepKind::block_topk(0.1),
+            StepKind::block_topk(0.02),
+            StepKind::Cluster { frac: 0.1 },
+            StepKind::Cluster { frac: 0.37 },
+            StepKind::window(0.1),
+            StepKind::window(0.3),
+        ]
+    }
+
+    /// Every kind at three contexts (one not a whole number of 64-row
+    /// tiles), and dense at extreme split counts, against float64.
+    #[test]
+    fn every_kind_matches_the_float64_reference() {
+        let Some(gpu) = gpu() else { return };
+        for n in [4096, 20_016, 65_536] {
+            let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(n), 17).unwrap());
+            for kind in kinds() {
+                let step = Step::new(cache.clone(), kind, 17).unwrap();
+                let mut bench = DecodeBench::from_step(&gpu, step).unwrap();
+                let (e, swaps) = bench.check().unwrap();
+                eprintln!(
+                    "{} {:.2} n={n} splits={}: rel err {e:.2e}, {swaps} near-tie swaps",
+                    kind.name(),
+                    kind.frac(),
+                    bench.splits()
+                );
+                assert!(e <= TOLERANCE, "{} n={n}: {e:.3e}", kind.name());
+            }
+        }
+        let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(4096), 3).unwrap());
+        for splits in [1, 7, MAX_SPLITS] {
+            let step = Step::new(cache.clone(), StepKind::Dense, 3).unwrap();
+            let mut bench = DecodeBench::from_step(&gpu, step)
+                .unwrap()
+                .with_splits(splits)
+                .unwrap();
+            let (e, _) = bench.check().unwrap();
+            eprintln!("dense n=4096 splits={}: rel err {e:.2e}", bench.splits());
+            assert!(e <= TOLERANCE, "splits {splits}: {e:.3e}");
+        }
+        // Replays of a captured graph give the checked result too.
+        let step = Step::new(cache.clone(), StepKind::block_topk(0.1), 3).unwrap();
+        let mut bench = DecodeBench::from_step(&gpu, step).unwrap();
+        let t = bench.time(3).unwrap();
+        assert!(t.rel_err_vs_cpu_ref <= TOLERANCE && t.median_s > 0.0);
+        let (e, _) = bench.check().unwrap();
+        assert!(e <= TOLERANCE, "after replays: {e:.3e}");
+    }
+
+    /// A kernel that leaves out the last split fails the same check.
+    #[test]
+    fn a_kernel_that_drops_the_last_split_fails_the_check() {
+        let Some(gpu) = gpu() else { return };
+        for (n, kind) in [(4096, StepKind::Dense), (65_536, StepKind::window(0.1))] {
+            let step = Step::generate(Shape::llama3_8b(n), kind, 29).unwrap();
+            let mut bench = DecodeBench::from_step(&gpu, step)
+                .unwrap()
+                .with_variant(Variant::DropLastSplit)
+                .unwrap();
+            let (e, _) = bench.check().unwrap();
+            eprintln!("broken {} n={n}: rel err {e:.2e}", kind.name());
+            assert!(e > 10.0 * TOLERANCE, "the broken kernel passed: {e:.3e}");
+        }
+    }
+
+    #[test]
+    fn copy_bandwidth_is_plausible() {
+        let Some(gpu) = gpu() else { return };
+        let bw = gpu.copy_bandwidth().unwrap();
+        eprintln!(
+            "device-to-device copy: {:.2} TB/s on {}",
+            bw / 1e12,
+            gpu.name
+        );
+        assert!(bw > 1e11 && bw < 2e13, "{bw}");
+    }
+
+    /// The table of the issue: every kind at 4k to 512k (override with
+    /// LONGCTX_CONTEXTS=4096,65536), ms per step and ratio to the floor.
+    #[test]
+    #[ignore = "timing table for the GPU machine: run with --ignored"]
+    fn decode_step_timings() {
+        let Some(gpu) = gpu() else { return };
+        let contexts: Vec<usize> = std::env::var("LONGCTX_CONTEXTS")
+            .ok()
+            .map(|s| s.split(',').map(|x| x.trim().parse().unwrap()).collect())
+            .unwrap_or(vec![4096, 16_384, 65_536, 131_072, 524_288]);
+        let bw = gpu.copy_bandwidth().unwrap();
+        println!(
+            "{}: copy {:.3} TB/s, compile {:.3} s",
+            gpu.name,
+            bw / 1e12,
+            gpu.compile_s
+        );
+        println!("kind        frac  context   ms/step   floor_ms  ratio  layers splits  rel_err");
+        for n in contexts {
+            let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(n), 1).unwrap());
+            let mut dense_ms = f64::NAN;
+            for kind in [
+                StepKind::Dense,
+                StepKind::block_topk(0.1),
+                StepKind::Cluster { frac: 0.1 },
+                StepKind::window(0.1),
+            ] {
+                let step = Step::new(cache.clone(), kind, 1).unwrap();
+                let mut bench = DecodeBench::from_step(&gpu, step).unwrap();
+                let t = bench.time(30).unwrap();
+                let ms = t.median_s * 1e3;
+                if kind == StepKind::Dense {
+                    dense_ms = ms;
+                }
+                println!(
+                    "{:<11} {:.2} {:>8} {:>9.4} {:>10.4} {:>6.3} {:>6} {:>6} {:>8.1e}  ({:.1}x faster than dense)",
+                    kind.name(),
+                    kind.frac(),
+                    n,
+                    ms,
+                    t.floor_s * 1e3,
+                    t.ratio_to_floor(),
+                    t.layers,
+                    t.splits,
+                    t.rel_err_vs_cpu_ref,
+                    dense_ms / ms
+                );
+                assert!(t.rel_err_vs_cpu_ref <= TOLERANCE, "{:?}", t);
+                if let StepKind::BlockTopk { .. } = kind {
+                    let score = bench.time_part(Upto::Score, 30).unwrap();
+                    let select = bench.time_part(Upto::Select, 30).unwrap();
+                    println!(
+                        "    block-topk parts: scores {:.4} ms, + top-k {:.4} ms, + attention {:.4} ms",
+                        score * 1e3,
+                        (select - score) * 1e3,
+                        t.median_s * 1e3 - select * 1e3
+                    );
+                }
+            }
+        }
+    }
+
+    /// Split counts for dense steps (tuning the default).
+    #[test]
+    #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
+    fn dense_split_sweep() {
+        let Some(gpu) = gpu() else { return };
+        for n in [4096, 16_384, 65_536, 131_072] {
+            let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(n), 1).unwrap());
+            let default =
+                DecodeBench::from_step(&gpu, Step::new(cache.clone(), StepKind::Dense, 1).unwrap())
+                    .unwrap()
+                    .splits();
+            for splits in [16, 24, 32, 40, 48, 64, 66, 96, 99, 128] {
+                let step = Step::new(cache.clone(), StepKind::Dense, 1).unwrap();
+                let mut bench = DecodeBench::from_step(&gpu, step)
+                    .unwrap()
+                    .with_splits(splits)
+                    .unwrap();
+                let t = bench.time(20).unwrap();
+                println!(
+                    "sweep dense n={n} splits={:>3} (default {default}): {:.4} ms, {:.3}x floor",
+                    t.splits,
+                    t.median_s * 1e3,
+                    t.ratio_to_floor()
+                );
+            }
+        }
+    }
+}

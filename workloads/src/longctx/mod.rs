@@ -104,27 +104,27 @@ static SPEC: WorkloadSpec = WorkloadSpec {
         Paper {
             title: "Efficient Streaming Language Models with Attention Sinks (StreamingLLM)",
             arxiv: "2309.17453",
-            section: "Sec. 3.2 (rolling KV cache with attention sinks)",
+            section: "Sec. 3.1-3.2, Table 2 (rolling KV cache with 4 attention sinks)",
         },
         Paper {
             title: "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference",
             arxiv: "2406.10774",
-            section: "Sec. 3 (page criticality from min/max keys, top-k pages)",
+            section: "Sec. 3.4, Alg. 1 (page criticality from min/max keys, top-k pages); Sec. 4.1 (first two layers dense)",
         },
         Paper {
             title: "Efficient Long-Context LLM Inference via KV Cache Clustering (Chelsea)",
             arxiv: "2506.11418",
-            section: "see longctx/cluster.rs",
+            section: "body not read (only the abstract was reachable): chunked soft matching filled in from ToMe, see longctx/cluster.rs",
         },
         Paper {
             title: "Dynamic Hierarchical Sparse Attention (DHSA)",
             arxiv: "2510.24606",
-            section: "see longctx/dhsa.rs",
+            section: "section numbers not verified; read with the authors' code (dhsa_sdpa, predict_boundaries), see longctx/dhsa.rs",
         },
         Paper {
             title: "ChunkLLM: A Lightweight Pluggable Framework for Accelerating LLM Inference",
             arxiv: "2510.02361",
-            section: "see longctx/chunk_select.rs (training-free form)",
+            section: "section numbers not verified (abstract and summaries only); training-free form, see longctx/chunk_select.rs",
         },
         Paper {
             title: "RULER: What's the Real Context Size of Your Long-Context Language Models?",
@@ -191,6 +191,26 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             variants: &[],
             cuda_only: false,
         },
+        method(
+            "sink-window",
+            "StreamingLLM: the first 4 positions (attention sinks) plus the newest ones, evicting the oldest non-sink as decoding appends.",
+        ),
+        method(
+            "block-topk",
+            "Quest: 16-token pages with per-channel min/max key bounds; each query reads the pages with the highest bound on q.k (one selection per KV head), plus the current page; the first two layers stay dense.",
+        ),
+        method(
+            "kv-cluster",
+            "Chelsea-style KV clustering: within 64-token chunks, keys alternately split into two sets and the most similar pairs merged (bipartite soft matching) into count-weighted centroids until the budget is met, attended with a ln(count) bias; 4 sinks and a recent tail kept exact.",
+        ),
+        method(
+            "dhsa",
+            "Dynamic Hierarchical Sparse Attention: variable-length chunks cut where the keys change, chunk scores from length-normalised key sums, the top-scoring tokens within the budget plus the first and most recent; sparse in its own prefill and in decode.",
+        ),
+        method(
+            "chunk-select",
+            "ChunkLLM, training-free form: chunks end at sentence and line boundaries; at each boundary token the query's own attention mass per chunk picks the chunks later queries read, within the budget.",
+        ),
     ],
     figures: &[
         Figure {
@@ -343,7 +363,14 @@ impl Policy for Dense {
 }
 
 /// Every entry's policy, in the order of the spec's entries.
-const POLICIES: &[&dyn Policy] = &[&Dense];
+const POLICIES: &[&dyn Policy] = &[
+    &Dense,
+    &sink_window::SinkWindow,
+    &quest::BlockTopK,
+    &cluster::KvCluster,
+    &dhsa::Dhsa,
+    &chunk_select::ChunkSelect,
+];
 
 fn policy_of(id: &str) -> Result<&'static dyn Policy, WorkloadError> {
     POLICIES

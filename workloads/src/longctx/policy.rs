@@ -44,6 +44,8 @@ pub trait Policy: Sync {
     /// The cache to decode with, built from a dense prefill of
     /// `plan.prompt` (this work is timed: on its own the method would do
     /// it after its prefill).
+    // Not a conversion of `self`: the policy builds a cache from `dense`.
+    #[allow(clippy::wrong_self_convention)]
     fn from_dense(&self, dense: &DenseKv, plan: &Plan<'_>) -> Box<dyn KvCache>;
 
     /// For a method that changes prefill itself: an empty cache that the
