@@ -149,7 +149,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
         },
         Variant {
             id: "perplexity",
-            description: "Perplexity of 64-token continuations of Jargon File text after 1k/2k/4k-token contexts (4 windows each), SmolLM2-135M-Instruct. Quick: 256/512-token contexts, 32-token continuations.",
+            description: "Perplexity of 64-token continuations of Jargon File text after 1k/2k/4k-token contexts (4 windows each), SmolLM2-135M-Instruct. Quick: two 256-token contexts, 32-token continuations.",
             role: VariantRole::Standard,
             profiles: &[Profile::Quick, Profile::Full],
             target: Target {
@@ -410,9 +410,9 @@ fn grid(variant: &str, profile: Profile) -> Grid {
     match (variant, profile) {
         ("perplexity", Profile::Quick) => Grid {
             kind: Kind::Perplexity,
-            contexts: &[256, 512],
+            contexts: &[256],
             depths: &[0.0],
-            per_cell: 1,
+            per_cell: 2,
             continuation: 32,
         },
         ("perplexity", Profile::Full) => Grid {
