@@ -140,7 +140,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
     variants: &[
         Variant {
             id: "needle",
-            description: "Retrieval (passkey, multi-key, multi-value, variable tracking) in Jargon File haystacks. Full profile: Qwen2.5-Coder-0.5B-Instruct at 1k/2k/4k/8k tokens x depths 0.1/0.5/0.9, 2 prompts per cell. Quick profile: a smoke test with SmolLM2-135M-Instruct at 256/512 tokens, depth 0.5.",
+            description: "Retrieval (passkey, multi-key, multi-value, variable tracking) in Jargon File haystacks. Full profile: Qwen2.5-Coder-0.5B-Instruct at 1k/2k/4k/8k tokens x depths 0.1/0.5/0.9, 1 prompt per cell. Quick profile: a smoke test with SmolLM2-135M-Instruct at 256/512 tokens, depth 0.5.",
             role: VariantRole::Default,
             profiles: &[Profile::Quick, Profile::Full],
             target: NEEDLE_TARGET,
@@ -149,7 +149,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
         },
         Variant {
             id: "perplexity",
-            description: "Perplexity of 64-token continuations of Jargon File text after 1k/2k/4k-token contexts (4 windows each), SmolLM2-135M-Instruct. Quick: two 256-token contexts, 32-token continuations.",
+            description: "Perplexity of 64-token continuations of Jargon File text after 1k/2k/4k-token contexts (2 windows each), SmolLM2-135M-Instruct. Quick: two 256-token contexts, 32-token continuations.",
             role: VariantRole::Standard,
             profiles: &[Profile::Quick, Profile::Full],
             target: Target {
@@ -419,11 +419,11 @@ fn grid(variant: &str, profile: Profile) -> Grid {
             kind: Kind::Perplexity,
             contexts: &[1024, 2048, 4096],
             depths: &[0.0],
-            per_cell: 4,
+            per_cell: 2,
             continuation: 64,
         },
         (_, Profile::Quick) => needle(&[256, 512], &[0.5], 1),
-        (_, Profile::Full) => needle(&[1024, 2048, 4096, 8192], &[0.1, 0.5, 0.9], 2),
+        (_, Profile::Full) => needle(&[1024, 2048, 4096, 8192], &[0.1, 0.5, 0.9], 1),
     }
 }
 
