@@ -9,19 +9,27 @@
 //! split-K kernel (flash-decoding: Dao et al., "Flash-Decoding for
 //! long-context inference", 2023): block `(s, h)` reads split `s` of KV head
 //! `h`'s rows once, in 16-byte loads, for the four query heads that share
-//! the KV head (grouped-query attention: no KV row is read twice), keeps an
-//! online softmax in f32, and the last block of a head to finish combines
-//! the splits (no second launch). A split is a span of the selection's rows
-//! in order: one range (dense; the clustered cache, with its `ln(count)`
-//! bias; Chelsea, arXiv 2506.11418), two ranges (StreamingLLM's sinks and
-//! window, arXiv 2309.17453), or a list of pages. Block-topk (Quest, arXiv
-//! 2406.10774) is three launches: page scores over the min/max metadata
-//! (which also histograms the scores' top bits), an exact top-k per KV head
-//! (the rest of a radix select over the scores' order-preserving bits, then
-//! compaction), and the same attention kernel over the selected pages. The
-//! number of splits fills the device once: (SMs x resident blocks) / KV
-//! heads, fewer when the rows are short, so every block is resident from
-//! the start and finishes at about the same time.
+//! the KV head (grouped-query attention: no KV row is read twice), in f32
+//! with an online softmax, and the last block of a head to finish combines
+//! the splits (no second launch). Within a block the four warps work
+//! independently (each prefetches its next rows into registers while it
+//! computes, with no block-wide barrier until the split's end): an earlier
+//! version with block-wide tiles, and one with a 4-stage `cp.async`
+//! shared-memory pipeline, both stayed 10-25% above the floor from 64k up.
+//! The rows are the selection's rows in order: one range (dense; the
+//! clustered cache, with its `ln(count)` bias; Chelsea, arXiv 2506.11418),
+//! two ranges (StreamingLLM's sinks and window, arXiv 2309.17453), or a
+//! list of 16-row pages. Split `s` of `S` takes every `S`-th 32-row tile
+//! (interleaved, so a head's blocks sweep its rows front to back together;
+//! 1-3% faster than contiguous spans, which remain selectable). Block-topk
+//! (Quest, arXiv 2406.10774) is three launches: page scores over the
+//! min/max metadata (which also histograms the scores' top bits), an exact
+//! top-k per KV head (the rest of a radix select over the scores'
+//! order-preserving bits, then compaction by warp ballots), and the same
+//! attention kernel over the selected pages. Splits per KV head: one block
+//! per resident slot ((SMs x resident blocks) / KV heads, 49 on an H100),
+//! or 32 up to 16k rows, where fewer partials to combine win (measured by
+//! the `dense_split_sweep` test).
 //!
 //! What is timed, and why so. One step is everything the step kind does on
 //! the device, selection included, from its inputs (the query, the cache,
@@ -44,8 +52,7 @@ use std::cell::OnceCell;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{
-    CUdevice_attribute, CUevent_flags, CUfunction_attribute, CUgraphInstantiate_flags,
-    CUstreamCaptureMode,
+    CUdevice_attribute, CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
 };
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, LaunchConfig,
@@ -65,11 +72,8 @@ const ATT_THREADS: u32 = 128;
 const TILE: usize = 32;
 pub const MAX_SPLITS: usize = 256;
 const MAX_SPAN_PAGES: usize = 1024;
-/// Dynamic shared memory of an attention block (`SMEM_BASE`, `SMEM_PAGED`):
-/// 4 stages of K and V tiles (64 KiB), bias tiles, scores, rescale factors
-/// and combine weights; paged blocks add their page ids.
-const SMEM_BASE: usize = 4 * TILE * 128 * 4 + 4 * TILE * 4 + TILE * 4 * 4 + 16 + 4 * MAX_SPLITS * 4;
-const SMEM_PAGED: usize = SMEM_BASE + MAX_SPAN_PAGES * 4;
+/// Rows per KV head up to which a step uses 32 splits (see `plan_splits`).
+const SHORT_ROWS: usize = 16_384;
 /// Threads of the page-scoring and top-k blocks; bins of the first
 /// radix-select histogram (`SC_THREADS`, `SEL_THREADS`, `HIST1`).
 const SC_THREADS: u32 = 256;
@@ -151,18 +155,6 @@ impl DecodeGpu {
         self.module
             .load_function(name)
             .map_err(|e| dev(&format!("kernel `{name}`"), e))
-    }
-
-    /// An attention kernel, allowed the dynamic shared memory it uses
-    /// (above the 48 KiB default).
-    fn attention(&self, name: &str, smem: usize) -> Result<CudaFunction, WorkloadError> {
-        let f = self.function(name)?;
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(|e| dev(&format!("shared memory of `{name}`"), e))?;
-        Ok(f)
     }
 
     /// Device-to-device copy bandwidth in bytes per second (bytes read plus
@@ -250,6 +242,8 @@ struct Plan {
     total: usize,
     span: usize,
     splits: usize,
+    /// Splits take every `splits`-th tile instead of a contiguous span.
+    interleave: bool,
 }
 
 /// What [`DecodeBench::time`] measured.
@@ -298,9 +292,9 @@ pub struct DecodeBench<'g> {
     /// Stands in for the bias of kinds without one (never read).
     no_bias: CudaSlice<f32>,
     attn: CudaFunction,
-    /// Dynamic shared memory of `attn`.
-    smem: usize,
     score: CudaFunction,
+    /// Scoring blocks resident per SM.
+    score_resident: usize,
     select: CudaFunction,
     plan: Plan,
     graph: Option<CudaGraph>,
@@ -392,18 +386,12 @@ impl<'g> DecodeBench<'g> {
         let zeros32 = |n: usize| st.alloc_zeros::<u32>(n.max(1)).map_err(|e| dev("alloc", e));
         let zerosf = |n: usize| st.alloc_zeros::<f32>(n.max(1)).map_err(|e| dev("alloc", e));
         let kvh = s.kv_heads;
-        let smem = match step.kind {
-            StepKind::BlockTopk { .. } => SMEM_PAGED,
-            _ => SMEM_BASE,
-        };
-        let attn = gpu.attention(
-            match (step.kind, step.bias().is_some()) {
-                (StepKind::BlockTopk { .. }, _) => "attn_pages",
-                (_, true) => "attn_ranges_bias",
-                _ => "attn_ranges",
-            },
-            smem,
-        )?;
+        let attn = gpu.function(match (step.kind, step.bias().is_some()) {
+            (StepKind::BlockTopk { .. }, _) => "attn_pages",
+            (_, true) => "attn_ranges_bias",
+            _ => "attn_ranges",
+        })?;
+        let score = gpu.function("quest_score")?;
         let mut bench = DecodeBench {
             gpu,
             q: up16(&step.cache.q)?,
@@ -418,26 +406,38 @@ impl<'g> DecodeBench<'g> {
                 .map_err(|e| dev("alloc", e))?,
             no_bias: zerosf(1)?,
             attn,
-            smem,
-            score: gpu.function("quest_score")?,
+            score_resident: score
+                .occupancy_max_active_blocks_per_multiprocessor(SC_THREADS, 0, None)
+                .map_err(|e| dev("occupancy", e))?
+                .max(1) as usize,
+            score,
             select: gpu.function("topk_select")?,
             plan: Plan {
                 total: 0,
                 span: 0,
                 splits: 0,
+                interleave: true,
             },
             graph: None,
             layers,
             step,
         };
-        bench.plan = bench.plan_splits(None)?;
+        bench.plan = bench.plan_splits(None, true)?;
         gpu.synchronize()?;
         Ok(bench)
     }
 
     /// Replaces the default number of splits per KV head (for tuning).
     pub fn with_splits(mut self, splits: usize) -> Result<Self, WorkloadError> {
-        self.plan = self.plan_splits(Some(splits))?;
+        self.plan = self.plan_splits(Some(splits), self.plan.interleave)?;
+        self.graph = None;
+        Ok(self)
+    }
+
+    /// Interleaved tiles per split (`true`, the default) or contiguous
+    /// spans (`false`; see decode_attn.cu), keeping the number of splits.
+    pub fn with_interleave(mut self, interleave: bool) -> Result<Self, WorkloadError> {
+        self.plan = self.plan_splits(Some(self.plan.splits), interleave)?;
         self.graph = None;
         Ok(self)
     }
@@ -450,7 +450,7 @@ impl<'g> DecodeBench<'g> {
                     "the drop-last-split kernel exists for dense and window steps only".into(),
                 ));
             }
-            self.attn = self.gpu.attention("attn_ranges_drop_last", self.smem)?;
+            self.attn = self.gpu.function("attn_ranges_drop_last")?;
         }
         self.graph = None;
         Ok(self)
@@ -465,25 +465,35 @@ impl<'g> DecodeBench<'g> {
         self.plan.splits
     }
 
-    fn plan_splits(&self, splits: Option<usize>) -> Result<Plan, WorkloadError> {
+    fn plan_splits(&self, splits: Option<usize>, interleave: bool) -> Result<Plan, WorkloadError> {
         let total = self.step.rows_read();
         let wanted = match splits {
             Some(x) => x,
             None => {
                 let resident = self
                     .attn
-                    .occupancy_max_active_blocks_per_multiprocessor(ATT_THREADS, self.smem, None)
+                    .occupancy_max_active_blocks_per_multiprocessor(ATT_THREADS, 0, None)
                     .map_err(|e| dev("occupancy", e))?
                     .max(1) as usize;
-                let per_head = self.gpu.sms * resident / self.step.shape().kv_heads;
+                // One block per resident slot (all start at once and finish
+                // together); for short contexts 32 per head, which has less
+                // to combine (measured on an H100 by `dense_split_sweep`:
+                // 32 best up to 16k rows, 48-49 from 64k).
+                let per_head = if total <= SHORT_ROWS {
+                    32
+                } else {
+                    self.gpu.sms * resident / self.step.shape().kv_heads
+                };
                 per_head.min(total.div_ceil(TILE))
             }
         }
         .clamp(1, MAX_SPLITS);
-        // A paged split keeps its page ids in shared memory; a span that
-        // starts mid-page touches at most two pages beyond span / 16.
-        let fewest = match self.step.kind {
-            StepKind::BlockTopk { .. } => total.div_ceil((MAX_SPAN_PAGES - 2) * PAGE),
+        // A paged split keeps its page ids in shared memory: two per tile
+        // when interleaved; a contiguous span that starts mid-page touches
+        // at most two pages beyond span / 16.
+        let fewest = match (self.step.kind, interleave) {
+            (StepKind::BlockTopk { .. }, true) => total.div_ceil(TILE).div_ceil(MAX_SPAN_PAGES / 2),
+            (StepKind::BlockTopk { .. }, false) => total.div_ceil((MAX_SPAN_PAGES - 2) * PAGE),
             _ => 1,
         };
         if fewest > MAX_SPLITS {
@@ -491,11 +501,23 @@ impl<'g> DecodeBench<'g> {
                 "block-topk: {total} selected rows per KV head need more than {MAX_SPLITS} splits; lower the fraction"
             )));
         }
-        let span = total.div_ceil(wanted.max(fewest));
+        let wanted = wanted.max(fewest);
+        if interleave {
+            // Every split gets at least one tile.
+            let splits = wanted.min(total.div_ceil(TILE));
+            return Ok(Plan {
+                total,
+                span: 0,
+                splits,
+                interleave,
+            });
+        }
+        let span = total.div_ceil(wanted);
         Ok(Plan {
             total,
             span,
             splits: total.div_ceil(span),
+            interleave,
         })
     }
 
@@ -518,9 +540,10 @@ impl<'g> DecodeBench<'g> {
         if let StepKind::BlockTopk { .. } = self.step.kind {
             let np = self.step.n_pages();
             let meta = layer.meta.as_ref().expect("block-topk has metadata");
-            // About 4 blocks per SM in all; whole rounds of SC_ROUND pages.
-            let per_block = (np * kvh)
-                .div_ceil(self.gpu.sms * 4)
+            // One wave: as many blocks per head as fit on the device at
+            // once, each whole rounds of SC_ROUND pages.
+            let per_block = np
+                .div_ceil((self.gpu.sms * self.score_resident / kvh).max(1))
                 .div_ceil(SC_ROUND)
                 .max(1)
                 * SC_ROUND;
@@ -565,13 +588,14 @@ impl<'g> DecodeBench<'g> {
             total,
             span,
             splits,
+            interleave,
         } = self.plan;
-        let (total, span) = (total as i32, span as i32);
+        let (total, span, interleave) = (total as i32, span as i32, interleave as i32);
         let scale_log2 = std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt();
         let cfg = LaunchConfig {
             grid_dim: (splits as u32, kvh as u32, 1),
             block_dim: (ATT_THREADS, 1, 1),
-            shared_mem_bytes: self.smem as u32,
+            shared_mem_bytes: 0,
         };
         let mut b = st.launch_builder(&self.attn);
         b.arg(&self.q)
@@ -586,6 +610,7 @@ impl<'g> DecodeBench<'g> {
             .arg(&start1)
             .arg(&total)
             .arg(&span)
+            .arg(&interleave)
             .arg(&scale_log2)
             .arg(&mut self.part_o)
             .arg(&mut self.part_ml)
@@ -764,16 +789,30 @@ mod tests {
                 assert!(e <= TOLERANCE, "{} n={n}: {e:.3e}", kind.name());
             }
         }
-        let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(4096), 3).unwrap());
-        for splits in [1, 7, MAX_SPLITS] {
-            let step = Step::new(cache.clone(), StepKind::Dense, 3).unwrap();
-            let mut bench = DecodeBench::from_step(&gpu, step)
-                .unwrap()
-                .with_splits(splits)
-                .unwrap();
-            let (e, _) = bench.check().unwrap();
-            eprintln!("dense n=4096 splits={}: rel err {e:.2e}", bench.splits());
-            assert!(e <= TOLERANCE, "splits {splits}: {e:.3e}");
+        let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(4112), 3).unwrap());
+        for kind in [
+            StepKind::Dense,
+            StepKind::block_topk(0.3),
+            StepKind::window(0.2),
+        ] {
+            for splits in [1, 7, MAX_SPLITS] {
+                for interleave in [true, false] {
+                    let step = Step::new(cache.clone(), kind, 3).unwrap();
+                    let mut bench = DecodeBench::from_step(&gpu, step)
+                        .unwrap()
+                        .with_splits(splits)
+                        .unwrap()
+                        .with_interleave(interleave)
+                        .unwrap();
+                    let (e, _) = bench.check().unwrap();
+                    eprintln!(
+                        "{} n=4112 splits={} interleave={interleave}: rel err {e:.2e}",
+                        kind.name(),
+                        bench.splits()
+                    );
+                    assert!(e <= TOLERANCE, "{kind:?} splits {splits}: {e:.3e}");
+                }
+            }
         }
         // Replays of a captured graph give the checked result too.
         let step = Step::new(cache.clone(), StepKind::block_topk(0.1), 3).unwrap();
@@ -790,7 +829,10 @@ mod tests {
         let Some(gpu) = gpu() else { return };
         for (n, kind) in [(4096, StepKind::Dense), (65_536, StepKind::window(0.1))] {
             let step = Step::generate(Shape::llama3_8b(n), kind, 29).unwrap();
+            // Contiguous spans: the last split is then the newest rows.
             let mut bench = DecodeBench::from_step(&gpu, step)
+                .unwrap()
+                .with_interleave(false)
                 .unwrap()
                 .with_variant(Variant::DropLastSplit)
                 .unwrap();
@@ -874,7 +916,8 @@ mod tests {
         }
     }
 
-    /// Split counts for dense steps (tuning the default).
+    /// Split counts for dense steps, interleaved and contiguous (how the
+    /// default of `plan_splits` was chosen).
     #[test]
     #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
     fn dense_split_sweep() {
@@ -885,19 +928,23 @@ mod tests {
                 DecodeBench::from_step(&gpu, Step::new(cache.clone(), StepKind::Dense, 1).unwrap())
                     .unwrap()
                     .splits();
-            for splits in [16, 24, 32, 40, 48, 64, 66, 96, 99, 128] {
-                let step = Step::new(cache.clone(), StepKind::Dense, 1).unwrap();
-                let mut bench = DecodeBench::from_step(&gpu, step)
-                    .unwrap()
-                    .with_splits(splits)
-                    .unwrap();
-                let t = bench.time(20).unwrap();
-                println!(
-                    "sweep dense n={n} splits={:>3} (default {default}): {:.4} ms, {:.3}x floor",
-                    t.splits,
-                    t.median_s * 1e3,
-                    t.ratio_to_floor()
-                );
+            for interleave in [true, false] {
+                for splits in [16, 24, 32, 40, 48, 64, 66, 96, 128] {
+                    let step = Step::new(cache.clone(), StepKind::Dense, 1).unwrap();
+                    let mut bench = DecodeBench::from_step(&gpu, step)
+                        .unwrap()
+                        .with_splits(splits)
+                        .unwrap()
+                        .with_interleave(interleave)
+                        .unwrap();
+                    let t = bench.time(20).unwrap();
+                    println!(
+                        "sweep dense n={n} interleave={interleave} splits={:>3} (default {default}): {:.4} ms, {:.3}x floor",
+                        t.splits,
+                        t.median_s * 1e3,
+                        t.ratio_to_floor()
+                    );
+                }
             }
         }
     }

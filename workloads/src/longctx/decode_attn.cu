@@ -10,11 +10,12 @@
 //
 // attn_*: split-K decode attention (flash-decoding). Block (s, h) reads
 // split s of KV head h's selected rows once, for all G query heads of the
-// group, and keeps a running (max, sum, acc) per query head. A split is a
-// span of "logical" rows: the selection's rows in order, which is one range
-// (dense, cluster), two ranges (sinks + window) or a list of 16-row pages
-// (block-topk). The last block of a head to finish (a ticket counter)
-// combines the partials of all splits, so a step is one launch.
+// group; its 4 warps each keep a running (max, sum, acc) per query head and
+// merge them at the split's end. The rows are "logical": the selection's
+// rows in order, which is one range (dense, cluster), two ranges (sinks +
+// window) or a list of 16-row pages (block-topk). The last block of a head
+// to finish (a ticket counter) combines the partials of all splits, so a
+// step is one launch.
 //
 // quest_score + topk_select: Quest's page scores over the metadata, and an
 // exact top-k per KV head: a radix select on the scores' order-preserving
@@ -29,16 +30,17 @@
 #define LOG2E 1.4426950408889634f
 #define NEG_INF __int_as_float(0xff800000)
 
-// Attention: 4 warps; a half-warp owns one row at a time (16 lanes x 16
-// bytes = one 256-byte row); a tile is 32 rows, 4 per half-warp. Tiles
-// stream into shared memory through a STAGES-deep cp.async pipeline, so
-// that a block always has STAGES - 1 tiles (48 KiB) in flight while it
-// computes one. A paged split spans at most MAX_SPAN_PAGES pages.
+// Attention: blocks of 4 warps that work independently. A tile is 32
+// rows; warp w takes rows 8w .. 8w + 7 of every tile of its block's split,
+// a half-warp one row at a time (16 lanes x 16 bytes = one 256-byte row),
+// loads the next tile's rows into registers while it computes the current
+// one, and keeps its own online softmax: no block-wide barrier until the
+// split's end. A paged split spans at most MAX_SPAN_PAGES pages.
 #define ATT_THREADS 128
-#define HALVES 8
+#define ATT_WARPS 4
 #define TILE 32
-#define RPH (TILE / HALVES)
-#define STAGES 4
+#define WROWS 8
+#define RPL (WROWS / 2)
 #define MAX_SPLITS 256
 #define MAX_SPAN_PAGES 1024
 
@@ -90,93 +92,72 @@ __device__ __forceinline__ float reduce4(const float a[4], int l) {
     return c;
 }
 
-// cp.async (sm_80+): 16 or 4 bytes from global to shared memory without
-// passing through registers; a source size of 0 writes zeros and reads
-// nothing (rows past the end of a split).
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool ok) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(ok ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async4(void *smem, const void *gmem, bool ok) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(ok ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Dynamic shared memory of an attention block, in bytes, in this order:
-// STAGES tiles of K then V rows, STAGES tiles of bias, the tile's scores,
-// the rescale factors, the combine weights, and (paged) the split's page
-// ids. The split-K reduction reuses the K/V stages once the loop is done.
-#define KV_STAGE_BYTES (TILE * D * 2 * 2)
-#define SMEM_KV (STAGES * KV_STAGE_BYTES)
-#define SMEM_BIAS (STAGES * TILE * 4)
-#define SMEM_SP (TILE * G * 4)
-#define SMEM_ALPHA 16
-#define SMEM_WGT (G * MAX_SPLITS * 4)
-#define SMEM_BASE (SMEM_KV + SMEM_BIAS + SMEM_SP + SMEM_ALPHA + SMEM_WGT)
-#define SMEM_PAGED (SMEM_BASE + MAX_SPAN_PAGES * 4)
-
 // PAGED: logical row j is row (j % 16) of page pages[j / 16]. Otherwise
 // rows [start0, start0 + len0) then [start1, ...).
+//
+// Which tiles a split reads: with `interleave`, split s of S reads tiles
+// s, s + S, s + 2S, ... of the whole selection, so that the blocks of a
+// head sweep its rows together from front to back, as a copy does;
+// otherwise split s reads the contiguous rows [s * span, (s + 1) * span).
 template <bool PAGED, bool BIAS, bool DROP_LAST>
 __device__ __forceinline__ void attn_body(
     const bf16 *__restrict__ q, const bf16 *__restrict__ kc, const bf16 *__restrict__ vc,
     const float *__restrict__ bias, const int *__restrict__ pages, int n_sel, long long rows,
-    int start0, int len0, int start1, int total, int span, float scale_log2,
+    int start0, int len0, int start1, int total, int span, int interleave, float scale_log2,
     float *__restrict__ part_o, float2 *__restrict__ part_ml, unsigned *__restrict__ counters,
     float *__restrict__ out) {
-    extern __shared__ __align__(16) unsigned char smem[];
-    uint4 *kv_s = reinterpret_cast<uint4 *>(smem);  // [STAGES][2][TILE][D / 8]
-    float *bias_s = reinterpret_cast<float *>(smem + SMEM_KV);  // [STAGES][TILE]
-    float(*sp)[G] = reinterpret_cast<float(*)[G]>(smem + SMEM_KV + SMEM_BIAS);  // [TILE][G]
-    float *s_alpha = reinterpret_cast<float *>(smem + SMEM_KV + SMEM_BIAS + SMEM_SP);
-    float(*wgt)[MAX_SPLITS] = reinterpret_cast<float(*)[MAX_SPLITS]>(smem + SMEM_KV + SMEM_BIAS + SMEM_SP + SMEM_ALPHA);
-    int *s_pages = reinterpret_cast<int *>(smem + SMEM_BASE);
-    float(*red)[G][D] = reinterpret_cast<float(*)[G][D]>(smem);  // [HALVES][G][D], after the loop
+    __shared__ int s_pages[MAX_SPAN_PAGES];
+    __shared__ __align__(16) float ps[ATT_WARPS][RPL][2][G];  // p per row and head, per warp
+    __shared__ __align__(16) float red[ATT_WARPS][G][D];
+    __shared__ float2 wml[ATT_WARPS][G];
+    __shared__ float wgt[G][MAX_SPLITS];
     __shared__ int is_last;
 
     const int h = blockIdx.y, s = blockIdx.x, splits = gridDim.x;
-    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, hw = t >> 4, l = t & 15;
-    const int begin = s * span, end = min(total, begin + span);
-    const int n_tiles = (end - begin + TILE - 1) / TILE;
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, hf = lane >> 4, l = lane & 15;
+    const int gq = (l >> 2) & 3;  // the head whose score reduce4 leaves in this lane
+    const int begin = interleave ? 0 : s * span;
+    const int end = interleave ? total : min(total, begin + span);
+    const int n_tiles = interleave ? ((total + TILE - 1) / TILE - s + splits - 1) / splits
+                                   : (end - begin + TILE - 1) / TILE;
+    auto tile_row = [&](int it) { return interleave ? (s + it * splits) * TILE : begin + it * TILE; };
 
     const uint4 *K4 = reinterpret_cast<const uint4 *>(kc) + (long long)h * rows * (D / 8);
     const uint4 *V4 = reinterpret_cast<const uint4 *>(vc) + (long long)h * rows * (D / 8);
     const float *B = BIAS ? bias + (long long)h * rows : nullptr;
     const int page0 = begin >> 4;
     if (PAGED) {
-        // The split's page ids, once, so that no copy waits on a lookup.
+        // The split's page ids, once, so that no load waits on a lookup:
+        // its pages in order (contiguous), or two per tile (interleaved: a
+        // tile is 2 whole pages).
         const int *P = pages + (long long)h * n_sel;
-        const int np = ((end - 1) >> 4) - page0 + 1;
-        for (int i = t; i < np; i += ATT_THREADS) s_pages[i] = __ldg(P + page0 + i);
+        const int np = interleave ? 2 * n_tiles : ((end - 1) >> 4) - page0 + 1;
+        for (int i = t; i < np; i += ATT_THREADS) {
+            const int pg = interleave ? (tile_row(i >> 1) >> 4) + (i & 1) : page0 + i;
+            s_pages[i] = pg < n_sel ? __ldg(P + pg) : 0;
+        }
         __syncthreads();
     }
-    auto phys = [&](int j) -> long long {
-        if (PAGED) return (long long)s_pages[(j >> 4) - page0] * PAGE + (j & 15);
-        return j < len0 ? start0 + j : start1 + (j - len0);
-    };
-    // Copies tile `tile` of the split into stage `st`: 8 16-byte chunks of
-    // K and V rows per thread, and one bias per row.
-    auto issue = [&](int tile, int st) {
-        const int t0 = begin + tile * TILE;
-        uint4 *ks = kv_s + st * 2 * TILE * (D / 8);
-        uint4 *vs = ks + TILE * (D / 8);
+    // Row i of this lane's half-warp in tile it: tile row 8 warp + 2 i + hf,
+    // so that a warp reads 2 adjacent rows (512 bytes) at a time.
+    auto load = [&](int it, uint4 kk[RPL], uint4 vv[RPL], float bb[RPL]) {
+        const int t0 = tile_row(it);
 #pragma unroll
-        for (int i = 0; i < TILE * (D / 8) / ATT_THREADS; i++) {
-            const int c = t + i * ATT_THREADS, r = c >> 4, col = c & 15, j = t0 + r;
+        for (int i = 0; i < RPL; i++) {
+            const int r = WROWS * warp + 2 * i + hf, j = t0 + r;
             const bool ok = j < end;
-            const long long row = ok ? phys(j) : 0;
-            cp_async16(ks + c, K4 + row * (D / 8) + col, ok);
-            cp_async16(vs + c, V4 + row * (D / 8) + col, ok);
-        }
-        if (BIAS && t < TILE) {
-            const int j = t0 + t;
-            const bool ok = j < end;
-            cp_async4(bias_s + st * TILE + t, B + (ok ? phys(j) : 0), ok);
+            long long row = 0;
+            if (ok) {
+                if (PAGED) {
+                    const int local = interleave ? 2 * it + (r >> 4) : (j >> 4) - page0;
+                    row = (long long)s_pages[local] * PAGE + (j & 15);
+                } else {
+                    row = j < len0 ? start0 + j : start1 + (j - len0);
+                }
+            }
+            kk[i] = ok ? __ldg(K4 + row * (D / 8) + l) : make_uint4(0, 0, 0, 0);
+            vv[i] = ok ? __ldg(V4 + row * (D / 8) + l) : make_uint4(0, 0, 0, 0);
+            bb[i] = !ok ? NEG_INF : BIAS ? __ldg(B + row) * LOG2E : 0.f;
         }
     };
 
@@ -194,32 +175,24 @@ __device__ __forceinline__ void attn_body(
     for (int g = 0; g < G; g++)
 #pragma unroll
         for (int c = 0; c < 8; c++) acc[g][c] = 0.f;
-    // Running max and sum of head `warp`, kept by every lane of that warp.
+    // Running max and sum of head gq over this warp's rows (the same in
+    // every lane of that head, in both halves).
     float m_run = NEG_INF, l_run = 0.f;
 
-    // STAGES - 1 tiles in flight ahead of the one being computed; one
-    // commit group per tile (empty ones past the end keep the count).
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; st++) {
-        if (st < n_tiles) issue(st, st);
-        cp_async_commit();
-    }
+    uint4 kk[RPL], vv[RPL];
+    float bb[RPL];
+    if (n_tiles > 0) load(0, kk, vv, bb);
     for (int it = 0; it < n_tiles; it++) {
-        cp_async_wait<STAGES - 2>();
-        // Tile `it` has landed for every thread, and every thread is done
-        // with tile it - 1, whose stage the next copy overwrites.
-        __syncthreads();
-        if (it + STAGES - 1 < n_tiles) issue(it + STAGES - 1, (it + STAGES - 1) % STAGES);
-        cp_async_commit();
-        const int st = it % STAGES, t0 = begin + it * TILE;
-        const uint4 *ks = kv_s + st * 2 * TILE * (D / 8);
-        const uint4 *vs = ks + TILE * (D / 8);
-        // Scores (log2 units) of the tile's rows for the group's 4 heads.
+        uint4 kn[RPL], vn[RPL];
+        float bn[RPL];
+        if (it + 1 < n_tiles) load(it + 1, kn, vn, bn);
+        // Scores (log2 units) of this lane's 4 rows for head gq; invalid
+        // rows carry -inf in bb.
+        float sc[RPL];
 #pragma unroll
-        for (int i = 0; i < RPH; i++) {
-            const int r = i * HALVES + hw;
+        for (int i = 0; i < RPL; i++) {
             float kf[8], a[G];
-            unpack8(ks[r * (D / 8) + l], kf);
+            unpack8(kk[i], kf);
 #pragma unroll
             for (int g = 0; g < G; g++) {
                 float x = 0.f;
@@ -227,76 +200,93 @@ __device__ __forceinline__ void attn_body(
                 for (int c = 0; c < 8; c++) x = fmaf(qf[g][c], kf[c], x);
                 a[g] = x;
             }
-            const float sc = reduce4(a, l);
-            if ((l & 3) == 0) {
-                const float b = BIAS ? bias_s[st * TILE + r] * LOG2E : 0.f;
-                sp[r][(l >> 2) & 3] = (t0 + r < end) ? sc + b : NEG_INF;
+            sc[i] = reduce4(a, l) + bb[i];
+        }
+        float mx = fmaxf(fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3]));
+        mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 16));
+        const float m_new = fmaxf(m_run, mx);
+        // A warp whose rows are all past the end keeps m = -inf.
+        const bool none = m_new == NEG_INF;
+        const float alpha = none ? 1.f : exp2f(m_run - m_new);
+        float psum = 0.f;
+#pragma unroll
+        for (int i = 0; i < RPL; i++) {
+            sc[i] = none ? 0.f : exp2f(sc[i] - m_new);
+            psum += sc[i];
+        }
+        psum += __shfl_xor_sync(FULL, psum, 16);
+        l_run = l_run * alpha + psum;
+        m_run = m_new;
+        // Every lane needs all 4 heads' p for its rows, and all 4 alphas.
+        if ((l & 3) == 0) {
+#pragma unroll
+            for (int i = 0; i < RPL; i++) ps[warp][i][hf][gq] = sc[i];
+        }
+        float al[G];
+#pragma unroll
+        for (int g = 0; g < G; g++) al[g] = __shfl_sync(FULL, alpha, 4 * g);
+        __syncwarp();
+#pragma unroll
+        for (int g = 0; g < G; g++)
+#pragma unroll
+            for (int c = 0; c < 8; c++) acc[g][c] *= al[g];
+#pragma unroll
+        for (int i = 0; i < RPL; i++) {
+            const float4 p = *reinterpret_cast<const float4 *>(ps[warp][i][hf]);
+            float vf[8];
+            unpack8(vv[i], vf);
+#pragma unroll
+            for (int c = 0; c < 8; c++) {
+                acc[0][c] = fmaf(p.x, vf[c], acc[0][c]);
+                acc[1][c] = fmaf(p.y, vf[c], acc[1][c]);
+                acc[2][c] = fmaf(p.z, vf[c], acc[2][c]);
+                acc[3][c] = fmaf(p.w, vf[c], acc[3][c]);
             }
         }
-        __syncthreads();
-        // Online softmax: warp w updates head w over the tile's 32 rows.
-        {
-            const float x = sp[lane][warp];
-            const float m_new = fmaxf(m_run, warp_max(x));
-            const float alpha = exp2f(m_run - m_new);  // 0 on the first tile
-            const float p = exp2f(x - m_new);
-            l_run = l_run * alpha + warp_sum(p);
-            m_run = m_new;
-            sp[lane][warp] = p;
-            if (lane == 0) s_alpha[warp] = alpha;
-        }
-        __syncthreads();
-        // acc = alpha acc + sum_r p_r v_r.
-        {
-            float al[G];
+        __syncwarp();  // ps is rewritten next tile
 #pragma unroll
-            for (int g = 0; g < G; g++) al[g] = s_alpha[g];
-#pragma unroll
-            for (int g = 0; g < G; g++)
-#pragma unroll
-                for (int c = 0; c < 8; c++) acc[g][c] *= al[g];
-#pragma unroll
-            for (int i = 0; i < RPH; i++) {
-                const int r = i * HALVES + hw;
-                const float4 p = *reinterpret_cast<const float4 *>(sp[r]);
-                float vf[8];
-                unpack8(vs[r * (D / 8) + l], vf);
-#pragma unroll
-                for (int c = 0; c < 8; c++) {
-                    acc[0][c] = fmaf(p.x, vf[c], acc[0][c]);
-                    acc[1][c] = fmaf(p.y, vf[c], acc[1][c]);
-                    acc[2][c] = fmaf(p.z, vf[c], acc[2][c]);
-                    acc[3][c] = fmaf(p.w, vf[c], acc[3][c]);
-                }
-            }
+        for (int i = 0; i < RPL; i++) {
+            kk[i] = kn[i];
+            vv[i] = vn[i];
+            bb[i] = bn[i];
         }
     }
-    // Only empty groups can be pending; the stages become the reduction
-    // buffer once every thread is past its last read of them.
-    cp_async_wait<0>();
-    __syncthreads();
 
-    // Sum the 8 half-warps' accumulators; write this split's partial.
+    // The two halves of a warp hold the same channels for different rows.
 #pragma unroll
-    for (int g = 0; g < G; g++) {
-        float4 *dst = reinterpret_cast<float4 *>(&red[hw][g][8 * l]);
-        dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
-        dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+    for (int g = 0; g < G; g++)
+#pragma unroll
+        for (int c = 0; c < 8; c++) acc[g][c] += __shfl_xor_sync(FULL, acc[g][c], 16);
+    if (hf == 0) {
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float4 *dst = reinterpret_cast<float4 *>(&red[warp][g][8 * l]);
+            dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+            dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+        }
+        if ((l & 3) == 0) wml[warp][gq] = make_float2(m_run, l_run);
     }
     __syncthreads();
+    // Merge the 4 warps' states; write this split's partial.
     {
         const int g = warp, c4 = lane * 4;
+        float M = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, wml[w][g].x);
+        float L = 0.f;
         float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-        for (int x = 0; x < HALVES; x++) {
-            const float4 r = *reinterpret_cast<const float4 *>(&red[x][g][c4]);
-            o.x += r.x;
-            o.y += r.y;
-            o.z += r.z;
-            o.w += r.w;
+        for (int w = 0; w < ATT_WARPS; w++) {
+            const float f = exp2f(wml[w][g].x - M);  // 0 for a warp without rows
+            L += f * wml[w][g].y;
+            const float4 r = *reinterpret_cast<const float4 *>(&red[w][g][c4]);
+            o.x = fmaf(f, r.x, o.x);
+            o.y = fmaf(f, r.y, o.y);
+            o.z = fmaf(f, r.z, o.z);
+            o.w = fmaf(f, r.w, o.w);
         }
         reinterpret_cast<float4 *>(part_o + (((long long)h * splits + s) * G + g) * D)[lane] = o;
-        if (lane == 0) part_ml[((long long)h * splits + s) * G + g] = make_float2(m_run, l_run);
+        if (lane == 0) part_ml[((long long)h * splits + s) * G + g] = make_float2(M, L);
     }
 
     // The last block of head h to get here combines all splits.
@@ -344,24 +334,24 @@ __device__ __forceinline__ void attn_body(
 #define ATTN_ARGS                                                                                \
     const bf16 *__restrict__ q, const bf16 *__restrict__ kc, const bf16 *__restrict__ vc,        \
         const float *__restrict__ bias, const int *__restrict__ pages, int n_sel, long long rows, \
-        int start0, int len0, int start1, int total, int span, float scale_log2,                 \
+        int start0, int len0, int start1, int total, int span, int interleave, float scale_log2, \
         float *__restrict__ part_o, float2 *__restrict__ part_ml, unsigned *__restrict__ counters, \
         float *__restrict__ out
 #define ATTN_PASS                                                                           \
-    q, kc, vc, bias, pages, n_sel, rows, start0, len0, start1, total, span, scale_log2, part_o, \
-        part_ml, counters, out
+    q, kc, vc, bias, pages, n_sel, rows, start0, len0, start1, total, span, interleave, scale_log2, \
+        part_o, part_ml, counters, out
 
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_ranges(ATTN_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_ranges(ATTN_ARGS) {
     attn_body<false, false, false>(ATTN_PASS);
 }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_ranges_bias(ATTN_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_ranges_bias(ATTN_ARGS) {
     attn_body<false, true, false>(ATTN_PASS);
 }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_pages(ATTN_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_pages(ATTN_ARGS) {
     attn_body<true, false, false>(ATTN_PASS);
 }
 // Deliberately wrong (tests only): the combine leaves out the last split.
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_ranges_drop_last(ATTN_ARGS) {
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_ranges_drop_last(ATTN_ARGS) {
     attn_body<false, false, true>(ATTN_PASS);
 }
 
@@ -477,17 +467,33 @@ __device__ __forceinline__ void find_bin(const unsigned *sh, int nbins, unsigned
     __syncthreads();
 }
 
+// SEL_BATCH keys K[p], p = first + u * STRIDE, loaded before any is used
+// (independent loads in flight together); 0 (never a real key: that would
+// be a NaN score) where p >= end.
+#define SEL_BATCH 8
+template <int STRIDE>
+__device__ __forceinline__ void load_keys(const unsigned *K, int first, int end, unsigned kb[SEL_BATCH]) {
+#pragma unroll
+    for (int u = 0; u < SEL_BATCH; u++) {
+        const int p = first + u * STRIDE;
+        kb[u] = p < end ? K[p] : 0u;
+    }
+}
+
 // Exact top-k pages of KV head blockIdx.x from its keys, written ascending
 // to pages[h][0..k). Completes the radix select that quest_score began
-// (and clears its histogram for the next step), then compacts.
+// (and clears its histogram for the next step), then compacts: warp w owns
+// pages [w * seg, (w + 1) * seg), read 32 at a time (coalesced), so the
+// order of (round, lane) within a warp, then of warps, is page order, and
+// ballots give each selected page its place.
 extern "C" __global__ void __launch_bounds__(SEL_THREADS) topk_select(
     const unsigned *__restrict__ keys, unsigned *__restrict__ hist, int n_pages, int k,
     int *__restrict__ pages) {
     __shared__ unsigned sh[HIST1];
     __shared__ unsigned tmp[32];
-    __shared__ unsigned long long tmp64[32];
+    __shared__ unsigned w_gt[32], w_eq[32];
     __shared__ unsigned s_bin, s_above;
-    const int h = blockIdx.x, t = threadIdx.x;
+    const int h = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t >> 5;
     const unsigned *K = keys + (long long)h * n_pages;
     for (int b = t; b < HIST1; b += SEL_THREADS) {
         sh[b] = hist[h * HIST1 + b];
@@ -501,9 +507,12 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) topk_select(
     // Pass 2: bits 20..10 of the keys under the prefix.
     for (int b = t; b < HIST1; b += SEL_THREADS) sh[b] = 0;
     __syncthreads();
-    for (int p = t; p < n_pages; p += SEL_THREADS) {
-        const unsigned key = K[p];
-        if ((key >> 21) == prefix) atomicAdd(&sh[(key >> 10) & 2047], 1u);
+    for (int base = t; base < n_pages; base += SEL_THREADS * SEL_BATCH) {
+        unsigned kb[SEL_BATCH];
+        load_keys<SEL_THREADS>(K, base, n_pages, kb);
+#pragma unroll
+        for (int u = 0; u < SEL_BATCH; u++)
+            if (kb[u] && (kb[u] >> 21) == prefix) atomicAdd(&sh[(kb[u] >> 10) & 2047], 1u);
     }
     __syncthreads();
     find_bin(sh, 2048, need, tmp, &s_bin, &s_above);
@@ -512,35 +521,58 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) topk_select(
     // Pass 3: bits 9..0.
     for (int b = t; b < 1024; b += SEL_THREADS) sh[b] = 0;
     __syncthreads();
-    for (int p = t; p < n_pages; p += SEL_THREADS) {
-        const unsigned key = K[p];
-        if ((key >> 10) == prefix) atomicAdd(&sh[key & 1023], 1u);
+    for (int base = t; base < n_pages; base += SEL_THREADS * SEL_BATCH) {
+        unsigned kb[SEL_BATCH];
+        load_keys<SEL_THREADS>(K, base, n_pages, kb);
+#pragma unroll
+        for (int u = 0; u < SEL_BATCH; u++)
+            if (kb[u] && (kb[u] >> 10) == prefix) atomicAdd(&sh[kb[u] & 1023], 1u);
     }
     __syncthreads();
     find_bin(sh, 1024, need, tmp, &s_bin, &s_above);
     const unsigned T = (prefix << 10) | s_bin;  // the k-th largest key
     need -= s_above;                            // keys equal to T to take
     // Compaction: keys above T, and the first `need` keys equal to T.
-    const int per = (n_pages + SEL_THREADS - 1) / SEL_THREADS;
-    const int p0 = min(n_pages, t * per), p1 = min(n_pages, p0 + per);
+    const int seg = (n_pages + 31) / 32, w0 = warp * seg, w1 = min(n_pages, w0 + seg);
     unsigned gt = 0, eq = 0;
-    for (int p = p0; p < p1; p++) {
-        const unsigned key = K[p];
-        gt += key > T;
-        eq += key == T;
+    for (int base = w0 + lane; base < w1; base += 32 * SEL_BATCH) {
+        unsigned kb[SEL_BATCH];
+        load_keys<32>(K, base, w1, kb);
+#pragma unroll
+        for (int u = 0; u < SEL_BATCH; u++) {
+            gt += kb[u] > T;
+            eq += kb[u] == T;
+        }
     }
-    const unsigned long long packed = (unsigned long long)gt | ((unsigned long long)eq << 32);
-    const unsigned long long ex = block_scan<unsigned long long>(packed, tmp64) - packed;
-    const unsigned gt_ex = (unsigned)ex, eq_ex = (unsigned)(ex >> 32);
-    unsigned pos = gt_ex + min(eq_ex, need), eq_seen = eq_ex;
+    gt = __reduce_add_sync(FULL, gt);
+    eq = __reduce_add_sync(FULL, eq);
+    if (lane == 0) {
+        w_gt[warp] = gt;
+        w_eq[warp] = eq;
+    }
+    __syncthreads();
+    unsigned gt_before = 0, eq_before = 0;
+    for (int x = 0; x < warp; x++) {
+        gt_before += w_gt[x];
+        eq_before += w_eq[x];
+    }
+    unsigned pos = gt_before + min(eq_before, need), eq_seen = eq_before;
+    const unsigned below = (1u << lane) - 1u;
     int *out = pages + (long long)h * k;
-    for (int p = p0; p < p1; p++) {
-        const unsigned key = K[p];
-        if (key > T) {
-            out[pos++] = p;
-        } else if (key == T) {
-            if (eq_seen < need) out[pos++] = p;
-            eq_seen++;
+    // The same number of rounds in every lane of the warp (ballots);
+    // T is a real key, so a missing page (0) is neither above nor equal.
+    for (int base = w0; base < w1; base += 32 * SEL_BATCH) {
+        unsigned kb[SEL_BATCH];
+        load_keys<32>(K, base + lane, w1, kb);
+#pragma unroll
+        for (int u = 0; u < SEL_BATCH; u++) {
+            const bool is_eq = kb[u] == T;
+            const unsigned eqb = __ballot_sync(FULL, is_eq);
+            const bool take = kb[u] > T || (is_eq && eq_seen + __popc(eqb & below) < need);
+            const unsigned tb = __ballot_sync(FULL, take);
+            if (take) out[pos + __popc(tb & below)] = base + u * 32 + lane;
+            pos += __popc(tb);
+            eq_seen += __popc(eqb);
         }
     }
 }

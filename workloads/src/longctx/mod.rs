@@ -133,8 +133,8 @@ static SPEC: WorkloadSpec = WorkloadSpec {
         },
     ],
     metric: Metric {
-        name: "paired_drop_ub",
-        description: "upper end of the 95% bootstrap interval of the mean per-prompt quality drop against dense on the same prompts: nats per answer token (needle), relative perplexity increase (perplexity)",
+        name: "quality_loss",
+        description: "needle and perplexity: upper end of the 95% bootstrap interval of the mean per-prompt quality drop against dense on the same prompts (nats per answer token; relative perplexity increase); decode-step: the attention output's largest relative error against a float64 reference, over its tolerance",
         direction: Direction::LowerIsBetter,
     },
     variants: &[
