@@ -37,6 +37,7 @@ pub mod kernel;
 pub mod policy;
 pub mod quest;
 pub mod sink_window;
+pub mod step;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -66,7 +67,7 @@ pub const MAX_NEW: usize = 16;
 const BOOTSTRAP: usize = 2000;
 /// The cache budgets every compressing entry runs at, as fractions of the
 /// prompt.
-const BUDGETS: &[f64] = &[0.1, 0.25, 0.5];
+pub(crate) const BUDGETS: &[f64] = &[0.1, 0.25, 0.5];
 /// Environment variable naming the GGUF of the `user-model` variant (the
 /// same one SpecTr's `user-pair` reads for its target).
 pub const ENV_MODEL: &str = crate::spectr::llm::ENV_TARGET;
@@ -80,7 +81,11 @@ const BUDGET_NEEDLE: Budget = Budget {
     full_s: 3600.0,
 };
 
-const fn method(id: &'static str, description: &'static str) -> Entry {
+const fn method(
+    id: &'static str,
+    description: &'static str,
+    variants: &'static [&'static str],
+) -> Entry {
     Entry {
         id,
         kind: EntryKind::Method,
@@ -90,8 +95,29 @@ const fn method(id: &'static str, description: &'static str) -> Entry {
             values: BUDGETS,
         }],
         fixed: &[],
-        variants: &[],
+        variants,
         cuda_only: false,
+    }
+}
+
+/// The variants that run the decoder (every entry); `decode-step` runs the
+/// entries that have a kernel.
+const DECODER_VARIANTS: &[&str] = &["needle", "perplexity", "needle-1.5b", "user-model"];
+
+const fn peer(
+    id: &'static str,
+    description: &'static str,
+    grid: &'static [Param],
+    fixed: &'static [(&'static str, f64)],
+) -> Entry {
+    Entry {
+        id,
+        kind: EntryKind::Baseline,
+        description,
+        grid,
+        fixed,
+        variants: &["decode-step"],
+        cuda_only: true,
     }
 }
 
@@ -163,6 +189,24 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             params: &[],
         },
         Variant {
+            id: "decode-step",
+            description: "One decoding step of one attention layer at Llama-3-8B shapes (32 query heads, 8 KV heads, head dim 128, bf16 cache, batch 1) at 4k-512k tokens: dense, Quest page selection, clustered and windowed caches. CPU: our multi-threaded step; GPU (--device cuda): our cudarc kernels beside the memory-traffic floor and the PyTorch peers.",
+            role: VariantRole::Standard,
+            profiles: &[Profile::Full],
+            target: Target {
+                value: 1.0,
+                source: "the step output's largest relative error against a float64 reference within 1e-3 (f32 accumulation over bf16 data; see longctx/kernel.rs), and the selected pages a float64 top-k up to near-ties",
+            },
+            budget: Budget {
+                quick_s: 60.0,
+                full_s: 600.0,
+            },
+            params: &[Param {
+                name: "context",
+                values: step::CONTEXTS,
+            }],
+        },
+        Variant {
             id: "needle-1.5b",
             description: "The needle grid with Qwen2.5-Coder-1.5B-Instruct (9/9 at every length in llama.cpp: a strict check). Held out: about 2x the 0.5B's cost.",
             role: VariantRole::HeldOut,
@@ -194,22 +238,48 @@ static SPEC: WorkloadSpec = WorkloadSpec {
         method(
             "sink-window",
             "StreamingLLM: the first 4 positions (attention sinks) plus the newest ones, evicting the oldest non-sink as decoding appends.",
+            &[],
         ),
         method(
             "block-topk",
             "Quest: 16-token pages with per-channel min/max key bounds; each query reads the pages with the highest bound on q.k (one selection per KV head), plus the current page; the first two layers stay dense.",
+            &[],
         ),
         method(
             "kv-cluster",
             "Chelsea-style KV clustering: within 64-token chunks, keys alternately split into two sets and the most similar pairs merged (bipartite soft matching) into count-weighted centroids until the budget is met, attended with a ln(count) bias; 4 sinks and a recent tail kept exact.",
+            &[],
         ),
         method(
             "dhsa",
             "Dynamic Hierarchical Sparse Attention: variable-length chunks cut where the keys change, chunk scores from length-normalised key sums, the top-scoring tokens within the budget plus the first and most recent; sparse in its own prefill and in decode.",
+            DECODER_VARIANTS,
         ),
         method(
             "chunk-select",
             "ChunkLLM, training-free form: chunks end at sentence and line boundaries; at each boundary token the query's own attention mass per chunk picks the chunks later queries read, within the budget.",
+            DECODER_VARIANTS,
+        ),
+        peer(
+            "sdpa-gqa",
+            "PyTorch scaled_dot_product_attention with native GQA (enable_gqa), cuDNN backend, under CUDA graphs (scripts/peer_decode_attn.py).",
+            &[],
+            &[("budget", 1.0)],
+        ),
+        peer(
+            "hf-repeat-kv",
+            "The Hugging Face step: repeat_kv expands the 8 KV heads to 32, then SDPA (scripts/peer_decode_attn.py).",
+            &[],
+            &[("budget", 1.0)],
+        ),
+        peer(
+            "quest-torch",
+            "Quest composed from torch ops: page scores from min/max metadata, topk per KV head, gather, SDPA (scripts/peer_decode_attn.py).",
+            &[Param {
+                name: "budget",
+                values: BUDGETS,
+            }],
+            &[],
         ),
     ],
     figures: &[
@@ -317,6 +387,34 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             theory: None,
             log_x: false,
             log_y: false,
+            only: &[],
+        },
+        Chart {
+            id: "step-latency",
+            title: "Decode-attention step time against context (Llama-3-8B layer, bf16)",
+            x: Source::Param("context"),
+            x_label: "context (tokens)",
+            y: Source::TimeToResult,
+            y_label: "seconds per step (median)",
+            series: Series::Entries,
+            entries: &[],
+            theory: None,
+            log_x: true,
+            log_y: true,
+            only: &[],
+        },
+        Chart {
+            id: "step-floor-ratio",
+            title: "Decode-attention step time over its memory-traffic floor",
+            x: Source::Param("context"),
+            x_label: "context (tokens)",
+            y: Source::Figure("floor_ratio"),
+            y_label: "step time / (bytes read / copy bandwidth)",
+            series: Series::Entries,
+            entries: &[],
+            theory: None,
+            log_x: true,
+            log_y: true,
             only: &[],
         },
         Chart {
@@ -457,9 +555,14 @@ impl Workload for LongContext {
     }
 
     fn load(&self, ctx: &LoadContext<'_>) -> Result<Box<dyn Loaded>, WorkloadError> {
+        if ctx.variant.id == "decode-step" {
+            return step::load(ctx);
+        }
         if ctx.device != crate::Device::Cpu {
             return Err(WorkloadError::Config(
-                "long-context's decoder runs on the CPU; run it with --device cpu".into(),
+                "long-context's decoder runs on the CPU; run its decoder variants with --device cpu \
+             (only `decode-step` runs on a GPU)"
+                .into(),
             ));
         }
         let grid = grid(ctx.variant.id, ctx.profile);
@@ -1049,8 +1152,19 @@ mod tests {
 
     #[test]
     fn every_entry_has_one_policy_and_every_policy_an_entry() {
-        for e in SPEC.entries {
+        for e in SPEC.entries.iter().filter(|e| e.applies_to("needle")) {
             assert_eq!(policy_of(e.id).unwrap().id(), e.id);
+        }
+        // The decode-step variant has a kernel for each of its own
+        // non-peer entries, and refuses the others by name.
+        for e in SPEC.entries {
+            let kernel = step::step_kind(e.id, 0.1);
+            if e.applies_to("decode-step") && !e.cuda_only {
+                assert_eq!(kernel.unwrap().name(), e.id);
+            } else {
+                let err = kernel.unwrap_err().to_string();
+                assert!(err.contains(e.id), "{err}");
+            }
         }
         for p in POLICIES {
             assert!(SPEC.entry(p.id()).is_some(), "{} has no entry", p.id());
@@ -1151,5 +1265,66 @@ mod tests {
             panic!("budget 0 accepted")
         };
         assert!(e.to_string().contains("budget"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod step_tests {
+    use super::*;
+    use crate::clock::CpuClock;
+
+    /// The decode-step variant on the CPU at its smallest context: every
+    /// kernel entry within tolerance, timed, and with its byte figures; a
+    /// decoder-only entry refused by name.
+    #[test]
+    fn decode_step_runs_on_the_cpu_for_every_kernel_entry() {
+        let variant = SPEC.variant("decode-step").unwrap();
+        let loaded = LongContext
+            .load(&LoadContext {
+                variant,
+                profile: Profile::Full,
+                device: crate::Device::Cpu,
+                seed: 1,
+            })
+            .unwrap();
+        let trial = loaded
+            .trial(&TrialContext {
+                variant,
+                profile: Profile::Full,
+                device: crate::Device::Cpu,
+                trial: 0,
+                seed: 3,
+            })
+            .unwrap();
+        let clock = CpuClock::default();
+        for (id, params) in [
+            ("dense", "context=4096,budget=1"),
+            ("block-topk", "context=4096,budget=0.1"),
+            ("kv-cluster", "context=4096,budget=0.25"),
+            ("sink-window", "context=4096,budget=0.5"),
+        ] {
+            let entry = SPEC.entry(id).unwrap();
+            let mut job = trial.setup(entry, &params.parse().unwrap()).unwrap();
+            let mut sw = Stopwatch::new(&clock, 600.0);
+            sw.start();
+            job.run(&mut sw).unwrap();
+            sw.stop();
+            let o = job.evaluate().unwrap();
+            assert!(o.quality < 1.0, "{id}: {}", o.quality);
+            assert!(o.measured_time_s.unwrap() > 0.0);
+            assert_eq!(o.figures["context"], 4096.0);
+            let share = o.figures["read_share"];
+            let want = if id == "dense" {
+                1.0
+            } else {
+                params.split('=').last().unwrap().parse::<f64>().unwrap()
+            };
+            assert!((share - want).abs() < 0.01, "{id}: read share {share}");
+        }
+        let dhsa = SPEC.entry("dhsa").unwrap();
+        let Err(e) = trial.setup(dhsa, &"context=4096,budget=0.1".parse().unwrap()) else {
+            panic!("dhsa accepted for decode-step")
+        };
+        assert!(e.to_string().contains("dhsa"), "{e}");
     }
 }
