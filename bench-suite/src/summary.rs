@@ -60,6 +60,38 @@ impl ConfigSummary {
     }
 }
 
+/// The reference configuration `c` is measured against: with one, that
+/// one; with several, the one that agrees with `c` on every parameter
+/// that varies among them (`None` if `c` lacks one of those parameters or
+/// no reference sits at its point).
+fn matching_reference<'r>(
+    refs: &'r [ConfigSummary],
+    c: &ConfigSummary,
+) -> Option<&'r ConfigSummary> {
+    if let [only] = refs {
+        return Some(only);
+    }
+    let names: std::collections::BTreeSet<&str> = refs
+        .iter()
+        .flat_map(|r| {
+            r.params
+                .split(',')
+                .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
+        })
+        .collect();
+    let axes: Vec<&str> = names
+        .into_iter()
+        .filter(|n| {
+            let first = refs[0].param(n);
+            refs.iter().any(|r| r.param(n) != first)
+        })
+        .collect();
+    refs.iter().find(|r| {
+        axes.iter()
+            .all(|a| c.param(a).is_some() && r.param(a) == c.param(a))
+    })
+}
+
 /// The profile of one workload over its variants (or of the suite).
 #[derive(Debug, Clone)]
 pub struct ProfileSummary {
@@ -189,29 +221,35 @@ fn summarise_group(
         .map(|key| config_summary(&by_config[key]))
         .collect();
 
-    // Paired speedups over the reference configuration of each variant.
-    let references: HashMap<(String, String), ConfigSummary> = configs
-        .iter()
-        .filter(|c| c.entry_kind == "reference")
-        .map(|c| ((c.workload.clone(), c.variant.clone()), c.clone()))
-        .fold(HashMap::new(), |mut m, (k, c)| {
-            m.entry(k).or_insert(c);
-            m
-        });
+    // Paired speedups over the reference configuration of each variant: the
+    // one at the same point of the reference's own axes (the parameters
+    // that vary among the reference's configurations, such as a variant's
+    // context length or scene size), or the only one.
+    let mut references: HashMap<(String, String), Vec<ConfigSummary>> = HashMap::new();
+    for c in configs.iter().filter(|c| c.entry_kind == "reference") {
+        references
+            .entry((c.workload.clone(), c.variant.clone()))
+            .or_default()
+            .push(c.clone());
+    }
     for c in &mut configs {
-        if let Some(reference) = references.get(&(c.workload.clone(), c.variant.clone())) {
-            let (ref_t, own_t): (Vec<f64>, Vec<f64>) = c
-                .seeds
-                .iter()
-                .zip(&c.times)
-                .filter_map(|(s, &t)| {
-                    let i = reference.seeds.iter().position(|rs| rs == s)?;
-                    Some((reference.times[i], t))
-                })
-                .unzip();
-            if !ref_t.is_empty() {
-                c.speedup = Some(stats::speedup_summary(&ref_t, &own_t, BOOTSTRAP_SEED));
-            }
+        let Some(refs) = references.get(&(c.workload.clone(), c.variant.clone())) else {
+            continue;
+        };
+        let Some(reference) = matching_reference(refs, c) else {
+            continue;
+        };
+        let (ref_t, own_t): (Vec<f64>, Vec<f64>) = c
+            .seeds
+            .iter()
+            .zip(&c.times)
+            .filter_map(|(s, &t)| {
+                let i = reference.seeds.iter().position(|rs| rs == s)?;
+                Some((reference.times[i], t))
+            })
+            .unzip();
+        if !ref_t.is_empty() {
+            c.speedup = Some(stats::speedup_summary(&ref_t, &own_t, BOOTSTRAP_SEED));
         }
     }
 
@@ -372,5 +410,62 @@ fn config_summary(records: &[&TrialRecord]) -> ConfigSummary {
             .max_by_key(|&(_, n)| n)
             .map(|(r, n)| format!("{n}x {r}")),
         times,
+    }
+}
+
+#[cfg(test)]
+mod reference_tests {
+    use super::*;
+
+    fn config(entry: &str, kind: &str, params: &str) -> ConfigSummary {
+        ConfigSummary {
+            workload: "w".into(),
+            workload_version: 1,
+            variant: "v".into(),
+            entry: entry.into(),
+            entry_kind: kind.into(),
+            params: params.into(),
+            times: vec![1.0],
+            seeds: vec![1],
+            median_s: 1.0,
+            ci_s: (1.0, 1.0),
+            successes: 1,
+            trials: 1,
+            speedup: None,
+            figures: Default::default(),
+            quality_median: None,
+            target: 1.0,
+            failure: None,
+        }
+    }
+
+    /// A method is paired with the reference at its own context (the
+    /// reference's axis), whatever its other parameters; a lone reference
+    /// serves everything; a point with no reference gets none.
+    #[test]
+    fn the_reference_is_the_one_at_the_same_axis_point() {
+        let refs = vec![
+            config("dense", "reference", "context=4096,budget=1"),
+            config("dense", "reference", "context=65536,budget=1"),
+        ];
+        let m = config("topk", "method", "context=65536,budget=0.1");
+        assert_eq!(
+            matching_reference(&refs, &m).unwrap().params,
+            "context=65536,budget=1"
+        );
+        let m = config("topk", "method", "context=4096,budget=0.5");
+        assert_eq!(
+            matching_reference(&refs, &m).unwrap().params,
+            "context=4096,budget=1"
+        );
+        assert!(matching_reference(&refs, &config("x", "method", "context=8")).is_none());
+        assert!(matching_reference(&refs, &config("x", "method", "budget=1")).is_none());
+        let one = vec![config("dense", "reference", "budget=1")];
+        assert_eq!(
+            matching_reference(&one, &config("x", "method", "budget=0.1"))
+                .unwrap()
+                .params,
+            "budget=1"
+        );
     }
 }

@@ -307,6 +307,14 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             key: "prefill_s",
             label: "prefill s",
         },
+        Figure {
+            key: "floor_ratio",
+            label: "time / floor",
+        },
+        Figure {
+            key: "rel_err",
+            label: "rel. error",
+        },
     ],
     charts: &[
         Chart {
