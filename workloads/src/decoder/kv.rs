@@ -175,7 +175,8 @@ impl ReadCounter {
     pub fn add(&self, rows_read: usize, rows_visible: usize) {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.read.fetch_add(rows_read as u64, Ordering::Relaxed);
-        self.visible.fetch_add(rows_visible as u64, Ordering::Relaxed);
+        self.visible
+            .fetch_add(rows_visible as u64, Ordering::Relaxed);
     }
 
     pub fn get(&self) -> Reads {

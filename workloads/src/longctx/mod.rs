@@ -1325,7 +1325,7 @@ mod step_tests {
             let want = if id == "dense" {
                 1.0
             } else {
-                params.split('=').last().unwrap().parse::<f64>().unwrap()
+                params.rsplit('=').next().unwrap().parse::<f64>().unwrap()
             };
             assert!((share - want).abs() < 0.01, "{id}: read share {share}");
         }

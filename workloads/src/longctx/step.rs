@@ -50,6 +50,10 @@ const PEER_TOLERANCE: f64 = 1e-2;
 /// The budgets of the peers' Quest, as the entries' grid.
 const PEER_FRACS: &[f64] = super::BUDGETS;
 
+/// The peer script's results of one trial, by (implementation, context,
+/// budget in millionths).
+type PeerResults = Rc<BTreeMap<(String, usize, u64), serde_json::Value>>;
+
 /// Ids of the PyTorch peers, and what the script calls them.
 const PEERS: &[(&str, &str)] = &[
     ("sdpa-gqa", "sdpa-gqa-cudnn"),
@@ -122,7 +126,7 @@ struct StepTrial<'l> {
     caches: RefCell<BTreeMap<usize, Arc<DenseCache>>>,
     /// The peer script's results for this trial, by (impl, context,
     /// budget in millionths).
-    peers: RefCell<Option<Rc<BTreeMap<(String, usize, u64), serde_json::Value>>>>,
+    peers: RefCell<Option<PeerResults>>,
     seed: u64,
 }
 
@@ -139,9 +143,7 @@ impl StepTrial<'_> {
     }
 
     /// Every peer configuration of the trial, timed by one script call.
-    fn peers(
-        &self,
-    ) -> Result<Rc<BTreeMap<(String, usize, u64), serde_json::Value>>, WorkloadError> {
+    fn peers(&self) -> Result<PeerResults, WorkloadError> {
         if let Some(p) = &*self.peers.borrow() {
             return Ok(p.clone());
         }
