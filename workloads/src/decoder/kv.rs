@@ -123,8 +123,10 @@ pub trait KvCache: Send + Sync {
     fn bytes(&self) -> usize;
 
     /// Called by the decoder before it computes a block of new positions
-    /// `pos..pos + tokens.len()` (a prompt chunk or one decode step), with
-    /// their token ids. Policies that act on token boundaries (a chunk that
+    /// starting at `pos` (a prompt chunk or one decode step: positions
+    /// `pos..pos + tokens.len()`; for a verification tree, its nodes in
+    /// tree order, of which only an accepted path is committed), with their
+    /// token ids. Policies that act on token boundaries (a chunk that
     /// ends at a sentence) learn the tokens here; the default ignores them.
     fn begin_block(&mut self, _pos: usize, _tokens: &[u32]) {}
 

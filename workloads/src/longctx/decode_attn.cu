@@ -21,7 +21,16 @@
 // exact top-k per KV head: a radix select on the scores' order-preserving
 // bit patterns (11 + 11 + 10 bits; the first histogram is built by the
 // scoring kernel), then compaction of the selected page ids in ascending
-// order, ties to the lower page index.
+// order, ties to the lower page index. topk_select first copies the keys
+// of its head into shared memory when they fit (one round trip to L2
+// instead of four passes over it).
+//
+// Programmatic dependent launch (block-topk only): quest_score and
+// topk_select let the next kernel of the step be scheduled at once
+// (griddepcontrol.launch_dependents), and topk_select and attn_pages wait
+// for the previous kernel to finish, memory included (griddepcontrol.wait),
+// before they read its results; so the launch and block set-up of a kernel
+// overlap the previous one. Both are no-ops under an ordinary launch.
 
 #define D 128
 #define G 4
@@ -51,6 +60,9 @@
 #define HIST1 2048
 
 typedef unsigned short bf16;
+
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
 __device__ __forceinline__ void unpack8(const uint4 u, float f[8]) {
     f[0] = __uint_as_float(u.x << 16);
@@ -127,6 +139,7 @@ __device__ __forceinline__ void attn_body(
     const float *B = BIAS ? bias + (long long)h * rows : nullptr;
     const int page0 = begin >> 4;
     if (PAGED) {
+        pdl_wait();  // the page ids come from topk_select
         // The split's page ids, once, so that no load waits on a lookup:
         // its pages in order (contiguous), or two per tile (interleaved: a
         // tile is 2 whole pages).
@@ -365,13 +378,14 @@ __device__ __forceinline__ unsigned order_key(float x) {
 
 // Quest page scores of KV head blockIdx.y over pages
 // [blockIdx.x * per_block, ...): one page per half-warp at a time. Writes
-// each page's key and adds the top 11 bits of the keys to hist (the first
-// pass of the radix select).
+// each page's key (keys of head h start at h * stride) and adds the top 11
+// bits of the keys to hist (the first pass of the radix select).
 extern "C" __global__ void __launch_bounds__(SC_THREADS) quest_score(
-    const bf16 *__restrict__ q, const bf16 *__restrict__ meta, int n_pages, int per_block,
+    const bf16 *__restrict__ q, const bf16 *__restrict__ meta, int n_pages, int stride, int per_block,
     unsigned *__restrict__ keys, unsigned *__restrict__ hist) {
     __shared__ unsigned sh[HIST1];
     const int h = blockIdx.y, t = threadIdx.x, hw = t >> 4, l = t & 15;
+    pdl_trigger();
     for (int b = t; b < HIST1; b += SC_THREADS) sh[b] = 0;
     float qf[G][8];
 #pragma unroll
@@ -408,7 +422,7 @@ extern "C" __global__ void __launch_bounds__(SC_THREADS) quest_score(
             x += __shfl_xor_sync(FULL, x, 1);
             if (l == 0 && p < p_end) {
                 const unsigned key = order_key(x);
-                keys[(long long)h * n_pages + p] = key;
+                keys[(long long)h * stride + p] = key;
                 atomicAdd(&sh[key >> 21], 1u);
             }
         }
@@ -481,24 +495,53 @@ __device__ __forceinline__ void load_keys(const unsigned *K, int first, int end,
 }
 
 // Exact top-k pages of KV head blockIdx.x from its keys, written ascending
-// to pages[h][0..k). Completes the radix select that quest_score began
-// (and clears its histogram for the next step), then compacts: warp w owns
-// pages [w * seg, (w + 1) * seg), read 32 at a time (coalesced), so the
-// order of (round, lane) within a warp, then of warps, is page order, and
-// ballots give each selected page its place.
+// to pages[h][0..k). With `staged`, first copies the head's keys (stride, a
+// multiple of 4, words from keys + h * stride) into dynamic shared memory
+// in 16-byte loads, all in flight at once, and works there; otherwise it
+// reads them from global memory in every pass. Completes the radix select
+// that quest_score began (and clears its histogram for the next step),
+// then compacts: warp w owns pages [w * seg, (w + 1) * seg), read 32 at a
+// time (coalesced), so the order of (round, lane) within a warp, then of
+// warps, is page order, and ballots give each selected page its place.
 extern "C" __global__ void __launch_bounds__(SEL_THREADS) topk_select(
-    const unsigned *__restrict__ keys, unsigned *__restrict__ hist, int n_pages, int k,
-    int *__restrict__ pages) {
+    const unsigned *__restrict__ keys, unsigned *__restrict__ hist, int n_pages, int stride, int k,
+    int staged, int *__restrict__ pages) {
+    extern __shared__ __align__(16) unsigned s_keys[];
     __shared__ unsigned sh[HIST1];
     __shared__ unsigned tmp[32];
     __shared__ unsigned w_gt[32], w_eq[32];
     __shared__ unsigned s_bin, s_above;
     const int h = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t >> 5;
-    const unsigned *K = keys + (long long)h * n_pages;
-    for (int b = t; b < HIST1; b += SEL_THREADS) {
-        sh[b] = hist[h * HIST1 + b];
-        hist[h * HIST1 + b] = 0;
+    pdl_trigger();
+    pdl_wait();  // the keys and the histogram come from quest_score
+    const unsigned *Kg = keys + (long long)h * stride;
+    unsigned hv[HIST1 / SEL_THREADS];
+#pragma unroll
+    for (int j = 0; j < HIST1 / SEL_THREADS; j++) hv[j] = __ldcg(&hist[h * HIST1 + t + j * SEL_THREADS]);
+    if (staged) {
+        const uint4 *G4 = reinterpret_cast<const uint4 *>(Kg);
+        uint4 *S4 = reinterpret_cast<uint4 *>(s_keys);
+        const int n4 = stride / 4;
+        for (int base = t; base < n4; base += SEL_THREADS * SEL_BATCH) {
+            uint4 kb[SEL_BATCH];
+#pragma unroll
+            for (int u = 0; u < SEL_BATCH; u++) {
+                const int i = base + u * SEL_THREADS;
+                kb[u] = i < n4 ? __ldcg(G4 + i) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < SEL_BATCH; u++) {
+                const int i = base + u * SEL_THREADS;
+                if (i < n4) S4[i] = kb[u];
+            }
+        }
     }
+#pragma unroll
+    for (int j = 0; j < HIST1 / SEL_THREADS; j++) {
+        sh[t + j * SEL_THREADS] = hv[j];
+        hist[h * HIST1 + t + j * SEL_THREADS] = 0;
+    }
+    const unsigned *K = staged ? s_keys : Kg;
     __syncthreads();
     unsigned need = k;
     find_bin(sh, HIST1, need, tmp, &s_bin, &s_above);

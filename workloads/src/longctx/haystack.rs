@@ -8,8 +8,8 @@
 //! broken; every prompt draws its own run of consecutive entries from a
 //! seeded start. Needles go between entries, at a depth measured in tokens.
 //!
-//! Four task kinds, cycled over the prompts of a cell so every cell mixes
-//! them:
+//! Four task kinds, cycled over a trial's prompts in grid order and shifted
+//! by one each trial, so that over four trials every cell sees every kind:
 //! - `passkey`: one needle, "The pass key is N. Remember it. N is the pass
 //!   key." (the passkey test of Mohtashami and Jaggi, arXiv 2305.16300).
 //! - `multikey`: four "special magic number for <word>" needles with

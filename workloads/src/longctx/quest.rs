@@ -15,18 +15,20 @@
 //! because their attention is barely sparse.
 //!
 //! As implemented, checked against the authors' code (mit-han-lab/Quest):
-//! - The page budget is `budget / PAGE` pages and *includes* the last page,
-//!   which is always attended: `InferenceController` ("page_budget: real
-//!   page budget including the last page") estimates and ranks only the
-//!   pages before it, picks `page_budget - 1` of them, and skips estimation
-//!   altogether while the cache has no more pages than the budget. Here the
-//!   last page is the one holding the query's position `len()`: its
-//!   committed part (positions `16 * (len / 16)..len`, possibly none) is
-//!   always read, and the `page_budget - 1` most critical full pages before
-//!   it are chosen from their bounds. The query itself is in the block in
-//!   flight, which every cache attends in full. (The accuracy script,
-//!   `evaluation/quest_attention.py`, ranks the current page with the
-//!   others instead; we follow the kernels, the form Quest deploys.)
+//! - The last page is always attended, as in the authors' kernels
+//!   (`InferenceController`: "page_budget: real page budget including the
+//!   last page"; it estimates and ranks only the pages before it, and skips
+//!   estimation altogether while the cache fits the budget). Here the last
+//!   page is the one holding the query's position `len()`: its committed
+//!   part (positions `16 * (len / 16)..len`, possibly none) is always read,
+//!   and the rest of the token budget goes to the most critical full pages
+//!   before it, `(budget - committed part) / PAGE` of them, so every query
+//!   reads between `budget - PAGE + 1` and `budget` positions, like every
+//!   other entry at the same budget (a fixed page count including a
+//!   partial page would read up to a page less). The query itself is in
+//!   the block in flight, which every cache attends in full. (The accuracy
+//!   script, `evaluation/quest_attention.py`, ranks the current page with
+//!   the others instead; we follow the kernels, the form Quest deploys.)
 //! - Bounds are taken over the stored keys, after RoPE, as the kernels do
 //!   (keys are appended after rotation, metadata from the stored pages).
 //!   Every page, the partial one included, has its bounds kept up to date
@@ -66,8 +68,9 @@ pub const PAGE: usize = 16;
 /// Leading layers that always attend densely (Quest Sections 3.4 and 4.1).
 pub const DENSE_LAYERS: usize = 2;
 
-/// The `block-topk` entry: a [`QuestKv`] reading `plan.budget` positions
-/// per query (rounded down to whole pages, at least the last page).
+/// The `block-topk` entry: a [`QuestKv`] reading at most `plan.budget`
+/// positions per query: the last page's committed rows and as many whole
+/// pages as fit in the rest.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BlockTopK;
 
@@ -86,7 +89,8 @@ impl Policy for BlockTopK {
 pub struct QuestKv {
     shape: KvShape,
     /// Pages a query may read, the last (partial) page included.
-    pages: usize,
+    /// Positions a query may read: the budget.
+    budget: usize,
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     /// Per sparse layer, one row of `kv_dim` floats per page (head-major,
@@ -97,9 +101,9 @@ pub struct QuestKv {
 }
 
 impl QuestKv {
-    /// An empty cache whose queries read at most `budget` positions
-    /// (`budget / PAGE` pages, never fewer than one), with room for
-    /// `capacity` positions.
+    /// An empty cache whose queries read at most `budget` positions (the
+    /// last page always, then whole pages), with room for `capacity`
+    /// positions.
     pub fn new(shape: KvShape, budget: usize, capacity: usize) -> QuestKv {
         let d = shape.kv_dim();
         let rows = || -> Vec<Vec<f32>> {
@@ -122,7 +126,7 @@ impl QuestKv {
         };
         QuestKv {
             shape,
-            pages: (budget / PAGE).max(1),
+            budget: budget.max(1),
             k: rows(),
             v: rows(),
             lo: bounds(),
@@ -174,8 +178,9 @@ impl QuestKv {
         q: &[f32],
         scratch: &mut Vec<f32>,
     ) -> Option<Vec<usize>> {
-        let full = self.rows(layer) / PAGE;
-        if layer < DENSE_LAYERS || full < self.pages {
+        let rows = self.rows(layer);
+        let (full, partial) = (rows / PAGE, rows % PAGE);
+        if layer < DENSE_LAYERS || rows <= self.budget {
             return None;
         }
         let (d, hd) = (self.shape.kv_dim(), self.shape.head_dim);
@@ -189,7 +194,10 @@ impl QuestKv {
                 .sum::<f32>()
         }));
         let mut top: Vec<usize> = (0..full).collect();
-        let want = self.pages - 1;
+        // The current page is always read; the rest of the budget goes to
+        // whole pages, so a query reads between `budget - PAGE + 1` and
+        // `budget` positions whatever the fill of its current page.
+        let want = (self.budget - partial) / PAGE;
         // Highest bound first; equal bounds go to the earlier page, so the
         // choice is a deterministic function of the scores.
         let order = |a: &usize, b: &usize| scratch[*b].total_cmp(&scratch[*a]).then(a.cmp(b));
@@ -465,7 +473,7 @@ mod tests {
             let (k, v) = (random(&mut rng, n * d), random(&mut rng, n * d));
             let budget = 48 + 16 * (trial % 3);
             let c = QuestKv::from_dense(&dense_of(&k, &v), budget, 0);
-            let want = budget / PAGE - 1;
+            let want = (budget - n % PAGE) / PAGE;
             let q = random(&mut rng, N_REP * hd);
             let h = trial % 2;
             let got = c.select(2, h, &q, &mut Vec::new()).unwrap();
@@ -497,6 +505,7 @@ mod tests {
             }
             let r = c.reads();
             assert_eq!(r.rows_read as usize, want * PAGE + n % PAGE);
+            assert!(r.rows_read as usize <= budget && r.rows_read as usize + PAGE > budget);
             assert_eq!(r.rows_visible as usize, n);
         }
     }

@@ -120,9 +120,9 @@ impl Loaded for LoadedStep {
 
 struct StepTrial<'l> {
     loaded: &'l LoadedStep,
-    /// The dense cache of each context, generated once per trial (the
-    /// largest is 2 GiB of bf16); only the last one is kept, since the
-    /// runner goes through one context at a time.
+    /// The dense cache of each context, generated once per trial and kept
+    /// for every entry (the runner goes through each entry's contexts in
+    /// turn): 3 GiB of bf16 for all five.
     caches: RefCell<BTreeMap<usize, Arc<DenseCache>>>,
     /// The peer script's results for this trial, by (impl, context,
     /// budget in millionths).
@@ -136,9 +136,7 @@ impl StepTrial<'_> {
             return Ok(c.clone());
         }
         let c = Arc::new(DenseCache::generate(Shape::llama3_8b(n), self.seed)?);
-        let mut caches = self.caches.borrow_mut();
-        caches.clear();
-        caches.insert(n, c.clone());
+        self.caches.borrow_mut().insert(n, c.clone());
         Ok(c)
     }
 
@@ -387,6 +385,16 @@ impl Job for PeerJob {
 
     fn evaluate(self: Box<Self>) -> Result<Outcome, WorkloadError> {
         let r = &self.result;
+        for key in ["median_ms", "rel_err", "floor_ms"] {
+            if !r[key].is_number() {
+                return Err(WorkloadError::Other(format!(
+                    "{}: a result of `{}` has no number `{key}`; the script and this \
+                     harness disagree on its output format",
+                    peer_script().display(),
+                    r["impl"].as_str().unwrap_or("?")
+                )));
+            }
+        }
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         let err = f("rel_err");
         let mut o = Outcome::new(err / PEER_TOLERANCE);
