@@ -31,6 +31,18 @@ pub struct GofResult {
 /// Cells whose expected count is below this are pooled (Cochran's rule).
 const MIN_EXPECTED: f64 = 5.0;
 
+/// The median of `xs` (the mean of the middle two for an even count; NaN
+/// for none). Every workload's repeated timings go through this one.
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
 /// Pearson's chi-square test of `observed` counts against `expected_probs`
 /// (normalised by their sum, so unnormalised weights are accepted).
 ///

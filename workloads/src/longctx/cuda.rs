@@ -73,6 +73,7 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use half::slice::HalfFloatSliceExt;
 
 use super::kernel::{max_rel_err, Selection, Shape, Step, StepKind, StepOutput, PAGE};
+use crate::stats::median;
 use crate::WorkloadError;
 
 const SOURCE: &str = include_str!("decode_attn.cu");
@@ -200,7 +201,7 @@ impl DecodeGpu {
                 times.push(ms as f64 / 1e3);
             }
         }
-        let bw = 2.0 * (n * 4) as f64 / median(&mut times);
+        let bw = 2.0 * (n * 4) as f64 / median(&times);
         let _ = self.copy_bw.set(bw);
         Ok(bw)
     }
@@ -293,16 +294,6 @@ unsafe fn launch_raw(
     )
     .result()
     .map_err(|e| dev("launch", e))
-}
-
-pub fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        0.5 * (xs[n / 2 - 1] + xs[n / 2])
-    }
 }
 
 /// One layer's copy of what a step reads.
@@ -878,7 +869,7 @@ impl<'g> DecodeBench<'g> {
         let copy_bw = self.gpu.copy_bandwidth()?;
         let graph = self.graph.as_ref().expect("captured above");
         let samples_s = self.replay_samples(graph, reps)?;
-        let median_s = median(&mut samples_s.clone());
+        let median_s = median(&samples_s);
         let bytes = self.step.bytes().total();
         Ok(Timing {
             median_s,
@@ -898,7 +889,7 @@ impl<'g> DecodeBench<'g> {
     /// whole step; for seeing where a step's time goes.
     pub fn time_part(&mut self, upto: Upto, reps: usize) -> Result<f64, WorkloadError> {
         let graph = self.capture(upto)?;
-        Ok(median(&mut self.replay_samples(&graph, reps)?))
+        Ok(median(&self.replay_samples(&graph, reps)?))
     }
 }
 

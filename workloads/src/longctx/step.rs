@@ -33,6 +33,7 @@ use std::time::Instant;
 use super::kernel::{max_rel_err, DenseCache, Shape, Step, StepKind, TOLERANCE};
 use crate::clock::Stopwatch;
 use crate::contract::*;
+use crate::stats::median;
 use crate::{Device, WorkloadError};
 
 /// Contexts of the variant's `context` axis.
@@ -264,19 +265,6 @@ impl TrialData for StepTrial<'_> {
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => unreachable!("load refuses CUDA without the feature"),
         }
-    }
-}
-
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
     }
 }
 

@@ -22,6 +22,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
+use crate::stats::median;
 use crate::WorkloadError;
 
 const SOURCE: &str = include_str!("kernels.cu");
@@ -125,7 +126,7 @@ impl Gpu {
             times.push(t);
         }
         times.drain(..2);
-        Ok(2.0 * (n * 4) as f64 / median(&mut times))
+        Ok(2.0 * (n * 4) as f64 / median(&times))
     }
 
     /// Seconds between two events recorded around `f`'s launches.
@@ -145,16 +146,6 @@ impl Gpu {
 
     pub fn synchronize(&self) -> Result<(), WorkloadError> {
         self.stream.synchronize().map_err(|e| dev("synchronize", e))
-    }
-}
-
-pub fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        0.5 * (xs[n / 2 - 1] + xs[n / 2])
     }
 }
 

@@ -61,6 +61,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::clock::Stopwatch;
 use crate::contract::*;
+use crate::stats::median;
 use crate::{seed, Device, WorkloadError};
 use voxel::Windowed;
 
@@ -875,16 +876,6 @@ impl Errors {
             o = o.figure("err_grad", g);
         }
         o
-    }
-}
-
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
     }
 }
 
