@@ -139,6 +139,25 @@ impl Corpus {
     }
 }
 
+impl Corpus {
+    /// Consecutive entries from a random start (wrapping around) until
+    /// their counted tokens reach `tokens`: text to cut a window from.
+    fn run_at_least(&self, tokens: usize, rng: &mut impl Rng) -> Vec<&str> {
+        let start = rng.random_range(0..self.entries.len());
+        let mut out = Vec::new();
+        let mut used = 0;
+        for i in 0..self.entries.len() {
+            let e = &self.entries[(start + i) % self.entries.len()];
+            out.push(e.text.as_str());
+            used += e.tokens;
+            if used >= tokens {
+                break;
+            }
+        }
+        out
+    }
+}
+
 /// The four task kinds (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
@@ -443,12 +462,12 @@ pub fn window(
 ) -> Result<Window, DecoderError> {
     let want = context + continuation;
     // Ask for a margin over the counted tokens: the joins merge a few.
-    let (entries, _) = corpus.run(want + want / 8 + 64, rng);
+    let entries = corpus.run_at_least(want + want / 8 + 64, rng);
     let mut tokens = model.tokenizer().encode(&entries.join("\n\n"))?;
     if tokens.len() < want {
         return Err(DecoderError::Input(format!(
-            "a perplexity window of {want} tokens needs more text than the corpus run gave \
-             ({} tokens)",
+            "a perplexity window of {want} tokens needs more text than the whole corpus \
+             gives ({} tokens)",
             tokens.len()
         )));
     }
@@ -504,6 +523,26 @@ mod tests {
                 n[0].0, 0.3,
                 "{t:?}: the first needle sits at the cell's depth"
             );
+        }
+    }
+
+    /// Every context the perplexity grids use gets a full window, from
+    /// any start (on SmolLM2's tokenizer; skipped when it is not fetched).
+    #[test]
+    fn perplexity_windows_are_full_at_every_grid_context() {
+        let Ok(path) = crate::assets::path(&crate::assets::SMOLLM2_135M) else {
+            eprintln!("skipped: SmolLM2 not fetched");
+            return;
+        };
+        let model = Model::load(path).unwrap();
+        let text = crate::assets::jargon_text().unwrap();
+        let corpus = Corpus::jargon(&text, &model).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for _ in 0..10 {
+            for context in [256, 1024, 2048, 4096] {
+                let w = window(&corpus, &model, context, 64, &mut rng).unwrap();
+                assert_eq!(w.tokens.len(), context + 64);
+            }
         }
     }
 
