@@ -1031,7 +1031,9 @@ impl Job for LcJob<'_> {
             .iter()
             .filter(|r| r.shared_prefill)
             .map(|r| r.prefill_s)
-            .sum();
+            .sum::<f64>()
+            // An empty float sum is -0.0; records should say 0.
+            + 0.0;
         o.measured_time_s = Some(self.run_s + shared);
         o = o
             .figure("drop_mean", mean)
