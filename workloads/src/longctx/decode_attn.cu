@@ -25,12 +25,14 @@
 // of its head into shared memory when they fit (one round trip to L2
 // instead of four passes over it).
 //
-// Programmatic dependent launch (block-topk only): quest_score and
-// topk_select let the next kernel of the step be scheduled at once
-// (griddepcontrol.launch_dependents), and topk_select and attn_pages wait
-// for the previous kernel to finish, memory included (griddepcontrol.wait),
-// before they read its results; so the launch and block set-up of a kernel
-// overlap the previous one. Both are no-ops under an ordinary launch.
+// Programmatic dependent launch: every kernel lets the next kernel on the
+// stream be scheduled at once (griddepcontrol.launch_dependents) and waits
+// for the previous one to finish, memory included (griddepcontrol.wait),
+// before it reads anything that kernel may have written; so the launch and
+// block set-up of a kernel overlap the previous one. Within a block-topk
+// step the top-k and attention launches are dependent launches; with
+// chaining (cuda.rs) so is the first kernel of every step, on the step of
+// the layer before. Both are no-ops under an ordinary launch.
 
 #define D 128
 #define G 4
@@ -134,12 +136,17 @@ __device__ __forceinline__ void attn_body(
                                    : (end - begin + TILE - 1) / TILE;
     auto tile_row = [&](int it) { return interleave ? (s + it * splits) * TILE : begin + it * TILE; };
 
+    // Let the next kernel on the stream be scheduled now, and wait for the
+    // previous one (its results, memory included) before reading anything:
+    // the query, the page ids (topk_select) or, chained, anything the
+    // previous step wrote. No-ops under an ordinary launch.
+    pdl_trigger();
+    pdl_wait();
     const uint4 *K4 = reinterpret_cast<const uint4 *>(kc) + (long long)h * rows * (D / 8);
     const uint4 *V4 = reinterpret_cast<const uint4 *>(vc) + (long long)h * rows * (D / 8);
     const float *B = BIAS ? bias + (long long)h * rows : nullptr;
     const int page0 = begin >> 4;
     if (PAGED) {
-        pdl_wait();  // the page ids come from topk_select
         // The split's page ids, once, so that no load waits on a lookup:
         // its pages in order (contiguous), or two per tile (interleaved: a
         // tile is 2 whole pages).
@@ -387,6 +394,7 @@ extern "C" __global__ void __launch_bounds__(SC_THREADS) quest_score(
     const int h = blockIdx.y, t = threadIdx.x, hw = t >> 4, l = t & 15;
     pdl_trigger();
     for (int b = t; b < HIST1; b += SC_THREADS) sh[b] = 0;
+    pdl_wait();  // chained: the previous step may still be using keys and hist
     float qf[G][8];
 #pragma unroll
     for (int g = 0; g < G; g++) unpack8(reinterpret_cast<const uint4 *>(q + (h * G + g) * D)[l], qf[g]);
