@@ -35,6 +35,16 @@
 //! Measured on the H100 at 512k: step 0.156 -> 0.151 ms, top-k 21 -> 17 us
 //! (of which the dependent launches about 2 us; the copy to shared memory
 //! alone changes little: the top-k's cost is not its passes over L2).
+//! Nsight Compute on the H100 at 512k: the top-k's 8 blocks are bound by
+//! instruction latency (0.67 instructions issued per cycle and scheduler,
+//! 8 of 132 SMs busy); the scoring reads at 2.55 TB/s, its occupancy held
+//! to 2 blocks per SM by 104 registers. Tried and not kept: the top-k
+//! spread over a thread-block cluster of 8 blocks per head (histograms
+//! summed through distributed shared memory) cost about 10 us more fixed
+//! time and 18-20 us in all when launched dependent (0.148 against
+//! 0.151 ms a step at 512k as an ordinary launch, worse below); capping
+//! the scoring's registers for 3 or 4 blocks per SM changed nothing or
+//! slowed it (0.052 -> 0.068 ms at 4).
 //! Splits per KV head: one block
 //! per resident slot ((SMs x resident blocks) / KV heads, 49 on an H100),
 //! or 32 up to 16k rows, where fewer partials to combine win (measured by
