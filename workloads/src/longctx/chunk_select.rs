@@ -1,5 +1,7 @@
 //! Training-free ChunkLLM chunk selection (after Ouyang, Lv, Ren, Wei,
-//! Wang, Feng; arXiv 2510.02361): entry `chunk-select`.
+//! Wang, Feng; arXiv 2510.02361): entries `chunk-select` (every key and
+//! value kept) and `chunk-select-evict` (what a selection leaves out is
+//! dropped), one [`ChunkSelectKv`] over two kinds of storage.
 //!
 //! # The paper's method
 //!
@@ -42,11 +44,57 @@
 //!
 //! The prefill is the shared dense one ([`Policy::from_dense`] copies its
 //! keys and values and chunks the prompt); `Policy::empty` is the default
-//! `None`. Every key and value is kept: a selection step ranks every chunk
-//! of the history, so a chunk left out now can be chosen at the next
-//! boundary. [`KvCache::truncate`] restores the earlier state exactly: it
-//! drops the chunks that end past the new length and the selections made
-//! by queries there (a history of selections is kept for that).
+//! `None`. In `chunk-select` every key and value is kept: a selection step
+//! ranks every chunk of the history, so a chunk left out now can be
+//! chosen at the next boundary. [`KvCache::truncate`] restores the earlier
+//! state exactly: it drops the chunks that end past the new length and the
+//! selections made by queries there (a history of selections is kept for
+//! that).
+//!
+//! # The evicting reading: `chunk-select-evict`
+//!
+//! ChunkLLM's abstract reports "48.58% key-value cache retention" (v1) and
+//! "only 52.10% of key-value cache" (v2), which reads as if unselected
+//! chunks left memory. We could not confirm that from the paper's text, so
+//! this reading is ours and runs as its own entry beside `chunk-select`.
+//! It is `chunk-select` in everything (boundaries, cap, selection rule,
+//! what each query reads) but one: when a (layer, KV head) makes a
+//! selection, committing that step drops from that (layer, KV head) every
+//! row no later query can read: it keeps the selected chunks and the
+//! positions from the selection step on. Later selection steps
+//! attend to, and rank, only what is still held (the surviving part of
+//! each chunk, plus the newer positions), and drop again what they leave
+//! out; so each output is exact attention over what that (layer, KV head)
+//! holds at that moment, and from the first selection on each holds at
+//! most `budget + 1 - cap` selected rows plus the open chunk (at most
+//! `budget + 1` rows in a one-row step).
+//!
+//! Storage is per (layer, KV head): `head_dim` floats of key and of value
+//! per held row and its position (`u32`), compacted in place at each
+//! eviction, with the allocation shrunk when it is more than twice what
+//! is held; [`KvCache::bytes`] counts those rows (and the metadata below),
+//! not capacity, as [`DenseKv`] does. The first decode step still holds
+//! the dense copy made by `from_dense` (it attends to all of it, and drops
+//! rows only when its block is committed), so peak memory during that step
+//! equals dense's (the full copy, as in `chunk-select`). The workload's recorded `kv_bytes` is the
+//! cache's `bytes()` after the last decode step of each prompt (the end of
+//! the greedy answer in `needle`, of the teacher-forced continuation in
+//! `perplexity`; `kv_bytes_peak` is the largest of these per-prompt
+//! figures, not a peak over time), so it shows the evicted cache, never
+//! that dense moment (unless the answer took no decode step at all).
+//!
+//! Known limit: the eviction is query-aware. Chunks are chosen by what the
+//! question at the end of the prompt attends to and then are gone, so a
+//! later, different question about dropped text cannot be answered (a
+//! second needle query in the same conversation, say); `chunk-select`
+//! could still choose those chunks at its next boundary.
+//!
+//! `truncate` works back to the newest selection that dropped rows, not
+//! below it: the dropped rows cannot be restored, so that is a
+//! [`DecoderError::Cache`] (as in `kv-cluster` below its last merge). The
+//! workload never needs it: `perplexity` does not truncate, and `needle`
+//! builds the cache again from the shared prefill when truncating to the
+//! prompt fails, before it scores the answer.
 //!
 //! # Departures, and why
 //!
@@ -64,8 +112,10 @@
 //!   length, and every method here is held to the same positions per
 //!   query.
 //! - We could not confirm from the paper's text whether unselected chunks
-//!   leave memory; we keep them (see above), so the cache's bytes are the
-//!   dense ones plus metadata, and the saving shows in reads.
+//!   leave memory. `chunk-select` keeps them (see above), so its bytes are
+//!   the dense ones plus metadata and its saving shows in reads;
+//!   `chunk-select-evict` drops them (see its section), so its saving
+//!   shows in bytes too.
 //! - In a block of several rows after the prefill (a verification tree,
 //!   or more prompt), only the first row, which is always committed, can
 //!   make a selection; the later rows read the selection made before the
@@ -97,7 +147,8 @@ pub fn chunk_cap(budget: usize) -> usize {
     MAX_CHUNK_LEN.min((budget / 4).max(1))
 }
 
-/// The `chunk-select` entry (training-free ChunkLLM).
+/// The `chunk-select` entry (training-free ChunkLLM, every key and value
+/// kept).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ChunkSelect;
 
@@ -111,13 +162,31 @@ impl Policy for ChunkSelect {
     }
 }
 
+/// The `chunk-select-evict` entry: `chunk-select` whose selections also
+/// drop what they leave out (our reading of ChunkLLM's KV retention; see
+/// the module documentation).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChunkSelectEvict;
+
+impl Policy for ChunkSelectEvict {
+    fn id(&self) -> &'static str {
+        "chunk-select-evict"
+    }
+
+    fn from_dense(&self, dense: &DenseKv, plan: &Plan<'_>) -> Box<dyn KvCache> {
+        Box::new(ChunkSelectKv::evicting(dense, plan))
+    }
+}
+
 /// The chunks one selection step chose for one (layer, KV head).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Selection {
     /// Position of the query that made it; later queries read this
     /// position and every one after it in full.
     pub pos: usize,
-    /// The chosen chunks as `[start, end)` position ranges, in order.
+    /// The chosen chunks as `[start, end)` position ranges, in order. In
+    /// an evicting cache, the part of each chunk still held (every
+    /// position of the range is held).
     pub chunks: Vec<(usize, usize)>,
 }
 
@@ -129,6 +198,10 @@ impl Selection {
 
 thread_local! {
     static ROWS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    /// An evicting cache's copy of one KV head of the block in flight
+    /// (keys, values, row numbers), laid out like its own storage.
+    static BLOCK: RefCell<(Vec<f32>, Vec<f32>, Vec<usize>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 fn lock(m: &Mutex<Vec<Selection>>) -> MutexGuard<'_, Vec<Selection>> {
@@ -143,12 +216,194 @@ fn bit(set: &[u64], t: u32) -> bool {
     set.get(t / 64).is_some_and(|w| (w >> (t % 64)) & 1 == 1)
 }
 
-/// The training-free ChunkLLM cache: every key and value, the chunk
-/// bounds, and per (layer, KV head) the history of selections. See the
-/// module documentation.
+/// Where a [`ChunkSelectKv`] keeps its keys and values.
+#[derive(Debug)]
+enum Store {
+    /// Every position, each row holding every KV head (`chunk-select`).
+    Full(DenseKv),
+    /// Per `layer * n_kv_heads + kv_head`, the rows that (layer, KV head)
+    /// still holds (`chunk-select-evict`): each head drops different rows.
+    Held {
+        shape: KvShape,
+        /// Positions committed.
+        len: usize,
+        heads: Vec<Held>,
+        /// The newest position whose selection dropped rows: the state
+        /// at or before it cannot be restored.
+        evicted: Option<usize>,
+    },
+}
+
+/// The rows one (layer, KV head) of an evicting cache holds, in position
+/// order, `head_dim` floats of key and of value each.
+#[derive(Debug, Clone, Default)]
+struct Held {
+    pos: Vec<u32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl Held {
+    /// Keeps the rows that queries after selection `s` can still read
+    /// (its chunks, and every position from `s.pos` on) and gives the
+    /// freed memory back, leaving room for `spare` more rows. Whether any
+    /// row was dropped.
+    fn evict(&mut self, s: &Selection, hd: usize, spare: usize) -> bool {
+        let mut kept = 0;
+        let mut c = 0;
+        for r in 0..self.pos.len() {
+            let p = self.pos[r] as usize;
+            while s.chunks.get(c).is_some_and(|&(_, z)| z <= p) {
+                c += 1;
+            }
+            if p >= s.pos || s.chunks.get(c).is_some_and(|&(a, _)| a <= p) {
+                if kept != r {
+                    self.pos[kept] = self.pos[r];
+                    self.k.copy_within(r * hd..(r + 1) * hd, kept * hd);
+                    self.v.copy_within(r * hd..(r + 1) * hd, kept * hd);
+                }
+                kept += 1;
+            }
+        }
+        let dropped = kept < self.pos.len();
+        self.pos.truncate(kept);
+        self.k.truncate(kept * hd);
+        self.v.truncate(kept * hd);
+        // Shrink only when far too large, so the steps up to the next
+        // selection do not reallocate.
+        let want = kept + spare;
+        if self.pos.capacity() > 2 * want {
+            self.pos.shrink_to(want);
+            self.k.shrink_to(want * hd);
+            self.v.shrink_to(want * hd);
+        }
+        dropped
+    }
+}
+
+impl Store {
+    fn shape(&self) -> KvShape {
+        match self {
+            Store::Full(kv) => kv.shape(),
+            Store::Held { shape, .. } => *shape,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Store::Full(kv) => kv.len(),
+            Store::Held { len, .. } => *len,
+        }
+    }
+
+    fn append(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        match self {
+            Store::Full(kv) => kv.append(layer, pos, k, v),
+            Store::Held {
+                shape, len, heads, ..
+            } => {
+                let (d, hd) = (shape.kv_dim(), shape.head_dim);
+                // Every layer of a block is appended before `len` moves.
+                assert_eq!(*len, pos, "chunk-select-evict cache: append out of order");
+                assert_eq!(k.len(), v.len());
+                let rows = k.len() / d;
+                for (g, h) in heads[layer * shape.n_kv_heads..(layer + 1) * shape.n_kv_heads]
+                    .iter_mut()
+                    .enumerate()
+                {
+                    for r in 0..rows {
+                        let at = r * d + g * hd;
+                        h.pos.push((pos + r) as u32);
+                        h.k.extend_from_slice(&k[at..at + hd]);
+                        h.v.extend_from_slice(&v[at..at + hd]);
+                    }
+                }
+                if layer + 1 == shape.n_layers {
+                    *len = pos + rows;
+                }
+            }
+        }
+    }
+
+    /// Forgets positions `len..`; fails, changing nothing, where an
+    /// eviction dropped rows that were visible at `len`.
+    fn truncate(&mut self, len: usize) -> Result<(), DecoderError> {
+        match self {
+            Store::Full(kv) => kv.truncate(len),
+            Store::Held {
+                shape,
+                len: n,
+                heads,
+                evicted,
+            } => {
+                if let Some(e) = evicted.filter(|&e| len <= e) {
+                    return Err(DecoderError::Cache(format!(
+                        "chunk-select-evict cache cannot truncate {n} positions to {len}: the \
+                         selection at position {e} evicted the chunks it left out, which cannot \
+                         be restored (truncate to at least {} positions, or build the cache \
+                         again from the prefill)",
+                        e + 1
+                    )));
+                }
+                let hd = shape.head_dim;
+                for h in heads.iter_mut() {
+                    let keep = h.pos.partition_point(|&p| (p as usize) < len);
+                    h.pos.truncate(keep);
+                    h.k.truncate(keep * hd);
+                    h.v.truncate(keep * hd);
+                }
+                *n = len;
+                Ok(())
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Store::Full(kv) => kv.bytes(),
+            Store::Held { heads, .. } => heads
+                .iter()
+                .map(|h| (h.k.len() + h.v.len()) * 4 + h.pos.len() * 4)
+                .sum(),
+        }
+    }
+}
+
+/// One (layer, KV head)'s cached rows as `attend` reads them: row `r`
+/// has its key at `k[r * stride + head * head_dim..]` (`head_dim`
+/// floats), its value likewise in `v`.
+struct View<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    stride: usize,
+    head: usize,
+    /// Rows held.
+    n: usize,
+    /// Positions committed (what the query could have seen).
+    visible: usize,
+    /// Position of each row; `None`: row `r` is position `r`.
+    pos: Option<&'a [u32]>,
+}
+
+impl View<'_> {
+    /// Rows held before position `p`.
+    fn row_of(&self, p: usize) -> usize {
+        self.pos
+            .map_or(p, |ps| ps.partition_point(|&x| (x as usize) < p))
+    }
+
+    fn pos_of(&self, r: usize) -> usize {
+        self.pos.map_or(r, |ps| ps[r] as usize)
+    }
+}
+
+/// The training-free ChunkLLM cache: the keys and values (every one, or
+/// per (layer, KV head) what its selections kept), the chunk bounds, and
+/// per (layer, KV head) the history of selections. See the module
+/// documentation.
 #[derive(Debug)]
 pub struct ChunkSelectKv {
-    kv: DenseKv,
+    store: Store,
     budget: usize,
     cap: usize,
     /// Bit `t`: vocabulary token `t` ends a sentence or a line.
@@ -159,14 +414,16 @@ pub struct ChunkSelectKv {
     /// whether the token is a boundary.
     block_pos: usize,
     block_ends: Vec<bool>,
-    /// Per `layer * n_kv_heads + kv_head`: selections, oldest first.
+    /// Per `layer * n_kv_heads + kv_head`: selections, oldest first (in
+    /// an evicting cache, from the newest one that dropped rows on).
     history: Vec<Mutex<Vec<Selection>>>,
     reads: ReadCounter,
 }
 
 impl ChunkSelectKv {
-    /// The cache after the dense prefill `dense` of `plan.prompt`, with
-    /// room for `plan.max_new` more positions.
+    /// The `chunk-select` cache after the dense prefill `dense` of
+    /// `plan.prompt`, with room for `plan.max_new` more positions: every
+    /// key and value is kept.
     pub fn from_dense(dense: &DenseKv, plan: &Plan<'_>) -> ChunkSelectKv {
         let shape = dense.shape();
         let n = dense.len();
@@ -174,12 +431,53 @@ impl ChunkSelectKv {
         for l in 0..shape.n_layers {
             kv.append(l, 0, dense.keys(l), dense.values(l));
         }
+        ChunkSelectKv::with_store(Store::Full(kv), n, plan)
+    }
+
+    /// The `chunk-select-evict` cache after the dense prefill `dense`:
+    /// every position, copied per (layer, KV head), until the first
+    /// selection drops what it leaves out.
+    pub fn evicting(dense: &DenseKv, plan: &Plan<'_>) -> ChunkSelectKv {
+        let shape = dense.shape();
+        let (n, d, hd) = (dense.len(), shape.kv_dim(), shape.head_dim);
+        let room = n + plan.max_new + 1;
+        let heads = (0..shape.n_layers * shape.n_kv_heads)
+            .map(|i| {
+                let (l, g) = (i / shape.n_kv_heads, i % shape.n_kv_heads);
+                let gather = |x: &[f32]| {
+                    let mut out = Vec::with_capacity(room * hd);
+                    for row in x.chunks_exact(d) {
+                        out.extend_from_slice(&row[g * hd..(g + 1) * hd]);
+                    }
+                    out
+                };
+                let mut pos = Vec::with_capacity(room);
+                pos.extend(0..n as u32);
+                Held {
+                    pos,
+                    k: gather(dense.keys(l)),
+                    v: gather(dense.values(l)),
+                }
+            })
+            .collect();
+        let store = Store::Held {
+            shape,
+            len: n,
+            heads,
+            evicted: None,
+        };
+        ChunkSelectKv::with_store(store, n, plan)
+    }
+
+    /// The cache over `store`, which holds the `n` prompt positions.
+    fn with_store(store: Store, n: usize, plan: &Plan<'_>) -> ChunkSelectKv {
+        let shape = store.shape();
         let mut boundary = vec![0u64; plan.boundary.len().div_ceil(64)];
         for (t, _) in plan.boundary.iter().enumerate().filter(|(_, &b)| b) {
             boundary[t / 64] |= 1 << (t % 64);
         }
         let mut cache = ChunkSelectKv {
-            kv,
+            store,
             budget: plan.budget,
             cap: chunk_cap(plan.budget),
             block_ends: plan.prompt.iter().map(|&t| bit(&boundary, t)).collect(),
@@ -198,7 +496,12 @@ impl ChunkSelectKv {
     }
 
     pub fn shape(&self) -> KvShape {
-        self.kv.shape()
+        self.store.shape()
+    }
+
+    /// Whether selections drop what they leave out (`chunk-select-evict`).
+    pub fn evicts(&self) -> bool {
+        matches!(self.store, Store::Held { .. })
     }
 
     /// The longest chunk for this cache's budget ([`chunk_cap`]).
@@ -211,16 +514,29 @@ impl ChunkSelectKv {
         &self.ends
     }
 
+    /// The positions (`layer`, `kv_head`) holds, in order: every committed
+    /// one, unless the cache evicts.
+    pub fn held(&self, layer: usize, kv_head: usize) -> Vec<usize> {
+        match &self.store {
+            Store::Full(kv) => (0..kv.len()).collect(),
+            Store::Held { shape, heads, .. } => heads[layer * shape.n_kv_heads + kv_head]
+                .pos
+                .iter()
+                .map(|&p| p as usize)
+                .collect(),
+        }
+    }
+
     /// The newest selection of (`layer`, `kv_head`), if any.
     pub fn selection(&self, layer: usize, kv_head: usize) -> Option<Selection> {
-        lock(&self.history[layer * self.kv.shape().n_kv_heads + kv_head])
+        lock(&self.history[layer * self.shape().n_kv_heads + kv_head])
             .last()
             .cloned()
     }
 
     /// Selections (`layer`, `kv_head`) has made and still holds.
     pub fn selections_made(&self, layer: usize, kv_head: usize) -> usize {
-        lock(&self.history[layer * self.kv.shape().n_kv_heads + kv_head]).len()
+        lock(&self.history[layer * self.shape().n_kv_heads + kv_head]).len()
     }
 
     fn tail_start(&self) -> usize {
@@ -247,27 +563,66 @@ impl ChunkSelectKv {
         self.block_ends.first() == Some(&true) || self.block_pos + 1 - self.tail_start() >= self.cap
     }
 
+    /// In an evicting cache, applies the selections that the first row of
+    /// the block just committed at `pos..pos + rows` made in `layer`.
+    fn evict(&mut self, layer: usize, pos: usize, rows: usize) {
+        let cap = self.cap;
+        let Store::Held {
+            shape,
+            heads,
+            evicted,
+            ..
+        } = &mut self.store
+        else {
+            return;
+        };
+        let slots = layer * shape.n_kv_heads..(layer + 1) * shape.n_kv_heads;
+        for (held, history) in heads[slots.clone()]
+            .iter_mut()
+            .zip(&mut self.history[slots])
+        {
+            let history = history.get_mut().unwrap_or_else(|e| e.into_inner());
+            let Some(s) = history
+                .last()
+                .filter(|s| (pos..pos + rows).contains(&s.pos))
+            else {
+                continue;
+            };
+            if held.evict(s, shape.head_dim, cap) {
+                *evicted = Some(evicted.map_or(s.pos, |e| e.max(s.pos)));
+                // No state before this selection can come back, so the
+                // selections it replaced are never read again.
+                let older = history.len() - 1;
+                history.drain(..older);
+            }
+        }
+    }
+
     /// The chunks a selection step with query `q` keeps: chunk attention
-    /// mass (softmax over the `n` cached rows and the block rows, summed
-    /// per chunk and over the query heads), largest first, while they fit.
+    /// mass (softmax over the cached rows of `view` and the rows of
+    /// `block`, laid out like `view`, summed per chunk's held rows and
+    /// over the query heads), largest first, while they fit.
     fn select(
         &self,
         q: &[f32],
-        kv_head: usize,
-        keys: &[f32],
-        n: usize,
+        view: &View<'_>,
         block: &BlockKv<'_>,
         scores: &mut Vec<f32>,
     ) -> Vec<(usize, usize)> {
-        let shape = self.kv.shape();
-        let (hd, d) = (shape.head_dim, shape.kv_dim());
-        let off = kv_head * hd;
+        let hd = self.shape().head_dim;
+        let (n, stride) = (view.n, view.stride);
+        let off = view.head * hd;
         let scale = 1.0 / (hd as f32).sqrt();
+        // Rows of each chunk still held (closed chunks, then the open one
+        // before the query), as row ranges.
         let mut spans = Vec::with_capacity(self.ends.len() + 1);
         let mut start = 0;
         for &e in &self.ends {
-            spans.push((start, e as usize));
-            start = e as usize;
+            let end = view.row_of(e as usize);
+            if end > start {
+                spans.push((start, end));
+            }
+            start = end;
         }
         if start < n {
             spans.push((start, n));
@@ -275,12 +630,14 @@ impl ChunkSelectKv {
         let mut mass = vec![0f64; spans.len()];
         for qh in q.chunks_exact(hd) {
             scores.clear();
-            scores.extend((0..n).map(|r| dot(qh, &keys[r * d + off..r * d + off + hd]) * scale));
+            scores.extend(
+                (0..n).map(|r| dot(qh, &view.k[r * stride + off..r * stride + off + hd]) * scale),
+            );
             scores.extend(
                 block
                     .rows
                     .iter()
-                    .map(|&r| dot(qh, &block.k[r * d + off..r * d + off + hd]) * scale),
+                    .map(|&r| dot(qh, &block.k[r * stride + off..r * stride + off + hd]) * scale),
             );
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut z = 0f64;
@@ -307,29 +664,118 @@ impl ChunkSelectKv {
         spans
             .into_iter()
             .zip(keep)
-            .filter_map(|(s, k)| k.then_some(s))
+            .filter_map(|((a, b), k)| {
+                // A chunk's held rows are a run of consecutive positions:
+                // an eviction keeps or drops a closed chunk whole, and cuts
+                // the open one only at the selecting position.
+                debug_assert_eq!(view.pos_of(b - 1) + 1 - view.pos_of(a), b - a);
+                k.then(|| (view.pos_of(a), view.pos_of(b - 1) + 1))
+            })
             .collect()
+    }
+
+    /// `attend` over `view`, the rows of (`layer`, `kv_head`) at history
+    /// slot `slot`, with the block in flight laid out like `view`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_view(
+        &self,
+        slot: usize,
+        view: &View<'_>,
+        q: &[f32],
+        block: &BlockKv<'_>,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let hd = self.shape().head_dim;
+        let in_flight = Segment {
+            k: block.k,
+            v: block.v,
+            rows: Rows::List(block.rows),
+            bias: None,
+        };
+        let slot = &self.history[slot];
+        // Only the block's first row is sure to be committed, so only it
+        // may select; the others read what was selected before the block.
+        let select = block.rows.len() == 1 && {
+            let h = lock(slot);
+            match h.iter().rev().find(|s| s.pos < self.block_pos) {
+                None => true,
+                Some(s) => {
+                    self.root_ends_chunk()
+                        || self.ends.last().is_some_and(|&e| e as usize > s.pos + 1)
+                }
+            }
+        };
+        if select {
+            let segments = [
+                Segment {
+                    k: view.k,
+                    v: view.v,
+                    rows: Rows::Range(0, view.n),
+                    bias: None,
+                },
+                in_flight,
+            ];
+            attend_segments(q, hd, view.stride, view.head, &segments, scores, out);
+            self.reads.add(view.n, view.visible);
+            let chunks = self.select(q, view, block, scores);
+            lock(slot).push(Selection {
+                pos: self.block_pos,
+                chunks,
+            });
+            return;
+        }
+        ROWS.with(|rows| {
+            let mut rows = rows.borrow_mut();
+            rows.clear();
+            match lock(slot).iter().rev().find(|s| s.pos < self.block_pos) {
+                Some(s) => {
+                    for &(a, z) in &s.chunks {
+                        rows.extend(view.row_of(a)..view.row_of(z));
+                    }
+                    let tail = s.pos.max(view.visible.saturating_sub(self.cap - 1));
+                    rows.extend(view.row_of(tail)..view.n);
+                }
+                // Rows after the first of the very first block after the
+                // prefill: nothing is selected yet, so the newest
+                // positions stand in.
+                None => rows.extend(view.row_of(view.visible.saturating_sub(self.budget))..view.n),
+            }
+            let segments = [
+                Segment {
+                    k: view.k,
+                    v: view.v,
+                    rows: Rows::List(&rows),
+                    bias: None,
+                },
+                in_flight,
+            ];
+            attend_segments(q, hd, view.stride, view.head, &segments, scores, out);
+            self.reads.add(rows.len(), view.visible);
+        });
     }
 }
 
 impl KvCache for ChunkSelectKv {
     fn append(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        self.kv.append(layer, pos, k, v);
-        let shape = self.kv.shape();
+        self.store.append(layer, pos, k, v);
+        let shape = self.store.shape();
+        let rows = k.len() / shape.kv_dim();
+        self.evict(layer, pos, rows);
         if layer + 1 == shape.n_layers {
-            self.commit(pos, k.len() / shape.kv_dim());
+            self.commit(pos, rows);
         }
     }
 
     fn len(&self) -> usize {
-        self.kv.len()
+        self.store.len()
     }
 
     fn truncate(&mut self, len: usize) -> Result<(), DecoderError> {
-        if len >= self.kv.len() {
+        if len >= self.store.len() {
             return Ok(());
         }
-        self.kv.truncate(len)?;
+        self.store.truncate(len)?;
         let keep = self.ends.partition_point(|&e| e as usize <= len);
         self.ends.truncate(keep);
         for h in &mut self.history {
@@ -367,79 +813,56 @@ impl KvCache for ChunkSelectKv {
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        let shape = self.kv.shape();
+        let shape = self.shape();
         let (hd, d) = (shape.head_dim, shape.kv_dim());
-        let (keys, values) = (self.kv.keys(layer), self.kv.values(layer));
-        let n = keys.len() / d;
-        let in_flight = Segment {
-            k: block.k,
-            v: block.v,
-            rows: Rows::List(block.rows),
-            bias: None,
-        };
-        let slot = &self.history[layer * shape.n_kv_heads + kv_head];
-        // Only the block's first row is sure to be committed, so only it
-        // may select; the others read what was selected before the block.
-        let select = block.rows.len() == 1 && {
-            let h = lock(slot);
-            match h.iter().rev().find(|s| s.pos < self.block_pos) {
-                None => true,
-                Some(s) => {
-                    self.root_ends_chunk()
-                        || self.ends.last().is_some_and(|&e| e as usize > s.pos + 1)
-                }
+        let slot = layer * shape.n_kv_heads + kv_head;
+        match &self.store {
+            Store::Full(kv) => {
+                let n = kv.keys(layer).len() / d;
+                let view = View {
+                    k: kv.keys(layer),
+                    v: kv.values(layer),
+                    stride: d,
+                    head: kv_head,
+                    n,
+                    visible: n,
+                    pos: None,
+                };
+                self.attend_view(slot, &view, q, block, scores, out);
             }
-        };
-        if select {
-            let segments = [
-                Segment {
-                    k: keys,
-                    v: values,
-                    rows: Rows::Range(0, n),
-                    bias: None,
-                },
-                in_flight,
-            ];
-            attend_segments(q, hd, d, kv_head, &segments, scores, out);
-            self.reads.add(n, n);
-            let chunks = self.select(q, kv_head, keys, n, block, scores);
-            lock(slot).push(Selection {
-                pos: self.block_pos,
-                chunks,
-            });
-            return;
-        }
-        ROWS.with(|rows| {
-            let mut rows = rows.borrow_mut();
-            rows.clear();
-            match lock(slot).iter().rev().find(|s| s.pos < self.block_pos) {
-                Some(s) => {
-                    for &(a, z) in &s.chunks {
-                        rows.extend(a..z);
+            Store::Held { len, heads, .. } => {
+                let h = &heads[slot];
+                let view = View {
+                    k: &h.k,
+                    v: &h.v,
+                    stride: hd,
+                    head: 0,
+                    n: h.pos.len(),
+                    visible: *len,
+                    pos: Some(&h.pos),
+                };
+                // This head's slice of the block rows, one `head_dim` row
+                // each: the same floats, so the same arithmetic.
+                BLOCK.with(|b| {
+                    let (bk, bv, rows) = &mut *b.borrow_mut();
+                    bk.clear();
+                    bv.clear();
+                    rows.clear();
+                    for (i, &r) in block.rows.iter().enumerate() {
+                        let at = r * d + kv_head * hd;
+                        bk.extend_from_slice(&block.k[at..at + hd]);
+                        bv.extend_from_slice(&block.v[at..at + hd]);
+                        rows.push(i);
                     }
-                    rows.extend(s.pos.max(n.saturating_sub(self.cap - 1))..n);
-                }
-                // Rows after the first of the very first block after the
-                // prefill: nothing is selected yet, so the newest
-                // positions stand in.
-                None => rows.extend(n.saturating_sub(self.budget)..n),
+                    let own = BlockKv { k: bk, v: bv, rows };
+                    self.attend_view(slot, &view, q, &own, scores, out);
+                });
             }
-            let segments = [
-                Segment {
-                    k: keys,
-                    v: values,
-                    rows: Rows::List(&rows),
-                    bias: None,
-                },
-                in_flight,
-            ];
-            attend_segments(q, hd, d, kv_head, &segments, scores, out);
-            self.reads.add(rows.len(), n);
-        });
+        }
     }
 
     fn bytes(&self) -> usize {
-        self.kv.bytes()
+        self.store.bytes()
             + 8 * self.boundary.len()
             + 4 * self.ends.len()
             + self.block_ends.len()
@@ -1027,5 +1450,510 @@ mod tests {
         assert_eq!(cache.selections_made(0, 0), 3);
         cache.begin_block(n + 4, &[3]);
         assert_eq!(cache.selections_made(0, 0), 2);
+    }
+
+    /// The selection an evicting cache's query should make, by brute
+    /// force in f64 from positions alone: the chunks by the rule over
+    /// `tokens` (the committed ones), each cut to the positions of `held`
+    /// in it (empty ones skipped), ranked by the mass a softmax over the
+    /// held rows of `keys` and the query's own key gives them, taken while
+    /// their held rows fit in `budget + 1 - cap`. Position ranges.
+    fn brute_held_selection(
+        keys: &[f32],
+        own: &[f32],
+        q: &[f32],
+        g: usize,
+        tokens: &[u32],
+        held: &[usize],
+        budget: usize,
+    ) -> Vec<(usize, usize)> {
+        let (hd, d) = (SHAPE.head_dim, SHAPE.kv_dim());
+        let n = tokens.len();
+        let cap = chunk_cap(budget);
+        let mut bounds = vec![0];
+        bounds.extend(rule_ends(tokens, cap).iter().map(|&e| e as usize));
+        if *bounds.last().unwrap() < n {
+            bounds.push(n);
+        }
+        let spans: Vec<Vec<usize>> = bounds
+            .windows(2)
+            .map(|w| {
+                held.iter()
+                    .copied()
+                    .filter(|p| (w[0]..w[1]).contains(p))
+                    .collect()
+            })
+            .filter(|s: &Vec<usize>| !s.is_empty())
+            .collect();
+        let score = |qh: &[f32], k: &[f32]| {
+            qh.iter()
+                .zip(k)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>()
+                / (hd as f64).sqrt()
+        };
+        let mut mass = vec![0f64; spans.len()];
+        for qh in q.chunks_exact(hd) {
+            let s_own = score(qh, &own[g * hd..(g + 1) * hd]);
+            let s: Vec<f64> = held
+                .iter()
+                .map(|&p| score(qh, &keys[p * d + g * hd..p * d + (g + 1) * hd]))
+                .collect();
+            let m = s.iter().copied().fold(s_own, f64::max);
+            let z = s.iter().map(|x| (x - m).exp()).sum::<f64>() + (s_own - m).exp();
+            for (c, span) in spans.iter().enumerate() {
+                mass[c] += span
+                    .iter()
+                    .map(|p| (s[held.iter().position(|h| h == p).unwrap()] - m).exp() / z)
+                    .sum::<f64>();
+            }
+        }
+        let mut order: Vec<usize> = (0..spans.len()).collect();
+        order.sort_by(|&x, &y| mass[y].total_cmp(&mass[x]).then(y.cmp(&x)));
+        let mut keep = vec![false; spans.len()];
+        let mut used = 0;
+        for c in order {
+            if used + spans[c].len() <= budget + 1 - cap {
+                keep[c] = true;
+                used += spans[c].len();
+            }
+        }
+        spans
+            .iter()
+            .zip(keep)
+            .filter(|(_, k)| *k)
+            .map(|(s, _)| {
+                let (a, b) = (s[0], s[s.len() - 1] + 1);
+                assert_eq!(b - a, s.len(), "a chunk's held positions are a run");
+                (a, b)
+            })
+            .collect()
+    }
+
+    /// Positions of the ranges `chunks`, then `tail`.
+    fn positions(chunks: &[(usize, usize)], tail: std::ops::Range<usize>) -> Vec<usize> {
+        chunks.iter().flat_map(|&(a, b)| a..b).chain(tail).collect()
+    }
+
+    /// Capacity, in rows, of the largest allocation any (layer, KV head)
+    /// of an evicting cache keeps.
+    fn held_capacity(cache: &ChunkSelectKv) -> usize {
+        let Store::Held { heads, .. } = &cache.store else {
+            panic!("not an evicting cache")
+        };
+        heads
+            .iter()
+            .map(|h| {
+                (h.pos.capacity())
+                    .max(h.k.capacity() / SHAPE.head_dim)
+                    .max(h.v.capacity() / SHAPE.head_dim)
+            })
+            .max()
+            .unwrap()
+    }
+
+    /// The evicting entry holds the dense copy until its first selection
+    /// is committed, then at most `budget + cap` rows per (layer, KV head)
+    /// (plus the metadata, counted exactly here), far below dense and
+    /// `chunk-select`, over a long decode; the allocation shrinks too.
+    #[test]
+    fn evicting_holds_about_the_budget_after_the_first_selection() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (n, budget) = (2000, 100);
+        let (mut tokens, dense) = prompt(&mut rng, n);
+        let boundary = table();
+        let p = plan(&tokens, &boundary, budget);
+        assert_eq!(ChunkSelectEvict.id(), "chunk-select-evict");
+        assert!(ChunkSelectEvict.empty(&p).is_none());
+        assert_eq!(ChunkSelectEvict.from_dense(&dense, &p).len(), n);
+        let mut cache = ChunkSelectKv::evicting(&dense, &p);
+        let mut plain = ChunkSelectKv::from_dense(&dense, &p);
+        assert!(cache.evicts() && !plain.evicts());
+        let cap = cache.chunk_cap();
+        let per = SHAPE.n_layers * SHAPE.n_kv_heads;
+        // Per held row and (layer, KV head): key and value, and position.
+        let row = 2 * SHAPE.head_dim * 4 + 4;
+        assert!(cache.bytes() >= dense.bytes() + per * n * 4);
+        for pos in n..n + 60 {
+            let t = token(&mut rng);
+            let s = random_step(&mut rng, t);
+            step(&mut cache, pos, &s);
+            step(&mut plain, pos, &s);
+            tokens.push(t);
+            let mut history = 0;
+            for l in 0..SHAPE.n_layers {
+                for g in 0..SHAPE.n_kv_heads {
+                    // Selected chunks, then at most `cap` newest positions.
+                    assert!(cache.held(l, g).len() <= budget + 1, "pos {pos}");
+                    assert_eq!(cache.selections_made(l, g), 1, "pos {pos}");
+                    history += cache.selection(l, g).unwrap().bytes();
+                }
+            }
+            let meta = 8 * VOCAB.div_ceil(64) + 4 * cache.chunk_ends().len() + 1 + history;
+            let bound = per * (budget + cap) * row + meta;
+            let dense_now = (pos + 1) * per * SHAPE.head_dim * 2 * 4;
+            assert!(
+                cache.bytes() <= bound,
+                "pos {pos}: {} > {bound}",
+                cache.bytes()
+            );
+            assert!(cache.bytes() * 10 < dense_now, "pos {pos}");
+            assert!(plain.bytes() > dense_now, "pos {pos}");
+            assert!(held_capacity(&cache) <= 2 * (budget + cap), "pos {pos}");
+        }
+    }
+
+    /// Every step of the evicting entry, over a long decode, is exact f64
+    /// attention over what a model built from positions alone says each
+    /// (layer, KV head) reads: everything it holds at a selection step
+    /// (whose choice brute force confirms over the held rows), else the
+    /// selected chunks and the positions since; what it holds matches the
+    /// model after every step, and the read counters add up. Until its
+    /// second selection it is `chunk-select` bit for bit.
+    #[test]
+    fn evicting_steps_are_exact_over_what_each_head_holds() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let (n, budget) = (300, 40);
+        let (mut tokens, dense) = prompt(&mut rng, n);
+        let boundary = table();
+        let p = plan(&tokens, &boundary, budget);
+        let mut cache = ChunkSelectKv::evicting(&dense, &p);
+        let mut plain = ChunkSelectKv::from_dense(&dense, &p);
+        let mut full = dense.clone();
+        let cap = cache.chunk_cap();
+        let per = SHAPE.n_layers * SHAPE.n_kv_heads;
+        let d = SHAPE.kv_dim();
+        let mut held: Vec<Vec<usize>> = vec![(0..n).collect(); per];
+        let mut chosen: Vec<Option<Selection>> = vec![None; per];
+        let mut selections = 0;
+        for pos in n..n + 90 {
+            let t = token(&mut rng);
+            let s = random_step(&mut rng, t);
+            let start = rule_ends(&tokens, cap).last().map_or(0, |&e| e as usize);
+            let selects = pos == n || t < 2 || pos + 1 - start >= cap;
+            let before = cache.reads();
+            let got = step(&mut cache, pos, &s);
+            let got_plain = step(&mut plain, pos, &s);
+            step(&mut full, pos, &s);
+            let mut want_read = 0;
+            for l in 0..SHAPE.n_layers {
+                for g in 0..SHAPE.n_kv_heads {
+                    let slot = l * SHAPE.n_kv_heads + g;
+                    let what = format!("pos {pos} layer {l} head {g}");
+                    let sel = cache.selection(l, g).unwrap();
+                    let rows = if selects {
+                        let brute = brute_held_selection(
+                            &full.keys(l)[..pos * d],
+                            &s.k[l],
+                            group(&s.q[l], g),
+                            g,
+                            &tokens,
+                            &held[slot],
+                            budget,
+                        );
+                        assert_eq!(sel.pos, pos, "{what}");
+                        assert_eq!(sel.chunks, brute, "{what}");
+                        let read = std::mem::replace(&mut held[slot], positions(&brute, pos..pos));
+                        chosen[slot] = Some(sel);
+                        read
+                    } else {
+                        let c = chosen[slot].as_ref().unwrap();
+                        assert_eq!(&sel, c, "{what}: a non-boundary step reselected");
+                        assert!(
+                            c.chunks.iter().map(|(a, b)| b - a).sum::<usize>() + pos - c.pos
+                                <= budget
+                        );
+                        positions(&c.chunks, c.pos..pos)
+                    };
+                    held[slot].push(pos);
+                    assert_eq!(cache.held(l, g), held[slot], "{what}");
+                    want_read += rows.len();
+                    let want = reference(group(&s.q[l], g), g, &rows_with_own(&full, l, &rows, &s));
+                    assert_close(&got[l][g], &want, &what);
+                    if selections == 0 || (selections == 1 && !selects) {
+                        assert_eq!(got[l][g], got_plain[l][g], "{what}");
+                        assert_eq!(cache.selection(l, g), plain.selection(l, g), "{what}");
+                    }
+                }
+            }
+            let after = cache.reads();
+            assert_eq!(
+                (after.rows_read - before.rows_read) as usize,
+                want_read,
+                "pos {pos}"
+            );
+            assert_eq!(after.rows_visible - before.rows_visible, (pos * per) as u64);
+            selections += usize::from(selects);
+            tokens.push(t);
+        }
+        assert!(selections > 8, "{selections} selection steps");
+        assert!(cache.reads().share() < plain.reads().share());
+    }
+
+    /// A selection step after an eviction ranks only what is still held:
+    /// a query aimed at a chunk the first selection dropped makes
+    /// `chunk-select` choose that chunk, and the evicting cache choose
+    /// among what it holds, as brute force over those rows says.
+    #[test]
+    fn a_selection_after_eviction_ranks_only_held_chunks() {
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        let (n, budget) = (240, 64);
+        let (mut tokens, dense) = prompt(&mut rng, n);
+        tokens[n - 1] = 0;
+        let boundary = table();
+        let p = plan(&tokens, &boundary, budget);
+        let mut cache = ChunkSelectKv::evicting(&dense, &p);
+        let mut plain = ChunkSelectKv::from_dense(&dense, &p);
+        let mut full = dense.clone();
+        let s0 = random_step(&mut rng, 9);
+        assert_eq!(step(&mut cache, n, &s0), step(&mut plain, n, &s0));
+        step(&mut full, n, &s0);
+        tokens.push(9);
+        let first = cache.selection(0, 0).unwrap();
+        let held_before: Vec<Vec<usize>> = (0..SHAPE.n_layers)
+            .flat_map(|l| (0..SHAPE.n_kv_heads).map(move |g| (l, g)))
+            .map(|(l, g)| cache.held(l, g))
+            .collect();
+        assert_eq!(held_before[0], positions(&first.chunks, n..n + 1));
+        // A closed prompt chunk that (layer 0, head 0) dropped, and a
+        // boundary-token query whose group-0 heads point at its first key.
+        let (a, b) = rule_ends(&tokens[..n], cache.chunk_cap())
+            .iter()
+            .scan(0, |start, &e| {
+                let span = (*start, e as usize);
+                *start = e as usize;
+                Some(span)
+            })
+            .find(|&(a, _)| !held_before[0].contains(&a))
+            .expect("the first selection dropped a chunk");
+        let d = SHAPE.kv_dim();
+        let mut s1 = random_step(&mut rng, 0);
+        let key = &full.keys(0)[a * d..a * d + SHAPE.head_dim];
+        for h in 0..N_REP {
+            for (x, &k) in s1.q[0][h * SHAPE.head_dim..].iter_mut().zip(key) {
+                *x = 12.0 * k;
+            }
+        }
+        let got = step(&mut cache, n + 1, &s1);
+        let got_plain = step(&mut plain, n + 1, &s1);
+        let picked = plain.selection(0, 0).unwrap();
+        assert!(
+            picked.chunks.contains(&(a, b)),
+            "chunk-select picks the dropped chunk {:?}: {:?}",
+            (a, b),
+            picked.chunks
+        );
+        assert_ne!(got[0][0], got_plain[0][0]);
+        for l in 0..SHAPE.n_layers {
+            for g in 0..SHAPE.n_kv_heads {
+                let held = &held_before[l * SHAPE.n_kv_heads + g];
+                let sel = cache.selection(l, g).unwrap();
+                assert_eq!(sel.pos, n + 1);
+                assert!(
+                    sel.chunks
+                        .iter()
+                        .flat_map(|&(x, y)| x..y)
+                        .all(|p| held.contains(&p)),
+                    "layer {l} head {g}: {:?} outside {held:?}",
+                    sel.chunks
+                );
+                let brute = brute_held_selection(
+                    &full.keys(l)[..(n + 1) * d],
+                    &s1.k[l],
+                    group(&s1.q[l], g),
+                    g,
+                    &tokens,
+                    held,
+                    budget,
+                );
+                assert_eq!(sel.chunks, brute, "layer {l} head {g}");
+                let want = reference(group(&s1.q[l], g), g, &rows_with_own(&full, l, held, &s1));
+                assert_close(&got[l][g], &want, &format!("layer {l} head {g}"));
+            }
+        }
+        assert!(!cache.held(0, 0).contains(&a));
+    }
+
+    /// `truncate` works down to just after the newest selection that
+    /// dropped rows (decoding the same steps again gives the same bits and
+    /// bytes) and refuses below it, changing nothing.
+    #[test]
+    fn evicting_truncate_stops_at_the_newest_eviction() {
+        let mut rng = ChaCha8Rng::seed_from_u64(14);
+        let (n, budget) = (200, 48);
+        let (mut tokens, dense) = prompt(&mut rng, n);
+        tokens[n - 1] = 0;
+        let boundary = table();
+        let mut cache = ChunkSelectKv::evicting(&dense, &plan(&tokens, &boundary, budget));
+        let cap = cache.chunk_cap();
+        assert_eq!(cap, 12);
+        // The first step selects; no boundary token follows, so the chunk
+        // opened at `n` reaches the cap at `n + 11`, which selects again.
+        let steps: Vec<Step> = (0..14)
+            .map(|i| random_step(&mut rng, if i == 0 { 9 } else { 2 + i as u32 }))
+            .collect();
+        let mut first = Vec::new();
+        let mut bytes = Vec::new();
+        let mut held_before_second = 0;
+        for (i, s) in steps.iter().enumerate() {
+            if i == 11 {
+                held_before_second = cache.held(0, 0).len();
+            }
+            first.push(step(&mut cache, n + i, s));
+            bytes.push(cache.bytes());
+        }
+        assert_eq!(cache.selection(0, 0).unwrap().pos, n + 11);
+        // More than the selection can keep, so it dropped some.
+        assert!(held_before_second > budget + 1 - cap);
+        let held = cache.held(1, 1);
+        for cut in [0, 5, 11] {
+            let e = cache.truncate(n + cut).unwrap_err().to_string();
+            assert!(
+                e.contains("cannot truncate") && e.contains(&format!("position {}", n + 11)),
+                "{e}"
+            );
+            assert_eq!(cache.len(), n + 14);
+            assert_eq!(cache.held(1, 1), held);
+        }
+        for cut in [13, 12] {
+            cache.truncate(n + cut).unwrap();
+            assert_eq!(cache.len(), n + cut);
+            assert!(cache.held(1, 1).iter().all(|&p| p < n + cut));
+            for i in cut..14 {
+                assert_eq!(
+                    step(&mut cache, n + i, &steps[i]),
+                    first[i],
+                    "+{cut}: step {i}"
+                );
+                assert_eq!(cache.bytes(), bytes[i], "+{cut}: step {i}");
+            }
+        }
+        // Before the second eviction, the first bounds truncation.
+        let mut cache = ChunkSelectKv::evicting(&dense, &plan(&tokens, &boundary, budget));
+        for (i, s) in steps[..6].iter().enumerate() {
+            step(&mut cache, n + i, s);
+        }
+        assert!(cache.truncate(n).is_err());
+        cache.truncate(n + 1).unwrap();
+        for i in 1..6 {
+            assert_eq!(step(&mut cache, n + i, &steps[i]), first[i], "step {i}");
+        }
+    }
+
+    /// With a budget over the whole prompt nothing is dropped: every
+    /// output is dense's and `chunk-select`'s bit for bit, every position
+    /// stays held, the reads are dense's, and truncating to the prompt
+    /// works (no eviction stands in the way).
+    #[test]
+    fn evicting_with_a_budget_over_the_prompt_is_dense_bitwise() {
+        let mut rng = ChaCha8Rng::seed_from_u64(15);
+        let n = 150;
+        let (tokens, dense) = prompt(&mut rng, n);
+        let boundary = table();
+        let p = plan(&tokens, &boundary, 10_000);
+        let mut cache = ChunkSelectEvict.from_dense(&dense, &p);
+        let mut plain = ChunkSelect.from_dense(&dense, &p);
+        let mut full = dense.clone();
+        full.reset_reads();
+        let steps: Vec<Step> = (0..40)
+            .map(|_| {
+                let t = token(&mut rng);
+                random_step(&mut rng, t)
+            })
+            .collect();
+        let outs: Vec<_> = steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let got = step(&mut *cache, n + i, s);
+                assert_eq!(got, step(&mut *plain, n + i, s), "step {i}");
+                assert_eq!(got, step(&mut full, n + i, s), "step {i}");
+                got
+            })
+            .collect();
+        assert_eq!(cache.reads(), full.reads());
+        let mut evicting = ChunkSelectKv::evicting(&dense, &p);
+        for (i, s) in steps.iter().enumerate() {
+            step(&mut evicting, n + i, s);
+        }
+        for l in 0..SHAPE.n_layers {
+            for g in 0..SHAPE.n_kv_heads {
+                assert_eq!(evicting.held(l, g), (0..n + 40).collect::<Vec<_>>());
+            }
+        }
+        evicting.truncate(n).unwrap();
+        for (i, s) in steps.iter().enumerate() {
+            assert_eq!(step(&mut evicting, n + i, s), outs[i], "again, step {i}");
+        }
+    }
+
+    /// In a block of several rows, the evicting cache's first row selects
+    /// over all it holds and the later rows read the earlier selection
+    /// (its chunks and at most `cap - 1` newest positions) and their block
+    /// ancestors; committing the block drops what the first row left out.
+    #[test]
+    fn evicting_block_rows_read_what_is_held() {
+        let mut rng = ChaCha8Rng::seed_from_u64(16);
+        let (n, budget) = (200, 64);
+        let (mut tokens, dense) = prompt(&mut rng, n);
+        tokens[n - 1] = 0;
+        let boundary = table();
+        let mut cache = ChunkSelectKv::evicting(&dense, &plan(&tokens, &boundary, budget));
+        let mut full = dense.clone();
+        let s0 = random_step(&mut rng, 9);
+        step(&mut cache, n, &s0);
+        step(&mut full, n, &s0);
+        let d = SHAPE.kv_dim();
+        let rows3: Vec<Step> = [0u32, 5, 6]
+            .into_iter()
+            .map(|t| random_step(&mut rng, t))
+            .collect();
+        let held_before: Vec<Vec<usize>> = (0..SHAPE.n_layers * SHAPE.n_kv_heads)
+            .map(|i| cache.held(i / SHAPE.n_kv_heads, i % SHAPE.n_kv_heads))
+            .collect();
+        cache.begin_block(n + 1, &[0, 5, 6]);
+        for l in 0..SHAPE.n_layers {
+            let bk: Vec<f32> = rows3.iter().flat_map(|s| s.k[l].clone()).collect();
+            let bv: Vec<f32> = rows3.iter().flat_map(|s| s.v[l].clone()).collect();
+            for g in 0..SHAPE.n_kv_heads {
+                let before = cache.selection(l, g).unwrap();
+                for (i, s) in rows3.iter().enumerate() {
+                    let ancestors: Vec<usize> = (0..=i).collect();
+                    let block = BlockKv {
+                        k: &bk,
+                        v: &bv,
+                        rows: &ancestors,
+                    };
+                    let mut out = vec![0f32; N_REP * SHAPE.head_dim];
+                    cache.attend(l, g, group(&s.q[l], g), &block, &mut Vec::new(), &mut out);
+                    let cached = if i == 0 {
+                        held_before[l * SHAPE.n_kv_heads + g].clone()
+                    } else {
+                        positions(&before.chunks, before.pos..n + 1)
+                    };
+                    let (k, v) = (full.keys(l), full.values(l));
+                    let kv: Vec<(&[f32], &[f32])> = cached
+                        .iter()
+                        .map(|&r| (&k[r * d..(r + 1) * d], &v[r * d..(r + 1) * d]))
+                        .chain((0..=i).map(|j| (&bk[j * d..(j + 1) * d], &bv[j * d..(j + 1) * d])))
+                        .collect();
+                    let want = reference(group(&s.q[l], g), g, &kv);
+                    assert_close(&out, &want, &format!("row {i} layer {l} head {g}"));
+                }
+            }
+        }
+        for l in 0..SHAPE.n_layers {
+            let k: Vec<f32> = rows3.iter().flat_map(|s| s.k[l].clone()).collect();
+            let v: Vec<f32> = rows3.iter().flat_map(|s| s.v[l].clone()).collect();
+            cache.append(l, n + 1, &k, &v);
+        }
+        assert_eq!(cache.len(), n + 4);
+        for l in 0..SHAPE.n_layers {
+            for g in 0..SHAPE.n_kv_heads {
+                let sel = cache.selection(l, g).unwrap();
+                assert_eq!(sel.pos, n + 1);
+                assert_eq!(cache.held(l, g), positions(&sel.chunks, n + 1..n + 4));
+            }
+        }
     }
 }

@@ -261,6 +261,11 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             "ChunkLLM, training-free form: chunks end at sentence and line boundaries; at each boundary token the query's own attention mass per chunk picks the chunks later queries read, within the budget.",
             DECODER_VARIANTS,
         ),
+        method(
+            "chunk-select-evict",
+            "ChunkLLM, training-free form, evicting reading: as chunk-select, but each selection also drops from memory the chunks it leaves out, so after the first decode step each KV head holds about the budget (our reading of the paper's reported KV retention, not confirmed from its text).",
+            DECODER_VARIANTS,
+        ),
         peer(
             "sdpa-gqa",
             "PyTorch scaled_dot_product_attention with native GQA (enable_gqa), cuDNN backend, under CUDA graphs (scripts/peer_decode_attn.py).",
@@ -477,6 +482,7 @@ const POLICIES: &[&dyn Policy] = &[
     &cluster::KvCluster,
     &dhsa::Dhsa,
     &chunk_select::ChunkSelect,
+    &chunk_select::ChunkSelectEvict,
 ];
 
 fn policy_of(id: &str) -> Result<&'static dyn Policy, WorkloadError> {
@@ -1207,6 +1213,20 @@ mod tests {
         for p in POLICIES {
             assert!(SPEC.entry(p.id()).is_some(), "{} has no entry", p.id());
         }
+        // One policy per decoder entry, listed in the spec's order.
+        let entries: Vec<&str> = SPEC
+            .entries
+            .iter()
+            .filter(|e| e.applies_to("needle"))
+            .map(|e| e.id)
+            .collect();
+        let policies: Vec<&str> = POLICIES.iter().map(|p| p.id()).collect();
+        assert_eq!(policies, entries);
+        assert!(entries.contains(&"chunk-select-evict"));
+        assert!(!SPEC
+            .entry("chunk-select-evict")
+            .unwrap()
+            .applies_to("decode-step"));
         assert!(policy_of("no-such").is_err());
     }
 
