@@ -881,6 +881,7 @@ impl KvCache for ChunkSelectKv {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::longctx::testutil::{assert_close, attention_f64_of_head, uniform};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -895,10 +896,6 @@ mod tests {
 
     fn table() -> Vec<bool> {
         (0..VOCAB).map(|t| t < 2).collect()
-    }
-
-    fn uniform(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
 
     /// A token that ends a sentence about one time in ten.
@@ -1059,49 +1056,11 @@ mod tests {
             .collect()
     }
 
-    /// Float64 softmax attention of the heads of `q` over KV head `g` of
-    /// whole rows `kv`, in order.
-    fn reference(q: &[f32], g: usize, kv: &[(&[f32], &[f32])]) -> Vec<f64> {
-        let hd = SHAPE.head_dim;
-        let off = g * hd;
-        let mut out = vec![0f64; q.len()];
-        for (h, qh) in q.chunks_exact(hd).enumerate() {
-            let s: Vec<f64> = kv
-                .iter()
-                .map(|(k, _)| {
-                    qh.iter()
-                        .zip(&k[off..off + hd])
-                        .map(|(&a, &b)| a as f64 * b as f64)
-                        .sum::<f64>()
-                        / (hd as f64).sqrt()
-                })
-                .collect();
-            let m = s.iter().copied().fold(f64::MIN, f64::max);
-            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-            let z: f64 = e.iter().sum();
-            for (j, o) in out[h * hd..(h + 1) * hd].iter_mut().enumerate() {
-                *o = kv
-                    .iter()
-                    .zip(&e)
-                    .map(|((_, v), p)| v[off + j] as f64 * p)
-                    .sum::<f64>()
-                    / z;
-            }
-        }
-        out
-    }
-
-    /// Relative error below 1e-5: f32 terms of magnitude <= 1 summed over
-    /// at most ~300 rows (rounding ~1e-6 at worst in practice), where
-    /// reading one wrong chunk moves an output by ~1e-2.
-    fn assert_close(got: &[f32], want: &[f64], what: &str) {
-        for (g, w) in got.iter().zip(want) {
-            assert!(
-                (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                "{what}: {g} vs {w}"
-            );
-        }
-    }
+    /// Relative error allowed against the f64 reference: f32 terms of
+    /// magnitude <= 1 summed over at most ~300 rows (rounding ~1e-6 at
+    /// worst in practice), where reading one wrong chunk moves an output by
+    /// ~1e-2.
+    const TOL: f64 = 1e-5;
 
     /// Rows `rows` of layer `l` of `dense` followed by the step's own row.
     fn rows_with_own<'a>(
@@ -1243,8 +1202,13 @@ mod tests {
                         assert!(rows.len() <= budget);
                         want_read += rows.len();
                         let kv = rows_with_own(&full, l, &rows, &s);
-                        let want = reference(group(&s.q[l], g), g, &kv);
-                        assert_close(&got[l][g], &want, &format!("step {i} layer {l} head {g}"));
+                        let want = attention_f64_of_head(group(&s.q[l], g), SHAPE.head_dim, g, &kv);
+                        assert_close(
+                            &got[l][g],
+                            &want,
+                            TOL,
+                            &format!("step {i} layer {l} head {g}"),
+                        );
                     }
                     assert_eq!(cache.selections_made(l, g), 1 + usize::from(i >= 3));
                 }
@@ -1418,8 +1382,8 @@ mod tests {
                         .map(|&r| (&k[r * d..(r + 1) * d], &v[r * d..(r + 1) * d]))
                         .chain((0..=i).map(|j| (&bk[j * d..(j + 1) * d], &bv[j * d..(j + 1) * d])))
                         .collect();
-                    let want = reference(group(&s.q[l], g), g, &kv);
-                    assert_close(&out, &want, &format!("row {i} layer {l} head {g}"));
+                    let want = attention_f64_of_head(group(&s.q[l], g), SHAPE.head_dim, g, &kv);
+                    assert_close(&out, &want, TOL, &format!("row {i} layer {l} head {g}"));
                 }
                 assert_eq!(cache.selection(l, g).unwrap().pos, n + 1);
             }
@@ -1668,8 +1632,13 @@ mod tests {
                     held[slot].push(pos);
                     assert_eq!(cache.held(l, g), held[slot], "{what}");
                     want_read += rows.len();
-                    let want = reference(group(&s.q[l], g), g, &rows_with_own(&full, l, &rows, &s));
-                    assert_close(&got[l][g], &want, &what);
+                    let want = attention_f64_of_head(
+                        group(&s.q[l], g),
+                        SHAPE.head_dim,
+                        g,
+                        &rows_with_own(&full, l, &rows, &s),
+                    );
+                    assert_close(&got[l][g], &want, TOL, &what);
                     if selections == 0 || (selections == 1 && !selects) {
                         assert_eq!(got[l][g], got_plain[l][g], "{what}");
                         assert_eq!(cache.selection(l, g), plain.selection(l, g), "{what}");
@@ -1767,8 +1736,13 @@ mod tests {
                     budget,
                 );
                 assert_eq!(sel.chunks, brute, "layer {l} head {g}");
-                let want = reference(group(&s1.q[l], g), g, &rows_with_own(&full, l, held, &s1));
-                assert_close(&got[l][g], &want, &format!("layer {l} head {g}"));
+                let want = attention_f64_of_head(
+                    group(&s1.q[l], g),
+                    SHAPE.head_dim,
+                    g,
+                    &rows_with_own(&full, l, held, &s1),
+                );
+                assert_close(&got[l][g], &want, TOL, &format!("layer {l} head {g}"));
             }
         }
         assert!(!cache.held(0, 0).contains(&a));
@@ -1937,8 +1911,8 @@ mod tests {
                         .map(|&r| (&k[r * d..(r + 1) * d], &v[r * d..(r + 1) * d]))
                         .chain((0..=i).map(|j| (&bk[j * d..(j + 1) * d], &bv[j * d..(j + 1) * d])))
                         .collect();
-                    let want = reference(group(&s.q[l], g), g, &kv);
-                    assert_close(&out, &want, &format!("row {i} layer {l} head {g}"));
+                    let want = attention_f64_of_head(group(&s.q[l], g), SHAPE.head_dim, g, &kv);
+                    assert_close(&out, &want, TOL, &format!("row {i} layer {l} head {g}"));
                 }
             }
         }

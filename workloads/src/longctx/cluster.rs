@@ -510,7 +510,8 @@ impl KvCache for ClusterKv {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
+    use crate::longctx::testutil::{assert_close, attention_f64_biased, dense_of, uniform};
+    use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
     const SHAPE: KvShape = KvShape {
@@ -520,55 +521,9 @@ mod tests {
     };
     const N_REP: usize = 3;
 
-    fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-    }
-
-    fn dense_of(k: &[f32], v: &[f32]) -> DenseKv {
-        let mut dense = DenseKv::new(SHAPE, k.len() / SHAPE.kv_dim() + 8);
-        for l in 0..SHAPE.n_layers {
-            dense.append(l, 0, k, v);
-        }
-        dense
-    }
-
     fn head_row(x: &[f32], r: usize, h: usize) -> &[f32] {
         let (d, hd) = (SHAPE.kv_dim(), SHAPE.head_dim);
         &x[r * d + h * hd..r * d + (h + 1) * hd]
-    }
-
-    /// Softmax attention in f64 over (key, value, bias) rows.
-    fn reference(q: &[f32], rows: &[(&[f32], &[f32], f64)]) -> Vec<f64> {
-        let hd = SHAPE.head_dim;
-        let mut out = vec![0f64; q.len()];
-        for (h, qh) in q.chunks(hd).enumerate() {
-            let s: Vec<f64> = rows
-                .iter()
-                .map(|(k, _, b)| {
-                    qh.iter()
-                        .zip(*k)
-                        .map(|(&x, &y)| x as f64 * y as f64)
-                        .sum::<f64>()
-                        / (hd as f64).sqrt()
-                        + b
-                })
-                .collect();
-            let m = s.iter().copied().fold(f64::MIN, f64::max);
-            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-            let z: f64 = e.iter().sum();
-            for ((_, v, _), p) in rows.iter().zip(&e) {
-                for j in 0..hd {
-                    out[h * hd + j] += v[j] as f64 * p / z;
-                }
-            }
-        }
-        out
-    }
-
-    fn close(got: &[f32], want: &[f64], tol: f64) {
-        for (g, w) in got.iter().zip(want) {
-            assert!((*g as f64 - w).abs() <= tol * (1.0 + w.abs()), "{g} vs {w}");
-        }
     }
 
     /// The merge bookkeeping on its own: the target is met, the counts add
@@ -582,7 +537,7 @@ mod tests {
         let hd = 8;
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         for (n, target) in [(300, 37), (300, 290), (130, 1), (64, 33)] {
-            let (k, v) = (random(&mut rng, n * hd), random(&mut rng, n * hd));
+            let (k, v) = (uniform(&mut rng, n * hd), uniform(&mut rng, n * hd));
             let m = chunked_soft_matching(hd, k.clone(), v.clone(), vec![1; n], target);
             assert_eq!(m.count.len(), target);
             assert_eq!(m.k.len(), target * hd);
@@ -618,8 +573,8 @@ mod tests {
         let (d, hd) = (SHAPE.kv_dim(), SHAPE.head_dim);
         let mut rng = ChaCha8Rng::seed_from_u64(12);
         for (n, budget) in [(200, 20), (257, 26), (150, 100), (40, 1), (40, 3), (90, 89)] {
-            let (k, v) = (random(&mut rng, n * d), random(&mut rng, n * d));
-            let c = ClusterKv::from_dense(&dense_of(&k, &v), budget, 0);
+            let (k, v) = (uniform(&mut rng, n * d), uniform(&mut rng, n * d));
+            let c = ClusterKv::from_dense(&dense_of(SHAPE, &k, &v), budget, 0);
             let sinks = SINKS.min(budget / 4);
             let recent = RECENT.min(budget / 4);
             let target = budget - sinks - recent;
@@ -670,26 +625,26 @@ mod tests {
         let (sinks, recent) = (4, 10);
         let pairs = budget - sinks - recent;
         let n = sinks + 2 * pairs + recent;
-        let (mut k, mut v) = (random(&mut rng, n * d), random(&mut rng, n * d));
+        let (mut k, mut v) = (uniform(&mut rng, n * d), uniform(&mut rng, n * d));
         for j in 0..pairs {
             let (a, b) = (sinks + 2 * j, sinks + 2 * j + 1);
             k.copy_within(a * d..(a + 1) * d, b * d);
             v.copy_within(a * d..(a + 1) * d, b * d);
         }
-        let dense = dense_of(&k, &v);
+        let dense = dense_of(SHAPE, &k, &v);
         let c = ClusterKv::from_dense(&dense, budget, 0);
         assert_eq!(c.rows(0), budget);
         assert!(c.layers[1].count[0][sinks..sinks + pairs]
             .iter()
             .all(|&x| x == 2));
-        let (bk, bv) = (random(&mut rng, d), random(&mut rng, d));
+        let (bk, bv) = (uniform(&mut rng, d), uniform(&mut rng, d));
         let block = BlockKv {
             k: &bk,
             v: &bv,
             rows: &[0],
         };
         for h in 0..2 {
-            let q: Vec<f32> = random(&mut rng, N_REP * hd)
+            let q: Vec<f32> = uniform(&mut rng, N_REP * hd)
                 .iter()
                 .map(|x| 3.0 * x)
                 .collect();
@@ -697,7 +652,7 @@ mod tests {
             c.attend(1, h, &q, &block, &mut Vec::new(), &mut got);
             dense.attend(1, h, &q, &block, &mut Vec::new(), &mut want);
             let want: Vec<f64> = want.iter().map(|&x| x as f64).collect();
-            close(&got, &want, 1e-5);
+            assert_close(&got, &want, 1e-5, &format!("head {h}"));
         }
     }
 
@@ -709,16 +664,16 @@ mod tests {
         let (d, hd) = (SHAPE.kv_dim(), SHAPE.head_dim);
         let mut rng = ChaCha8Rng::seed_from_u64(14);
         let n = 300;
-        let (k, v) = (random(&mut rng, n * d), random(&mut rng, n * d));
-        let c = ClusterKv::from_dense(&dense_of(&k, &v), 36, 0);
-        let (bk, bv) = (random(&mut rng, 3 * d), random(&mut rng, 3 * d));
+        let (k, v) = (uniform(&mut rng, n * d), uniform(&mut rng, n * d));
+        let c = ClusterKv::from_dense(&dense_of(SHAPE, &k, &v), 36, 0);
+        let (bk, bv) = (uniform(&mut rng, 3 * d), uniform(&mut rng, 3 * d));
         let block = BlockKv {
             k: &bk,
             v: &bv,
             rows: &[0, 2],
         };
         for h in 0..2 {
-            let q = random(&mut rng, N_REP * hd);
+            let q = uniform(&mut rng, N_REP * hd);
             let mut got = vec![0f32; N_REP * hd];
             c.attend(0, h, &q, &block, &mut Vec::new(), &mut got);
             let ly = &c.layers[0];
@@ -732,7 +687,8 @@ mod tests {
                 })
                 .chain([0, 2].map(|r| (head_row(&bk, r, h), head_row(&bv, r, h), 0.0)))
                 .collect();
-            close(&got, &reference(&q, &rows), 1e-5);
+            let want = attention_f64_biased(&q, hd, &rows);
+            assert_close(&got, &want, 1e-5, &format!("head {h}"));
         }
         assert!(c.layers[0].count[0].iter().any(|&x| x > 1));
         assert_ne!(c.layers[0].count[0], c.layers[0].count[1]);
@@ -748,11 +704,11 @@ mod tests {
         let (d, hd) = (SHAPE.kv_dim(), SHAPE.head_dim);
         let mut rng = ChaCha8Rng::seed_from_u64(15);
         let n = 120;
-        let (k, v) = (random(&mut rng, n * d), random(&mut rng, n * d));
-        let mut dense = dense_of(&k, &v);
+        let (k, v) = (uniform(&mut rng, n * d), uniform(&mut rng, n * d));
+        let mut dense = dense_of(SHAPE, &k, &v);
         let mut c = ClusterKv::from_dense(&dense, n, 200);
         for pos in n..n + 150 {
-            let (k1, v1) = (random(&mut rng, d), random(&mut rng, d));
+            let (k1, v1) = (uniform(&mut rng, d), uniform(&mut rng, d));
             for l in 0..SHAPE.n_layers {
                 c.append(l, pos, &k1, &v1);
                 dense.append(l, pos, &k1, &v1);
@@ -764,7 +720,7 @@ mod tests {
             rows: &[],
         };
         for h in 0..2 {
-            let q = random(&mut rng, N_REP * hd);
+            let q = uniform(&mut rng, N_REP * hd);
             let (mut a, mut b) = (vec![0f32; N_REP * hd], vec![0f32; N_REP * hd]);
             c.attend(1, h, &q, &block, &mut Vec::new(), &mut a);
             dense.attend(1, h, &q, &block, &mut Vec::new(), &mut b);
@@ -784,8 +740,8 @@ mod tests {
         let d = SHAPE.kv_dim();
         let mut rng = ChaCha8Rng::seed_from_u64(16);
         let (n0, budget) = (200, 50);
-        let (k, v) = (random(&mut rng, n0 * d), random(&mut rng, n0 * d));
-        let mut c = ClusterKv::from_dense(&dense_of(&k, &v), budget, 200);
+        let (k, v) = (uniform(&mut rng, n0 * d), uniform(&mut rng, n0 * d));
+        let mut c = ClusterKv::from_dense(&dense_of(SHAPE, &k, &v), budget, 200);
         let recent = 12;
         assert_eq!(c.recent, recent);
         // 34 centroids for 184 middle positions: ceil(64 * 34 / 184) = 12.
@@ -796,7 +752,7 @@ mod tests {
             if pos > n0 + 100 && pos < n0 + 103 {
                 continue;
             }
-            let (k1, v1) = (random(&mut rng, rows * d), random(&mut rng, rows * d));
+            let (k1, v1) = (uniform(&mut rng, rows * d), uniform(&mut rng, rows * d));
             for l in 0..SHAPE.n_layers {
                 c.append(l, pos, &k1, &v1);
             }

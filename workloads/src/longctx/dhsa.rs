@@ -510,6 +510,7 @@ impl KvCache for DhsaKv {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::longctx::testutil::{assert_close, attention_f64_of_head, uniform};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -519,10 +520,6 @@ mod tests {
         head_dim: 8,
     };
     const N_REP: usize = 2;
-
-    fn uniform(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-    }
 
     /// Keys and values for `n` positions of every layer, plus one query
     /// per position, layer and KV head group.
@@ -597,42 +594,6 @@ mod tests {
             pos += t;
         }
         outs
-    }
-
-    /// Float64 softmax attention of the heads of `q` (`hd` floats each)
-    /// over KV head `g` of the rows `kv` (whole rows, every KV head), in
-    /// order.
-    fn reference(q: &[f32], hd: usize, g: usize, rows: &[(&[f32], &[f32])]) -> Vec<f64> {
-        let off = g * hd;
-        let kv: Vec<(&[f32], &[f32])> = rows
-            .iter()
-            .map(|(k, v)| (&k[off..off + hd], &v[off..off + hd]))
-            .collect();
-        let mut out = vec![0f64; q.len()];
-        for (h, qh) in q.chunks_exact(hd).enumerate() {
-            let s: Vec<f64> = kv
-                .iter()
-                .map(|(k, _)| {
-                    qh.iter()
-                        .zip(*k)
-                        .map(|(&a, &b)| a as f64 * b as f64)
-                        .sum::<f64>()
-                        / (hd as f64).sqrt()
-                })
-                .collect();
-            let m = s.iter().copied().fold(f64::MIN, f64::max);
-            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-            let z: f64 = e.iter().sum();
-            for (j, o) in out[h * hd..(h + 1) * hd].iter_mut().enumerate() {
-                *o = kv
-                    .iter()
-                    .zip(&e)
-                    .map(|((_, v), p)| v[j] as f64 * p)
-                    .sum::<f64>()
-                    / z;
-            }
-        }
-        out
     }
 
     /// The chunk ends the rule gives, computed in one pass over all keys
@@ -948,13 +909,9 @@ mod tests {
                             )
                         })
                         .collect();
-                    let want = reference(qg, hd, g, &kv);
-                    for (got, want) in out_l[g].iter().zip(&want) {
-                        assert!(
-                            (*got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                            "pos {check} layer {l} head {g}: {got} vs {want}"
-                        );
-                    }
+                    let want = attention_f64_of_head(qg, hd, g, &kv);
+                    let what = format!("pos {check} layer {l} head {g}");
+                    assert_close(&out_l[g], &want, 1e-5, &what);
                 }
             }
         }

@@ -39,6 +39,8 @@ pub mod policy;
 pub mod quest;
 pub mod sink_window;
 pub mod step;
+#[cfg(test)]
+mod testutil;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -1191,8 +1193,8 @@ fn bootstrap_upper(xs: &[f64], rng: &mut impl Rng) -> (f64, f64) {
 
 #[cfg(test)]
 mod tests {
+    use super::testutil::{run_entry, CpuLoad};
     use super::*;
-    use crate::clock::CpuClock;
 
     #[test]
     fn every_entry_has_one_policy_and_every_policy_an_entry() {
@@ -1274,34 +1276,9 @@ mod tests {
             eprintln!("skipped: {e}");
             return;
         }
-        let variant = SPEC.variant("needle").unwrap();
-        let loaded = LongContext
-            .load(&LoadContext {
-                variant,
-                profile: Profile::Quick,
-                device: crate::Device::Cpu,
-                seed: 1,
-            })
-            .unwrap();
-        let trial = loaded
-            .trial(&TrialContext {
-                variant,
-                profile: Profile::Quick,
-                device: crate::Device::Cpu,
-                trial: 0,
-                seed: 7,
-            })
-            .unwrap();
-        let clock = CpuClock::default();
-        let run = |id: &str, params: &str| {
-            let entry = SPEC.entry(id).unwrap();
-            let mut job = trial.setup(entry, &params.parse().unwrap()).unwrap();
-            let mut sw = Stopwatch::new(&clock, 600.0);
-            sw.start();
-            job.run(&mut sw).unwrap();
-            let timed = sw.stop();
-            (job.evaluate().unwrap(), timed)
-        };
+        let loaded = CpuLoad::new("needle", Profile::Quick);
+        let trial = loaded.trial(7);
+        let run = |id: &str, params: &str| run_entry(&*trial, id, params);
         // A method first: it must leave the shared prefill as it found it.
         let (q, q_timed) = run("block-topk", "budget=0.25");
         // The sparse layers read at most a quarter of what is visible; the
@@ -1356,46 +1333,23 @@ mod tests {
 
 #[cfg(test)]
 mod step_tests {
+    use super::testutil::{run_entry, CpuLoad};
     use super::*;
-    use crate::clock::CpuClock;
 
     /// The decode-step variant on the CPU at its smallest context: every
     /// kernel entry within tolerance, timed, and with its byte figures; a
     /// decoder-only entry refused by name.
     #[test]
     fn decode_step_runs_on_the_cpu_for_every_kernel_entry() {
-        let variant = SPEC.variant("decode-step").unwrap();
-        let loaded = LongContext
-            .load(&LoadContext {
-                variant,
-                profile: Profile::Full,
-                device: crate::Device::Cpu,
-                seed: 1,
-            })
-            .unwrap();
-        let trial = loaded
-            .trial(&TrialContext {
-                variant,
-                profile: Profile::Full,
-                device: crate::Device::Cpu,
-                trial: 0,
-                seed: 3,
-            })
-            .unwrap();
-        let clock = CpuClock::default();
+        let loaded = CpuLoad::new("decode-step", Profile::Full);
+        let trial = loaded.trial(3);
         for (id, params) in [
             ("dense", "context=4096,budget=1"),
             ("block-topk", "context=4096,budget=0.1"),
             ("kv-cluster", "context=4096,budget=0.25"),
             ("sink-window", "context=4096,budget=0.5"),
         ] {
-            let entry = SPEC.entry(id).unwrap();
-            let mut job = trial.setup(entry, &params.parse().unwrap()).unwrap();
-            let mut sw = Stopwatch::new(&clock, 600.0);
-            sw.start();
-            job.run(&mut sw).unwrap();
-            sw.stop();
-            let o = job.evaluate().unwrap();
+            let (o, _) = run_entry(&*trial, id, params);
             assert!(o.quality < 1.0, "{id}: {}", o.quality);
             assert!(o.measured_time_s.unwrap() > 0.0);
             assert_eq!(o.figures["context"], 4096.0);

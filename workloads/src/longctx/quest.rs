@@ -345,6 +345,7 @@ impl KvCache for QuestKv {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::longctx::testutil::{assert_close, attention_f64, dense_of, uniform};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -356,18 +357,6 @@ mod tests {
         head_dim: 8,
     };
     const N_REP: usize = 2;
-
-    fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-    }
-
-    fn dense_of(k: &[f32], v: &[f32]) -> DenseKv {
-        let mut dense = DenseKv::new(SHAPE, k.len() / SHAPE.kv_dim() + 8);
-        for l in 0..SHAPE.n_layers {
-            dense.append(l, 0, k, v);
-        }
-        dense
-    }
 
     fn dot64(a: &[f32], b: &[f32]) -> f64 {
         a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
@@ -398,26 +387,6 @@ mod tests {
         top
     }
 
-    fn reference(q: &[f32], rows: &[(&[f32], &[f32])]) -> Vec<f64> {
-        let hd = SHAPE.head_dim;
-        let mut out = vec![0f64; q.len()];
-        for (h, qh) in q.chunks(hd).enumerate() {
-            let s: Vec<f64> = rows
-                .iter()
-                .map(|(k, _)| dot64(qh, k) / (hd as f64).sqrt())
-                .collect();
-            let m = s.iter().copied().fold(f64::MIN, f64::max);
-            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-            let z: f64 = e.iter().sum();
-            for ((_, v), p) in rows.iter().zip(&e) {
-                for j in 0..hd {
-                    out[h * hd + j] += v[j] as f64 * p / z;
-                }
-            }
-        }
-        out
-    }
-
     /// Quest's bound is never below the true `q . k` of a key in its page:
     /// checked on the bounds the cache keeps (built from a prefill, then
     /// updated by appends of random sizes that fill partial pages), for
@@ -430,13 +399,13 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         for _ in 0..40 {
             let n0 = rng.random_range(1..60);
-            let (k, v) = (random(&mut rng, n0 * d), random(&mut rng, n0 * d));
-            let mut c = QuestKv::from_dense(&dense_of(&k, &v), 32, 64);
+            let (k, v) = (uniform(&mut rng, n0 * d), uniform(&mut rng, n0 * d));
+            let mut c = QuestKv::from_dense(&dense_of(SHAPE, &k, &v), 32, 64);
             let mut keys = k;
             let mut n = n0;
             while n < 90 {
                 let m = rng.random_range(1..7);
-                let (k1, v1) = (random(&mut rng, m * d), random(&mut rng, m * d));
+                let (k1, v1) = (uniform(&mut rng, m * d), uniform(&mut rng, m * d));
                 for l in 0..SHAPE.n_layers {
                     c.append(l, n, &k1, &v1);
                 }
@@ -444,7 +413,7 @@ mod tests {
                 n += m;
             }
             assert_eq!(c.lo[2].len(), n.div_ceil(PAGE) * d);
-            let q = random(&mut rng, hd);
+            let q = uniform(&mut rng, hd);
             for p in 0..n.div_ceil(PAGE) {
                 for h in 0..SHAPE.n_kv_heads {
                     let o = p * d + h * hd;
@@ -470,16 +439,16 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         for trial in 0..20 {
             let n = 100 + trial * 7;
-            let (k, v) = (random(&mut rng, n * d), random(&mut rng, n * d));
+            let (k, v) = (uniform(&mut rng, n * d), uniform(&mut rng, n * d));
             let budget = 48 + 16 * (trial % 3);
-            let c = QuestKv::from_dense(&dense_of(&k, &v), budget, 0);
+            let c = QuestKv::from_dense(&dense_of(SHAPE, &k, &v), budget, 0);
             let want = (budget - n % PAGE) / PAGE;
-            let q = random(&mut rng, N_REP * hd);
+            let q = uniform(&mut rng, N_REP * hd);
             let h = trial % 2;
             let got = c.select(2, h, &q, &mut Vec::new()).unwrap();
             assert_eq!(got, brute_force(&k, n, h, &q, want), "trial {trial}");
 
-            let (bk, bv) = (random(&mut rng, 2 * d), random(&mut rng, 2 * d));
+            let (bk, bv) = (uniform(&mut rng, 2 * d), uniform(&mut rng, 2 * d));
             let block = BlockKv {
                 k: &bk,
                 v: &bv,
@@ -496,13 +465,8 @@ mod tests {
                 .chain([(row(&bk, 1), row(&bv, 1))])
                 .collect();
             let rows: Vec<(&[f32], &[f32])> = owned.iter().map(|(a, b)| (&a[..], &b[..])).collect();
-            let expected = reference(&q, &rows);
-            for (g, w) in out.iter().zip(&expected) {
-                assert!(
-                    (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                    "{g} vs {w}"
-                );
-            }
+            let expected = attention_f64(&q, hd, &rows);
+            assert_close(&out, &expected, 1e-5, &format!("trial {trial}"));
             let r = c.reads();
             assert_eq!(r.rows_read as usize, want * PAGE + n % PAGE);
             assert!(r.rows_read as usize <= budget && r.rows_read as usize + PAGE > budget);
@@ -519,15 +483,15 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let n = 16 * 12 + 5;
         for planted in [0, 5, 11] {
-            let q = random(&mut rng, N_REP * hd);
-            let mut k: Vec<f32> = random(&mut rng, n * d).iter().map(|x| 0.1 * x).collect();
+            let q = uniform(&mut rng, N_REP * hd);
+            let mut k: Vec<f32> = uniform(&mut rng, n * d).iter().map(|x| 0.1 * x).collect();
             let h = planted % 2;
             for r in planted * PAGE..(planted + 1) * PAGE {
                 for i in 0..hd {
                     k[r * d + h * hd + i] = 2.0 * (q[i] + q[hd + i]) + 0.05 * rng.random::<f32>();
                 }
             }
-            let c = QuestKv::from_dense(&dense_of(&k, &k), 2 * PAGE, 0);
+            let c = QuestKv::from_dense(&dense_of(SHAPE, &k, &k), 2 * PAGE, 0);
             assert_eq!(c.select(2, h, &q, &mut Vec::new()).unwrap(), vec![planted]);
         }
     }
@@ -541,11 +505,11 @@ mod tests {
         let (d, hd) = (SHAPE.kv_dim(), SHAPE.head_dim);
         let mut rng = ChaCha8Rng::seed_from_u64(6);
         let n = 75;
-        let (k, v) = (random(&mut rng, n * d), random(&mut rng, n * d));
-        let dense = dense_of(&k, &v);
+        let (k, v) = (uniform(&mut rng, n * d), uniform(&mut rng, n * d));
+        let dense = dense_of(SHAPE, &k, &v);
         let sparse = QuestKv::from_dense(&dense, 32, 0);
         let covering = QuestKv::from_dense(&dense, 80, 0);
-        let (bk, bv) = (random(&mut rng, d), random(&mut rng, d));
+        let (bk, bv) = (uniform(&mut rng, d), uniform(&mut rng, d));
         let block = BlockKv {
             k: &bk,
             v: &bv,
@@ -553,7 +517,7 @@ mod tests {
         };
         for l in 0..SHAPE.n_layers {
             for h in 0..SHAPE.n_kv_heads {
-                let q = random(&mut rng, N_REP * hd);
+                let q = uniform(&mut rng, N_REP * hd);
                 let mut want = vec![0f32; N_REP * hd];
                 dense.attend(l, h, &q, &block, &mut Vec::new(), &mut want);
                 let mut got = vec![0f32; N_REP * hd];
@@ -577,18 +541,18 @@ mod tests {
     fn truncate_rebuilds_the_partial_page() {
         let (d, hd) = (SHAPE.kv_dim(), SHAPE.head_dim);
         let mut rng = ChaCha8Rng::seed_from_u64(7);
-        let (k, v) = (random(&mut rng, 90 * d), random(&mut rng, 90 * d));
-        let mut c = QuestKv::from_dense(&dense_of(&k, &v), 32, 0);
+        let (k, v) = (uniform(&mut rng, 90 * d), uniform(&mut rng, 90 * d));
+        let mut c = QuestKv::from_dense(&dense_of(SHAPE, &k, &v), 32, 0);
         c.truncate(53).unwrap();
-        let fresh = QuestKv::from_dense(&dense_of(&k[..53 * d], &v[..53 * d]), 32, 0);
+        let fresh = QuestKv::from_dense(&dense_of(SHAPE, &k[..53 * d], &v[..53 * d]), 32, 0);
         assert_eq!((c.len(), c.bytes()), (53, fresh.bytes()));
         assert_eq!((&c.lo, &c.hi), (&fresh.lo, &fresh.hi));
         for l in 0..SHAPE.n_layers {
             c.append(l, 53, &k[53 * d..60 * d], &v[53 * d..60 * d]);
         }
-        let longer = QuestKv::from_dense(&dense_of(&k[..60 * d], &v[..60 * d]), 32, 0);
+        let longer = QuestKv::from_dense(&dense_of(SHAPE, &k[..60 * d], &v[..60 * d]), 32, 0);
         assert_eq!((&c.lo, &c.hi), (&longer.lo, &longer.hi));
-        let q = random(&mut rng, N_REP * hd);
+        let q = uniform(&mut rng, N_REP * hd);
         let block = BlockKv {
             k: &[],
             v: &[],

@@ -265,7 +265,8 @@ impl KvCache for SinkWindowKv {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
+    use crate::longctx::testutil::{assert_close, attention_f64, dense_of, uniform};
+    use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
     const SHAPE: KvShape = KvShape {
@@ -273,37 +274,6 @@ mod tests {
         n_kv_heads: 2,
         head_dim: 8,
     };
-
-    fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-    }
-
-    /// Softmax attention in f64 of every query head in `q` over `rows`
-    /// (key, value) pairs of one KV head.
-    fn reference(q: &[f32], hd: usize, rows: &[(&[f32], &[f32])]) -> Vec<f64> {
-        let mut out = vec![0f64; q.len()];
-        for (h, qh) in q.chunks(hd).enumerate() {
-            let s: Vec<f64> = rows
-                .iter()
-                .map(|(k, _)| {
-                    qh.iter()
-                        .zip(*k)
-                        .map(|(&a, &b)| a as f64 * b as f64)
-                        .sum::<f64>()
-                        / (hd as f64).sqrt()
-                })
-                .collect();
-            let m = s.iter().copied().fold(f64::MIN, f64::max);
-            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-            let z: f64 = e.iter().sum();
-            for ((_, v), p) in rows.iter().zip(&e) {
-                for j in 0..hd {
-                    out[h * hd + j] += v[j] as f64 * p / z;
-                }
-            }
-        }
-        out
-    }
 
     /// Keys whose every channel holds the position (and values its
     /// negation), so the rows a cache holds name themselves.
@@ -335,28 +305,25 @@ mod tests {
     fn attention_matches_f64_over_sinks_and_window() {
         let d = SHAPE.kv_dim();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let (k, v) = (random(&mut rng, 30 * d), random(&mut rng, 30 * d));
-        let mut dense = DenseKv::new(SHAPE, 64);
-        for l in 0..2 {
-            dense.append(l, 0, &k, &v);
-        }
+        let (k, v) = (uniform(&mut rng, 30 * d), uniform(&mut rng, 30 * d));
+        let dense = dense_of(SHAPE, &k, &v);
         let mut c = SinkWindowKv::from_dense(&dense, 12);
         let (mut all_k, mut all_v) = (k, v);
         for pos in 30..47 {
-            let (k1, v1) = (random(&mut rng, d), random(&mut rng, d));
+            let (k1, v1) = (uniform(&mut rng, d), uniform(&mut rng, d));
             for l in 0..2 {
                 c.append(l, pos, &k1, &v1);
             }
             all_k.extend_from_slice(&k1);
             all_v.extend_from_slice(&v1);
         }
-        let (bk, bv) = (random(&mut rng, 2 * d), random(&mut rng, 2 * d));
+        let (bk, bv) = (uniform(&mut rng, 2 * d), uniform(&mut rng, 2 * d));
         let block = BlockKv {
             k: &bk,
             v: &bv,
             rows: &[0, 1],
         };
-        let q = random(&mut rng, 3 * 8);
+        let q = uniform(&mut rng, 3 * 8);
         let mut out = vec![0f32; 3 * 8];
         let h = 1;
         c.attend(1, h, &q, &block, &mut Vec::new(), &mut out);
@@ -369,13 +336,7 @@ mod tests {
             .chain((0..2).map(|r| (row(&bk, r), row(&bv, r))))
             .collect();
         let rows: Vec<(&[f32], &[f32])> = owned.iter().map(|(a, b)| (&a[..], &b[..])).collect();
-        let want = reference(&q, 8, &rows);
-        for (g, w) in out.iter().zip(&want) {
-            assert!(
-                (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                "{g} vs {w}"
-            );
-        }
+        assert_close(&out, &attention_f64(&q, 8, &rows), 1e-5, "head 1");
         assert_eq!(
             c.reads(),
             Reads {
@@ -393,27 +354,24 @@ mod tests {
     fn covering_budget_equals_dense_bitwise() {
         let d = SHAPE.kv_dim();
         let mut rng = ChaCha8Rng::seed_from_u64(2);
-        let mut dense = DenseKv::new(SHAPE, 64);
-        let (k, v) = (random(&mut rng, 20 * d), random(&mut rng, 20 * d));
-        for l in 0..2 {
-            dense.append(l, 0, &k, &v);
-        }
+        let (k, v) = (uniform(&mut rng, 20 * d), uniform(&mut rng, 20 * d));
+        let mut dense = dense_of(SHAPE, &k, &v);
         let mut c = SinkWindowKv::from_dense(&dense, 25);
         for pos in 20..25 {
-            let (k1, v1) = (random(&mut rng, d), random(&mut rng, d));
+            let (k1, v1) = (uniform(&mut rng, d), uniform(&mut rng, d));
             for l in 0..2 {
                 c.append(l, pos, &k1, &v1);
                 dense.append(l, pos, &k1, &v1);
             }
         }
-        let (bk, bv) = (random(&mut rng, d), random(&mut rng, d));
+        let (bk, bv) = (uniform(&mut rng, d), uniform(&mut rng, d));
         let block = BlockKv {
             k: &bk,
             v: &bv,
             rows: &[0],
         };
         for h in 0..2 {
-            let q = random(&mut rng, 16);
+            let q = uniform(&mut rng, 16);
             let (mut a, mut b) = (vec![0f32; 16], vec![0f32; 16]);
             c.attend(0, h, &q, &block, &mut Vec::new(), &mut a);
             dense.attend(0, h, &q, &block, &mut Vec::new(), &mut b);
