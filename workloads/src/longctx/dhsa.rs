@@ -87,7 +87,20 @@
 //!   dense attention. Our prompts have no marked instruction span, and
 //!   every method is held to the same per-query budget, so we do not.
 //! - The authors' code decodes densely (its decode path is a TODO); the
-//!   paper applies DHSA to decode as well, and so do we.
+//!   paper applies DHSA to decode as well (v1, App. A and Alg. 2), and so
+//!   do we, but with another chunking of the generated tokens: the paper
+//!   freezes the prompt's boundaries and puts every token generated
+//!   before the current one into one chunk (the current query is its own),
+//!   while we keep running the online chunker over generated keys, as over
+//!   the prompt's. With answers of at most 16 tokens the two differ only
+//!   in how those few positions are grouped.
+//!
+//! Sections (v1, "... for On-Device LLMs"): Sec. 2.1 hierarchical sparsity
+//! prediction (chunk scores, upsampling, TOPK with budget `N_b`), Sec. 2.2
+//! dynamic boundary detection, Sec. 2.3 the length-normalised chunk
+//! representation (eq. 4), App. A the prefill and decode workflow (Algs.
+//! 1-2), App. B the boundary labels. A later revision retitled the paper
+//! and may number them differently.
 
 use std::cell::RefCell;
 

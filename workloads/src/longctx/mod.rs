@@ -148,12 +148,12 @@ static SPEC: WorkloadSpec = WorkloadSpec {
         Paper {
             title: "Dynamic Hierarchical Sparse Attention (DHSA)",
             arxiv: "2510.24606",
-            section: "section numbers not verified; read with the authors' code (dhsa_sdpa, predict_boundaries), see longctx/dhsa.rs",
+            section: "v1: Sec. 2.1-2.3 (hierarchical sparsity prediction, dynamic boundary detection, length-normalised chunk representation, eq. 4); App. A, Algs. 1-2 (prefill and decode); read with the authors' code, see longctx/dhsa.rs",
         },
         Paper {
             title: "ChunkLLM: A Lightweight Pluggable Framework for Accelerating LLM Inference",
             arxiv: "2510.02361",
-            section: "section numbers not verified (abstract and summaries only); training-free form, see longctx/chunk_select.rs",
+            section: "v1: Sec. 2.1 (Chunk Adapter), Sec. 2.2 (QK Adapter, attention distillation), Sec. 2.3 (top-k chunk selection, cross-layer voting, ICAC); training-free form, see longctx/chunk_select.rs",
         },
         Paper {
             title: "RULER: What's the Real Context Size of Your Long-Context Language Models?",
@@ -265,7 +265,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
         ),
         method(
             "chunk-select-evict",
-            "ChunkLLM, training-free form, evicting reading: as chunk-select, but each selection also drops from memory the chunks it leaves out, so after the first decode step each KV head holds about the budget (our reading of the paper's reported KV retention, not confirmed from its text).",
+            "Our evicting variant of chunk-select (not ChunkLLM, whose selections re-rank every chunk and so keep them all): each selection also drops from memory the chunks it leaves out, so after the first decode step each KV head holds about the budget.",
             DECODER_VARIANTS,
         ),
         peer(
