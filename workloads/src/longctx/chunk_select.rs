@@ -185,8 +185,8 @@ impl Policy for ChunkSelect {
 }
 
 /// The `chunk-select-evict` entry: `chunk-select` whose selections also
-/// drop what they leave out (our reading of ChunkLLM's KV retention; see
-/// the module documentation).
+/// drop what they leave out (our variant, not ChunkLLM's method; see the
+/// module documentation).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ChunkSelectEvict;
 
