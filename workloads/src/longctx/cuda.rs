@@ -44,7 +44,9 @@
 //! time and 18-20 us in all when launched dependent (0.148 against
 //! 0.151 ms a step at 512k as an ordinary launch, worse below); capping
 //! the scoring's registers for 3 or 4 blocks per SM changed nothing or
-//! slowed it (0.052 -> 0.068 ms at 4).
+//! slowed it (0.052 -> 0.068 ms at 4). Those two experiments' code was
+//! not kept in the repository, so their figures cannot be re-measured from
+//! it; the chained steps can (`with_chain`).
 //! Splits per KV head: one block
 //! per resident slot ((SMs x resident blocks) / KV heads, 49 on an H100),
 //! or 32 up to 16k rows, where fewer partials to combine win (measured by

@@ -222,7 +222,8 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
 // caps registers at 128 a thread; its register count without the hint was
 // not profiled). Measured on the H100 (scaling variant, f32,
 // forward + backward): 8.60 -> 6.73 ms at 1M voxels, 0.936 -> 0.777 ms at
-// 100k, 0.154 -> 0.150 ms at 10k; asking for 3 blocks was slower than 2.
+// 100k, 0.154 -> 0.150 ms at 10k; asking for 3 blocks was slower than 2
+// (the variants compared were temporary kernels, not kept here).
 
 template <typename T>
 __device__ void sla_bwd(const T *q, const T *k, const T *v, const T *dout, T *dq, T *dk,
