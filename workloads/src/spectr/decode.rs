@@ -45,6 +45,11 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     pub target_calls: u64,
     pub draft_calls: u64,
+    /// Contexts scored over all target (draft) calls: a transformer feeds
+    /// about one new token per context, so rows per call is the batch a
+    /// call costs (the GPU cost model of `bench-suite predict-spectr`).
+    pub target_rows: u64,
+    pub draft_rows: u64,
     /// Entry `j`: how many blocks kept a draft token at draft position `j`
     /// (`j < L`); empty for autoregressive sampling.
     pub accepted_per_position: Vec<u64>,
@@ -78,6 +83,7 @@ pub fn autoregressive<R: Rng + ?Sized>(
         check()?;
         let dist = target.next_dist(&context);
         g.target_calls += 1;
+        g.target_rows += 1;
         g.blocks += 1;
         expect_vocab("target", &dist, target.vocab_size())?;
         let t = sample_categorical(&dist, rng) as u32;
@@ -277,6 +283,7 @@ where
             );
             let dists = draft.next_dists(&contexts);
             g.draft_calls += 1;
+            g.draft_rows += rows as u64;
             drop(contexts);
             if dists.len() != rows {
                 return Err(WorkloadError::Other(format!(
@@ -312,6 +319,7 @@ where
         let target_dists = target.next_dists(&contexts);
         drop(contexts);
         g.target_calls += 1;
+        g.target_rows += rows as u64;
         if target_dists.len() != rows {
             return Err(WorkloadError::Other(format!(
                 "target model returned {} distributions for {rows} contexts",
@@ -510,6 +518,38 @@ mod tests {
             let gof = chi_square_gof(&counts, &exact);
             assert!(gof.p_value > 1e-4, "k {k} L {l}: p = {}", gof.p_value);
         }
+    }
+
+    #[test]
+    fn rows_count_the_distinct_prefixes_each_call_scores() {
+        let target = Markov(TARGET);
+        let (k, l) = (4usize, 3usize);
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        // Drafts that always agree: one context per position.
+        let same = Iid(vec![0.0, 1.0, 0.0, 0.0, 0.0]);
+        let g = spectr(&same, &target, &PROMPT, 40, k, l, &mut rng, &mut no_check()).unwrap();
+        assert_eq!(g.draft_rows, g.draft_calls);
+        assert_eq!(g.target_rows, g.blocks * (l as u64 + 1));
+        // Drafts that disagree: position 0 is shared, later ones hold at
+        // most k distinct prefixes, and some block must use more than one.
+        let spread = Iid(vec![0.2; V]);
+        let g = spectr(
+            &spread,
+            &target,
+            &PROMPT,
+            40,
+            k,
+            l,
+            &mut rng,
+            &mut no_check(),
+        )
+        .unwrap();
+        let (kk, ll) = (k as u64, l as u64);
+        assert!(g.draft_rows <= g.blocks * (1 + (ll - 1) * kk));
+        assert!(g.target_rows <= g.blocks * (1 + ll * kk));
+        assert!(g.target_rows > g.blocks * (ll + 1), "{g:?}");
+        let g = autoregressive(&target, &PROMPT, 7, &mut rng, &mut no_check()).unwrap();
+        assert_eq!((g.target_rows, g.draft_rows), (7, 0));
     }
 
     #[test]

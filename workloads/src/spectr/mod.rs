@@ -708,6 +708,7 @@ impl Job for SpectrJob<'_> {
         let mut pit = Vec::new();
         let mut eval_rng = ChaCha8Rng::seed_from_u64(seed::derive(self.seed, &["exactness"]));
         let (mut target_calls, mut draft_calls, mut emitted) = (0u64, 0u64, 0usize);
+        let (mut target_rows, mut draft_rows, mut prompt_tokens) = (0u64, 0u64, 0usize);
         // Acceptance at draft position j, conditional on reaching j; averaged
         // over problems with equal weight, like the closed forms it is
         // compared with (pooling over blocks would over-weight the pairs
@@ -727,6 +728,9 @@ impl Job for SpectrJob<'_> {
             emitted += g.tokens.len();
             target_calls += g.target_calls;
             draft_calls += g.draft_calls;
+            target_rows += g.target_rows;
+            draft_rows += g.draft_rows;
+            prompt_tokens += p.prompt.len();
             let mut reached = g.blocks;
             for (j, a) in acceptance.iter_mut().enumerate() {
                 let kept = g.accepted_per_position.get(j).copied().unwrap_or(0);
@@ -748,7 +752,13 @@ impl Job for SpectrJob<'_> {
             .figure("tokens_per_s", emitted as f64 / self.wall_s)
             .figure("target_calls", target_calls as f64)
             .figure("draft_calls", draft_calls as f64)
-            .figure("block_efficiency", emitted as f64 / target_calls as f64);
+            .figure("block_efficiency", emitted as f64 / target_calls as f64)
+            .figure("target_rows", target_rows as f64)
+            .figure("draft_rows", draft_rows as f64)
+            .figure(
+                "mean_prompt_tokens",
+                prompt_tokens as f64 / self.problems.len() as f64,
+            );
         if let Some(first) = acceptance.first() {
             out = out.figure("acceptance_first", *first);
         }
