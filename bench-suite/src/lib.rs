@@ -13,6 +13,7 @@ pub mod compare;
 pub mod fingerprint;
 pub mod merge;
 pub mod plan;
+pub mod predict;
 pub mod records;
 pub mod report;
 pub mod runner;

@@ -16,7 +16,7 @@ use bench_suite::plan::{self, Selection, Shard};
 use bench_suite::records;
 use bench_suite::report::{self, ReportInput};
 use bench_suite::runner::{self, Env, RunOptions};
-use bench_suite::{compare, merge, summary};
+use bench_suite::{compare, merge, predict, summary};
 
 #[derive(Parser)]
 #[command(
@@ -80,6 +80,26 @@ enum Command {
         threshold: f64,
         #[arg(long)]
         allow_mixed_hardware: bool,
+    },
+    /// Predict SpecTr's GPU speedup from a CPU run's call counts and
+    /// per-call costs measured on a GPU (scripts/spectr_gpu_costs.py).
+    PredictSpectr {
+        /// Result directory of a `bench-suite run spectr` (its records).
+        records: PathBuf,
+        /// A gpu-costs.csv written by scripts/spectr_gpu_costs.py
+        /// (repeatable; its gpu-costs.json is read from beside it).
+        #[arg(long, required = true)]
+        costs: Vec<PathBuf>,
+        #[arg(long, default_value = "qwen2.5-coder-0.5b-1.5b")]
+        variant: String,
+        /// Model names of the draft and target in the cost files.
+        #[arg(long, default_value = "qwen2.5-coder-0.5b")]
+        draft_model: String,
+        #[arg(long, default_value = "qwen2.5-coder-1.5b")]
+        target_model: String,
+        /// Directory for gpu-prediction.md and gpu-prediction.csv.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Print this machine's hardware fingerprint.
     Env {
@@ -205,6 +225,37 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
                 entries: opts.entries.clone(),
             };
             run(selection, opts, shard)
+        }
+        Command::PredictSpectr {
+            records: dir,
+            costs: files,
+            variant,
+            draft_model,
+            target_model,
+            out,
+        } => {
+            let recs = records::read_dir(&dir).map_err(usage)?;
+            let calls = predict::calls(&recs, &variant).map_err(usage)?;
+            let mut costs = predict::Costs::default();
+            for f in &files {
+                costs.add_file(f).map_err(usage)?;
+            }
+            let predictions = predict::predict(&calls, &costs, &draft_model, &target_model);
+            if predictions.is_empty() {
+                return Err(usage(format!(
+                    "the cost files hold no cost model measured for both `{draft_model}` and \
+                     `{target_model}`; check --draft-model and --target-model"
+                )));
+            }
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let md = predict::render(&calls, &predictions, &costs, &dir.display().to_string());
+            records::write_atomic(&out.join("gpu-prediction.md"), md.as_bytes())?;
+            records::write_atomic(
+                &out.join("gpu-prediction.csv"),
+                predict::to_csv(&predictions).as_bytes(),
+            )?;
+            print!("{md}");
+            Ok(Done::Ok)
         }
         Command::Merge { dirs, out } => {
             let n = merge::merge(&dirs, &out).map_err(usage)?;

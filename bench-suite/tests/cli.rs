@@ -359,3 +359,52 @@ fn suite_shards_merge_into_the_unsharded_set() {
         .code(2)
         .stderr(predicate::str::contains("already holds records"));
 }
+
+#[test]
+fn predict_spectr_writes_its_table_and_refuses_bad_cost_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    small_run(&run, "3");
+    let costs = dir.path().join("gpu-costs.csv");
+    let mut csv = String::from("model,format,mode,context,rows,median_ms,p10_ms,p90_ms\n");
+    for n in 1..=20 {
+        csv += &format!("d,bf16,graph,8,{n},{},0,0\n", 1.0 + 0.01 * n as f64);
+        csv += &format!("t,bf16,graph,8,{n},{},0,0\n", 3.0 + 0.05 * n as f64);
+    }
+    fs::write(&costs, csv).unwrap();
+    let out = dir.path().join("pred");
+    let predict = |models: [&str; 2], costs: &Path, out: &Path| {
+        let mut c = bench();
+        c.args(["predict-spectr", "--variant", "synthetic-small"])
+            .arg(&run)
+            .arg("--costs")
+            .arg(costs)
+            .args(["--draft-model", models[0], "--target-model", models[1]])
+            .arg("--out")
+            .arg(out);
+        c
+    };
+    predict(["d", "t"], &costs, &out)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("| speculative |"));
+    let table = fs::read_to_string(out.join("gpu-prediction.md")).unwrap();
+    assert!(
+        table.contains("| autoregressive | - | 1.00 | 1.0 | 1.00x |"),
+        "{table}"
+    );
+    assert!(out.join("gpu-prediction.csv").exists());
+
+    // Model names absent from the costs, and a missing cost file: exit 2,
+    // nothing written.
+    let none = dir.path().join("none");
+    predict(["x", "t"], &costs, &none)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--draft-model"));
+    predict(["d", "t"], &dir.path().join("missing.csv"), &none)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("missing.csv"));
+    assert!(!none.exists());
+}
