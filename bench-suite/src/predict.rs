@@ -231,6 +231,16 @@ pub fn calls(records: &[TrialRecord], variant: &str) -> Result<Vec<Calls>, Recor
             params,
         });
     }
+    // Baseline first, then by k and L as numbers (not as text).
+    let rank = |c: &Calls| {
+        let n = |name| param(&c.params, name).and_then(|v| v.parse::<u32>().ok());
+        let kind = ["autoregressive", "speculative", "spectr"]
+            .iter()
+            .position(|e| *e == c.entry)
+            .unwrap_or(3);
+        (kind, c.entry.clone(), n("k"), n("L"), c.params.clone())
+    };
+    out.sort_by_key(rank);
     Ok(out)
 }
 
@@ -404,6 +414,35 @@ mod tests {
             .collect();
         let c = super::calls(&recs, "v").unwrap();
         assert_eq!(c.len(), 1);
+        let mut many = Vec::new();
+        for (entry, params) in [
+            ("spectr", "k=8,L=2"),
+            ("spectr", "k=2,L=8"),
+            ("speculative", "k=1,L=2"),
+            ("spectr", "k=2,L=2"),
+        ] {
+            let l = line(0, &full(6.0))
+                .replace(
+                    "\"spectr\",\"entry_kind",
+                    &format!("\"{entry}\",\"entry_kind"),
+                )
+                .replace("k=2,L=2", params);
+            many.push(serde_json::from_str::<TrialRecord>(&l).unwrap());
+        }
+        let order: Vec<String> = super::calls(&many, "v")
+            .unwrap()
+            .iter()
+            .map(|c| format!("{} {}", c.entry, c.params))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "speculative k=1,L=2",
+                "spectr k=2,L=2",
+                "spectr k=2,L=8",
+                "spectr k=8,L=2"
+            ]
+        );
         assert_eq!((c[0].trials, c[0].tokens), (2, 7.0));
         assert_eq!(c[0].block_efficiency(), 3.5);
         let e = super::calls(&recs, "w").unwrap_err().to_string();
