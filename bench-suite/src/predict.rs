@@ -132,7 +132,7 @@ impl Costs {
                     let (Some((model, format)), Some(b)) = (key.split_once('/'), b.as_f64()) else {
                         continue;
                     };
-                    // The first file's bandwidth counts, as for a measured curve below.
+                    // Files of one run repeat the limit; the first file's counts.
                     self.curves
                         .entry((model.to_string(), format!("{format}/bandwidth")))
                         .or_insert(Curve::Flat(b / bw * 1e3));
