@@ -10,16 +10,22 @@
 //! promise that: on x86 with AVX512-VNNI it switches to repacked kernels
 //! (another summation order) when a call has several rows.
 //!
-//! The dot products are candle's `GgmlType::vec_dot` (AVX2 for Q4_0, Q8_0
-//! and the K-quants), except for Q4_1 and Q5_0, whose candle versions are
-//! scalar: those two get AVX2 kernels here (SmolLM2 is almost all Q4_1, the
-//! Qwen 0.5B GGUF mostly Q5_0).
+//! The dot products for the formats our models use (Q4_1, Q5_0, Q8_0,
+//! Q4_K, Q6_K) are our own x86 kernels; the rest are candle's
+//! `GgmlType::vec_dot`. Ours take several activation rows against one
+//! weight row at once, so that prompt processing and batched verification
+//! unpack each weight block once for up to eight rows, and the matmul walks
+//! tiles of weight rows by activation rows that stay in L1. Each row's
+//! arithmetic is the same instruction sequence whatever the number of rows,
+//! so the row-independence above holds bit for bit. Q4_K and Q6_K have an
+//! AVX-512 VNNI variant (64 weights per instruction, fused i16
+//! multiply-accumulate), chosen once per process when the CPU has it.
 
 use std::ops::Range;
 
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
-    BlockQ8_0, BlockQ8_1, GgmlType,
+    BlockQ8_0, GgmlType,
 };
 use candle_core::quantized::{GgmlDType, QTensor};
 
@@ -65,47 +71,85 @@ struct Kernel {
 /// callers give disjoint `cols` to concurrent calls.
 type DotCols = unsafe fn(&[u8], usize, Range<usize>, &[u8], usize, *mut f32, usize);
 
-/// The dot product a weight format uses. Defaults to candle's; overridden
-/// where candle's is scalar.
+/// The dot products a weight format uses: one activation row at a time,
+/// and `N` rows against one weight row at once (prompt processing and
+/// batched verification), which unpacks each weight block once for all of
+/// them. `dot_rows` must give, row for row, the bits `dot` gives: our own
+/// kernels run the same per-row instruction sequence for any row count
+/// (only the weight unpacking is shared), and the default just calls `dot`.
+/// Defaults to candle's; overridden where we have our own.
 trait Dot: GgmlType + 'static {
     fn dot(k: usize, w: &[Self], x: &[Self::VecDotType]) -> f32 {
         Self::vec_dot(k, w, x)
+    }
+
+    fn dot_rows<const N: usize>(k: usize, w: &[Self], x: [&[Self::VecDotType]; N]) -> [f32; N] {
+        x.map(|x| Self::dot(k, w, x))
     }
 }
 
 impl Dot for f32 {}
 impl Dot for BlockQ4_0 {}
 impl Dot for BlockQ5_1 {}
-impl Dot for BlockQ8_0 {}
 impl Dot for BlockQ2K {}
 impl Dot for BlockQ3K {}
-impl Dot for BlockQ4K {}
 impl Dot for BlockQ5K {}
-impl Dot for BlockQ6K {}
 
-impl Dot for BlockQ4_1 {
-    fn dot(k: usize, w: &[Self], x: &[BlockQ8_1]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked above), the
-            // mirrors have candle's layouts (asserted in `avx2`), and the
-            // slices are whole blocks of equal count.
-            return unsafe { x86::dot_q4_1_q8_1(&w[..k / 32], &x[..k / 32]) };
+/// A format with an AVX2 kernel `x86::$kernel::<NR>` (`NR` activation rows
+/// against one weight row) and optionally an AVX-512 VNNI one, chosen once
+/// per process (so every call in a run sums in the same order), falling
+/// back to candle's `vec_dot` elsewhere.
+macro_rules! own_dot {
+    ($block:ty, $kernel:ident $(, $kernel512:ident)?) => {
+        impl Dot for $block {
+            fn dot(k: usize, w: &[Self], x: &[Self::VecDotType]) -> f32 {
+                let n = k / Self::BLCK_SIZE;
+                #[cfg(target_arch = "x86_64")]
+                {
+                    $(if avx512() {
+                        // SAFETY: as below, and the CPU has the AVX-512
+                        // subsets the kernel enables (checked).
+                        return unsafe { x86::$kernel512::<1>(&w[..n], [&x[..n]]) }[0];
+                    })?
+                    if avx2() {
+                        // SAFETY: the CPU has AVX2, FMA and F16C (checked),
+                        // the mirrors have candle's layouts (asserted in
+                        // `x86`), and the slices are cut to whole blocks of
+                        // equal count.
+                        return unsafe { x86::$kernel::<1>(&w[..n], [&x[..n]]) }[0];
+                    }
+                }
+                Self::vec_dot(k, w, x)
+            }
+
+            fn dot_rows<const N: usize>(
+                k: usize,
+                w: &[Self],
+                x: [&[Self::VecDotType]; N],
+            ) -> [f32; N] {
+                let n = k / Self::BLCK_SIZE;
+                #[cfg(target_arch = "x86_64")]
+                {
+                    $(if avx512() {
+                        // SAFETY: as in `dot`.
+                        return unsafe { x86::$kernel512::<N>(&w[..n], x.map(|x| &x[..n])) };
+                    })?
+                    if avx2() {
+                        // SAFETY: as in `dot`.
+                        return unsafe { x86::$kernel::<N>(&w[..n], x.map(|x| &x[..n])) };
+                    }
+                }
+                x.map(|x| Self::vec_dot(k, w, x))
+            }
         }
-        Self::vec_dot(k, w, x)
-    }
+    };
 }
 
-impl Dot for BlockQ5_0 {
-    fn dot(k: usize, w: &[Self], x: &[BlockQ8_0]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: as for Q4_1.
-            return unsafe { x86::dot_q5_0_q8_0(&w[..k / 32], &x[..k / 32]) };
-        }
-        Self::vec_dot(k, w, x)
-    }
-}
+own_dot!(BlockQ4_1, dot_q4_1_q8_1);
+own_dot!(BlockQ5_0, dot_q5_0_q8_0);
+own_dot!(BlockQ8_0, dot_q8_0_q8_0);
+own_dot!(BlockQ4K, dot_q4k_q8k, dot_q4k_q8k_512);
+own_dot!(BlockQ6K, dot_q6k_q8k, dot_q6k_q8k_512);
 
 #[cfg(target_arch = "x86_64")]
 fn avx2() -> bool {
@@ -115,6 +159,22 @@ fn avx2() -> bool {
         std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("f16c")
+    })
+}
+
+/// AVX-512 with VNNI (fused i16 multiply-accumulate) on top of AVX2.
+/// `BENCH_SUITE_NO_AVX512=1` turns it off, to compare the two kernels.
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        avx2()
+            && std::env::var_os("BENCH_SUITE_NO_AVX512").is_none_or(|v| v.is_empty() || v == "0")
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
     })
 }
 
@@ -164,15 +224,53 @@ unsafe fn dot_cols<T: Dot>(
     let w: &[T] = blocks(w);
     let x: &[T::VecDotType] = blocks(xq);
     let kb = k / T::BLCK_SIZE;
-    for c in cols {
-        let wr = &w[c * kb..(c + 1) * kb];
-        for r in 0..m {
-            let v = T::dot(k, wr, &x[r * kb..(r + 1) * kb]);
-            // SAFETY: in bounds by the caller's contract; only this call
-            // writes column `c`.
-            unsafe { *out.add(r * out_stride + c) = v };
+    // Tiles of 16 weight rows by up to 8 activation rows, both about 15 KB
+    // for the 1.5B's K-quants: each weight tile stays in L1 while every
+    // activation tile passes over it, so activations come from L2 once per
+    // 16 weight rows instead of once per weight row.
+    const TILE_COLS: usize = 16;
+    let mut buf = [0f32; 8];
+    let mut c0 = cols.start;
+    while c0 < cols.end {
+        let tile = c0..(c0 + TILE_COLS).min(cols.end);
+        let mut r0 = 0;
+        while r0 < m {
+            let xr = &x[r0 * kb..];
+            // Eight rows per weight unpacking, then four, two, one: each
+            // row's result is the same bits in any of them.
+            let take = match m - r0 {
+                8.. => 8,
+                4..8 => 4,
+                2..4 => 2,
+                _ => 1,
+            };
+            for c in tile.clone() {
+                let wr = &w[c * kb..(c + 1) * kb];
+                match take {
+                    8 => rows::<T, 8>(k, wr, xr, &mut buf),
+                    4 => rows::<T, 4>(k, wr, xr, &mut buf),
+                    2 => rows::<T, 2>(k, wr, xr, &mut buf),
+                    _ => rows::<T, 1>(k, wr, xr, &mut buf),
+                }
+                for (i, &v) in buf[..take].iter().enumerate() {
+                    // SAFETY: in bounds by the caller's contract; only this
+                    // call writes column `c`.
+                    unsafe { *out.add((r0 + i) * out_stride + c) = v };
+                }
+            }
+            r0 += take;
         }
+        c0 = tile.end;
     }
+}
+
+/// The first `N` activation rows of `x` (rows of `w.len()` blocks) against
+/// the weight row `w`, into `out[..N]`.
+#[inline]
+fn rows<T: Dot, const N: usize>(k: usize, w: &[T], x: &[T::VecDotType], out: &mut [f32; 8]) {
+    let kb = w.len();
+    let v = T::dot_rows::<N>(k, w, std::array::from_fn(|i| &x[i * kb..(i + 1) * kb]));
+    out[..N].copy_from_slice(&v);
 }
 
 fn kernel<T: Dot>() -> Kernel {
@@ -461,40 +559,90 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! AVX2 dot products for the two formats candle leaves scalar. Each
-    //! block's integer dot product is exact; the f32 accumulation order is
-    //! fixed (one 8-lane accumulator, then a fixed horizontal sum).
-    use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1};
+    //! AVX2 dot products of one weight row with `NR` activation rows. Each
+    //! block's integer dot product is exact; per row, the f32 accumulation
+    //! order is fixed (8-lane accumulators, one fused multiply-add per
+    //! block, then a fixed horizontal sum) and does not depend on `NR`:
+    //! only the weight unpacking is shared between rows. Q4_K and Q6_K
+    //! follow ggml's AVX2 kernels (as candle's do), except that Q6_K's
+    //! offset of 32 is taken out once per sub-block through the activation
+    //! block sums instead of once per byte.
+    use candle_core::quantized::k_quants::{
+        BlockQ4K, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1,
+    };
     use std::arch::x86_64::*;
 
     // Mirrors of candle's block layouts (its fields are crate-private).
     #[repr(C)]
-    struct Q4_1 {
+    pub struct Q4_1 {
         d: u16,
         m: u16,
         qs: [u8; 16],
     }
     #[repr(C)]
-    struct Q8_1 {
+    pub struct Q8_1 {
         d: u16,
         s: u16,
         qs: [i8; 32],
     }
     #[repr(C)]
-    struct Q5_0 {
+    pub struct Q5_0 {
         d: u16,
         qh: [u8; 4],
         qs: [u8; 16],
     }
     #[repr(C)]
-    struct Q8_0 {
+    pub struct Q8_0 {
         d: u16,
         qs: [i8; 32],
     }
-    const _: () = assert!(std::mem::size_of::<Q4_1>() == std::mem::size_of::<BlockQ4_1>());
-    const _: () = assert!(std::mem::size_of::<Q8_1>() == std::mem::size_of::<BlockQ8_1>());
-    const _: () = assert!(std::mem::size_of::<Q5_0>() == std::mem::size_of::<BlockQ5_0>());
-    const _: () = assert!(std::mem::size_of::<Q8_0>() == std::mem::size_of::<BlockQ8_0>());
+    #[repr(C)]
+    pub struct Q4K {
+        d: u16,
+        dmin: u16,
+        scales: [u8; 12],
+        qs: [u8; 128],
+    }
+    #[repr(C)]
+    pub struct Q6K {
+        ql: [u8; 128],
+        qh: [u8; 64],
+        scales: [i8; 16],
+        d: u16,
+    }
+    #[repr(C)]
+    pub struct Q8K {
+        d: f32,
+        qs: [i8; 256],
+        bsums: [i16; 16],
+    }
+
+    /// A candle block type and its mirror here.
+    ///
+    /// # Safety
+    /// `Self` must have the layout of `Of`: same size, alignment no
+    /// stricter, fields of the same types in the same `repr(C)` order.
+    unsafe trait Mirror {
+        type Of;
+    }
+    macro_rules! mirror {
+        ($($ours:ty => $theirs:ty),*) => {$(
+            const _: () = assert!(std::mem::size_of::<$ours>() == std::mem::size_of::<$theirs>());
+            const _: () = assert!(std::mem::align_of::<$ours>() <= std::mem::align_of::<$theirs>());
+            // SAFETY: same size (asserted), alignment no stricter, and the
+            // fields in candle's `repr(C)` order.
+            unsafe impl Mirror for $ours {
+                type Of = $theirs;
+            }
+        )*};
+    }
+    mirror!(Q4_1 => BlockQ4_1, Q8_1 => BlockQ8_1, Q5_0 => BlockQ5_0, Q8_0 => BlockQ8_0,
+            Q4K => BlockQ4K, Q6K => BlockQ6K, Q8K => BlockQ8K);
+
+    fn view<M: Mirror>(s: &[M::Of]) -> &[M] {
+        // SAFETY: `Mirror` guarantees the same layout.
+        unsafe { std::slice::from_raw_parts(s.as_ptr() as *const M, s.len()) }
+    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -505,10 +653,24 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn hsum(x: __m256) -> f32 {
-        let r = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
+        hsum128(_mm_add_ps(
+            _mm256_extractf128_ps::<1>(x),
+            _mm256_castps256_ps128(x),
+        ))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum128(r: __m128) -> f32 {
         let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
         let r = _mm_add_ss(r, _mm_movehdup_ps(r));
         _mm_cvtss_f32(r)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load(p: *const i8) -> __m256i {
+        unsafe { _mm256_loadu_si256(p as *const __m256i) }
     }
 
     /// 32 nibbles: low nibbles of the 16 bytes first, then the high ones.
@@ -543,45 +705,61 @@ mod x86 {
         _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)))
     }
 
-    /// # Safety
-    /// AVX2, FMA and F16C must be available; `w` and `x` have equal length.
+    /// The 32-byte blocks formats (Q5_0, Q8_0 against Q8_0): signed weights
+    /// `qx` (shared by the rows) against each row's block, through the sign
+    /// trick (|qx| times qy with qx's sign).
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1_q8_1(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-        debug_assert_eq!(w.len(), x.len());
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for (wb, xb) in w.iter().zip(x) {
-            // SAFETY: same layouts (asserted above).
-            let (wb, xb) = unsafe {
-                (
-                    &*(wb as *const _ as *const Q4_1),
-                    &*(xb as *const _ as *const Q8_1),
-                )
-            };
-            mins += f16(wb.m) * f16(xb.s);
-            let d = _mm256_set1_ps(f16(wb.d) * f16(xb.d));
-            let qx = unsafe { nibbles(wb.qs.as_ptr()) };
-            let qy = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
-            acc = _mm256_fmadd_ps(d, madd_us(qx, qy), acc);
+    unsafe fn signed_rows<const NR: usize>(
+        acc: &mut [__m256; NR],
+        qx: __m256i,
+        wd: f32,
+        rows: [&Q8_0; NR],
+    ) {
+        let ax = _mm256_sign_epi8(qx, qx);
+        for r in 0..NR {
+            let y = rows[r];
+            let qy = unsafe { load(y.qs.as_ptr()) };
+            let d = _mm256_set1_ps(wd * f16(y.d));
+            acc[r] = _mm256_fmadd_ps(d, madd_us(ax, _mm256_sign_epi8(qy, qx)), acc[r]);
         }
-        hsum(acc) + mins
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; every `x[r]` has `w.len()`
+    /// blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_1_q8_1<const NR: usize>(
+        w: &[BlockQ4_1],
+        x: [&[BlockQ8_1]; NR],
+    ) -> [f32; NR] {
+        let (w, x) = (view::<Q4_1>(w), x.map(view::<Q8_1>));
+        let mut acc = [_mm256_setzero_ps(); NR];
+        let mut mins = [0f32; NR];
+        for (i, wb) in w.iter().enumerate() {
+            let (wd, wm) = (f16(wb.d), f16(wb.m));
+            let qx = unsafe { nibbles(wb.qs.as_ptr()) };
+            for r in 0..NR {
+                let y = &x[r][i];
+                mins[r] += wm * f16(y.s);
+                let qy = unsafe { load(y.qs.as_ptr()) };
+                let d = _mm256_set1_ps(wd * f16(y.d));
+                acc[r] = _mm256_fmadd_ps(d, madd_us(qx, qy), acc[r]);
+            }
+        }
+        std::array::from_fn(|r| hsum(acc[r]) + mins[r])
     }
 
     /// # Safety
     /// As for [`dot_q4_1_q8_1`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q5_0_q8_0(w: &[BlockQ5_0], x: &[BlockQ8_0]) -> f32 {
-        debug_assert_eq!(w.len(), x.len());
-        let mut acc = _mm256_setzero_ps();
-        for (wb, xb) in w.iter().zip(x) {
-            // SAFETY: same layouts (asserted above).
-            let (wb, xb) = unsafe {
-                (
-                    &*(wb as *const _ as *const Q5_0),
-                    &*(xb as *const _ as *const Q8_0),
-                )
-            };
-            let d = _mm256_set1_ps(f16(wb.d) * f16(xb.d));
+    pub unsafe fn dot_q5_0_q8_0<const NR: usize>(
+        w: &[BlockQ5_0],
+        x: [&[BlockQ8_0]; NR],
+    ) -> [f32; NR] {
+        let (w, x) = (view::<Q5_0>(w), x.map(view::<Q8_0>));
+        let mut acc = [_mm256_setzero_ps(); NR];
+        for (i, wb) in w.iter().enumerate() {
             let lo = unsafe { nibbles(wb.qs.as_ptr()) };
             // q - 16 as i8: where the fifth bit is clear, set the top four.
             let hi = _mm256_andnot_si256(
@@ -589,17 +767,329 @@ mod x86 {
                 _mm256_set1_epi8(0xF0u8 as i8),
             );
             let qx = _mm256_or_si256(lo, hi);
-            let qy = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
-            let q = madd_us(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
-            acc = _mm256_fmadd_ps(d, q, acc);
+            unsafe { signed_rows(&mut acc, qx, f16(wb.d), x.map(|x| &x[i])) };
         }
-        hsum(acc)
+        acc.map(|a| hsum(a))
+    }
+
+    /// # Safety
+    /// As for [`dot_q4_1_q8_1`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8_0_q8_0<const NR: usize>(
+        w: &[BlockQ8_0],
+        x: [&[BlockQ8_0]; NR],
+    ) -> [f32; NR] {
+        let (w, x) = (view::<Q8_0>(w), x.map(view::<Q8_0>));
+        let mut acc = [_mm256_setzero_ps(); NR];
+        for (i, wb) in w.iter().enumerate() {
+            let qx = unsafe { load(wb.qs.as_ptr()) };
+            unsafe { signed_rows(&mut acc, qx, f16(wb.d), x.map(|x| &x[i])) };
+        }
+        acc.map(|a| hsum(a))
+    }
+
+    /// Q4_K's eight 6-bit scales (lanes 0-7) and eight 6-bit mins (lanes
+    /// 8-15) as i16, from its 12 packed bytes: ggml's packing, the low six
+    /// bits of bytes 0-7, the rest spread over their top bits and bytes
+    /// 8-11; unpacked four at a time in u32 words, as ggml does.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q4k_scales_mins(packed: &[u8; 12]) -> __m256i {
+        const LOW6: u32 = 0x3f3f3f3f;
+        const LOW4: u32 = 0x0f0f0f0f;
+        const LOW2: u32 = 0x03030303;
+        let word = |i: usize| {
+            u32::from_le_bytes([
+                packed[4 * i],
+                packed[4 * i + 1],
+                packed[4 * i + 2],
+                packed[4 * i + 3],
+            ])
+        };
+        let (a, b, c) = (word(0), word(1), word(2));
+        let scales_lo = a & LOW6;
+        let scales_hi = (c & LOW4) | (((a >> 6) & LOW2) << 4);
+        let mins_lo = b & LOW6;
+        let mins_hi = ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4);
+        _mm256_cvtepu8_epi16(_mm_set_epi32(
+            mins_hi as i32,
+            mins_lo as i32,
+            scales_hi as i32,
+            scales_lo as i32,
+        ))
+    }
+
+    /// Each of 8 i16 lanes twice: `[a0, a0, a1, a1, ..., a7, a7]`, the
+    /// weight of each 16-element block sum of a 32-element sub-block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn pairs16(a: __m128i) -> __m256i {
+        let t = _mm256_cvtepu16_epi32(a);
+        _mm256_or_si256(t, _mm256_slli_epi32::<16>(t))
+    }
+
+    /// Broadcasts i16 lane `i` of each 128-bit half.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn lane16(v: __m256i, i: usize) -> __m256i {
+        let b = (2 * i as i64) | ((2 * i as i64 + 1) << 8);
+        let pair = b | (b << 16) | (b << 32) | (b << 48);
+        _mm256_shuffle_epi8(v, _mm256_set1_epi64x(pair))
+    }
+
+    /// # Safety
+    /// As for [`dot_q4_1_q8_1`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4k_q8k<const NR: usize>(w: &[BlockQ4K], x: [&[BlockQ8K]; NR]) -> [f32; NR] {
+        let (w, x) = (view::<Q4K>(w), x.map(view::<Q8K>));
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); NR];
+        let mut acc_m = [_mm256_setzero_ps(); NR];
+        for (i, wb) in w.iter().enumerate() {
+            let (wd, wmin) = (f16(wb.d), f16(wb.dmin));
+            let sm = q4k_scales_mins(&wb.scales);
+            let scales = _mm256_permute2x128_si256::<0x00>(sm, sm);
+            // Minimums: sum over sub-blocks of min * (sum of its 32
+            // activations), from the 16-element block sums.
+            let mins = pairs16(_mm256_extracti128_si256::<1>(sm));
+            for r in 0..NR {
+                let y = &x[r][i];
+                let bs = unsafe { load(y.bsums.as_ptr() as *const i8) };
+                let prod = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bs));
+                acc_m[r] = _mm256_fmadd_ps(_mm256_set1_ps(-y.d * wmin), prod, acc_m[r]);
+            }
+            let mut sumi = [_mm256_setzero_si256(); NR];
+            for j in 0..4 {
+                let scale_l = lane16(scales, 2 * j);
+                let scale_h = lane16(scales, 2 * j + 1);
+                let bits = unsafe { load(wb.qs.as_ptr().add(32 * j) as *const i8) };
+                let q4l = _mm256_and_si256(bits, m4);
+                let q4h = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+                for r in 0..NR {
+                    let q8 = x[r][i].qs.as_ptr();
+                    let (q8l, q8h) = unsafe { (load(q8.add(64 * j)), load(q8.add(64 * j + 32))) };
+                    let pl = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(q4l, q8l));
+                    let ph = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(q4h, q8h));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
+                }
+            }
+            for r in 0..NR {
+                let d = _mm256_set1_ps(x[r][i].d * wd);
+                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            }
+        }
+        std::array::from_fn(|r| hsum(acc[r]) + hsum(acc_m[r]))
+    }
+
+    /// # Safety
+    /// As for [`dot_q4_1_q8_1`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q6k_q8k<const NR: usize>(w: &[BlockQ6K], x: [&[BlockQ8K]; NR]) -> [f32; NR] {
+        let (w, x) = (view::<Q6K>(w), x.map(view::<Q8K>));
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(3);
+        let mut acc = [_mm256_setzero_ps(); NR];
+        for (i, wb) in w.iter().enumerate() {
+            let wd = f16(wb.d);
+            let scales = unsafe { _mm_loadu_si128(wb.scales.as_ptr() as *const __m128i) };
+            // Weights are q - 32 with q in 0..64: sum sc q y directly, and
+            // take 32 sc (sum of y) per 16-element sub-block off up front.
+            let mut sumi = [_mm256_setzero_si256(); NR];
+            let sc16 = _mm256_cvtepi8_epi16(scales);
+            for r in 0..NR {
+                let bs = unsafe { load(x[r][i].bsums.as_ptr() as *const i8) };
+                let off = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5);
+                sumi[r] = _mm256_sub_epi32(sumi[r], off);
+            }
+            for half in 0..2 {
+                let ql = wb.ql.as_ptr().wrapping_add(64 * half);
+                let (b1, b2, bh) = unsafe {
+                    (
+                        load(ql as *const i8),
+                        load(ql.add(32) as *const i8),
+                        load(wb.qh.as_ptr().add(32 * half) as *const i8),
+                    )
+                };
+                let high = |shift: i32| {
+                    let h = match shift {
+                        0 => bh,
+                        2 => _mm256_srli_epi16(bh, 2),
+                        4 => _mm256_srli_epi16(bh, 4),
+                        _ => _mm256_srli_epi16(bh, 6),
+                    };
+                    _mm256_slli_epi16(_mm256_and_si256(h, m2), 4)
+                };
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(b1, m4), high(0)),
+                    _mm256_or_si256(_mm256_and_si256(b2, m4), high(2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m4), high(4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m4), high(6)),
+                ];
+                for (t, &qt) in q.iter().enumerate() {
+                    // 32 weights, sub-blocks 2g and 2g + 1.
+                    let g = 4 * half + t;
+                    let pick = _mm_set_epi64x(
+                        (2 * g as i64 + 1) * 0x0101010101010101,
+                        2 * g as i64 * 0x0101010101010101,
+                    );
+                    let s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
+                    for r in 0..NR {
+                        let y = unsafe { load(x[r][i].qs.as_ptr().add(32 * g)) };
+                        let p = _mm256_madd_epi16(s, _mm256_maddubs_epi16(qt, y));
+                        sumi[r] = _mm256_add_epi32(sumi[r], p);
+                    }
+                }
+            }
+            for r in 0..NR {
+                let d = _mm256_set1_ps(x[r][i].d * wd);
+                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            }
+        }
+        acc.map(|a| hsum(a))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn hsum512(x: __m512) -> f32 {
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)));
+        hsum(_mm256_add_ps(_mm512_castps512_ps256(x), hi))
+    }
+
+    /// i16 lane `idx[l / 8]` of `v` in lanes `l` = 0..32 (groups of eight:
+    /// one 16-element sub-block of maddubs output per group).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn spread16(v: __m512i, idx: [usize; 4]) -> __m512i {
+        let lanes: [i16; 32] = std::array::from_fn(|l| idx[l / 8] as i16);
+        // SAFETY: 64 bytes read from a 64-byte array.
+        let lanes = unsafe { _mm512_loadu_si512(lanes.as_ptr() as *const __m512i) };
+        _mm512_permutexvar_epi16(lanes, v)
+    }
+
+    /// Q4_K with 512-bit vectors: one maddubs and one fused
+    /// multiply-accumulate (VNNI `vpdpwssd`) per 64 weights per row, where
+    /// AVX2 needs two of each and two adds.
+    ///
+    /// # Safety
+    /// As for [`dot_q4_1_q8_1`], and AVX512F/BW/VL/VNNI must be available.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn dot_q4k_q8k_512<const NR: usize>(
+        w: &[BlockQ4K],
+        x: [&[BlockQ8K]; NR],
+    ) -> [f32; NR] {
+        let (w, x) = (view::<Q4K>(w), x.map(view::<Q8K>));
+        let m4 = _mm512_set1_epi8(0x0F);
+        // Low 32 bytes: low nibbles (sub-block 2j); high: high (2j + 1).
+        let shift = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4));
+        let mut acc = [_mm512_setzero_ps(); NR];
+        let mut acc_m = [_mm256_setzero_ps(); NR];
+        for (i, wb) in w.iter().enumerate() {
+            let (wd, wmin) = (f16(wb.d), f16(wb.dmin));
+            let sm = q4k_scales_mins(&wb.scales);
+            let mins = pairs16(_mm256_extracti128_si256::<1>(sm));
+            for r in 0..NR {
+                let y = &x[r][i];
+                let bs = unsafe { load(y.bsums.as_ptr() as *const i8) };
+                let prod = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bs));
+                acc_m[r] = _mm256_fmadd_ps(_mm256_set1_ps(-y.d * wmin), prod, acc_m[r]);
+            }
+            let sm = _mm512_zextsi256_si512(sm);
+            let mut sumi = [_mm512_setzero_si512(); NR];
+            for j in 0..4 {
+                let bits = unsafe { load(wb.qs.as_ptr().add(32 * j) as *const i8) };
+                let q4 =
+                    _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(bits), shift), m4);
+                let s = spread16(sm, [2 * j, 2 * j, 2 * j + 1, 2 * j + 1]);
+                for r in 0..NR {
+                    // SAFETY: 64 of the block's 256 activations.
+                    let y = unsafe {
+                        _mm512_loadu_si512(x[r][i].qs.as_ptr().add(64 * j) as *const __m512i)
+                    };
+                    sumi[r] = _mm512_dpwssd_epi32(sumi[r], _mm512_maddubs_epi16(q4, y), s);
+                }
+            }
+            for r in 0..NR {
+                let d = _mm512_set1_ps(x[r][i].d * wd);
+                acc[r] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi[r]), acc[r]);
+            }
+        }
+        std::array::from_fn(|r| hsum512(acc[r]) + hsum(acc_m[r]))
+    }
+
+    /// Q6_K with 512-bit vectors (see [`dot_q4k_q8k_512`]).
+    ///
+    /// # Safety
+    /// As for [`dot_q4k_q8k_512`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn dot_q6k_q8k_512<const NR: usize>(
+        w: &[BlockQ6K],
+        x: [&[BlockQ8K]; NR],
+    ) -> [f32; NR] {
+        let (w, x) = (view::<Q6K>(w), x.map(view::<Q8K>));
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m2 = _mm512_set1_epi8(3);
+        // High bits: bits 0-1 (and 4-5) of qh for the low 32 weights of a
+        // vector, bits 2-3 (and 6-7) for the high 32.
+        let shift = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(2));
+        let mut acc = [_mm512_setzero_ps(); NR];
+        for (i, wb) in w.iter().enumerate() {
+            let wd = f16(wb.d);
+            let scales = unsafe { _mm_loadu_si128(wb.scales.as_ptr() as *const __m128i) };
+            let sc16 = _mm256_cvtepi8_epi16(scales);
+            let mut sumi = [_mm512_setzero_si512(); NR];
+            for r in 0..NR {
+                let bs = unsafe { load(x[r][i].bsums.as_ptr() as *const i8) };
+                let off = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5);
+                sumi[r] = _mm512_zextsi256_si512(_mm256_sub_epi32(_mm256_setzero_si256(), off));
+            }
+            let sc16 = _mm512_zextsi256_si512(sc16);
+            for half in 0..2 {
+                // SAFETY: 64 of the 128 low-bit bytes, 32 of the 64 high.
+                let (b, h) = unsafe {
+                    (
+                        _mm512_loadu_si512(wb.ql.as_ptr().add(64 * half) as *const __m512i),
+                        load(wb.qh.as_ptr().add(32 * half) as *const i8),
+                    )
+                };
+                let h = _mm512_srlv_epi16(_mm512_broadcast_i64x4(h), shift);
+                let q = [
+                    _mm512_or_si512(
+                        _mm512_and_si512(b, m4),
+                        _mm512_slli_epi16::<4>(_mm512_and_si512(h, m2)),
+                    ),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(b), m4),
+                        _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srli_epi16::<4>(h), m2)),
+                    ),
+                ];
+                for (t, &qt) in q.iter().enumerate() {
+                    // 64 weights, sub-blocks p..p + 4.
+                    let p = 8 * half + 4 * t;
+                    let s = spread16(sc16, [p, p + 1, p + 2, p + 3]);
+                    for r in 0..NR {
+                        // SAFETY: 64 of the block's 256 activations.
+                        let y = unsafe {
+                            _mm512_loadu_si512(
+                                x[r][i].qs.as_ptr().add(64 * (2 * half + t)) as *const __m512i
+                            )
+                        };
+                        sumi[r] = _mm512_dpwssd_epi32(sumi[r], _mm512_maddubs_epi16(qt, y), s);
+                    }
+                }
+            }
+            for r in 0..NR {
+                let d = _mm512_set1_ps(x[r][i].d * wd);
+                acc[r] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi[r]), acc[r]);
+            }
+        }
+        acc.map(|a| hsum512(a))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::k_quants::BlockQ8K;
     use candle_core::{Device, Tensor};
     use rand::{Rng, SeedableRng};
 
@@ -608,51 +1098,106 @@ mod tests {
         (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
 
-    /// Our AVX2 Q4_1 and Q5_0 dot products against candle's scalar ones on
-    /// random blocks. Both sum exact per-block integer products; only the
-    /// f32 accumulation order differs, so the difference is bounded by a few
-    /// ulps of the sum of absolute block terms: 1e-5 relative to that sum.
-    #[test]
-    fn avx2_dots_match_candle_scalar() {
-        let k = 1024;
-        for (dtype, seed) in [(GgmlDType::Q4_1, 1u64), (GgmlDType::Q5_0, 2)] {
-            let w = Tensor::from_vec(random(4 * k, seed), (4, k), &Device::Cpu).unwrap();
-            let qw = QWeight::new("w", QTensor::quantize(&w, dtype).unwrap()).unwrap();
-            let x = random(k, seed + 10);
-            let mut out = vec![0f32; 4];
-            let mut s = Scratch::default();
-            matmul(
-                &x,
-                1,
-                k,
-                &mut [Product {
-                    w: &qw,
-                    out: &mut out,
-                }],
-                &mut s,
-            );
-            let xq = s.bytes(0, (qw.kernel.act_row_bytes)(k)).to_vec();
-            for (r, &got) in out.iter().enumerate() {
-                let rb = qw.row_bytes();
-                let wr = &qw.bytes()[r * rb..(r + 1) * rb];
-                let (want, scale) = match dtype {
-                    GgmlDType::Q4_1 => {
-                        let w: &[BlockQ4_1] = blocks(wr);
-                        let x: &[BlockQ8_1] = blocks(&xq);
-                        (BlockQ4_1::vec_dot_unopt(k, w, x), x.len() as f32)
-                    }
-                    _ => {
-                        let w: &[BlockQ5_0] = blocks(wr);
-                        let x: &[BlockQ8_0] = blocks(&xq);
-                        (BlockQ5_0::vec_dot_unopt(k, w, x), x.len() as f32)
-                    }
-                };
-                let tol = 1e-5 * scale * (want.abs() + 1.0);
+    /// Our dot products (one row, and 8, 4 and 2 rows at once) against
+    /// candle's scalar reference `vec_dot_unopt` on random blocks. Both sum
+    /// exact per-block integer products; only the f32 accumulation order
+    /// differs, so the difference is a few ulps of the sum of absolute block
+    /// terms: 1e-5 per block relative to the result.
+    fn matches_candle_scalar<T: GgmlType>(dtype: GgmlDType, seed: u64) {
+        let (n, k, m) = (4, 1024, 8 + 4 + 2 + 1);
+        let w = Tensor::from_vec(random(n * k, seed), (n, k), &Device::Cpu).unwrap();
+        let qw = QWeight::new("w", QTensor::quantize(&w, dtype).unwrap()).unwrap();
+        let x = random(m * k, seed + 10);
+        let mut out = vec![0f32; m * n];
+        let mut s = Scratch::default();
+        let mut products = [Product {
+            w: &qw,
+            out: &mut out,
+        }];
+        matmul(&x, m, k, &mut products, &mut s);
+        let act = (qw.kernel.act_row_bytes)(k);
+        let xq = s.bytes(0, m * act).to_vec();
+        let rb = qw.row_bytes();
+        for r in 0..m {
+            let xr: &[T::VecDotType] = blocks(&xq[r * act..(r + 1) * act]);
+            for c in 0..n {
+                let wr: &[T] = blocks(&qw.bytes()[c * rb..(c + 1) * rb]);
+                let want = T::vec_dot_unopt(k, wr, xr);
+                let got = out[r * n + c];
+                let tol = 1e-5 * xr.len() as f32 * (want.abs() + 1.0);
                 assert!(
                     (got - want).abs() <= tol,
-                    "{dtype:?} row {r}: {got} vs {want}"
+                    "{dtype:?} ({r},{c}): {got} vs {want}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn own_dots_match_candle_scalar() {
+        matches_candle_scalar::<BlockQ4_1>(GgmlDType::Q4_1, 1);
+        matches_candle_scalar::<BlockQ5_0>(GgmlDType::Q5_0, 2);
+        matches_candle_scalar::<BlockQ8_0>(GgmlDType::Q8_0, 3);
+        matches_candle_scalar::<BlockQ4K>(GgmlDType::Q4K, 4);
+        matches_candle_scalar::<BlockQ6K>(GgmlDType::Q6K, 5);
+    }
+
+    /// Both x86 kernels of the K-quants (AVX2, and AVX-512 where the CPU
+    /// has it: a run uses one of them, so each is checked here directly)
+    /// against candle's scalar reference, within the tolerance above.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn k_quant_kernels_match_candle_scalar() {
+        let k = 1024;
+        let x = random(3 * k, 21);
+        let xq: Vec<BlockQ8K> = (0..3)
+            .flat_map(|r| {
+                let mut b = vec![BlockQ8K::zeros(); k / 256];
+                BlockQ8K::from_float(&x[r * k..(r + 1) * k], &mut b);
+                b
+            })
+            .collect();
+        let rows: [&[BlockQ8K]; 3] = std::array::from_fn(|r| &xq[r * 4..(r + 1) * 4]);
+        let check = |name: &str, got: [f32; 3], want: [f32; 3]| {
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() <= 4e-5 * (w.abs() + 1.0),
+                    "{name}: {g} vs {w}"
+                );
+            }
+        };
+        let w = random(k, 22);
+        let mut q4 = vec![BlockQ4K::zeros(); k / 256];
+        BlockQ4K::from_float(&w, &mut q4);
+        let mut q6 = vec![BlockQ6K::zeros(); k / 256];
+        BlockQ6K::from_float(&w, &mut q6);
+        let want4 = rows.map(|x| BlockQ4K::vec_dot_unopt(k, &q4, x));
+        let want6 = rows.map(|x| BlockQ6K::vec_dot_unopt(k, &q6, x));
+        if avx2() {
+            // SAFETY: AVX2/FMA/F16C checked; whole blocks of equal count.
+            check(
+                "q4k avx2",
+                unsafe { x86::dot_q4k_q8k::<3>(&q4, rows) },
+                want4,
+            );
+            check(
+                "q6k avx2",
+                unsafe { x86::dot_q6k_q8k::<3>(&q6, rows) },
+                want6,
+            );
+        }
+        if avx512() {
+            // SAFETY: as above, and the AVX-512 subsets checked.
+            check(
+                "q4k avx512",
+                unsafe { x86::dot_q4k_q8k_512::<3>(&q4, rows) },
+                want4,
+            );
+            check(
+                "q6k avx512",
+                unsafe { x86::dot_q6k_q8k_512::<3>(&q6, rows) },
+                want6,
+            );
         }
     }
 
@@ -660,7 +1205,7 @@ mod tests {
     /// format the models use.
     #[test]
     fn matmul_rows_are_batch_independent() {
-        let (n, k, m) = (40, 512, 7);
+        let (n, k, m) = (40, 512, 15);
         let x = random(m * k, 7);
         for dtype in [
             GgmlDType::F32,
