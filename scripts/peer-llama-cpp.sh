@@ -11,11 +11,19 @@
 #     verification in speculative decoding costs
 # Each is the median over a few repetitions, after a warm-up.
 #
-# Usage: scripts/peer-llama-cpp.sh [OUT.json]      (default results/peer-llama-cpp.json)
+# The suite's own decoder is measured the same way in the same run
+# (workloads/benches/decoder.rs, built here with cargo), alternating with
+# llama.cpp for PEER_ROUNDS rounds so drift on a shared machine hits both;
+# scripts/peer_compare.py then writes comparison.md / comparison.json with
+# our share of llama.cpp's figures (goal: at least two thirds).
+#
+# Usage: scripts/peer-llama-cpp.sh [OUT_DIR]   (default results/peer-llama-cpp/)
 #   --install-only     build/reuse the virtualenv and stop
+#   --peer-only        measure llama.cpp only (one round, no comparison)
 # Environment:
 #   PEER_THREADS   threads for llama.cpp (default 2, as in the suite's CPU runs)
 #   PEER_REPS      repetitions per measurement (default 5)
+#   PEER_ROUNDS    rounds of llama.cpp then ours (default 2)
 #   PEER_VENV      virtualenv path (default .venv-peer/ in the repository root)
 #   LLAMA_CPP_PYTHON_VERSION   pinned version to install (default 0.3.36)
 #   PEER_CMAKE_ARGS            extra CMake arguments for a source build
@@ -31,27 +39,31 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 INSTALL_ONLY=0
+PEER_ONLY=0
 OUT=""
 for arg in "$@"; do
   case "$arg" in
     --install-only) INSTALL_ONLY=1 ;;
+    --peer-only) PEER_ONLY=1 ;;
     -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) die "unknown option '$arg' (see --help)" ;;
     *) [[ -z "$OUT" ]] || die "more than one output path given ('$OUT', '$arg')"; OUT="$arg" ;;
   esac
 done
-OUT="${OUT:-results/peer-llama-cpp.json}"
+OUT="${OUT:-results/peer-llama-cpp}"
 
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 VENV="${PEER_VENV:-$ROOT/.venv-peer}"
 THREADS="${PEER_THREADS:-2}"
 REPS="${PEER_REPS:-5}"
+ROUNDS="${PEER_ROUNDS:-2}"
 PY="$VENV/bin/python"
 BUILD_INFO="$VENV/llama-cpp-python-install.json"
 ASSETS="$ROOT/.assets"
 
 [[ "$THREADS" =~ ^[1-9][0-9]*$ ]] || die "PEER_THREADS must be a positive integer, got '$THREADS'"
 [[ "$REPS" =~ ^[1-9][0-9]*$ ]] || die "PEER_REPS must be a positive integer, got '$REPS'"
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "PEER_ROUNDS must be a positive integer, got '$ROUNDS'"
 
 installed_version() {
   [[ -x "$PY" ]] || return 1
@@ -143,8 +155,33 @@ done
 TEXT="$ASSETS/jargon.txt.gz"
 [[ -f "$TEXT" ]] || die "$TEXT missing (prompt text); run scripts/fetch-assets.sh first"
 
-mkdir -p "$(dirname "$OUT")"
-exec "$PY" "$ROOT/scripts/peer_llama_cpp.py" \
-  --out "$OUT" --threads "$THREADS" --reps "$REPS" \
-  --text "$TEXT" --install-info "$BUILD_INFO" \
-  "${MODELS[@]/#/--model=}"
+[[ ! -e "$OUT" || -d "$OUT" ]] || die "output '$OUT' exists and is not a directory (the output is now a directory of round files)"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"   # cargo runs the bench from workloads/
+
+peer_round() {
+  "$PY" "$ROOT/scripts/peer_llama_cpp.py" \
+    --out "$1" --threads "$THREADS" --reps "$REPS" \
+    --text "$TEXT" --install-info "$BUILD_INFO" \
+    "${MODELS[@]/#/--model=}"
+}
+
+if [[ "$PEER_ONLY" == 1 ]]; then
+  peer_round "$OUT/llama-cpp-round1.json"
+  exit 0
+fi
+
+command -v cargo >/dev/null || die "cargo not found; install Rust (rustup) to measure the suite's decoder, or pass --peer-only"
+log "building the suite's decoder benchmark (release)"
+cargo bench -p workloads --bench decoder --no-run >/dev/null 2>"$OUT/cargo-build.log" \
+  || { tail -n 20 "$OUT/cargo-build.log" >&2; die "cargo bench --no-run failed; log in $OUT/cargo-build.log"; }
+rm -f "$OUT"/llama-cpp-round*.json "$OUT"/ours-round*.json
+for ((r = 1; r <= ROUNDS; r++)); do
+  log "round $r of $ROUNDS: llama.cpp"
+  peer_round "$OUT/llama-cpp-round$r.json"
+  log "round $r of $ROUNDS: ours"
+  CANDLE_NUM_THREADS="$THREADS" cargo bench -q -p workloads --bench decoder -- \
+    --reps="$REPS" --json="$OUT/ours-round$r.json" \
+    smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b >&2
+done
+python3 "$ROOT/scripts/peer_compare.py" "$OUT"
