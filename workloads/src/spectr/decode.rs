@@ -1,8 +1,10 @@
 //! Generation loops: autoregressive sampling, SpecTr, and standard
 //! speculative sampling (SpecTr with `k = 1`).
 //!
-//! One SpecTr iteration (Sun et al., "SpecTr", arXiv 2310.15141, Sec. 5,
-//! Algorithm 3 and Fig. 3), from the tokens decoded so far:
+//! One SpecTr iteration (Sun et al., "SpecTr", arXiv 2310.15141: Fig. 2,
+//! "One iteration of SpecTr", with the draft selection step detailed in its
+//! Fig. 3, and Algorithm 3 as later papers cite it; section numbers not
+//! verified, see the README), from the tokens decoded so far:
 //!
 //! 1. **Draft.** `k` independent draft sequences of length `L`, each
 //!    sampled autoregressively from the draft model. Position by position,

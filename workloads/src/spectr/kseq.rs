@@ -1,5 +1,6 @@
 //! K-SEQ, SpecTr's k-sequential draft selection for one token position
-//! (Sun et al., "SpecTr", arXiv 2310.15141, Sec. 4, Algorithm 2 "K-SEQ").
+//! (Sun et al., "SpecTr", arXiv 2310.15141, Algorithm 2 "K-SEQ"; the section
+//! number is not verified, see the README's provenance note).
 //!
 //! Given `k` draft tokens `X_1..X_k` drawn i.i.d. from the draft
 //! distribution `p`, K-SEQ outputs one token `Y` distributed exactly as the

@@ -86,7 +86,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
         Paper {
             title: "SpecTr: Fast Speculative Decoding via Optimal Transport",
             arxiv: "2310.15141",
-            section: "Sec. 3 (OT with membership cost, LP), Sec. 4 (K-SEQ), Sec. 5 (draft selection, Figs. 2-3); numbering from secondary sources, see README",
+            section: "Alg. 2 (K-SEQ), Fig. 2 (one iteration), Fig. 3 (draft selection), LP optimum per the abstract; section numbers unverified, see README",
         },
         Paper {
             title: "Fast Inference from Transformers via Speculative Decoding",

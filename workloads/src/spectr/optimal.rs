@@ -1,5 +1,7 @@
 //! The optimal draft selection for small vocabularies: optimal transport
-//! with membership cost (Sun et al., "SpecTr", arXiv 2310.15141, Sec. 3).
+//! with membership cost (Sun et al., "SpecTr", arXiv 2310.15141: the
+//! abstract's "transport plan computed via linear programming"; the section
+//! number is not verified, see the README's provenance note).
 //!
 //! With `k` draft tokens `X = (X_1..X_k)` i.i.d. from `p` and a target `q`,
 //! a draft selection is a coupling `pi` of `p^k` (on tuples) and `q`; its
