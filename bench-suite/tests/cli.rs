@@ -195,6 +195,8 @@ fn run_writes_records_and_a_report_and_resume_skips_what_is_done() {
     assert!(run.join("charts/spectr-synthetic-small-ttr.png").exists());
     let summary = fs::read_to_string(run.join("summary.md")).unwrap();
     assert!(summary.contains("### Variant `synthetic-small`"));
+    let before = fs::read(run.join("records.jsonl")).unwrap();
+    let raw_before = fs::read(run.join("raw.csv")).unwrap();
 
     bench()
         .args(small_run_args("1"))
@@ -204,6 +206,16 @@ fn run_writes_records_and_a_report_and_resume_skips_what_is_done() {
         .success()
         .stderr(predicate::str::contains("0 trials recorded"))
         .stderr(predicate::str::contains("8 already recorded"));
+    // Records read back and written again are the same bytes: floats
+    // round-trip exactly (serde_json's `float_roundtrip`).
+    assert!(
+        fs::read(run.join("records.jsonl")).unwrap() == before,
+        "records.jsonl changed on resume"
+    );
+    assert!(
+        fs::read(run.join("raw.csv")).unwrap() == raw_before,
+        "raw.csv changed on resume"
+    );
 }
 
 #[test]

@@ -150,10 +150,7 @@ fn main() {
         }
         let ms: Vec<f64> = times.iter().map(|t| median(t) * 1e3).collect();
 
-        println!(
-            "{}: loaded in {load_s:.2} s; {threads} threads",
-            asset.name
-        );
+        println!("{}: loaded in {load_s:.2} s; {threads} threads", asset.name);
         println!(
             "{}: prompt processing {PP_TOKENS} tokens: {:.1} tokens/s (median of {reps})",
             asset.name,
