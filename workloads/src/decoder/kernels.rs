@@ -17,9 +17,11 @@
 //! unpack each weight block once for up to eight rows, and the matmul walks
 //! tiles of weight rows by activation rows that stay in L1. Each row's
 //! arithmetic is the same instruction sequence whatever the number of rows,
-//! so the row-independence above holds bit for bit. Q4_K and Q6_K have an
-//! AVX-512 VNNI variant (64 weights per instruction, fused i16
-//! multiply-accumulate), chosen once per process when the CPU has it.
+//! so the row-independence above holds bit for bit. Each has an AVX-512
+//! VNNI variant besides AVX2 (64 weights per instruction: for the K-quants
+//! a fused i16 multiply-accumulate, for the 32-weight formats two blocks
+//! per vector and one u8 x i8 dot product), chosen once per process when
+//! the CPU has it; Q4_1 is AVX2 only.
 
 use std::ops::Range;
 
@@ -146,8 +148,8 @@ macro_rules! own_dot {
 }
 
 own_dot!(BlockQ4_1, dot_q4_1_q8_1);
-own_dot!(BlockQ5_0, dot_q5_0_q8_0);
-own_dot!(BlockQ8_0, dot_q8_0_q8_0);
+own_dot!(BlockQ5_0, dot_q5_0_q8_0, dot_q5_0_q8_0_512);
+own_dot!(BlockQ8_0, dot_q8_0_q8_0, dot_q8_0_q8_0_512);
 own_dot!(BlockQ4K, dot_q4k_q8k, dot_q4k_q8k_512);
 own_dot!(BlockQ6K, dot_q6k_q8k, dot_q6k_q8k_512);
 
@@ -750,6 +752,20 @@ mod x86 {
         std::array::from_fn(|r| hsum(acc[r]) + mins[r])
     }
 
+    /// A Q5_0 block's 32 weights as signed bytes, q - 16.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q5_0_signed(wb: &Q5_0) -> __m256i {
+        // SAFETY: 16 bytes of the block.
+        let lo = unsafe { nibbles(wb.qs.as_ptr()) };
+        // Where the fifth bit is clear, set the top four.
+        let hi = _mm256_andnot_si256(
+            bits_to_bytes(u32::from_le_bytes(wb.qh)),
+            _mm256_set1_epi8(0xF0u8 as i8),
+        );
+        _mm256_or_si256(lo, hi)
+    }
+
     /// # Safety
     /// As for [`dot_q4_1_q8_1`].
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -760,13 +776,7 @@ mod x86 {
         let (w, x) = (view::<Q5_0>(w), x.map(view::<Q8_0>));
         let mut acc = [_mm256_setzero_ps(); NR];
         for (i, wb) in w.iter().enumerate() {
-            let lo = unsafe { nibbles(wb.qs.as_ptr()) };
-            // q - 16 as i8: where the fifth bit is clear, set the top four.
-            let hi = _mm256_andnot_si256(
-                bits_to_bytes(u32::from_le_bytes(wb.qh)),
-                _mm256_set1_epi8(0xF0u8 as i8),
-            );
-            let qx = _mm256_or_si256(lo, hi);
+            let qx = q5_0_signed(wb);
             unsafe { signed_rows(&mut acc, qx, f16(wb.d), x.map(|x| &x[i])) };
         }
         acc.map(|a| hsum(a))
@@ -1084,6 +1094,79 @@ mod x86 {
         }
         acc.map(|a| hsum512(a))
     }
+
+    /// A 32-weight-block kernel (signed weights against Q8_0 rows) over
+    /// pairs of blocks `i`, `i + 1` (block `i` and zero weights at an odd
+    /// end) in 512-bit vectors: per row, one VNNI dot product per 64
+    /// weights and one fused multiply-add with the two blocks' scales.
+    /// `$signed` gives a block's weights as signed bytes. A macro rather
+    /// than a function taking closures, which the compiler left un-inlined.
+    macro_rules! pairs_512 {
+        ($name:ident, $block:ty, $mirror:ty, $signed:expr) => {
+            /// # Safety
+            /// As for [`dot_q4k_q8k_512`].
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+            pub unsafe fn $name<const NR: usize>(w: &[$block], x: [&[BlockQ8_0]; NR]) -> [f32; NR] {
+                let (w, x) = (view::<$mirror>(w), x.map(view::<Q8_0>));
+                let mut acc = [_mm512_setzero_ps(); NR];
+                let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+                let n = w.len();
+                let mut i = 0;
+                while i < n {
+                    let j = (i + 1).min(n - 1);
+                    let lo: __m256i = $signed(&w[i]);
+                    let hi: __m256i = if j > i {
+                        $signed(&w[j])
+                    } else {
+                        _mm256_setzero_si256()
+                    };
+                    let qx = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                    let wd = _mm_set_ps(0.0, 0.0, f16(w[j].d), f16(w[i].d));
+                    // |w| times y with w's sign, as in `signed_rows`.
+                    let ax = _mm512_abs_epi8(qx);
+                    let neg = _mm512_movepi8_mask(qx);
+                    for r in 0..NR {
+                        let (ya, yb) = (&x[r][i], &x[r][j]);
+                        // SAFETY: 32 bytes of each block.
+                        let y = unsafe {
+                            _mm512_inserti64x4::<1>(
+                                _mm512_castsi256_si512(load(ya.qs.as_ptr())),
+                                load(yb.qs.as_ptr()),
+                            )
+                        };
+                        let sy = _mm512_mask_sub_epi8(y, neg, _mm512_setzero_si512(), y);
+                        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ax, sy);
+                        let yd = _mm_cvtph_ps(_mm_insert_epi16::<1>(
+                            _mm_cvtsi32_si128(ya.d as i32),
+                            yb.d as i32,
+                        ));
+                        let d = _mm512_permutexvar_ps(
+                            halves,
+                            _mm512_castps128_ps512(_mm_mul_ps(wd, yd)),
+                        );
+                        acc[r] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(dot), acc[r]);
+                    }
+                    i += 2;
+                }
+                let mut out = [0f32; NR];
+                for r in 0..NR {
+                    out[r] = hsum512(acc[r]);
+                }
+                out
+            }
+        };
+    }
+
+    /// 32 bytes of a Q8_0 block's weights.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q8_0_signed(wb: &Q8_0) -> __m256i {
+        // SAFETY: the block's 32 bytes.
+        unsafe { load(wb.qs.as_ptr()) }
+    }
+
+    pairs_512!(dot_q5_0_q8_0_512, BlockQ5_0, Q5_0, q5_0_signed);
+    pairs_512!(dot_q8_0_q8_0_512, BlockQ8_0, Q8_0, q8_0_signed);
 }
 
 #[cfg(test)]
@@ -1142,12 +1225,13 @@ mod tests {
         matches_candle_scalar::<BlockQ6K>(GgmlDType::Q6K, 5);
     }
 
-    /// Both x86 kernels of the K-quants (AVX2, and AVX-512 where the CPU
-    /// has it: a run uses one of them, so each is checked here directly)
-    /// against candle's scalar reference, within the tolerance above.
+    /// Both x86 kernels of each format that has two (AVX2, and AVX-512
+    /// where the CPU has it: a run uses one of them, so each is checked
+    /// here directly) against candle's scalar reference, within the
+    /// tolerance above.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn k_quant_kernels_match_candle_scalar() {
+    fn both_x86_kernels_match_candle_scalar() {
         let k = 1024;
         let x = random(3 * k, 21);
         let xq: Vec<BlockQ8K> = (0..3)
@@ -1197,6 +1281,52 @@ mod tests {
                 "q6k avx512",
                 unsafe { x86::dot_q6k_q8k_512::<3>(&q6, rows) },
                 want6,
+            );
+        }
+
+        // The 32-weight formats, on an odd number of blocks (the AVX-512
+        // kernels take blocks in pairs).
+        let k = 32 * 33;
+        let x = random(3 * k, 23);
+        let xq: Vec<BlockQ8_0> = (0..3)
+            .flat_map(|r| {
+                let mut b = vec![BlockQ8_0::zeros(); k / 32];
+                BlockQ8_0::from_float(&x[r * k..(r + 1) * k], &mut b);
+                b
+            })
+            .collect();
+        let rows: [&[BlockQ8_0]; 3] = std::array::from_fn(|r| &xq[r * 33..(r + 1) * 33]);
+        let w = random(k, 24);
+        let mut q5 = vec![BlockQ5_0::zeros(); k / 32];
+        BlockQ5_0::from_float(&w, &mut q5);
+        let mut q8 = vec![BlockQ8_0::zeros(); k / 32];
+        BlockQ8_0::from_float(&w, &mut q8);
+        let want5 = rows.map(|x| BlockQ5_0::vec_dot_unopt(k, &q5, x));
+        let want8 = rows.map(|x| BlockQ8_0::vec_dot_unopt(k, &q8, x));
+        if avx2() {
+            // SAFETY: as above.
+            check(
+                "q5_0 avx2",
+                unsafe { x86::dot_q5_0_q8_0::<3>(&q5, rows) },
+                want5,
+            );
+            check(
+                "q8_0 avx2",
+                unsafe { x86::dot_q8_0_q8_0::<3>(&q8, rows) },
+                want8,
+            );
+        }
+        if avx512() {
+            // SAFETY: as above.
+            check(
+                "q5_0 avx512",
+                unsafe { x86::dot_q5_0_q8_0_512::<3>(&q5, rows) },
+                want5,
+            );
+            check(
+                "q8_0 avx512",
+                unsafe { x86::dot_q8_0_q8_0_512::<3>(&q8, rows) },
+                want8,
             );
         }
     }
