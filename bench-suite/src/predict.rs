@@ -28,6 +28,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::records::{RecordsError, TrialRecord};
+use crate::summary::param_value;
 
 /// One cost curve: measured `(rows, milliseconds)`, sorted by rows.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,7 +105,12 @@ impl Costs {
         }
         for (key, mut p) in points {
             p.sort_by(|a, b| a.0.total_cmp(&b.0));
-            p.dedup_by(|a, b| a.0 == b.0);
+            if let Some(w) = p.windows(2).find(|w| w[0].0 == w[1].0) {
+                return Err(bad(format!(
+                    "{} {} has two costs for {} rows; pass each measurement once",
+                    key.0, key.1, w[0].0
+                )));
+            }
             if self.curves.contains_key(&key) {
                 return Err(bad(format!(
                     "{} {} is also in an earlier cost file; pass each measurement once",
@@ -233,7 +239,7 @@ pub fn calls(records: &[TrialRecord], variant: &str) -> Result<Vec<Calls>, Recor
     }
     // Baseline first, then by k and L as numbers (not as text).
     let rank = |c: &Calls| {
-        let n = |name| param(&c.params, name).and_then(|v| v.parse::<u32>().ok());
+        let n = |name| param_value(&c.params, name).and_then(|v| v.parse::<u32>().ok());
         let kind = ["autoregressive", "speculative", "spectr"]
             .iter()
             .position(|e| *e == c.entry)
@@ -269,11 +275,11 @@ pub fn predict(calls: &[Calls], costs: &Costs, draft: &str, target: &str) -> Vec
         let per_token: Vec<Option<f64>> = calls.iter().map(|c| c.ms_per_token(d, t)).collect();
         for (c, ms) in calls.iter().zip(&per_token) {
             let Some(ms) = *ms else { continue };
-            let l = param(&c.params, "L");
+            let l = param_value(&c.params, "L");
             let spec = calls
                 .iter()
                 .zip(&per_token)
-                .find(|(s, _)| s.entry == "speculative" && param(&s.params, "L") == l)
+                .find(|(s, _)| s.entry == "speculative" && param_value(&s.params, "L") == l)
                 .and_then(|(_, m)| *m);
             out.push(Prediction {
                 entry: c.entry.clone(),
@@ -289,14 +295,6 @@ pub fn predict(calls: &[Calls], costs: &Costs, draft: &str, target: &str) -> Vec
         }
     }
     out
-}
-
-fn param<'a>(params: &'a str, name: &str) -> Option<&'a str> {
-    params
-        .split(',')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
 }
 
 /// One CSV row per (configuration, cost model).
@@ -538,6 +536,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("gpu-costs.csv") && e.contains("positive"), "{e}");
+        // Two costs for the same row count: refused, not silently dropped.
+        std::fs::write(
+            &csv_path,
+            "model,format,mode,context,rows,median_ms\na,bf16,graph,320,1,2.0\na,bf16,graph,320,1,2.5\n",
+        )
+        .unwrap();
+        let e = Costs::default()
+            .add_file(&csv_path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("two costs for 1 rows"), "{e}");
         let e = Costs::default()
             .add_file(&dir.path().join("missing.csv"))
             .unwrap_err()

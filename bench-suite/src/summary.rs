@@ -52,12 +52,17 @@ impl ConfigSummary {
 
     /// A parameter's value, parsed from the `params` string.
     pub fn param(&self, name: &str) -> Option<f64> {
-        self.params
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| *k == name)
-            .and_then(|(_, v)| v.parse().ok())
+        param_value(&self.params, name).and_then(|v| v.parse().ok())
     }
+}
+
+/// The value of `name` in a record's `k=v,k=v` parameter string.
+pub fn param_value<'a>(params: &'a str, name: &str) -> Option<&'a str> {
+    params
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
 }
 
 /// The reference configuration `c` is measured against: with one, that
