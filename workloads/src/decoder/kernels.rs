@@ -992,7 +992,6 @@ mod x86 {
         // Low 32 bytes: low nibbles (sub-block 2j); high: high (2j + 1).
         let shift = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4));
         let mut acc = [_mm512_setzero_ps(); NR];
-        let mut acc_m = [_mm256_setzero_ps(); NR];
         for (i, wb) in w.iter().enumerate() {
             let (wd, wmin) = (f16(wb.d), f16(wb.dmin));
             let sm = q4k_scales_mins(&wb.scales);
@@ -1001,7 +1000,10 @@ mod x86 {
                 let y = &x[r][i];
                 let bs = unsafe { load(y.bsums.as_ptr() as *const i8) };
                 let prod = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bs));
-                acc_m[r] = _mm256_fmadd_ps(_mm256_set1_ps(-y.d * wmin), prod, acc_m[r]);
+                // Into the same accumulator (lanes 0-7): fewer registers
+                // live across the loop below.
+                let prod = _mm512_zextps256_ps512(prod);
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(-y.d * wmin), prod, acc[r]);
             }
             let sm = _mm512_zextsi256_si512(sm);
             let mut sumi = [_mm512_setzero_si512(); NR];
@@ -1023,7 +1025,7 @@ mod x86 {
                 acc[r] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi[r]), acc[r]);
             }
         }
-        std::array::from_fn(|r| hsum512(acc[r]) + hsum(acc_m[r]))
+        acc.map(|a| hsum512(a))
     }
 
     /// Q6_K with 512-bit vectors (see [`dot_q4k_q8k_512`]).
