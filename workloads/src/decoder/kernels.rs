@@ -164,7 +164,7 @@ fn avx2() -> bool {
     })
 }
 
-/// AVX-512 with VNNI (fused i16 multiply-accumulate) on top of AVX2.
+/// AVX-512 (F, BW, VL) with VNNI on top of AVX2.
 /// `BENCH_SUITE_NO_AVX512=1` turns it off, to compare the two kernels.
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
