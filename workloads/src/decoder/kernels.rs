@@ -1227,6 +1227,14 @@ mod tests {
         matches_candle_scalar::<BlockQ6K>(GgmlDType::Q6K, 5);
     }
 
+    /// `x` in blocks of `T` (rows of whole blocks quantize the same laid
+    /// end to end, since every block is quantized on its own).
+    fn quantized<T: GgmlType>(x: &[f32]) -> Vec<T> {
+        let mut b = vec![T::zeros(); x.len() / T::BLCK_SIZE];
+        T::from_float(x, &mut b);
+        b
+    }
+
     /// Both x86 kernels of each format that has two (AVX2, and AVX-512
     /// where the CPU has it: a run uses one of them, so each is checked
     /// here directly) against candle's scalar reference, within the
@@ -1236,13 +1244,7 @@ mod tests {
     fn both_x86_kernels_match_candle_scalar() {
         let k = 1024;
         let x = random(3 * k, 21);
-        let xq: Vec<BlockQ8K> = (0..3)
-            .flat_map(|r| {
-                let mut b = vec![BlockQ8K::zeros(); k / 256];
-                BlockQ8K::from_float(&x[r * k..(r + 1) * k], &mut b);
-                b
-            })
-            .collect();
+        let xq: Vec<BlockQ8K> = quantized(&x);
         let rows: [&[BlockQ8K]; 3] = std::array::from_fn(|r| &xq[r * 4..(r + 1) * 4]);
         let check = |name: &str, got: [f32; 3], want: [f32; 3]| {
             for (g, w) in got.iter().zip(want) {
@@ -1253,10 +1255,8 @@ mod tests {
             }
         };
         let w = random(k, 22);
-        let mut q4 = vec![BlockQ4K::zeros(); k / 256];
-        BlockQ4K::from_float(&w, &mut q4);
-        let mut q6 = vec![BlockQ6K::zeros(); k / 256];
-        BlockQ6K::from_float(&w, &mut q6);
+        let q4: Vec<BlockQ4K> = quantized(&w);
+        let q6: Vec<BlockQ6K> = quantized(&w);
         let want4 = rows.map(|x| BlockQ4K::vec_dot_unopt(k, &q4, x));
         let want6 = rows.map(|x| BlockQ6K::vec_dot_unopt(k, &q6, x));
         if avx2() {
@@ -1290,19 +1290,11 @@ mod tests {
         // kernels take blocks in pairs).
         let k = 32 * 33;
         let x = random(3 * k, 23);
-        let xq: Vec<BlockQ8_0> = (0..3)
-            .flat_map(|r| {
-                let mut b = vec![BlockQ8_0::zeros(); k / 32];
-                BlockQ8_0::from_float(&x[r * k..(r + 1) * k], &mut b);
-                b
-            })
-            .collect();
+        let xq: Vec<BlockQ8_0> = quantized(&x);
         let rows: [&[BlockQ8_0]; 3] = std::array::from_fn(|r| &xq[r * 33..(r + 1) * 33]);
         let w = random(k, 24);
-        let mut q5 = vec![BlockQ5_0::zeros(); k / 32];
-        BlockQ5_0::from_float(&w, &mut q5);
-        let mut q8 = vec![BlockQ8_0::zeros(); k / 32];
-        BlockQ8_0::from_float(&w, &mut q8);
+        let q5: Vec<BlockQ5_0> = quantized(&w);
+        let q8: Vec<BlockQ8_0> = quantized(&w);
         let want5 = rows.map(|x| BlockQ5_0::vec_dot_unopt(k, &q5, x));
         let want8 = rows.map(|x| BlockQ8_0::vec_dot_unopt(k, &q8, x));
         if avx2() {
