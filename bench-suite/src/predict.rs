@@ -526,26 +526,18 @@ mod tests {
         assert_eq!(costs.curves[&key("bf16/bandwidth")], Curve::Flat(2.0));
         assert_eq!(costs.devices, vec!["GPU X".to_string()]);
 
-        std::fs::write(
-            &csv_path,
-            "model,format,mode,context,rows,median_ms\na,b,c,1,0,1\n",
-        )
-        .unwrap();
-        let e = Costs::default()
-            .add_file(&csv_path)
-            .unwrap_err()
-            .to_string();
+        let error_for = |rows: &str| {
+            let head = "model,format,mode,context,rows,median_ms\n";
+            std::fs::write(&csv_path, format!("{head}{rows}")).unwrap();
+            Costs::default()
+                .add_file(&csv_path)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = error_for("a,b,c,1,0,1\n");
         assert!(e.contains("gpu-costs.csv") && e.contains("positive"), "{e}");
         // Two costs for the same row count: refused, not silently dropped.
-        std::fs::write(
-            &csv_path,
-            "model,format,mode,context,rows,median_ms\na,bf16,graph,320,1,2.0\na,bf16,graph,320,1,2.5\n",
-        )
-        .unwrap();
-        let e = Costs::default()
-            .add_file(&csv_path)
-            .unwrap_err()
-            .to_string();
+        let e = error_for("a,bf16,graph,320,1,2.0\na,bf16,graph,320,1,2.5\n");
         assert!(e.contains("two costs for 1 rows"), "{e}");
         let e = Costs::default()
             .add_file(&dir.path().join("missing.csv"))
