@@ -28,6 +28,13 @@ pub struct Fingerprint {
     pub os: String,
     pub kernel: String,
     pub hostname: String,
+    /// The decoder's dot-product kernels in this process
+    /// ([`workloads::decoder::kernels::kernel_path`]): `avx512-vnni`, `avx2`
+    /// or `candle`. Not part of `hardware_id` (it follows from the CPU,
+    /// unless `BENCH_SUITE_NO_AVX512` is set); empty in runs recorded
+    /// before it existed.
+    #[serde(default)]
+    pub cpu_kernels: String,
 }
 
 impl Fingerprint {
@@ -44,7 +51,7 @@ impl Fingerprint {
             .unwrap_or_else(|| "unknown".into());
         let cpu_cores = std::thread::available_parallelism().map_or(sys.cpus().len(), |n| n.get());
         let memory_gib = (sys.total_memory() as f64 / (1u64 << 30) as f64 * 10.0).round() / 10.0;
-        Fingerprint::new(
+        let mut fp = Fingerprint::new(
             cpu_model,
             cpu_cores,
             memory_gib,
@@ -52,7 +59,9 @@ impl Fingerprint {
             sysinfo::System::long_os_version().unwrap_or_else(|| std::env::consts::OS.into()),
             sysinfo::System::kernel_version().unwrap_or_default(),
             sysinfo::System::host_name().unwrap_or_else(|| "unknown".into()),
-        )
+        );
+        fp.cpu_kernels = workloads::decoder::kernels::kernel_path().to_string();
+        fp
     }
 
     pub fn new(
@@ -78,6 +87,7 @@ impl Fingerprint {
             os,
             kernel,
             hostname,
+            cpu_kernels: String::new(),
         }
     }
 
@@ -87,6 +97,9 @@ impl Fingerprint {
             "{} x{}, {:.1} GiB",
             self.cpu_model, self.cpu_cores, self.memory_gib
         );
+        if !self.cpu_kernels.is_empty() {
+            s.push_str(&format!(" ({} kernels)", self.cpu_kernels));
+        }
         for g in &self.gpus {
             s.push_str(&format!(
                 ", {} (driver {}, CUDA {})",
@@ -201,5 +214,25 @@ mod tests {
         assert_ne!(a.hardware_id, fp("Xeon", "runner-1", "6.1").hardware_id);
         assert_eq!(a.hardware_id.len(), 12);
         assert_eq!(a.device_label(true), "cpu");
+    }
+
+    #[test]
+    fn runs_recorded_before_the_kernel_field_still_load() {
+        let mut a = Fingerprint::new(
+            "EPYC".into(),
+            2,
+            23.5,
+            vec![],
+            "Debian 12".into(),
+            "6.1".into(),
+            "h".into(),
+        );
+        let mut json = serde_json::to_value(&a).unwrap();
+        json.as_object_mut().unwrap().remove("cpu_kernels");
+        let old: Fingerprint = serde_json::from_value(json).unwrap();
+        assert_eq!(old, a);
+        assert_eq!(a.describe(), "EPYC x2, 23.5 GiB");
+        a.cpu_kernels = "avx2".into();
+        assert_eq!(a.describe(), "EPYC x2, 23.5 GiB (avx2 kernels)");
     }
 }

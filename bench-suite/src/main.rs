@@ -320,7 +320,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
                 println!("{}", serde_json::to_string_pretty(&fp)?);
             } else {
                 println!("hardware_id: {}", fp.hardware_id);
-                println!("cpu: {} ({} cores)", fp.cpu_model, fp.cpu_cores);
+                println!(
+                    "cpu: {} ({} cores, {} decoder kernels)",
+                    fp.cpu_model, fp.cpu_cores, fp.cpu_kernels
+                );
                 println!("memory: {:.1} GiB", fp.memory_gib);
                 if fp.gpus.is_empty() {
                     println!("gpu: none");

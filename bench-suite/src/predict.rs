@@ -128,7 +128,14 @@ impl Costs {
             let meta: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| RecordsError::Invalid(format!("{}: {e}", json_path.display())))?;
             if let Some(d) = meta["device"].as_str() {
-                if !self.devices.iter().any(|x| x == d) {
+                if let Some(other) = self.devices.iter().find(|x| *x != d) {
+                    return Err(RecordsError::Invalid(format!(
+                        "{}: measured on {d}, but an earlier cost file on {other}; \
+                         a prediction combines costs from one device, so pass the files of one device",
+                        json_path.display()
+                    )));
+                }
+                if self.devices.is_empty() {
                     self.devices.push(d.to_string());
                 }
             }
@@ -524,6 +531,35 @@ mod tests {
             Curve::Measured(vec![(1.0, 2.0), (2.0, 3.0)])
         );
         assert_eq!(costs.curves[&key("bf16/bandwidth")], Curve::Flat(2.0));
+        assert_eq!(costs.devices, vec!["GPU X".to_string()]);
+
+        // A second file of the same device adds its curves; one measured
+        // on another device is refused, naming both.
+        let second = |device: &str, model: &str| {
+            let sub = dir.path().join(format!("{device}-{model}"));
+            std::fs::create_dir_all(&sub).unwrap();
+            let path = sub.join("gpu-costs.csv");
+            std::fs::write(
+                &path,
+                format!("model,format,mode,context,rows,median_ms\n{model},bf16,graph,151,1,1.0\n"),
+            )
+            .unwrap();
+            std::fs::write(
+                sub.join("gpu-costs.json"),
+                format!(r#"{{"device":"{device}"}}"#),
+            )
+            .unwrap();
+            path
+        };
+        costs.add_file(&second("GPU X", "b")).unwrap();
+        assert!(costs
+            .curves
+            .contains_key(&("b".to_string(), "bf16/graph".to_string())));
+        let e = costs
+            .add_file(&second("GPU Y", "c"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("GPU Y") && e.contains("GPU X"), "{e}");
         assert_eq!(costs.devices, vec!["GPU X".to_string()]);
 
         let error_for = |rows: &str| {

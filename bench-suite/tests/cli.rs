@@ -80,6 +80,19 @@ fn env_prints_the_fingerprint() {
     let out = bench().args(["env", "--json"]).output().unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["hardware_id"].as_str().unwrap().len(), 12);
+    let kernels = json["cpu_kernels"].as_str().unwrap();
+    assert!(
+        ["avx512-vnni", "avx2", "candle"].contains(&kernels),
+        "{kernels}"
+    );
+    // The environment switch that turns the AVX-512 kernels off shows.
+    let out = bench()
+        .args(["env", "--json"])
+        .env("BENCH_SUITE_NO_AVX512", "1")
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(json["cpu_kernels"], "avx512-vnni");
 }
 
 #[test]

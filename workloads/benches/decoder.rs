@@ -150,7 +150,11 @@ fn main() {
         }
         let ms: Vec<f64> = times.iter().map(|t| median(t) * 1e3).collect();
 
-        println!("{}: loaded in {load_s:.2} s; {threads} threads", asset.name);
+        println!(
+            "{}: loaded in {load_s:.2} s; {threads} threads; {} kernels",
+            asset.name,
+            workloads::decoder::kernels::kernel_path()
+        );
         println!(
             "{}: prompt processing {PP_TOKENS} tokens: {:.1} tokens/s (median of {reps})",
             asset.name,
@@ -208,6 +212,7 @@ fn main() {
         let doc = json!({
             "tool": "bench-suite decoder (workloads/benches/decoder.rs)",
             "threads": threads,
+            "kernels": workloads::decoder::kernels::kernel_path(),
             "reps": reps,
             "statistic": "median",
             "models": models,

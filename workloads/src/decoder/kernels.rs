@@ -180,6 +180,23 @@ fn avx512() -> bool {
     })
 }
 
+/// Which dot-product kernels this process runs: ours (`"avx512-vnni"` or
+/// `"avx2"`), or candle's `vec_dot` (`"candle"`) elsewhere. Benches and run
+/// fingerprints carry it: one binary picks different kernels on different
+/// CPUs, and their speeds differ.
+pub fn kernel_path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512() {
+            return "avx512-vnni";
+        }
+        if avx2() {
+            return "avx2";
+        }
+    }
+    "candle"
+}
+
 fn blocks<T>(bytes: &[u8]) -> &[T] {
     let size = std::mem::size_of::<T>();
     debug_assert_eq!(bytes.len() % size, 0);
