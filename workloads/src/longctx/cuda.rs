@@ -113,7 +113,9 @@ const HIST1: usize = 2048;
 const SC_ROUND: usize = 64;
 /// Static shared memory of `topk_select` (at most; its dynamic shared
 /// memory holds one head's keys).
-const SEL_STATIC_SMEM: usize = 4 * HIST1 + 1024;
+const SEL_STATIC_SMEM: usize = 4 * HIST1 + 4 * SEL_CAND + 1024;
+/// Entries of `topk_select`'s candidate list (`CAND` in decode_attn.cu).
+const SEL_CAND: usize = 1024;
 /// The shapes the kernels are compiled for.
 const HEAD_DIM: usize = 128;
 const GROUP: usize = 4;
@@ -329,6 +331,12 @@ pub enum Variant {
     /// Deliberately wrong: the combine leaves out each head's last split
     /// (dense and window steps only), for the test that the check catches it.
     DropLastSplit,
+    /// Timing diagnostics for dense steps, never checked (their output is
+    /// not attention): a kernel that reads exactly the dense step's rows
+    /// with its grid and loads and computes nothing, and one that does
+    /// nothing. Time them with [`DecodeBench::time_part`].
+    ReadOnly,
+    Empty,
 }
 
 /// How much of a step to launch: block-topk's parts can be timed alone.
@@ -594,13 +602,31 @@ impl<'g> DecodeBench<'g> {
 
     /// Switches to a deliberately broken attention kernel.
     pub fn with_variant(mut self, variant: Variant) -> Result<Self, WorkloadError> {
-        if variant == Variant::DropLastSplit {
-            if !matches!(self.step.kind, StepKind::Dense | StepKind::Window { .. }) {
-                return Err(WorkloadError::Config(
-                    "the drop-last-split kernel exists for dense and window steps only".into(),
-                ));
+        let kernel = match variant {
+            Variant::Normal => None,
+            Variant::DropLastSplit => {
+                if !matches!(self.step.kind, StepKind::Dense | StepKind::Window { .. }) {
+                    return Err(WorkloadError::Config(
+                        "the drop-last-split kernel exists for dense and window steps only".into(),
+                    ));
+                }
+                Some("attn_ranges_drop_last")
             }
-            self.attn = self.gpu.function("attn_ranges_drop_last")?;
+            Variant::ReadOnly | Variant::Empty => {
+                if !matches!(self.step.kind, StepKind::Dense) {
+                    return Err(WorkloadError::Config(
+                        "the read-only and empty diagnostics exist for dense steps only".into(),
+                    ));
+                }
+                Some(if variant == Variant::ReadOnly {
+                    "attn_read_only"
+                } else {
+                    "attn_empty"
+                })
+            }
+        };
+        if let Some(name) = kernel {
+            self.attn = self.gpu.function(name)?;
         }
         self.graph = None;
         Ok(self)
@@ -1222,6 +1248,79 @@ mod tests {
 
     /// Split counts for dense steps, interleaved and contiguous (how the
     /// default of `plan_splits` was chosen).
+    /// Exact ties in the page scores: every page repeats the keys of one
+    /// of the first `m` pages, so whole groups of pages score the same
+    /// bits. The selection must be the float64 reference's exactly (ties
+    /// to the lower page index): for m = 7 through the top-k's candidate
+    /// list (585 tied pages hold the threshold), for m = 1 (all 4096 pages
+    /// tie) through its fallback count.
+    #[test]
+    fn block_topk_breaks_exact_ties_to_the_lower_page() {
+        let Some(gpu) = gpu() else { return };
+        let shape = Shape::llama3_8b(65_536);
+        let (n, d) = (shape.n, shape.head_dim);
+        for m in [7, 1] {
+            let mut cache = DenseCache::generate(shape, 9).unwrap();
+            for head in cache.k.chunks_mut(n * d) {
+                for p in m..n / PAGE {
+                    let src = (p % m) * PAGE * d;
+                    head.copy_within(src..src + PAGE * d, p * PAGE * d);
+                }
+            }
+            let cache = Arc::new(cache);
+            for staged in [true, false] {
+                let step = Step::new(cache.clone(), StepKind::block_topk(0.1), 9).unwrap();
+                let mut bench = DecodeBench::from_step(&gpu, step)
+                    .unwrap()
+                    .with_topk_options(staged, true);
+                let (e, swaps) = bench.check().unwrap();
+                eprintln!("ties m={m} staged={staged}: rel err {e:.2e}, {swaps} swaps");
+                assert_eq!(swaps, 0, "m={m} staged={staged}: not the lower tied pages");
+                assert!(e <= TOLERANCE, "m={m} staged={staged}: {e:.3e}");
+            }
+        }
+    }
+
+    /// What any kernel with the dense step's grid pays under the timing
+    /// protocol (a graph of one node per layer, each over its own cache):
+    /// a node that does nothing, and one that only reads the dense step's
+    /// rows with the same grid and loads, beside the dense step and its
+    /// floor.
+    #[test]
+    #[ignore = "timing diagnostics for the GPU machine: run with --ignored"]
+    fn dense_floor_diagnostics() {
+        let Some(gpu) = gpu() else { return };
+        let bw = gpu.copy_bandwidth().unwrap();
+        for n in [4096, 16_384, 65_536, 131_072] {
+            let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(n), 1).unwrap());
+            let step = || Step::new(cache.clone(), StepKind::Dense, 1).unwrap();
+            let floor = step().bytes().total() as f64 / bw;
+            let dense = DecodeBench::from_step(&gpu, step())
+                .unwrap()
+                .time(50)
+                .unwrap()
+                .median_s;
+            let diag = |v: Variant| {
+                DecodeBench::from_step(&gpu, step())
+                    .unwrap()
+                    .with_variant(v)
+                    .unwrap()
+                    .time_part(Upto::All, 50)
+                    .unwrap()
+            };
+            let (read, empty) = (diag(Variant::ReadOnly), diag(Variant::Empty));
+            println!(
+                "floor-diag n={n}: floor {:.4} ms; dense {:.4} ms ({:.2}x); read-only {:.4} ms ({:.2}x); empty node {:.4} ms",
+                floor * 1e3,
+                dense * 1e3,
+                dense / floor,
+                read * 1e3,
+                read / floor,
+                empty * 1e3
+            );
+        }
+    }
+
     #[test]
     #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
     fn dense_split_sweep() {
