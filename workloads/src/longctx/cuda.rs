@@ -46,7 +46,25 @@
 //! the scoring's registers for 3 or 4 blocks per SM changed nothing or
 //! slowed it (0.052 -> 0.068 ms at 4). Those two experiments' code was
 //! not kept in the repository, so their figures cannot be re-measured from
-//! it; the chained steps can (`with_chain`).
+//! it; the chained steps can (`with_chain`). Also tried and not kept
+//! (commit 24a96d9 has it): the top-k in three passes over the keys instead
+//! of five (the second radix histogram built while staging the keys, the
+//! last pass and the per-warp counts from a list of the keys left in the
+//! 22-bit bin). It passed every check, exact ties included, and changed
+//! nothing (top-k 17.2 us at 512k, step 0.151 ms), so the passes are not
+//! where the top-k's time goes.
+//! What any kernel with the dense step's grid pays here
+//! (`dense_floor_diagnostics`, H100, medians of 50 replays): a graph node
+//! that does nothing costs 1.1 us at 4k (a graph of 13 steps) and 4-5 us
+//! from 64k (graphs of 1 to 3 steps share a replay's own overhead among
+//! fewer nodes); a kernel that only reads the dense step's rows with
+//! its grid and 16-byte loads, computing nothing, takes 1.92x the floor at
+//! 4k (dense: 2.11x), and 1.70x / 1.24x / 1.22x at 16k / 64k / 128k, where
+//! dense, with its register prefetch, is faster (1.34x / 1.08x / 1.02x).
+//! So at 4k the step's arithmetic costs about 10% and the rest is reading
+//! 16.8 MB with 256 blocks at about half the copy bandwidth of the floor's
+//! 1 GiB copy; the 1.5x at 4k would need a faster way to read the
+//! cache, not a faster softmax.
 //! Splits per KV head: one block
 //! per resident slot ((SMs x resident blocks) / KV heads, 49 on an H100),
 //! or 32 up to 16k rows, where fewer partials to combine win (measured by
@@ -113,9 +131,7 @@ const HIST1: usize = 2048;
 const SC_ROUND: usize = 64;
 /// Static shared memory of `topk_select` (at most; its dynamic shared
 /// memory holds one head's keys).
-const SEL_STATIC_SMEM: usize = 4 * HIST1 + 4 * SEL_CAND + 1024;
-/// Entries of `topk_select`'s candidate list (`CAND` in decode_attn.cu).
-const SEL_CAND: usize = 1024;
+const SEL_STATIC_SMEM: usize = 4 * HIST1 + 1024;
 /// The shapes the kernels are compiled for.
 const HEAD_DIM: usize = 128;
 const GROUP: usize = 4;
@@ -1251,9 +1267,8 @@ mod tests {
     /// Exact ties in the page scores: every page repeats the keys of one
     /// of the first `m` pages, so whole groups of pages score the same
     /// bits. The selection must be the float64 reference's exactly (ties
-    /// to the lower page index): for m = 7 through the top-k's candidate
-    /// list (585 tied pages hold the threshold), for m = 1 (all 4096 pages
-    /// tie) through its fallback count.
+    /// to the lower page index), with 585 tied pages holding the threshold
+    /// (m = 7) and with all 4096 pages tied (m = 1).
     #[test]
     fn block_topk_breaks_exact_ties_to_the_lower_page() {
         let Some(gpu) = gpu() else { return };

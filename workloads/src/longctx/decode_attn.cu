@@ -503,27 +503,14 @@ __device__ __forceinline__ void load_keys(const unsigned *K, int first, int end,
 }
 
 // Exact top-k pages of KV head blockIdx.x from its keys, written ascending
-// to pages[h][0..k). Completes the radix select that quest_score began:
-// its histogram of the keys' top 11 bits gives the bin b1 of the k-th
-// largest key (and is cleared here for the next step). Then three passes
-// over the keys:
-//  A. (all threads, 16-byte loads) the histogram of bits 20..10 of the keys
-//     in b1; with `staged`, the same pass copies the head's keys (stride, a
-//     multiple of 4, words from keys + h * stride) into dynamic shared
-//     memory, where the next passes read them (otherwise they read global
-//     memory again).
-//  B. (warp w owns pages [w * seg, (w + 1) * seg)) per warp, the keys whose
-//     top 22 bits lie above the bin found in A, and the histogram of the low
-//     10 bits of the keys in that bin, which are also listed (low bits and
-//     warp) when there are at most CAND of them; the k-th largest key T
-//     follows, and from the list each warp's count of keys above T and
-//     equal to T. Only when more than CAND keys share the 22-bit bin (ties)
-//     does a further pass count them.
-//  C. compaction: warp w reads its pages 32 at a time (coalesced), so the
-//     order of (round, lane) within a warp, then of warps, is page order,
-//     and ballots give each selected page (keys above T, and the first
-//     `need` keys equal to T: ties to the lower page index) its place.
-#define CAND 1024
+// to pages[h][0..k). With `staged`, first copies the head's keys (stride, a
+// multiple of 4, words from keys + h * stride) into dynamic shared memory
+// in 16-byte loads, all in flight at once, and works there; otherwise it
+// reads them from global memory in every pass. Completes the radix select
+// that quest_score began (and clears its histogram for the next step),
+// then compacts: warp w owns pages [w * seg, (w + 1) * seg), read 32 at a
+// time (coalesced), so the order of (round, lane) within a warp, then of
+// warps, is page order, and ballots give each selected page its place.
 extern "C" __global__ void __launch_bounds__(SEL_THREADS) topk_select(
     const unsigned *__restrict__ keys, unsigned *__restrict__ hist, int n_pages, int stride, int k,
     int staged, int *__restrict__ pages) {
@@ -532,27 +519,13 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) topk_select(
     __shared__ unsigned tmp[32];
     __shared__ unsigned w_gt[32], w_eq[32];
     __shared__ unsigned s_bin, s_above;
-    __shared__ unsigned cand[CAND];  // (warp << 10) | low 10 bits
-    __shared__ unsigned n_cand;
     const int h = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t >> 5;
     pdl_trigger();
     pdl_wait();  // the keys and the histogram come from quest_score
     const unsigned *Kg = keys + (long long)h * stride;
+    unsigned hv[HIST1 / SEL_THREADS];
 #pragma unroll
-    for (int j = 0; j < HIST1 / SEL_THREADS; j++) {
-        const int b = t + j * SEL_THREADS;
-        sh[b] = __ldcg(&hist[h * HIST1 + b]);
-        hist[h * HIST1 + b] = 0;
-    }
-    if (t == 0) n_cand = 0;
-    __syncthreads();
-    unsigned need = k;
-    find_bin(sh, HIST1, need, tmp, &s_bin, &s_above);
-    const unsigned b1 = s_bin;  // key >> 21
-    need -= s_above;
-    for (int b = t; b < HIST1; b += SEL_THREADS) sh[b] = 0;
-    __syncthreads();
-    // Pass A.
+    for (int j = 0; j < HIST1 / SEL_THREADS; j++) hv[j] = __ldcg(&hist[h * HIST1 + t + j * SEL_THREADS]);
     if (staged) {
         const uint4 *G4 = reinterpret_cast<const uint4 *>(Kg);
         uint4 *S4 = reinterpret_cast<uint4 *>(s_keys);
@@ -567,84 +540,66 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) topk_select(
 #pragma unroll
             for (int u = 0; u < SEL_BATCH; u++) {
                 const int i = base + u * SEL_THREADS;
-                if (i < n4) {
-                    S4[i] = kb[u];
-                    const unsigned e[4] = {kb[u].x, kb[u].y, kb[u].z, kb[u].w};
-#pragma unroll
-                    for (int c = 0; c < 4; c++)
-                        if (4 * i + c < n_pages && (e[c] >> 21) == b1) atomicAdd(&sh[(e[c] >> 10) & 2047], 1u);
-                }
+                if (i < n4) S4[i] = kb[u];
             }
         }
-    } else {
-        for (int base = t; base < n_pages; base += SEL_THREADS * SEL_BATCH) {
-            unsigned kb[SEL_BATCH];
-            load_keys<SEL_THREADS>(Kg, base, n_pages, kb);
+    }
 #pragma unroll
-            for (int u = 0; u < SEL_BATCH; u++)
-                if (kb[u] && (kb[u] >> 21) == b1) atomicAdd(&sh[(kb[u] >> 10) & 2047], 1u);
-        }
+    for (int j = 0; j < HIST1 / SEL_THREADS; j++) {
+        sh[t + j * SEL_THREADS] = hv[j];
+        hist[h * HIST1 + t + j * SEL_THREADS] = 0;
+    }
+    const unsigned *K = staged ? s_keys : Kg;
+    __syncthreads();
+    unsigned need = k;
+    find_bin(sh, HIST1, need, tmp, &s_bin, &s_above);
+    unsigned prefix = s_bin;  // key >> 21
+    need -= s_above;
+    // Pass 2: bits 20..10 of the keys under the prefix.
+    for (int b = t; b < HIST1; b += SEL_THREADS) sh[b] = 0;
+    __syncthreads();
+    for (int base = t; base < n_pages; base += SEL_THREADS * SEL_BATCH) {
+        unsigned kb[SEL_BATCH];
+        load_keys<SEL_THREADS>(K, base, n_pages, kb);
+#pragma unroll
+        for (int u = 0; u < SEL_BATCH; u++)
+            if (kb[u] && (kb[u] >> 21) == prefix) atomicAdd(&sh[(kb[u] >> 10) & 2047], 1u);
     }
     __syncthreads();
     find_bin(sh, 2048, need, tmp, &s_bin, &s_above);
-    const unsigned prefix = (b1 << 11) | s_bin;  // key >> 10
+    prefix = (prefix << 11) | s_bin;  // key >> 10
     need -= s_above;
+    // Pass 3: bits 9..0.
     for (int b = t; b < 1024; b += SEL_THREADS) sh[b] = 0;
     __syncthreads();
-    const unsigned *K = staged ? s_keys : Kg;
+    for (int base = t; base < n_pages; base += SEL_THREADS * SEL_BATCH) {
+        unsigned kb[SEL_BATCH];
+        load_keys<SEL_THREADS>(K, base, n_pages, kb);
+#pragma unroll
+        for (int u = 0; u < SEL_BATCH; u++)
+            if (kb[u] && (kb[u] >> 10) == prefix) atomicAdd(&sh[kb[u] & 1023], 1u);
+    }
+    __syncthreads();
+    find_bin(sh, 1024, need, tmp, &s_bin, &s_above);
+    const unsigned T = (prefix << 10) | s_bin;  // the k-th largest key
+    need -= s_above;                            // keys equal to T to take
+    // Compaction: keys above T, and the first `need` keys equal to T.
     const int seg = (n_pages + 31) / 32, w0 = warp * seg, w1 = min(n_pages, w0 + seg);
-    // Pass B. A missing page (key 0) is never above the prefix nor in it
-    // (the prefix is that of a real key).
-    unsigned gt = 0;
+    unsigned gt = 0, eq = 0;
     for (int base = w0 + lane; base < w1; base += 32 * SEL_BATCH) {
         unsigned kb[SEL_BATCH];
         load_keys<32>(K, base, w1, kb);
 #pragma unroll
         for (int u = 0; u < SEL_BATCH; u++) {
-            const unsigned hi = kb[u] >> 10;
-            gt += hi > prefix;
-            if (kb[u] && hi == prefix) {
-                atomicAdd(&sh[kb[u] & 1023], 1u);
-                const unsigned slot = atomicAdd(&n_cand, 1u);
-                if (slot < CAND) cand[slot] = ((unsigned)warp << 10) | (kb[u] & 1023);
-            }
+            gt += kb[u] > T;
+            eq += kb[u] == T;
         }
     }
     gt = __reduce_add_sync(FULL, gt);
+    eq = __reduce_add_sync(FULL, eq);
     if (lane == 0) {
         w_gt[warp] = gt;
-        w_eq[warp] = 0;
-    }
-    __syncthreads();
-    find_bin(sh, 1024, need, tmp, &s_bin, &s_above);
-    const unsigned low = s_bin;
-    const unsigned T = (prefix << 10) | low;  // the k-th largest key
-    need -= s_above;                          // keys equal to T to take
-    if (n_cand <= CAND) {
-        for (int i = t; i < (int)n_cand; i += SEL_THREADS) {
-            const unsigned c = cand[i], lo = c & 1023;
-            if (lo > low) atomicAdd(&w_gt[c >> 10], 1u);
-            else if (lo == low) atomicAdd(&w_eq[c >> 10], 1u);
-        }
-    } else {
-        // Many keys share the 22-bit bin (ties): count above and equal to
-        // T per warp over all keys.
-        unsigned g2 = 0, e2 = 0;
-        for (int base = w0 + lane; base < w1; base += 32 * SEL_BATCH) {
-            unsigned kb[SEL_BATCH];
-            load_keys<32>(K, base, w1, kb);
-#pragma unroll
-            for (int u = 0; u < SEL_BATCH; u++) {
-                g2 += kb[u] > T;
-                e2 += kb[u] == T;
-            }
-        }
-        g2 = __reduce_add_sync(FULL, g2);
-        e2 = __reduce_add_sync(FULL, e2);
-        if (lane == 0) {
-            w_gt[warp] = g2;
-            w_eq[warp] = e2;
-        }
+        w_eq[warp] = eq;
     }
     __syncthreads();
     unsigned gt_before = 0, eq_before = 0;
@@ -655,9 +610,8 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) topk_select(
     unsigned pos = gt_before + min(eq_before, need), eq_seen = eq_before;
     const unsigned below = (1u << lane) - 1u;
     int *out = pages + (long long)h * k;
-    // Pass C. The same number of rounds in every lane of the warp
-    // (ballots); T is a real key, so a missing page (0) is neither above
-    // nor equal.
+    // The same number of rounds in every lane of the warp (ballots);
+    // T is a real key, so a missing page (0) is neither above nor equal.
     for (int base = w0; base < w1; base += 32 * SEL_BATCH) {
         unsigned kb[SEL_BATCH];
         load_keys<32>(K, base + lane, w1, kb);
