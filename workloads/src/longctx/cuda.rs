@@ -1026,6 +1026,23 @@ mod tests {
         Some(DecodeGpu::new(0).expect("a driver is present, so the kernels must compile"))
     }
 
+    /// One checked block-topk step at 10% of pages, with the top-k's
+    /// options: (relative error, near-tie swaps).
+    fn check_topk(
+        gpu: &DecodeGpu,
+        cache: &Arc<DenseCache>,
+        seed: u64,
+        staged: bool,
+        pdl: bool,
+    ) -> (f64, usize) {
+        let step = Step::new(cache.clone(), StepKind::block_topk(0.1), seed).unwrap();
+        DecodeBench::from_step(gpu, step)
+            .unwrap()
+            .with_topk_options(staged, pdl)
+            .check()
+            .unwrap()
+    }
+
     fn kinds() -> Vec<StepKind> {
         vec![
             StepKind::Dense,
@@ -1087,11 +1104,7 @@ mod tests {
         // and with ordinary launches.
         let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(65_536), 5).unwrap());
         for (staged, pdl) in [(false, true), (false, false), (true, false)] {
-            let step = Step::new(cache.clone(), StepKind::block_topk(0.1), 5).unwrap();
-            let mut bench = DecodeBench::from_step(&gpu, step)
-                .unwrap()
-                .with_topk_options(staged, pdl);
-            let (e, swaps) = bench.check().unwrap();
+            let (e, swaps) = check_topk(&gpu, &cache, 5, staged, pdl);
             eprintln!("block-topk n=65536 staged={staged} pdl={pdl}: rel err {e:.2e}, {swaps} near-tie swaps");
             assert!(e <= TOLERANCE, "staged={staged} pdl={pdl}: {e:.3e}");
         }
@@ -1284,11 +1297,7 @@ mod tests {
             }
             let cache = Arc::new(cache);
             for staged in [true, false] {
-                let step = Step::new(cache.clone(), StepKind::block_topk(0.1), 9).unwrap();
-                let mut bench = DecodeBench::from_step(&gpu, step)
-                    .unwrap()
-                    .with_topk_options(staged, true);
-                let (e, swaps) = bench.check().unwrap();
+                let (e, swaps) = check_topk(&gpu, &cache, 9, staged, true);
                 eprintln!("ties m={m} staged={staged}: rel err {e:.2e}, {swaps} swaps");
                 assert_eq!(swaps, 0, "m={m} staged={staged}: not the lower tied pages");
                 assert!(e <= TOLERANCE, "m={m} staged={staged}: {e:.3e}");
