@@ -1,7 +1,9 @@
 //! Training-free ChunkLLM chunk selection (after Ouyang, Lv, Ren, Wei,
 //! Wang, Feng; arXiv 2510.02361): entries `chunk-select` (every key and
-//! value kept) and `chunk-select-evict` (what a selection leaves out is
-//! dropped), one [`ChunkSelectKv`] over two kinds of storage.
+//! value kept, selection per layer and KV head), `chunk-select-vote` (the
+//! same with the paper's cross-layer vote and local chunks) and
+//! `chunk-select-evict` (what a selection leaves out is dropped), one
+//! [`ChunkSelectKv`] over two kinds of storage.
 //!
 //! # The paper's method
 //!
@@ -128,16 +130,43 @@
 //! - The paper votes: each layer picks its top-k chunks and a vote over
 //!   the layers' choices gives one global top-k that every layer reads
 //!   (Sec. 2.3; removing the vote cost 1.6 LongBench points in its Table
-//!   4). We select per (layer, KV head) with no vote, the finest choice
-//!   the model's own attention allows.
+//!   4). `chunk-select` selects per (layer, KV head) with no vote, the
+//!   finest choice the model's own attention allows; `chunk-select-vote`
+//!   (below) votes as the paper does.
 //! - The paper always keeps the most recent 15 or 16 chunks ("local
-//!   chunks", Sec. 3.2) besides the top-k; we keep only the chunk being
-//!   written, so that every method here is held to the same positions per
-//!   query.
+//!   chunks", Sec. 3.2) besides the top-k; `chunk-select` keeps only the
+//!   chunk being written, `chunk-select-vote` keeps local chunks too.
 //! - The paper's first selection is made by the prompt's end token, inside
 //!   the prefill (Sec. 2.3); ours by the first decode step, whose query
 //!   attends to the whole prompt (the shared dense prefill cannot carry a
 //!   per-method selection).
+//!
+//! # The paper's vote: `chunk-select-vote`
+//!
+//! `chunk-select-vote` is `chunk-select` (every key and value kept, the
+//! same boundaries, cap and selection steps) with ChunkLLM's cross-layer
+//! vote and local chunks (Sec. 2.3 and 3.2), still training-free:
+//!
+//! - At a selection step every (layer, KV head) attends densely, as in
+//!   `chunk-select`, and adds its chunk masses to its layer's: one score
+//!   per chunk and layer, summed over all the layer's query heads (the
+//!   paper's QK Adapter scores a chunk once per layer, over its heads).
+//! - Local chunks: the newest chunks (the open one before the query
+//!   first), while they fit in `budget / 16` positions. The paper keeps
+//!   16 local chunks beside a top-k of 256 (needle and PG19 settings,
+//!   Sec. 3.2), a sixteenth of the chunks it reads; our chunks are about
+//!   as long as its sentence-level ones, so a sixteenth of the positions.
+//! - Each layer's ballot: the other chunks by its mass, largest first,
+//!   while they fit in what the budget leaves (`budget - local - (cap -
+//!   1)`, as in `chunk-select`). A chunk's votes are the ballots that hold
+//!   it; the global set is the chunks by votes (ties: summed mass over the
+//!   layers, then the later chunk) while they fit in the same room. The
+//!   paper's Fig. 2 counts ballots this way; it gives no tie rule.
+//! - The vote needs every layer's ballot, so it is taken when the
+//!   selecting token is committed (after its last layer) and applies
+//!   from the next token on, to every layer and KV head alike. The
+//!   selecting token itself reads everything, as in `chunk-select`.
+//!
 //! - In a block of several rows after the prefill (a verification tree,
 //!   or more prompt), only the first row, which is always committed, can
 //!   make a selection; the later rows read the selection made before the
@@ -184,6 +213,21 @@ impl Policy for ChunkSelect {
     }
 }
 
+/// The `chunk-select-vote` entry: training-free ChunkLLM with the paper's
+/// cross-layer vote and local chunks (see the module documentation).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChunkSelectVote;
+
+impl Policy for ChunkSelectVote {
+    fn id(&self) -> &'static str {
+        "chunk-select-vote"
+    }
+
+    fn from_dense(&self, dense: &DenseKv, plan: &Plan<'_>) -> Box<dyn KvCache> {
+        Box::new(ChunkSelectKv::voting(dense, plan))
+    }
+}
+
 /// The `chunk-select-evict` entry: `chunk-select` whose selections also
 /// drop what they leave out (our variant, not ChunkLLM's method; see the
 /// module documentation).
@@ -224,6 +268,79 @@ thread_local! {
     /// (keys, values, row numbers), laid out like its own storage.
     static BLOCK: RefCell<(Vec<f32>, Vec<f32>, Vec<usize>)> =
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// Local chunks take at most `budget / LOCAL_SHARE` positions
+/// (`chunk-select-vote`; ChunkLLM keeps 16 local chunks beside 256).
+pub const LOCAL_SHARE: usize = 16;
+
+/// The masses the layers of one selection step have added so far
+/// (`chunk-select-vote`), voted on when its token is committed.
+#[derive(Debug, Default)]
+struct Ballots {
+    /// Position of the selecting query.
+    pos: usize,
+    /// The chunks ranked, as position ranges in order (the same for every
+    /// layer and KV head: a voting cache keeps every row).
+    spans: Vec<(usize, usize)>,
+    /// Per layer, per chunk: attention mass summed over the layer's query
+    /// heads. Empty until the first KV head adds its share.
+    mass: Vec<Vec<f64>>,
+}
+
+/// ChunkLLM's chunk vote (arXiv 2510.02361, Sec. 2.3) over `spans` (chunks
+/// as position ranges, in order, the newest last) with per-layer masses
+/// `mass[layer][chunk]`: the local chunks (the newest, while they fit in
+/// `budget / LOCAL_SHARE`), then the other chunks by votes (how many
+/// layers' ballots hold them; a ballot is a layer's chunks by its mass
+/// while they fit), ties by summed mass, then the later chunk, while they
+/// fit in `budget + 1 - cap` less the local positions. In order.
+pub fn vote_chunks(
+    spans: &[(usize, usize)],
+    mass: &[Vec<f64>],
+    budget: usize,
+    cap: usize,
+) -> Vec<(usize, usize)> {
+    let n = spans.len();
+    let len = |c: usize| spans[c].1 - spans[c].0;
+    let mut keep = vec![false; n];
+    let mut local = 0;
+    for c in (0..n).rev() {
+        if local + len(c) > budget / LOCAL_SHARE {
+            break;
+        }
+        keep[c] = true;
+        local += len(c);
+    }
+    let room = (budget + 1).saturating_sub(cap + local);
+    let fill = |order: &[usize], pick: &mut dyn FnMut(usize)| {
+        let mut used = 0;
+        for &c in order {
+            if used + len(c) <= room {
+                pick(c);
+                used += len(c);
+            }
+        }
+    };
+    let others: Vec<usize> = (0..n).filter(|&c| !keep[c]).collect();
+    let mut votes = vec![0usize; n];
+    let mut total = vec![0f64; n];
+    for m in mass {
+        let mut order = others.clone();
+        order.sort_unstable_by(|&x, &y| m[y].total_cmp(&m[x]).then(y.cmp(&x)));
+        fill(&order, &mut |c| votes[c] += 1);
+        for (t, &x) in total.iter_mut().zip(m) {
+            *t += x;
+        }
+    }
+    let mut order = others;
+    order.sort_unstable_by(|&x, &y| {
+        (votes[y].cmp(&votes[x]))
+            .then(total[y].total_cmp(&total[x]))
+            .then(y.cmp(&x))
+    });
+    fill(&order, &mut |c| keep[c] = true);
+    (0..n).filter(|&c| keep[c]).map(|c| spans[c]).collect()
 }
 
 fn lock(m: &Mutex<Vec<Selection>>) -> MutexGuard<'_, Vec<Selection>> {
@@ -439,6 +556,8 @@ pub struct ChunkSelectKv {
     /// Per `layer * n_kv_heads + kv_head`: selections, oldest first (in
     /// an evicting cache, from the newest one that dropped rows on).
     history: Vec<Mutex<Vec<Selection>>>,
+    /// `chunk-select-vote`: the selection step in flight's masses.
+    vote: Option<Mutex<Ballots>>,
     reads: ReadCounter,
 }
 
@@ -454,6 +573,14 @@ impl ChunkSelectKv {
             kv.append(l, 0, dense.keys(l), dense.values(l));
         }
         ChunkSelectKv::with_store(Store::Full(kv), n, plan)
+    }
+
+    /// The `chunk-select-vote` cache after the dense prefill `dense`:
+    /// every key and value kept, selections by the layers' vote.
+    pub fn voting(dense: &DenseKv, plan: &Plan<'_>) -> ChunkSelectKv {
+        let mut cache = ChunkSelectKv::from_dense(dense, plan);
+        cache.vote = Some(Mutex::new(Ballots::default()));
+        cache
     }
 
     /// The `chunk-select-evict` cache after the dense prefill `dense`:
@@ -509,6 +636,7 @@ impl ChunkSelectKv {
             history: (0..shape.n_layers * shape.n_kv_heads)
                 .map(|_| Mutex::new(Vec::new()))
                 .collect(),
+            vote: None,
             reads: ReadCounter::default(),
         };
         cache.commit(0, n);
@@ -524,6 +652,11 @@ impl ChunkSelectKv {
     /// Whether selections drop what they leave out (`chunk-select-evict`).
     pub fn evicts(&self) -> bool {
         matches!(self.store, Store::Held { .. })
+    }
+
+    /// Whether selections are the layers' vote (`chunk-select-vote`).
+    pub fn votes(&self) -> bool {
+        self.vote.is_some()
     }
 
     /// The longest chunk for this cache's budget ([`chunk_cap`]).
@@ -621,9 +754,7 @@ impl ChunkSelectKv {
     }
 
     /// The chunks a selection step with query `q` keeps: chunk attention
-    /// mass (softmax over the cached rows of `view` and the rows of
-    /// `block`, laid out like `view`, summed per chunk's held rows and
-    /// over the query heads), largest first, while they fit.
+    /// mass ([`Self::chunk_mass`]), largest first, while they fit.
     fn select(
         &self,
         q: &[f32],
@@ -631,6 +762,38 @@ impl ChunkSelectKv {
         block: &BlockKv<'_>,
         scores: &mut Vec<f32>,
     ) -> Vec<(usize, usize)> {
+        let (spans, mass) = self.chunk_mass(q, view, block, scores);
+        let mut order: Vec<usize> = (0..spans.len()).collect();
+        order.sort_unstable_by(|&x, &y| mass[y].total_cmp(&mass[x]).then(y.cmp(&x)));
+        let room = self.budget + 1 - self.cap;
+        let mut keep = vec![false; spans.len()];
+        let mut used = 0;
+        for c in order {
+            let len = spans[c].1 - spans[c].0;
+            if used + len <= room {
+                keep[c] = true;
+                used += len;
+            }
+        }
+        spans
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(span, k)| k.then_some(span))
+            .collect()
+    }
+
+    /// The chunks of `view` (closed ones, then the open one before the
+    /// query) as position ranges of held rows, and the attention mass of
+    /// each: softmax over the cached rows of `view` and the rows of
+    /// `block`, laid out like `view`, summed per chunk's held rows and
+    /// over the query heads of `q`.
+    fn chunk_mass(
+        &self,
+        q: &[f32],
+        view: &View<'_>,
+        block: &BlockKv<'_>,
+        scores: &mut Vec<f32>,
+    ) -> (Vec<(usize, usize)>, Vec<f64>) {
         let hd = self.shape().head_dim;
         let (n, stride) = (view.n, view.stride);
         let off = view.head * hd;
@@ -671,29 +834,61 @@ impl ChunkSelectKv {
                 *m += scores[a..b].iter().map(|&e| e as f64).sum::<f64>() / z;
             }
         }
-        let mut order: Vec<usize> = (0..spans.len()).collect();
-        order.sort_unstable_by(|&x, &y| mass[y].total_cmp(&mass[x]).then(y.cmp(&x)));
-        let room = self.budget + 1 - self.cap;
-        let mut keep = vec![false; spans.len()];
-        let mut used = 0;
-        for c in order {
-            let len = spans[c].1 - spans[c].0;
-            if used + len <= room {
-                keep[c] = true;
-                used += len;
-            }
-        }
-        spans
+        let spans = spans
             .into_iter()
-            .zip(keep)
-            .filter_map(|((a, b), k)| {
+            .map(|(a, b)| {
                 // A chunk's held rows are a run of consecutive positions:
                 // an eviction keeps or drops a closed chunk whole, and cuts
                 // the open one only at the selecting position.
                 debug_assert_eq!(view.pos_of(b - 1) + 1 - view.pos_of(a), b - a);
-                k.then(|| (view.pos_of(a), view.pos_of(b - 1) + 1))
+                (view.pos_of(a), view.pos_of(b - 1) + 1)
             })
-            .collect()
+            .collect();
+        (spans, mass)
+    }
+
+    /// Adds a selection step's chunk masses for one (`layer`, KV head) to
+    /// the ballots of the step in flight (`chunk-select-vote`).
+    fn add_ballot(&self, layer: usize, spans: Vec<(usize, usize)>, mass: &[f64]) {
+        let vote = self.vote.as_ref().expect("a voting cache");
+        let mut b = vote.lock().unwrap_or_else(|e| e.into_inner());
+        if b.mass.is_empty() {
+            b.pos = self.block_pos;
+            b.mass = vec![vec![0.0; spans.len()]; self.shape().n_layers];
+            b.spans = spans;
+        }
+        debug_assert_eq!(b.pos, self.block_pos);
+        for (m, &x) in b.mass[layer].iter_mut().zip(mass) {
+            *m += x;
+        }
+    }
+
+    /// Takes the vote of the selection step at `pos..pos + rows`, if one
+    /// was made, and gives its chunks to every (layer, KV head).
+    fn cast_vote(&mut self, pos: usize, rows: usize) {
+        let Some(vote) = &mut self.vote else {
+            return;
+        };
+        let b = std::mem::take(vote.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if b.mass.is_empty() || !(pos..pos + rows).contains(&b.pos) {
+            return;
+        }
+        let chunks = vote_chunks(&b.spans, &b.mass, self.budget, self.cap);
+        for h in &mut self.history {
+            h.get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Selection {
+                    pos: b.pos,
+                    chunks: chunks.clone(),
+                });
+        }
+    }
+
+    /// Forgets the masses of a selection step that was never committed.
+    fn drop_ballots(&mut self) {
+        if let Some(vote) = &mut self.vote {
+            *vote.get_mut().unwrap_or_else(|e| e.into_inner()) = Ballots::default();
+        }
     }
 
     /// `attend` over `view`, the rows of (`layer`, `kv_head`) at history
@@ -709,6 +904,7 @@ impl ChunkSelectKv {
         out: &mut [f32],
     ) {
         let hd = self.shape().head_dim;
+        let layer = slot / self.shape().n_kv_heads;
         let in_flight = Segment {
             k: block.k,
             v: block.v,
@@ -740,6 +936,11 @@ impl ChunkSelectKv {
             ];
             attend_segments(q, hd, view.stride, view.head, &segments, scores, out);
             self.reads.add(view.n, view.visible);
+            if self.vote.is_some() {
+                let (spans, mass) = self.chunk_mass(q, view, block, scores);
+                self.add_ballot(layer, spans, &mass);
+                return;
+            }
             let chunks = self.select(q, view, block, scores);
             lock(slot).push(Selection {
                 pos: self.block_pos,
@@ -785,6 +986,7 @@ impl KvCache for ChunkSelectKv {
         let rows = k.len() / shape.kv_dim();
         self.evict(layer, pos, rows);
         if layer + 1 == shape.n_layers {
+            self.cast_vote(pos, rows);
             self.commit(pos, rows);
         }
     }
@@ -808,12 +1010,14 @@ impl KvCache for ChunkSelectKv {
         }
         self.block_pos = len;
         self.block_ends.clear();
+        self.drop_ballots();
         Ok(())
     }
 
     fn begin_block(&mut self, pos: usize, tokens: &[u32]) {
         self.block_pos = pos;
         self.block_ends.clear();
+        self.drop_ballots();
         let set = &self.boundary;
         self.block_ends.extend(tokens.iter().map(|&t| bit(set, t)));
         // A selection tagged at or after `pos` came from a block that was
@@ -1025,57 +1229,8 @@ mod tests {
         tokens: &[u32],
         budget: usize,
     ) -> Vec<(usize, usize)> {
-        let (hd, d) = (SHAPE.head_dim, SHAPE.kv_dim());
-        let n = tokens.len();
-        let cap = chunk_cap(budget);
-        let mut spans = Vec::new();
-        let mut start = 0;
-        for e in rule_ends(tokens, cap) {
-            spans.push((start, e as usize));
-            start = e as usize;
-        }
-        if start < n {
-            spans.push((start, n));
-        }
-        let key = |r: usize| -> &[f32] {
-            if r < n {
-                &keys[r * d + g * hd..r * d + (g + 1) * hd]
-            } else {
-                &own[g * hd..(g + 1) * hd]
-            }
-        };
-        let mut mass = vec![0f64; spans.len()];
-        for qh in q.chunks_exact(hd) {
-            let s: Vec<f64> = (0..=n)
-                .map(|r| {
-                    qh.iter()
-                        .zip(key(r))
-                        .map(|(&a, &b)| a as f64 * b as f64)
-                        .sum::<f64>()
-                        / (hd as f64).sqrt()
-                })
-                .collect();
-            let m = s.iter().copied().fold(f64::MIN, f64::max);
-            let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-            for (c, &(a, b)) in spans.iter().enumerate() {
-                mass[c] += (a..b).map(|r| (s[r] - m).exp() / z).sum::<f64>();
-            }
-        }
-        let mut order: Vec<usize> = (0..spans.len()).collect();
-        order.sort_by(|&x, &y| mass[y].total_cmp(&mass[x]).then(y.cmp(&x)));
-        let mut keep = vec![false; spans.len()];
-        let mut used = 0;
-        for c in order {
-            let len = spans[c].1 - spans[c].0;
-            if used + len <= budget + 1 - cap {
-                keep[c] = true;
-                used += len;
-            }
-        }
-        (0..spans.len())
-            .filter(|&c| keep[c])
-            .map(|c| spans[c])
-            .collect()
+        let held: Vec<usize> = (0..tokens.len()).collect();
+        brute_held_selection(keys, own, q, g, tokens, &held, budget)
     }
 
     /// Relative error allowed against the f64 reference: f32 terms of
@@ -1240,28 +1395,40 @@ mod tests {
         }
     }
 
+    /// The two caches that keep every row: `chunk-select` and
+    /// `chunk-select-vote`.
+    const KEEPING: [(&str, fn(&DenseKv, &Plan<'_>) -> ChunkSelectKv); 2] = [
+        ("chunk-select", ChunkSelectKv::from_dense),
+        ("chunk-select-vote", ChunkSelectKv::voting),
+    ];
+
     /// A budget above every position keeps every chunk, so decoding gives
     /// the dense cache's outputs bit for bit (the same rows in the same
     /// order through `attend_segments`) and reads every row.
     #[test]
     fn large_budget_is_dense_bitwise() {
-        let mut rng = ChaCha8Rng::seed_from_u64(4);
-        let n = 150;
-        let (tokens, dense) = prompt(&mut rng, n);
-        let boundary = table();
-        let mut cache = ChunkSelect.from_dense(&dense, &plan(&tokens, &boundary, 10_000));
-        let mut full = dense.clone();
-        full.reset_reads();
-        for pos in n..n + 40 {
-            let t = token(&mut rng);
-            let s = random_step(&mut rng, t);
-            assert_eq!(
-                step(&mut *cache, pos, &s),
-                step(&mut full, pos, &s),
-                "pos {pos}"
-            );
+        for (policy, id) in [
+            (&ChunkSelect as &dyn Policy, "chunk-select"),
+            (&ChunkSelectVote, "chunk-select-vote"),
+        ] {
+            let mut rng = ChaCha8Rng::seed_from_u64(4);
+            let n = 150;
+            let (tokens, dense) = prompt(&mut rng, n);
+            let boundary = table();
+            let mut cache = policy.from_dense(&dense, &plan(&tokens, &boundary, 10_000));
+            let mut full = dense.clone();
+            full.reset_reads();
+            for pos in n..n + 40 {
+                let t = token(&mut rng);
+                let s = random_step(&mut rng, t);
+                assert_eq!(
+                    step(&mut *cache, pos, &s),
+                    step(&mut full, pos, &s),
+                    "{id} pos {pos}"
+                );
+            }
+            assert_eq!(cache.reads(), full.reads(), "{id}");
         }
-        assert_eq!(cache.reads(), full.reads());
     }
 
     /// Over a long decode, every step reads either everything (selection
@@ -1269,11 +1436,17 @@ mod tests {
     /// most the budget, and the counters add up.
     #[test]
     fn reads_respect_the_budget_between_selections() {
+        for (id, make) in KEEPING {
+            reads_respect_the_budget(id, make);
+        }
+    }
+
+    fn reads_respect_the_budget(id: &str, make: fn(&DenseKv, &Plan<'_>) -> ChunkSelectKv) {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let (n, budget) = (300, 40);
         let (mut tokens, dense) = prompt(&mut rng, n);
         let boundary = table();
-        let mut cache = ChunkSelectKv::from_dense(&dense, &plan(&tokens, &boundary, budget));
+        let mut cache = make(&dense, &plan(&tokens, &boundary, budget));
         let cap = cache.chunk_cap();
         let per = (SHAPE.n_layers * SHAPE.n_kv_heads) as u64;
         let (mut sparse, mut dense_steps) = (0, 0);
@@ -1289,7 +1462,7 @@ mod tests {
             assert_eq!(after.rows_visible - before.rows_visible, pos as u64 * per);
             let read = after.rows_read - before.rows_read;
             if selects {
-                assert_eq!(read, pos as u64 * per, "pos {pos}");
+                assert_eq!(read, pos as u64 * per, "{id} pos {pos}");
                 assert_eq!(cache.selection(0, 0).unwrap().pos, pos);
                 dense_steps += 1;
             } else {
@@ -1298,20 +1471,20 @@ mod tests {
                     for g in 0..SHAPE.n_kv_heads {
                         let sel = cache.selection(l, g).unwrap();
                         let held: usize = sel.chunks.iter().map(|(a, b)| b - a).sum();
-                        assert!(held + (pos - sel.pos) <= budget, "pos {pos}");
+                        assert!(held + (pos - sel.pos) <= budget, "{id} pos {pos}");
                         want += (held + pos - sel.pos) as u64;
                     }
                 }
-                assert_eq!(read, want, "pos {pos}");
+                assert_eq!(read, want, "{id} pos {pos}");
                 sparse += 1;
             }
             tokens.push(s.token);
         }
         assert!(
             sparse > 40 && dense_steps > 5,
-            "{sparse} sparse, {dense_steps} dense"
+            "{id}: {sparse} sparse, {dense_steps} dense"
         );
-        assert!(cache.reads().share() < 0.5);
+        assert!(cache.reads().share() < 0.5, "{id}");
     }
 
     /// `truncate` forgets the chunks and selections of the dropped
@@ -1319,6 +1492,12 @@ mod tests {
     /// truncating to the prompt gives back the state `from_dense` built.
     #[test]
     fn truncate_restores_the_earlier_state() {
+        for (id, make) in KEEPING {
+            truncate_restores(id, make);
+        }
+    }
+
+    fn truncate_restores(id: &str, make: fn(&DenseKv, &Plan<'_>) -> ChunkSelectKv) {
         let mut rng = ChaCha8Rng::seed_from_u64(6);
         let (n, budget) = (200, 48);
         let (tokens, dense) = prompt(&mut rng, n);
@@ -1330,7 +1509,7 @@ mod tests {
                 random_step(&mut rng, t)
             })
             .collect();
-        let mut cache = ChunkSelectKv::from_dense(&dense, &p);
+        let mut cache = make(&dense, &p);
         let fresh_bytes = cache.bytes();
         let fresh_ends = cache.chunk_ends().to_vec();
         let first: Vec<_> = (0..30)
@@ -1344,12 +1523,12 @@ mod tests {
             let again: Vec<_> = (cut..30)
                 .map(|i| step(&mut cache, n + i, &steps[i]))
                 .collect();
-            assert_eq!(&again[..], &first[cut..], "after truncating to +{cut}");
+            assert_eq!(&again[..], &first[cut..], "{id} after truncating to +{cut}");
         }
         cache.truncate(n).unwrap();
         assert_eq!(cache.chunk_ends(), &fresh_ends[..]);
         assert_eq!(cache.selection(1, 1), None);
-        assert_eq!(cache.bytes(), fresh_bytes);
+        assert_eq!(cache.bytes(), fresh_bytes, "{id}");
     }
 
     /// In a block of several rows after the prefill, the first row (a
@@ -1439,11 +1618,9 @@ mod tests {
     }
 
     /// The selection an evicting cache's query should make, by brute
-    /// force in f64 from positions alone: the chunks by the rule over
-    /// `tokens` (the committed ones), each cut to the positions of `held`
-    /// in it (empty ones skipped), ranked by the mass a softmax over the
-    /// held rows of `keys` and the query's own key gives them, taken while
-    /// their held rows fit in `budget + 1 - cap`. Position ranges.
+    /// force in f64 from positions alone: the chunks of
+    /// [`brute_held_mass`] by mass (ties: later), taken while their held
+    /// rows fit in `budget + 1 - cap`. Position ranges.
     fn brute_held_selection(
         keys: &[f32],
         own: &[f32],
@@ -1453,6 +1630,39 @@ mod tests {
         held: &[usize],
         budget: usize,
     ) -> Vec<(usize, usize)> {
+        let cap = chunk_cap(budget);
+        let (spans, mass) = brute_held_mass(keys, own, q, g, tokens, held, budget);
+        let mut order: Vec<usize> = (0..spans.len()).collect();
+        order.sort_by(|&x, &y| mass[y].total_cmp(&mass[x]).then(y.cmp(&x)));
+        let mut keep = vec![false; spans.len()];
+        let mut used = 0;
+        for c in order {
+            let (a, b) = spans[c];
+            if used + b - a <= budget + 1 - cap {
+                keep[c] = true;
+                used += b - a;
+            }
+        }
+        (0..spans.len())
+            .filter(|&c| keep[c])
+            .map(|c| spans[c])
+            .collect()
+    }
+
+    /// By brute force in f64 from positions alone: the chunks by the rule
+    /// over `tokens` (the committed ones), each cut to the positions of
+    /// `held` in it (empty ones skipped), as position ranges, and the mass
+    /// a softmax over the held rows of `keys` and the query's own key
+    /// gives each, summed over the query heads of `q`.
+    fn brute_held_mass(
+        keys: &[f32],
+        own: &[f32],
+        q: &[f32],
+        g: usize,
+        tokens: &[u32],
+        held: &[usize],
+        budget: usize,
+    ) -> (Vec<(usize, usize)>, Vec<f64>) {
         let (hd, d) = (SHAPE.head_dim, SHAPE.kv_dim());
         let n = tokens.len();
         let cap = chunk_cap(budget);
@@ -1494,26 +1704,15 @@ mod tests {
                     .sum::<f64>();
             }
         }
-        let mut order: Vec<usize> = (0..spans.len()).collect();
-        order.sort_by(|&x, &y| mass[y].total_cmp(&mass[x]).then(y.cmp(&x)));
-        let mut keep = vec![false; spans.len()];
-        let mut used = 0;
-        for c in order {
-            if used + spans[c].len() <= budget + 1 - cap {
-                keep[c] = true;
-                used += spans[c].len();
-            }
-        }
-        spans
+        let ranges = spans
             .iter()
-            .zip(keep)
-            .filter(|(_, k)| *k)
-            .map(|(s, _)| {
+            .map(|s| {
                 let (a, b) = (s[0], s[s.len() - 1] + 1);
                 assert_eq!(b - a, s.len(), "a chunk's held positions are a run");
                 (a, b)
             })
-            .collect()
+            .collect();
+        (ranges, mass)
     }
 
     /// Positions of the ranges `chunks`, then `tail`.
@@ -1951,5 +2150,159 @@ mod tests {
                 assert_eq!(cache.held(l, g), positions(&sel.chunks, n + 1..n + 4));
             }
         }
+    }
+
+    /// The vote `chunk-select-vote` should take at a selection step whose
+    /// query is `s`, over the committed `tokens` of `full`, by brute force
+    /// in f64: per layer, the masses of [`brute_held_mass`] summed over
+    /// the KV heads, counted by [`vote_chunks`] (checked on its own by
+    /// `vote_counts_ballots_not_mass`).
+    fn brute_vote(full: &DenseKv, s: &Step, tokens: &[u32], budget: usize) -> Vec<(usize, usize)> {
+        let (p, d) = (tokens.len(), SHAPE.kv_dim());
+        let held: Vec<usize> = (0..p).collect();
+        let mut spans = Vec::new();
+        let mass: Vec<Vec<f64>> = (0..SHAPE.n_layers)
+            .map(|l| {
+                let mut sum: Vec<f64> = Vec::new();
+                for g in 0..SHAPE.n_kv_heads {
+                    let keys = &full.keys(l)[..p * d];
+                    let q = group(&s.q[l], g);
+                    let (sp, m) = brute_held_mass(keys, &s.k[l], q, g, tokens, &held, budget);
+                    sum.resize(m.len(), 0.0);
+                    for (a, b) in sum.iter_mut().zip(&m) {
+                        *a += b;
+                    }
+                    spans = sp;
+                }
+                sum
+            })
+            .collect();
+        vote_chunks(&spans, &mass, budget, chunk_cap(budget))
+    }
+
+    /// The vote by hand: ballots are counted, so a chunk that every layer
+    /// ranks second beats one that a single layer ranks first by far;
+    /// ties go to the summed mass, then the later chunk; local chunks are
+    /// kept outside the vote; a chunk that does not fit is skipped.
+    #[test]
+    fn vote_counts_ballots_not_mass() {
+        let spans: Vec<(usize, usize)> = (0..6).map(|c| (4 * c, 4 * c + 4)).collect();
+        // Budget 64: local room 4 (the newest chunk); cap 53 leaves room
+        // for two more chunks of 4.
+        let (budget, cap) = (64, 53);
+        let mass = vec![
+            vec![0.9, 0.06, 0.04, 0.0, 0.0, 5.0],
+            vec![0.0, 0.4, 0.35, 0.1, 0.0, 5.0],
+            vec![0.1, 0.3, 0.5, 0.0, 0.0, 5.0],
+        ];
+        // Ballots {0, 1}, {1, 2}, {2, 1}: votes 1, 3, 2. By summed mass
+        // alone chunks 0 (1.0) and 2 (0.89) would beat chunk 1 (0.76).
+        assert_eq!(
+            vote_chunks(&spans, &mass, budget, cap),
+            [(4, 8), (8, 12), (20, 24)]
+        );
+        // One vote each for chunks 0-3: summed mass decides.
+        let split = vec![
+            vec![0.5, 0.4, 0.0, 0.0, 0.0, 0.0],
+            vec![0.0, 0.0, 0.3, 0.25, 0.0, 0.0],
+        ];
+        assert_eq!(
+            vote_chunks(&spans, &split, budget, cap),
+            [(0, 4), (4, 8), (20, 24)]
+        );
+        // No mass anywhere: the later chunks.
+        let flat = vec![vec![0.0; 6]; 2];
+        assert_eq!(
+            vote_chunks(&spans, &flat, budget, cap),
+            [(12, 16), (16, 20), (20, 24)]
+        );
+        // Uneven chunks: the newest (4 positions) is over the local room
+        // of 2, so nothing is local; room 5 skips chunk 0 (6 positions)
+        // and takes chunks 1 and 2, which fill 4.
+        let uneven = [(0, 6), (6, 8), (8, 10), (10, 14)];
+        assert_eq!(
+            vote_chunks(&uneven, &[vec![0.9, 0.1, 0.05, 0.0]], 32, 28),
+            [(6, 8), (8, 10)]
+        );
+    }
+
+    /// `chunk-select-vote` over a decode: a selection step attends
+    /// densely (bit for bit the dense cache), and once its token is
+    /// committed every (layer, KV head) holds the same selection, the
+    /// brute-force f64 vote; the steps until the next boundary read those
+    /// chunks plus the positions since (checked against f64 attention
+    /// over exactly those rows), within the budget.
+    #[test]
+    fn voting_steps_read_the_layers_vote() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let (n, budget) = (400, 128);
+        let (mut tokens, dense) = prompt(&mut rng, n);
+        tokens[n - 1] = 0;
+        let boundary = table();
+        let p = plan(&tokens, &boundary, budget);
+        assert_eq!(ChunkSelectVote.id(), "chunk-select-vote");
+        assert!(ChunkSelectVote.empty(&p).is_none());
+        assert_eq!(ChunkSelectVote.from_dense(&dense, &p).len(), n);
+        let mut cache = ChunkSelectKv::voting(&dense, &p);
+        assert!(cache.votes() && !cache.evicts());
+        let mut full = dense.clone();
+        let mut differs = false;
+        let mut vote: Vec<(usize, usize)> = Vec::new();
+        let mut vote_pos = 0;
+        for (i, t) in [50u32, 5, 7, 0, 4, 6, 9].into_iter().enumerate() {
+            let pos = n + i;
+            let s = random_step(&mut rng, t);
+            let before = cache.reads();
+            let got = step(&mut cache, pos, &s);
+            let dense_out = step(&mut full, pos, &s);
+            let read = cache.reads().rows_read - before.rows_read;
+            let selects = i == 0 || t < 2;
+            let per = (SHAPE.n_layers * SHAPE.n_kv_heads) as u64;
+            if selects {
+                assert_eq!(got, dense_out, "step {i}");
+                assert_eq!(read, pos as u64 * per, "step {i}");
+                vote = brute_vote(&full, &s, &tokens, budget);
+                vote_pos = pos;
+                let held: usize = vote.iter().map(|(a, b)| b - a).sum();
+                assert!(held <= budget + 1 - cache.chunk_cap() && held > budget / 2);
+            }
+            for l in 0..SHAPE.n_layers {
+                for g in 0..SHAPE.n_kv_heads {
+                    let sel = cache.selection(l, g).expect("a vote was taken");
+                    assert_eq!(sel.pos, vote_pos, "step {i}");
+                    assert_eq!(sel.chunks, vote, "step {i} layer {l} head {g}");
+                    if selects {
+                        let own = brute_selection(
+                            &full.keys(l)[..pos * SHAPE.kv_dim()],
+                            &s.k[l],
+                            group(&s.q[l], g),
+                            g,
+                            &tokens,
+                            budget,
+                        );
+                        differs |= own != vote;
+                    } else {
+                        let rows = positions(&vote, vote_pos..pos);
+                        assert!(rows.len() <= budget);
+                        let kv = rows_with_own(&full, l, &rows, &s);
+                        let want = attention_f64_of_head(group(&s.q[l], g), SHAPE.head_dim, g, &kv);
+                        assert_close(
+                            &got[l][g],
+                            &want,
+                            TOL,
+                            &format!("step {i} layer {l} head {g}"),
+                        );
+                    }
+                }
+            }
+            if !selects {
+                let want = per * positions(&vote, vote_pos..pos).len() as u64;
+                assert_eq!(read, want, "step {i}");
+            }
+            tokens.push(t);
+        }
+        // Not every head's own choice is the vote: the test tells the two
+        // entries apart.
+        assert!(differs);
     }
 }

@@ -264,6 +264,11 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             DECODER_VARIANTS,
         ),
         method(
+            "chunk-select-vote",
+            "ChunkLLM, training-free form with the paper's vote: chunk-select, but at each boundary token every layer ranks the chunks by its attention mass, the layers' ballots are counted, and the winners plus the newest (local) chunks are what every layer reads until the next boundary.",
+            DECODER_VARIANTS,
+        ),
+        method(
             "chunk-select-evict",
             "Our evicting variant of chunk-select (not ChunkLLM, whose selections re-rank every chunk and so keep them all): each selection also drops from memory the chunks it leaves out, so after the first decode step each KV head holds about the budget.",
             DECODER_VARIANTS,
@@ -484,6 +489,7 @@ const POLICIES: &[&dyn Policy] = &[
     &cluster::KvCluster,
     &dhsa::Dhsa,
     &chunk_select::ChunkSelect,
+    &chunk_select::ChunkSelectVote,
     &chunk_select::ChunkSelectEvict,
 ];
 
