@@ -1397,7 +1397,8 @@ mod tests {
 
     /// The two caches that keep every row: `chunk-select` and
     /// `chunk-select-vote`.
-    const KEEPING: [(&str, fn(&DenseKv, &Plan<'_>) -> ChunkSelectKv); 2] = [
+    type Make = fn(&DenseKv, &Plan<'_>) -> ChunkSelectKv;
+    const KEEPING: [(&str, Make); 2] = [
         ("chunk-select", ChunkSelectKv::from_dense),
         ("chunk-select-vote", ChunkSelectKv::voting),
     ];
@@ -1441,7 +1442,7 @@ mod tests {
         }
     }
 
-    fn reads_respect_the_budget(id: &str, make: fn(&DenseKv, &Plan<'_>) -> ChunkSelectKv) {
+    fn reads_respect_the_budget(id: &str, make: Make) {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let (n, budget) = (300, 40);
         let (mut tokens, dense) = prompt(&mut rng, n);
@@ -1497,7 +1498,7 @@ mod tests {
         }
     }
 
-    fn truncate_restores(id: &str, make: fn(&DenseKv, &Plan<'_>) -> ChunkSelectKv) {
+    fn truncate_restores(id: &str, make: Make) {
         let mut rng = ChaCha8Rng::seed_from_u64(6);
         let (n, budget) = (200, 48);
         let (tokens, dense) = prompt(&mut rng, n);
@@ -2266,8 +2267,8 @@ mod tests {
                 let held: usize = vote.iter().map(|(a, b)| b - a).sum();
                 assert!(held <= budget + 1 - cache.chunk_cap() && held > budget / 2);
             }
-            for l in 0..SHAPE.n_layers {
-                for g in 0..SHAPE.n_kv_heads {
+            for (l, got_l) in got.iter().enumerate() {
+                for (g, got_lg) in got_l.iter().enumerate() {
                     let sel = cache.selection(l, g).expect("a vote was taken");
                     assert_eq!(sel.pos, vote_pos, "step {i}");
                     assert_eq!(sel.chunks, vote, "step {i} layer {l} head {g}");
@@ -2286,12 +2287,7 @@ mod tests {
                         assert!(rows.len() <= budget);
                         let kv = rows_with_own(&full, l, &rows, &s);
                         let want = attention_f64_of_head(group(&s.q[l], g), SHAPE.head_dim, g, &kv);
-                        assert_close(
-                            &got[l][g],
-                            &want,
-                            TOL,
-                            &format!("step {i} layer {l} head {g}"),
-                        );
+                        assert_close(got_lg, &want, TOL, &format!("step {i} layer {l} head {g}"));
                     }
                 }
             }

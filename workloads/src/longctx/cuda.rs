@@ -1333,16 +1333,69 @@ mod tests {
                     .unwrap()
             };
             let (read, empty) = (diag(Variant::ReadOnly), diag(Variant::Empty));
+            if n == 4096 {
+                // More, shorter splits: fewer tiles in a row per block.
+                for splits in [64, 128] {
+                    let t = DecodeBench::from_step(&gpu, step())
+                        .unwrap()
+                        .with_splits(splits)
+                        .unwrap()
+                        .with_variant(Variant::ReadOnly)
+                        .unwrap()
+                        .time_part(Upto::All, 50)
+                        .unwrap();
+                    println!(
+                        "floor-diag n={n}: read-only with {splits} splits {:.4} ms ({:.2}x)",
+                        t * 1e3,
+                        t / floor
+                    );
+                }
+            }
+            // The copy that moves the step's bytes (half read, half
+            // written) takes the floor's time at the 1 GiB copy's rate.
+            let copy = copy_time(&gpu, step().bytes().total() as usize / 2);
             println!(
-                "floor-diag n={n}: floor {:.4} ms; dense {:.4} ms ({:.2}x); read-only {:.4} ms ({:.2}x); empty node {:.4} ms",
+                "floor-diag n={n}: floor {:.4} ms; dense {:.4} ms ({:.2}x); read-only {:.4} ms ({:.2}x); empty node {:.4} ms; copy of the step's bytes {:.4} ms ({:.2}x)",
                 floor * 1e3,
                 dense * 1e3,
                 dense / floor,
                 read * 1e3,
                 read / floor,
-                empty * 1e3
+                empty * 1e3,
+                copy * 1e3,
+                copy / floor
             );
         }
+    }
+
+    /// Median seconds of one device-to-device copy of `bytes` bytes: 20
+    /// rounds (after 2 warm-up rounds) of copies back to back on one
+    /// stream between event records, each copy from and to its own
+    /// buffers, as many as make 4x the L2 cache in sources (so that no
+    /// copy finds its source in L2), the round's time divided by them.
+    fn copy_time(gpu: &DecodeGpu, bytes: usize) -> f64 {
+        let n = bytes.div_ceil(4);
+        let count = (200usize << 20).div_ceil(bytes).max(4);
+        let srcs: Vec<CudaSlice<f32>> = (0..count)
+            .map(|_| gpu.stream.alloc_zeros(n).unwrap())
+            .collect();
+        let mut dsts: Vec<CudaSlice<f32>> = (0..count)
+            .map(|_| gpu.stream.alloc_zeros(n).unwrap())
+            .collect();
+        let mut times = Vec::new();
+        for round in 0..22 {
+            let (start, end) = (gpu.event().unwrap(), gpu.event().unwrap());
+            start.record(&gpu.stream).unwrap();
+            for (src, dst) in srcs.iter().zip(dsts.iter_mut()) {
+                gpu.stream.memcpy_dtod(src, dst).unwrap();
+            }
+            end.record(&gpu.stream).unwrap();
+            let ms = start.elapsed_ms(&end).unwrap();
+            if round >= 2 {
+                times.push(ms as f64 / 1e3 / count as f64);
+            }
+        }
+        median(&times)
     }
 
     #[test]
