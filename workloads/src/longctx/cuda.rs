@@ -64,7 +64,21 @@
 //! So at 4k the step's arithmetic costs about 10% and the rest is reading
 //! 16.8 MB with 256 blocks at about half the copy bandwidth of the floor's
 //! 1 GiB copy; the 1.5x at 4k would need a faster way to read the
-//! cache, not a faster softmax.
+//! cache, not a faster softmax. How fast it can be read (same test, same
+//! H100, 2026-11-27): a device-to-device copy that moves the step's bytes
+//! (half read, half written; copies back to back from 24 buffers) takes
+//! 1.53x the floor at 4k (1.15x / 1.03x / 1.02x at 16k / 64k / 128k), and
+//! the read-only kernel with 64 or 128 splits instead of 32 (each warp
+//! reading 2 tiles or 1, not 4 one after the other) 1.46x / 1.29x. Dense
+//! itself gets slower with more splits (`dense_split_sweep` at 4k: 2.59x
+//! at 64, 3.17x at 128): at 3 blocks per SM its 512 or 1024 blocks take
+//! more than one wave, and the combine reads more partials. Issuing the
+//! combine's loads together (every split's max and sum at once, 16
+//! splits' outputs at a time) took 4k from 0.0120 to 0.0117 ms (2.13x to
+//! 2.08x). Tried and not kept: staging each split into shared memory with
+//! `cp.async` (every warp's copies of all its tiles in flight at once, one
+//! commit group per tile, computing from shared memory; 2 blocks per SM),
+//! which passed the reference check and took 2.49x against 2.06x.
 //! Splits per KV head: one block
 //! per resident slot ((SMs x resident blocks) / KV heads, 49 on an H100),
 //! or 32 up to 16k rows, where fewer partials to combine win (measured by

@@ -317,26 +317,37 @@ __device__ __forceinline__ void attn_body(
     if (!is_last) return;
     __threadfence();
     const int used = DROP_LAST ? splits - 1 : splits;
+    // The combine is a chain of L2 round trips at the end of the step, so
+    // its loads are issued together: every split's (max, sum) of head g at
+    // once (MAX_SPLITS / 32 per lane), then 16 splits' outputs at a time.
     {
         const int g = warp;
+        float2 ml[MAX_SPLITS / 32];
+#pragma unroll
+        for (int i = 0; i < MAX_SPLITS / 32; i++) {
+            const int x = lane + 32 * i;
+            ml[i] = x < used ? __ldcg(&part_ml[((long long)h * splits + x) * G + g]) : make_float2(NEG_INF, 0.f);
+        }
         float M = NEG_INF;
-        for (int x = lane; x < used; x += 32) M = fmaxf(M, __ldcg(&part_ml[((long long)h * splits + x) * G + g]).x);
+#pragma unroll
+        for (int i = 0; i < MAX_SPLITS / 32; i++) M = fmaxf(M, ml[i].x);
         M = warp_max(M);
         float L = 0.f;
-        for (int x = lane; x < used; x += 32) {
-            const float2 ml = __ldcg(&part_ml[((long long)h * splits + x) * G + g]);
-            const float w = exp2f(ml.x - M);
-            wgt[g][x] = w;
-            L += w * ml.y;
+#pragma unroll
+        for (int i = 0; i < MAX_SPLITS / 32; i++) {
+            ml[i].x = exp2f(ml[i].x - M);  // 0 past `used` and for a split without rows
+            L += ml[i].x * ml[i].y;
         }
         L = warp_sum(L);
-        for (int x = lane; x < used; x += 32) wgt[g][x] /= L;
+#pragma unroll
+        for (int i = 0; i < MAX_SPLITS / 32; i++)
+            if (lane + 32 * i < used) wgt[g][lane + 32 * i] = ml[i].x / L;
     }
     __syncthreads();
     {
         const int g = warp;
         float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
+#pragma unroll 16
         for (int x = 0; x < used; x++) {
             const float w = wgt[g][x];
             const float4 po =
