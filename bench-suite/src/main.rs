@@ -248,7 +248,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
                 )));
             }
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let md = predict::render(&calls, &predictions, &costs, &dir.display().to_string());
+            let unreached = predict::unreached(&recs, &variant);
+            let md = predict::render(
+                &calls,
+                &unreached,
+                &predictions,
+                &costs,
+                &dir.display().to_string(),
+            );
             records::write_atomic(&out.join("gpu-prediction.md"), md.as_bytes())?;
             records::write_atomic(
                 &out.join("gpu-prediction.csv"),

@@ -62,8 +62,13 @@ impl Curve {
 #[derive(Debug, Default)]
 pub struct Costs {
     pub curves: BTreeMap<(String, String), Curve>,
-    /// Where the costs were measured (the JSON's `device`), once per file.
+    /// Where the costs were measured (the JSON's `device`): one device,
+    /// or none where the only file read records none.
     pub devices: Vec<String>,
+    /// Cost files read so far, and the first of them that records no
+    /// device (no JSON beside it, or none in it).
+    files: usize,
+    undeclared: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -77,10 +82,55 @@ struct CostRow {
 
 impl Costs {
     /// Reads `gpu-costs.csv` and, if present beside it, `gpu-costs.json`
-    /// (device name, weight bytes and copy bandwidth).
+    /// (device name, weight bytes and copy bandwidth). Files of several
+    /// devices are refused, and so is a file that records no device beside
+    /// any other file (their devices cannot be checked); nothing is added
+    /// from a refused file.
     pub fn add_file(&mut self, csv_path: &Path) -> Result<(), RecordsError> {
         let bad =
             |problem: String| RecordsError::Invalid(format!("{}: {problem}", csv_path.display()));
+        let json_path = csv_path.with_extension("json");
+        let meta: Option<serde_json::Value> = if json_path.exists() {
+            let text = std::fs::read_to_string(&json_path).map_err(|source| RecordsError::Io {
+                path: json_path.clone(),
+                source,
+            })?;
+            Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| RecordsError::Invalid(format!("{}: {e}", json_path.display())))?,
+            )
+        } else {
+            None
+        };
+        let device = meta.as_ref().and_then(|m| m["device"].as_str());
+        match (device, &self.undeclared) {
+            (Some(d), None) => {
+                if let Some(other) = self.devices.iter().find(|x| *x != d) {
+                    return Err(RecordsError::Invalid(format!(
+                        "{}: measured on {d}, but an earlier cost file on {other}; \
+                         a prediction combines costs from one device, so pass the files of one device",
+                        json_path.display()
+                    )));
+                }
+            }
+            (Some(_), Some(first)) | (None, Some(first)) => {
+                return Err(bad(format!(
+                    "{} records no device (no gpu-costs.json with a `device` beside it), so it cannot \
+                     be combined with another cost file; pass one file, or each with the JSON that \
+                     scripts/spectr_gpu_costs.py wrote beside it",
+                    first.display()
+                )));
+            }
+            (None, None) if self.files > 0 => {
+                return Err(bad(format!(
+                    "records no device (no {} with a `device`), so it cannot be combined with \
+                     another cost file; pass it alone, or with the JSON that \
+                     scripts/spectr_gpu_costs.py wrote beside it",
+                    json_path.display()
+                )));
+            }
+            (None, None) => {}
+        }
         let mut reader = csv::Reader::from_path(csv_path).map_err(|e| {
             bad(format!(
                 "{e}; pass the gpu-costs.csv that scripts/spectr_gpu_costs.py wrote"
@@ -103,7 +153,7 @@ impl Costs {
         if points.is_empty() {
             return Err(bad("no cost rows".into()));
         }
-        for (key, mut p) in points {
+        for (key, p) in points.iter_mut() {
             p.sort_by(|a, b| a.0.total_cmp(&b.0));
             if let Some(w) = p.windows(2).find(|w| w[0].0 == w[1].0) {
                 return Err(bad(format!(
@@ -111,34 +161,24 @@ impl Costs {
                     key.0, key.1, w[0].0
                 )));
             }
-            if self.curves.contains_key(&key) {
+            if self.curves.contains_key(key) {
                 return Err(bad(format!(
                     "{} {} is also in an earlier cost file; pass each measurement once",
                     key.0, key.1
                 )));
             }
+        }
+        // Checked: from here on the file is added whole.
+        for (key, p) in points {
             self.curves.insert(key, Curve::Measured(p));
         }
-        let json_path = csv_path.with_extension("json");
-        if json_path.exists() {
-            let text = std::fs::read_to_string(&json_path).map_err(|source| RecordsError::Io {
-                path: json_path.clone(),
-                source,
-            })?;
-            let meta: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| RecordsError::Invalid(format!("{}: {e}", json_path.display())))?;
-            if let Some(d) = meta["device"].as_str() {
-                if let Some(other) = self.devices.iter().find(|x| *x != d) {
-                    return Err(RecordsError::Invalid(format!(
-                        "{}: measured on {d}, but an earlier cost file on {other}; \
-                         a prediction combines costs from one device, so pass the files of one device",
-                        json_path.display()
-                    )));
-                }
-                if self.devices.is_empty() {
-                    self.devices.push(d.to_string());
-                }
-            }
+        self.files += 1;
+        match device {
+            Some(d) if self.devices.is_empty() => self.devices.push(d.to_string()),
+            Some(_) => {}
+            None => self.undeclared = Some(csv_path.to_path_buf()),
+        }
+        if let Some(meta) = meta {
             let bandwidth = meta["copy_bandwidth_bytes_per_s"].as_f64();
             if let (Some(bw), Some(bytes)) = (bandwidth, meta["weight_bytes"].as_object()) {
                 for (key, b) in bytes {
@@ -257,6 +297,33 @@ pub fn calls(records: &[TrialRecord], variant: &str) -> Result<Vec<Calls>, Recor
     Ok(out)
 }
 
+/// The configurations of `variant` none of whose trials reached the
+/// target (so they carry no call counts and get no prediction), as
+/// `entry params (statuses)`, in record order.
+pub fn unreached(records: &[TrialRecord], variant: &str) -> Vec<String> {
+    let mine = |r: &&TrialRecord| r.workload == "spectr" && r.variant == variant;
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for r in records.iter().filter(mine) {
+        let config = format!("{} {}", r.entry, r.params);
+        let reached = records
+            .iter()
+            .filter(mine)
+            .any(|x| x.reached && x.entry == r.entry && x.params == r.params);
+        if reached {
+            continue;
+        }
+        let status = r.status.as_str().to_string();
+        match out.iter_mut().find(|(c, _)| *c == config) {
+            Some((_, st)) if !st.contains(&status) => st.push(status),
+            Some(_) => {}
+            None => out.push((config, vec![status])),
+        }
+    }
+    out.into_iter()
+        .map(|(c, st)| format!("{c} ({})", st.join(", ")))
+        .collect()
+}
+
 /// One predicted speedup.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prediction {
@@ -327,7 +394,13 @@ pub fn to_csv(predictions: &[Prediction]) -> String {
 }
 
 /// The markdown table: one row per configuration, one column per cost model.
-pub fn render(calls: &[Calls], predictions: &[Prediction], costs: &Costs, source: &str) -> String {
+pub fn render(
+    calls: &[Calls],
+    unreached: &[String],
+    predictions: &[Prediction],
+    costs: &Costs,
+    source: &str,
+) -> String {
     let mut models: Vec<&str> = predictions.iter().map(|p| p.cost_model.as_str()).collect();
     models.dedup();
     let mut s = String::new();
@@ -380,6 +453,13 @@ pub fn render(calls: &[Calls], predictions: &[Prediction], costs: &Costs, source
             let _ = write!(s, " {cell} |");
         }
         s.push('\n');
+    }
+    if !unreached.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nNot predicted (no trial reached the target, so no call counts): {}.",
+            unreached.join("; ")
+        );
     }
     s
 }
@@ -452,6 +532,17 @@ mod tests {
         assert_eq!(c[0].block_efficiency(), 3.5);
         let e = super::calls(&recs, "w").unwrap_err().to_string();
         assert!(e.contains("`w`"), "{e}");
+        // A configuration whose only trial ran over budget has no call
+        // counts: left out of the calls, and named by `unreached`.
+        let over = line(0, "")
+            .replace("k=2,L=2", "k=8,L=8")
+            .replace(r#""reached":true"#, r#""reached":false"#)
+            .replace(r#""status":"reached""#, r#""status":"over_budget""#);
+        let mut with_over = recs.clone();
+        with_over.push(serde_json::from_str(&over).unwrap());
+        assert_eq!(super::calls(&with_over, "v").unwrap().len(), 1);
+        assert_eq!(unreached(&with_over, "v"), ["spectr k=8,L=8 (over_budget)"]);
+        assert!(unreached(&recs, "v").is_empty());
         let old: TrialRecord = serde_json::from_str(&line(0, r#""tokens":6"#)).unwrap();
         let e = super::calls(&[old], "v").unwrap_err().to_string();
         assert!(
@@ -501,9 +592,21 @@ mod tests {
         assert_eq!(p[1].over_speculative, None);
         let spectr_ms = (40.0 * 1.5 + 15.0 * 5.0) / 60.0;
         assert!((p[2].over_speculative.unwrap() - spec_ms / spectr_ms).abs() < 1e-12);
-        let table = render(&cs, &p, &costs, "x");
+        let table = render(&cs, &[], &p, &costs, "x");
         assert!(
             table.contains("| spectr | k=2,L=2 | 4.00 | 5.0 |"),
+            "{table}"
+        );
+        assert!(!table.contains("Not predicted"), "{table}");
+        let table = render(
+            &cs,
+            &["spectr k=8,L=8 (over_budget)".into()],
+            &p,
+            &costs,
+            "x",
+        );
+        assert!(
+            table.contains("Not predicted (no trial reached the target, so no call counts): spectr k=8,L=8 (over_budget)."),
             "{table}"
         );
     }
@@ -561,6 +664,42 @@ mod tests {
             .to_string();
         assert!(e.contains("GPU Y") && e.contains("GPU X"), "{e}");
         assert_eq!(costs.devices, vec!["GPU X".to_string()]);
+        // Nothing of the refused file was added.
+        assert!(!costs
+            .curves
+            .contains_key(&("c".to_string(), "bf16/graph".to_string())));
+        // A file without a device: accepted alone, refused beside any
+        // other file, in either order.
+        let bare = |model: &str| {
+            let sub = dir.path().join(format!("bare-{model}"));
+            std::fs::create_dir_all(&sub).unwrap();
+            let path = sub.join("gpu-costs.csv");
+            std::fs::write(
+                &path,
+                format!("model,format,mode,context,rows,median_ms\n{model},bf16,graph,151,1,1.0\n"),
+            )
+            .unwrap();
+            path
+        };
+        let e = costs.add_file(&bare("d")).unwrap_err().to_string();
+        assert!(
+            e.contains("bare-d") && e.contains("records no device"),
+            "{e}"
+        );
+        let mut alone = Costs::default();
+        alone.add_file(&bare("e")).unwrap();
+        assert!(alone.devices.is_empty());
+        let e = alone
+            .add_file(&second("GPU X", "f"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bare-e") && e.contains("records no device"),
+            "{e}"
+        );
+        let e = alone.add_file(&bare("g")).unwrap_err().to_string();
+        assert!(e.contains("records no device"), "{e}");
+        assert_eq!(alone.curves.len(), 1);
 
         let error_for = |rows: &str| {
             let head = "model,format,mode,context,rows,median_ms\n";
