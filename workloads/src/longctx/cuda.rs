@@ -52,7 +52,10 @@
 //! last pass and the per-warp counts from a list of the keys left in the
 //! 22-bit bin). It passed every check, exact ties included, and changed
 //! nothing (top-k 17.2 us at 512k, step 0.151 ms), so the passes are not
-//! where the top-k's time goes.
+//! where the top-k's time goes. Nor are the scoring's shared-memory
+//! histogram atomics (one per page, mostly on one bin): adding runs of
+//! equal bins with one atomic each made the scoring slower (0.052 ->
+//! 0.055 ms at 512k, two alternating rounds; not kept).
 //! What any kernel with the dense step's grid pays here
 //! (`dense_floor_diagnostics`, H100, medians of 50 replays): a graph node
 //! that does nothing costs 1.1 us at 4k (a graph of 13 steps) and 4-5 us
