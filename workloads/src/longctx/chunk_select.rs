@@ -1411,6 +1411,7 @@ mod tests {
         for (policy, id) in [
             (&ChunkSelect as &dyn Policy, "chunk-select"),
             (&ChunkSelectVote, "chunk-select-vote"),
+            (&ChunkSelectEvict, "chunk-select-evict"),
         ] {
             let mut rng = ChaCha8Rng::seed_from_u64(4);
             let n = 150;
@@ -2036,42 +2037,30 @@ mod tests {
         }
     }
 
-    /// With a budget over the whole prompt nothing is dropped: every
-    /// output is dense's and `chunk-select`'s bit for bit, every position
-    /// stays held, the reads are dense's, and truncating to the prompt
-    /// works (no eviction stands in the way).
+    /// With a budget over the whole prompt an evicting cache drops
+    /// nothing: every position stays held, and truncating to the prompt
+    /// works (no eviction stands in the way) and decodes the same bits
+    /// again. (`large_budget_is_dense_bitwise` checks that its outputs and
+    /// reads are dense's.)
     #[test]
-    fn evicting_with_a_budget_over_the_prompt_is_dense_bitwise() {
+    fn evicting_with_a_budget_over_the_prompt_keeps_everything() {
         let mut rng = ChaCha8Rng::seed_from_u64(15);
         let n = 150;
         let (tokens, dense) = prompt(&mut rng, n);
         let boundary = table();
         let p = plan(&tokens, &boundary, 10_000);
-        let mut cache = ChunkSelectEvict.from_dense(&dense, &p);
-        let mut plain = ChunkSelect.from_dense(&dense, &p);
-        let mut full = dense.clone();
-        full.reset_reads();
         let steps: Vec<Step> = (0..40)
             .map(|_| {
                 let t = token(&mut rng);
                 random_step(&mut rng, t)
             })
             .collect();
+        let mut evicting = ChunkSelectKv::evicting(&dense, &p);
         let outs: Vec<_> = steps
             .iter()
             .enumerate()
-            .map(|(i, s)| {
-                let got = step(&mut *cache, n + i, s);
-                assert_eq!(got, step(&mut *plain, n + i, s), "step {i}");
-                assert_eq!(got, step(&mut full, n + i, s), "step {i}");
-                got
-            })
+            .map(|(i, s)| step(&mut evicting, n + i, s))
             .collect();
-        assert_eq!(cache.reads(), full.reads());
-        let mut evicting = ChunkSelectKv::evicting(&dense, &p);
-        for (i, s) in steps.iter().enumerate() {
-            step(&mut evicting, n + i, s);
-        }
         for l in 0..SHAPE.n_layers {
             for g in 0..SHAPE.n_kv_heads {
                 assert_eq!(evicting.held(l, g), (0..n + 40).collect::<Vec<_>>());
