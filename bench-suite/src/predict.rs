@@ -636,10 +636,12 @@ mod tests {
         assert_eq!(costs.curves[&key("bf16/bandwidth")], Curve::Flat(2.0));
         assert_eq!(costs.devices, vec!["GPU X".to_string()]);
 
-        // A second file of the same device adds its curves; one measured
-        // on another device is refused, naming both.
-        let second = |device: &str, model: &str| {
-            let sub = dir.path().join(format!("{device}-{model}"));
+        // One cost row of `model` in a folder of its own, with a JSON
+        // naming `device` beside it, or (`bare`) none.
+        let file = |device: Option<&str>, model: &str| {
+            let sub = dir
+                .path()
+                .join(format!("{}-{model}", device.unwrap_or("bare")));
             std::fs::create_dir_all(&sub).unwrap();
             let path = sub.join("gpu-costs.csv");
             std::fs::write(
@@ -647,13 +649,18 @@ mod tests {
                 format!("model,format,mode,context,rows,median_ms\n{model},bf16,graph,151,1,1.0\n"),
             )
             .unwrap();
-            std::fs::write(
-                sub.join("gpu-costs.json"),
-                format!(r#"{{"device":"{device}"}}"#),
-            )
-            .unwrap();
+            if let Some(device) = device {
+                std::fs::write(
+                    sub.join("gpu-costs.json"),
+                    format!(r#"{{"device":"{device}"}}"#),
+                )
+                .unwrap();
+            }
             path
         };
+        // A second file of the same device adds its curves; one measured
+        // on another device is refused, naming both.
+        let second = |device: &str, model: &str| file(Some(device), model);
         costs.add_file(&second("GPU X", "b")).unwrap();
         assert!(costs
             .curves
@@ -670,17 +677,7 @@ mod tests {
             .contains_key(&("c".to_string(), "bf16/graph".to_string())));
         // A file without a device: accepted alone, refused beside any
         // other file, in either order.
-        let bare = |model: &str| {
-            let sub = dir.path().join(format!("bare-{model}"));
-            std::fs::create_dir_all(&sub).unwrap();
-            let path = sub.join("gpu-costs.csv");
-            std::fs::write(
-                &path,
-                format!("model,format,mode,context,rows,median_ms\n{model},bf16,graph,151,1,1.0\n"),
-            )
-            .unwrap();
-            path
-        };
+        let bare = |model: &str| file(None, model);
         let e = costs.add_file(&bare("d")).unwrap_err().to_string();
         assert!(
             e.contains("bare-d") && e.contains("records no device"),
