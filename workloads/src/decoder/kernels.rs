@@ -22,6 +22,15 @@
 //! a fused i16 multiply-accumulate, for the 32-weight formats two blocks
 //! per vector and one u8 x i8 dot product), chosen once per process when
 //! the CPU has it; Q4_1 is AVX2 only.
+//!
+//! With AVX-512 VNNI, the Q4_K, Q6_K, Q5_0 and Q8_0 weights are also
+//! repacked at load, sixteen rows at a time ([`packed`]): one instruction
+//! then multiplies four weights of sixteen rows by four broadcast
+//! activations, and the lanes are sixteen output columns. Those kernels
+//! compute every column in a whole group of sixteen rows, whatever the
+//! number of activation rows (decode included), so the row-independence
+//! above still holds; a last partial group keeps the row kernels. The
+//! packed copy doubles those weights' memory.
 
 use std::ops::Range;
 
@@ -33,6 +42,9 @@ use candle_core::quantized::{GgmlDType, QTensor};
 
 use super::DecoderError;
 
+#[cfg(target_arch = "x86_64")]
+mod packed;
+
 /// A weight matrix `[n_out, k_in]` in its GGUF block format, with the
 /// kernels chosen for that format at load time.
 pub struct QWeight {
@@ -40,6 +52,11 @@ pub struct QWeight {
     pub(crate) n_out: usize,
     pub(crate) k_in: usize,
     kernel: Kernel,
+    /// The rows in whole groups of sixteen, repacked for the AVX-512
+    /// kernels of [`packed`] (which then compute those columns), where the
+    /// CPU and format have them. A second copy of those rows' bytes.
+    #[cfg(target_arch = "x86_64")]
+    packed: Option<packed::Packed>,
 }
 
 impl std::fmt::Debug for QWeight {
@@ -322,8 +339,21 @@ fn kernel_for(dtype: GgmlDType) -> Option<Kernel> {
 }
 
 impl QWeight {
-    /// Wraps a CPU `QTensor` of shape `[n_out, k_in]`.
+    /// Wraps a CPU `QTensor` of shape `[n_out, k_in]` for [`matmul`].
     pub fn new(name: &str, tensor: QTensor) -> Result<QWeight, DecoderError> {
+        #[allow(unused_mut)]
+        let mut w = QWeight::lookup(name, tensor)?;
+        #[cfg(target_arch = "x86_64")]
+        if avx512() {
+            w.packed = packed::pack(w.dtype(), w.bytes(), w.n_out, w.k_in);
+        }
+        Ok(w)
+    }
+
+    /// Wraps a CPU `QTensor` of shape `[n_out, k_in]` whose rows are only
+    /// looked up ([`QWeight::dequantize_row`], an embedding table): no
+    /// repacked copy. [`matmul`] still works on it, with the row kernels.
+    pub fn lookup(name: &str, tensor: QTensor) -> Result<QWeight, DecoderError> {
         let dtype = tensor.dtype();
         let unsupported = |problem: String| DecoderError::Unsupported {
             what: format!("tensor {name}"),
@@ -349,6 +379,8 @@ impl QWeight {
             n_out,
             k_in,
             kernel,
+            #[cfg(target_arch = "x86_64")]
+            packed: None,
         })
     }
 
@@ -387,6 +419,10 @@ impl QWeight {
 #[derive(Default)]
 pub struct Scratch {
     bufs: Vec<(GgmlDType, usize, Vec<u64>)>,
+    /// Per Q8_0 buffer (same index), each row's per-block side values for
+    /// the packed kernels.
+    #[cfg(target_arch = "x86_64")]
+    sides: Vec<Vec<packed::Q8_0Side>>,
 }
 
 impl Scratch {
@@ -400,6 +436,8 @@ impl Scratch {
             Some(i) => i,
             None => {
                 self.bufs.push((kernel.act, k, Vec::new()));
+                #[cfg(target_arch = "x86_64")]
+                self.sides.push(Vec::new());
                 self.bufs.len() - 1
             }
         };
@@ -412,6 +450,12 @@ impl Scratch {
         let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, m * row) };
         for r in 0..m {
             (kernel.quantize_row)(&x[r * k..(r + 1) * k], &mut bytes[r * row..(r + 1) * row]);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if kernel.act == GgmlDType::Q8_0 && avx512() {
+            let side = &mut self.sides[idx];
+            side.clear();
+            side.extend(blocks::<BlockQ8_0>(bytes).iter().map(packed::Q8_0Side::of));
         }
         idx
     }
@@ -434,7 +478,7 @@ pub struct Product<'a> {
 /// Columns of all products are split across candle's persistent thread pool.
 pub fn matmul(x: &[f32], m: usize, k: usize, products: &mut [Product<'_>], scratch: &mut Scratch) {
     assert_eq!(x.len(), m * k, "matmul input");
-    struct Job {
+    struct Job<'a> {
         w_bytes: usize,
         w_len: usize,
         k: usize,
@@ -444,6 +488,8 @@ pub fn matmul(x: &[f32], m: usize, k: usize, products: &mut [Product<'_>], scrat
         out: usize,
         dot: DotCols,
         first_col: usize,
+        #[cfg(target_arch = "x86_64")]
+        packed: Option<&'a packed::Packed>,
     }
     let mut jobs: Vec<Job> = Vec::with_capacity(products.len());
     let mut prepared: Vec<(GgmlDType, usize)> = Vec::with_capacity(products.len());
@@ -471,6 +517,8 @@ pub fn matmul(x: &[f32], m: usize, k: usize, products: &mut [Product<'_>], scrat
             out: p.out.as_mut_ptr() as usize,
             dot: p.w.kernel.dot_cols,
             first_col: total_cols,
+            #[cfg(target_arch = "x86_64")]
+            packed: p.w.packed.as_ref(),
         });
         total_cols += p.w.n_out;
     }
@@ -486,6 +534,40 @@ pub fn matmul(x: &[f32], m: usize, k: usize, products: &mut [Product<'_>], scrat
             let (a, b) = (lo.max(job.first_col), hi.min(job.first_col + job.n));
             if a >= b {
                 continue;
+            }
+            #[allow(unused_mut)]
+            let mut a = a;
+            // Columns in whole groups of sixteen go to the packed kernels
+            // where the weight has them; which kernel computes a column
+            // depends only on the column, never on `m`.
+            #[cfg(target_arch = "x86_64")]
+            if let Some(p) = job.packed {
+                let pb = b.min(job.first_col + p.rows);
+                if a < pb {
+                    let act = packed::Act {
+                        xq: scratch.bytes(job.xq_idx, job.xq_len),
+                        row_bytes: job.xq_len / m,
+                        side: &scratch.sides[job.xq_idx],
+                    };
+                    // SAFETY: as below; the packed rows are the weight's
+                    // first `p.rows`, and `avx512()` held when they were
+                    // packed (and holds for the process).
+                    unsafe {
+                        (p.cols)(
+                            &p.data,
+                            job.k,
+                            a - job.first_col..pb - job.first_col,
+                            act,
+                            m,
+                            job.out as *mut f32,
+                            job.n,
+                        )
+                    };
+                    a = pb;
+                }
+                if a >= b {
+                    continue;
+                }
             }
             // SAFETY: the weight bytes outlive this call (borrowed from
             // `products`); each column range goes to exactly one worker, and
@@ -597,46 +679,46 @@ mod x86 {
     // Mirrors of candle's block layouts (its fields are crate-private).
     #[repr(C)]
     pub struct Q4_1 {
-        d: u16,
-        m: u16,
-        qs: [u8; 16],
+        pub(in crate::decoder::kernels) d: u16,
+        pub(in crate::decoder::kernels) m: u16,
+        pub(in crate::decoder::kernels) qs: [u8; 16],
     }
     #[repr(C)]
     pub struct Q8_1 {
-        d: u16,
-        s: u16,
-        qs: [i8; 32],
+        pub(in crate::decoder::kernels) d: u16,
+        pub(in crate::decoder::kernels) s: u16,
+        pub(in crate::decoder::kernels) qs: [i8; 32],
     }
     #[repr(C)]
     pub struct Q5_0 {
-        d: u16,
-        qh: [u8; 4],
-        qs: [u8; 16],
+        pub(in crate::decoder::kernels) d: u16,
+        pub(in crate::decoder::kernels) qh: [u8; 4],
+        pub(in crate::decoder::kernels) qs: [u8; 16],
     }
     #[repr(C)]
     pub struct Q8_0 {
-        d: u16,
-        qs: [i8; 32],
+        pub(in crate::decoder::kernels) d: u16,
+        pub(in crate::decoder::kernels) qs: [i8; 32],
     }
     #[repr(C)]
     pub struct Q4K {
-        d: u16,
-        dmin: u16,
-        scales: [u8; 12],
-        qs: [u8; 128],
+        pub(in crate::decoder::kernels) d: u16,
+        pub(in crate::decoder::kernels) dmin: u16,
+        pub(in crate::decoder::kernels) scales: [u8; 12],
+        pub(in crate::decoder::kernels) qs: [u8; 128],
     }
     #[repr(C)]
     pub struct Q6K {
-        ql: [u8; 128],
-        qh: [u8; 64],
-        scales: [i8; 16],
-        d: u16,
+        pub(in crate::decoder::kernels) ql: [u8; 128],
+        pub(in crate::decoder::kernels) qh: [u8; 64],
+        pub(in crate::decoder::kernels) scales: [i8; 16],
+        pub(in crate::decoder::kernels) d: u16,
     }
     #[repr(C)]
     pub struct Q8K {
-        d: f32,
-        qs: [i8; 256],
-        bsums: [i16; 16],
+        pub(in crate::decoder::kernels) d: f32,
+        pub(in crate::decoder::kernels) qs: [i8; 256],
+        pub(in crate::decoder::kernels) bsums: [i16; 16],
     }
 
     /// A candle block type and its mirror here.
@@ -644,7 +726,7 @@ mod x86 {
     /// # Safety
     /// `Self` must have the layout of `Of`: same size, alignment no
     /// stricter, fields of the same types in the same `repr(C)` order.
-    unsafe trait Mirror {
+    pub(super) unsafe trait Mirror {
         type Of;
     }
     macro_rules! mirror {
@@ -661,7 +743,7 @@ mod x86 {
     mirror!(Q4_1 => BlockQ4_1, Q8_1 => BlockQ8_1, Q5_0 => BlockQ5_0, Q8_0 => BlockQ8_0,
             Q4K => BlockQ4K, Q6K => BlockQ6K, Q8K => BlockQ8K);
 
-    fn view<M: Mirror>(s: &[M::Of]) -> &[M] {
+    pub(super) fn view<M: Mirror>(s: &[M::Of]) -> &[M] {
         // SAFETY: `Mirror` guarantees the same layout.
         unsafe { std::slice::from_raw_parts(s.as_ptr() as *const M, s.len()) }
     }
@@ -1207,9 +1289,10 @@ mod tests {
     /// candle's scalar reference `vec_dot_unopt` on random blocks. Both sum
     /// exact per-block integer products; only the f32 accumulation order
     /// differs, so the difference is a few ulps of the sum of absolute block
-    /// terms: 1e-5 per block relative to the result.
+    /// terms: 1e-5 per block relative to the result. 36 weight rows: two
+    /// groups of sixteen for the packed kernels, four for the row kernels.
     fn matches_candle_scalar<T: GgmlType>(dtype: GgmlDType, seed: u64) {
-        let (n, k, m) = (4, 1024, 8 + 4 + 2 + 1);
+        let (n, k, m) = (36, 1024, 8 + 4 + 2 + 1);
         let w = Tensor::from_vec(random(n * k, seed), (n, k), &Device::Cpu).unwrap();
         let qw = QWeight::new("w", QTensor::quantize(&w, dtype).unwrap()).unwrap();
         let x = random(m * k, seed + 10);

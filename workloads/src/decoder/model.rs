@@ -218,12 +218,19 @@ impl Model {
             });
         }
 
-        let embed = ld.weight("token_embd.weight")?;
-        let vocab_size = embed.n_out;
-        let output = if ld.has("output.weight") {
-            Some(ld.weight("output.weight")?)
+        // The embedding table is also the output projection when there is
+        // no `output.weight`; otherwise it is only looked up (no packed copy).
+        let tied = !ld.has("output.weight");
+        let embed = if tied {
+            ld.weight("token_embd.weight")?
         } else {
+            QWeight::lookup("token_embd.weight", ld.tensor("token_embd.weight")?)?
+        };
+        let vocab_size = embed.n_out;
+        let output = if tied {
             None
+        } else {
+            Some(ld.weight("output.weight")?)
         };
         let out_norm = ld.vector("output_norm.weight")?;
         let mut layers = Vec::with_capacity(n_layers);
