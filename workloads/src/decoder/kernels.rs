@@ -24,7 +24,7 @@
 //! the CPU has it; Q4_1 is AVX2 only.
 //!
 //! With AVX-512 VNNI, the Q4_K, Q6_K, Q5_0 and Q8_0 weights are also
-//! repacked at load, sixteen rows at a time ([`packed`]): one instruction
+//! repacked at load, sixteen rows at a time (module `packed`): one instruction
 //! then multiplies four weights of sixteen rows by four broadcast
 //! activations, and the lanes are sixteen output columns. Those kernels
 //! compute every column in a whole group of sixteen rows, whatever the
