@@ -1503,6 +1503,41 @@ mod tests {
         }
     }
 
+    /// Products fused into one call split their columns across workers
+    /// in groups of 16 counted over all products, so a product whose rows
+    /// are not a multiple of 16 shifts the next one's groups against its
+    /// packed groups of sixteen rows (partial groups, masked stores). Each
+    /// product still gives the bits it gives alone.
+    #[test]
+    fn fused_products_match_separate_calls() {
+        let (k, m) = (512, 5);
+        let x = random(m * k, 31);
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+            let ws: Vec<QWeight> = [20, 36, 7]
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    let w = random(n * k, 40 + i as u64);
+                    let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+                    QWeight::new("w", QTensor::quantize(&w, dtype).unwrap()).unwrap()
+                })
+                .collect();
+            let mut s = Scratch::default();
+            let mut fused: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.n_out]).collect();
+            let mut products: Vec<Product<'_>> = ws
+                .iter()
+                .zip(fused.iter_mut())
+                .map(|(w, out)| Product { w, out })
+                .collect();
+            matmul(&x, m, k, &mut products, &mut s);
+            for (w, got) in ws.iter().zip(&fused) {
+                let mut alone = vec![0f32; m * w.n_out];
+                matmul(&x, m, k, &mut [Product { w, out: &mut alone }], &mut s);
+                assert_eq!(&alone, got, "{dtype:?} n={}", w.n_out);
+            }
+        }
+    }
+
     #[test]
     fn dot_matches_f64() {
         let (a, b) = (random(77, 4), random(77, 5));
