@@ -370,6 +370,10 @@ pub enum Variant {
     /// nothing. Time them with [`DecodeBench::time_part`].
     ReadOnly,
     Empty,
+    /// For timing the choice: the kernel with two tiles in flight per warp
+    /// where the step would use the four-tile one (short range steps
+    /// without a bias).
+    TwoDeep,
 }
 
 /// How much of a step to launch: block-topk's parts can be timed alone.
@@ -543,9 +547,13 @@ impl<'g> DecodeBench<'g> {
         let zeros32 = |n: usize| st.alloc_zeros::<u32>(n.max(1)).map_err(|e| dev("alloc", e));
         let zerosf = |n: usize| st.alloc_zeros::<f32>(n.max(1)).map_err(|e| dev("alloc", e));
         let kvh = s.kv_heads;
+        // Short range steps (up to SHORT_ROWS rows per head: 32 splits,
+        // one wave at two blocks per SM) keep four tiles in flight per warp
+        // instead of two (`attn_ranges_deep`).
         let attn = gpu.function(match (step.kind, step.bias().is_some()) {
             (StepKind::BlockTopk { .. }, _) => "attn_pages",
             (_, true) => "attn_ranges_bias",
+            _ if step.rows_read() <= SHORT_ROWS => "attn_ranges_deep",
             _ => "attn_ranges",
         })?;
         let score = gpu.function("quest_score")?;
@@ -644,6 +652,15 @@ impl<'g> DecodeBench<'g> {
                     ));
                 }
                 Some("attn_ranges_drop_last")
+            }
+            Variant::TwoDeep => {
+                if matches!(self.step.kind, StepKind::BlockTopk { .. }) || self.step.bias().is_some()
+                {
+                    return Err(WorkloadError::Config(
+                        "the two-deep variant exists for range steps without a bias".into(),
+                    ));
+                }
+                Some("attn_ranges")
             }
             Variant::ReadOnly | Variant::Empty => {
                 if !matches!(self.step.kind, StepKind::Dense) {
@@ -1350,6 +1367,20 @@ mod tests {
                     .unwrap()
             };
             let (read, empty) = (diag(Variant::ReadOnly), diag(Variant::Empty));
+            if n <= SHORT_ROWS {
+                let two = DecodeBench::from_step(&gpu, step())
+                    .unwrap()
+                    .with_variant(Variant::TwoDeep)
+                    .unwrap()
+                    .time(50)
+                    .unwrap()
+                    .median_s;
+                println!(
+                    "floor-diag n={n}: dense with two tiles in flight per warp {:.4} ms ({:.2}x)",
+                    two * 1e3,
+                    two / floor
+                );
+            }
             if n == 4096 {
                 // More, shorter splits: fewer tiles in a row per block.
                 for splits in [64, 128] {

@@ -113,7 +113,7 @@ __device__ __forceinline__ float reduce4(const float a[4], int l) {
 // s, s + S, s + 2S, ... of the whole selection, so that the blocks of a
 // head sweep its rows together from front to back, as a copy does;
 // otherwise split s reads the contiguous rows [s * span, (s + 1) * span).
-template <bool PAGED, bool BIAS, bool DROP_LAST>
+template <bool PAGED, bool BIAS, bool DROP_LAST, int DEPTH>
 __device__ __forceinline__ void attn_body(
     const bf16 *__restrict__ q, const bf16 *__restrict__ kc, const bf16 *__restrict__ vc,
     const float *__restrict__ bias, const int *__restrict__ pages, int n_sel, long long rows,
@@ -199,13 +199,9 @@ __device__ __forceinline__ void attn_body(
     // every lane of that head, in both halves).
     float m_run = NEG_INF, l_run = 0.f;
 
-    uint4 kk[RPL], vv[RPL];
-    float bb[RPL];
-    if (n_tiles > 0) load(0, kk, vv, bb);
-    for (int it = 0; it < n_tiles; it++) {
-        uint4 kn[RPL], vn[RPL];
-        float bn[RPL];
-        if (it + 1 < n_tiles) load(it + 1, kn, vn, bn);
+    // One tile: scores, the online softmax update, and the weighted sum of
+    // its values into acc.
+    auto step = [&](const uint4 kk[RPL], const uint4 vv[RPL], const float bb[RPL]) {
         // Scores (log2 units) of this lane's 4 rows for head gq; invalid
         // rows carry -inf in bb.
         float sc[RPL];
@@ -264,11 +260,25 @@ __device__ __forceinline__ void attn_body(
             }
         }
         __syncwarp();  // ps is rewritten next tile
+    };
+
+    // A ring of DEPTH tiles in registers: before computing tile it, the
+    // loads of tile it + DEPTH - 1 are issued, so DEPTH tiles are in
+    // flight (DEPTH = 2: double buffering). The ring's slots are
+    // compile-time indices (the inner loop is unrolled).
+    uint4 kr[DEPTH][RPL], vr[DEPTH][RPL];
+    float br[DEPTH][RPL];
 #pragma unroll
-        for (int i = 0; i < RPL; i++) {
-            kk[i] = kn[i];
-            vv[i] = vn[i];
-            bb[i] = bn[i];
+    for (int d = 0; d < DEPTH - 1; d++)
+        if (d < n_tiles) load(d, kr[d], vr[d], br[d]);
+    for (int base = 0; base < n_tiles; base += DEPTH) {
+#pragma unroll
+        for (int d = 0; d < DEPTH; d++) {
+            const int it = base + d;
+            if (it >= n_tiles) break;  // the same in every warp of the block
+            const int nx = (d + DEPTH - 1) % DEPTH;
+            if (it + DEPTH - 1 < n_tiles) load(it + DEPTH - 1, kr[nx], vr[nx], br[nx]);
+            step(kr[d], vr[d], br[d]);
         }
     }
 
@@ -373,17 +383,22 @@ __device__ __forceinline__ void attn_body(
         part_o, part_ml, counters, out
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_ranges(ATTN_ARGS) {
-    attn_body<false, false, false>(ATTN_PASS);
+    attn_body<false, false, false, 2>(ATTN_PASS);
 }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_ranges_bias(ATTN_ARGS) {
-    attn_body<false, true, false>(ATTN_PASS);
+    attn_body<false, true, false, 2>(ATTN_PASS);
 }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_pages(ATTN_ARGS) {
-    attn_body<true, false, false>(ATTN_PASS);
+    attn_body<true, false, false, 2>(ATTN_PASS);
+}
+// Short contexts (one wave of blocks at 2 per SM): four tiles in flight per
+// warp instead of two, for the registers of a third block per SM.
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) attn_ranges_deep(ATTN_ARGS) {
+    attn_body<false, false, false, 4>(ATTN_PASS);
 }
 // Deliberately wrong (tests only): the combine leaves out the last split.
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_ranges_drop_last(ATTN_ARGS) {
-    attn_body<false, false, true>(ATTN_PASS);
+    attn_body<false, false, true, 2>(ATTN_PASS);
 }
 
 // Order-preserving map of a float to an unsigned key: larger float,
