@@ -137,8 +137,15 @@ const ATT_THREADS: u32 = 128;
 const TILE: usize = 32;
 pub const MAX_SPLITS: usize = 256;
 const MAX_SPAN_PAGES: usize = 1024;
-/// Rows per KV head up to which a step uses 32 splits (see `plan_splits`).
+/// Rows per KV head up to which a step uses `SHORT_SPLITS` splits (see
+/// `plan_splits`), and a range step without a bias the bulk-copy kernel.
 const SHORT_ROWS: usize = 16_384;
+/// Splits per KV head of a short step with the bulk-copy kernel (32 with
+/// the others); `BENCH_SUITE_SHORT_SPLITS` replaces it, for tuning.
+const SHORT_SPLITS: usize = 16;
+/// Dynamic shared memory of `attn_ranges_tma`: `TMA_STAGES` tiles of K and
+/// V in bf16.
+const TMA_SMEM: usize = 4 * 2 * TILE * HEAD_DIM * 2;
 /// Threads of the page-scoring and top-k blocks; bins of the first
 /// radix-select histogram (`SC_THREADS`, `SEL_THREADS`, `HIST1`).
 const SC_THREADS: u32 = 256;
@@ -188,9 +195,29 @@ impl DecodeGpu {
         unsafe { ctx.disable_event_tracking() };
         // Not the legacy default stream: it cannot be captured into a graph.
         let stream = ctx.new_stream().map_err(|e| dev("creating a stream", e))?;
+        // For kernel tuning on a machine without a Rust toolchain: another
+        // decode_attn.cu, read at run time (same kernels and arguments).
+        let source = match std::env::var_os("BENCH_SUITE_DECODE_ATTN_CU") {
+            Some(path) => {
+                eprintln!(
+                    "warning: decode-attention kernels compiled from {} (BENCH_SUITE_DECODE_ATTN_CU), not the built-in source",
+                    path.to_string_lossy()
+                );
+                std::fs::read_to_string(&path).map_err(|e| {
+                    dev(
+                        &format!(
+                            "reading BENCH_SUITE_DECODE_ATTN_CU={}",
+                            path.to_string_lossy()
+                        ),
+                        e,
+                    )
+                })?
+            }
+            None => SOURCE.to_string(),
+        };
         let t0 = std::time::Instant::now();
         let ptx = compile_ptx_with_opts(
-            SOURCE,
+            source,
             CompileOptions {
                 arch: Some("compute_90"),
                 ..Default::default()
@@ -370,10 +397,10 @@ pub enum Variant {
     /// nothing. Time them with [`DecodeBench::time_part`].
     ReadOnly,
     Empty,
-    /// For timing the choice: the kernel with two tiles in flight per warp
-    /// where the step would use the four-tile one (short range steps
-    /// without a bias).
-    TwoDeep,
+    /// For timing the choice: the kernel that loads into registers (two
+    /// tiles in flight per warp) where the step would use the bulk-copy one
+    /// (short range steps without a bias).
+    Registers,
 }
 
 /// How much of a step to launch: block-topk's parts can be timed alone.
@@ -444,6 +471,8 @@ pub struct DecodeBench<'g> {
     /// Stands in for the bias of kinds without one (never read).
     no_bias: CudaSlice<f32>,
     attn: CudaFunction,
+    /// Dynamic shared memory of `attn` (the bulk-copy kernel's stages).
+    attn_smem: u32,
     score: CudaFunction,
     /// Scoring blocks resident per SM.
     score_resident: usize,
@@ -548,14 +577,24 @@ impl<'g> DecodeBench<'g> {
         let zerosf = |n: usize| st.alloc_zeros::<f32>(n.max(1)).map_err(|e| dev("alloc", e));
         let kvh = s.kv_heads;
         // Short range steps (up to SHORT_ROWS rows per head: 32 splits,
-        // one wave at two blocks per SM) keep four tiles in flight per warp
-        // instead of two (`attn_ranges_deep`).
+        // one wave at two blocks per SM) bring their tiles in with bulk
+        // copies, four in flight per block (`attn_ranges_tma`).
+        let tma = !matches!(step.kind, StepKind::BlockTopk { .. })
+            && step.bias().is_none()
+            && step.rows_read() <= SHORT_ROWS;
         let attn = gpu.function(match (step.kind, step.bias().is_some()) {
             (StepKind::BlockTopk { .. }, _) => "attn_pages",
             (_, true) => "attn_ranges_bias",
-            _ if step.rows_read() <= SHORT_ROWS => "attn_ranges_deep",
+            _ if tma => "attn_ranges_tma",
             _ => "attn_ranges",
         })?;
+        if tma {
+            attn.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                TMA_SMEM as i32,
+            )
+            .map_err(|e| dev("bulk-copy shared memory", e))?;
+        }
         let score = gpu.function("quest_score")?;
         let select = gpu.function("topk_select")?;
         let key_stride = step.n_pages().div_ceil(4) * 4;
@@ -582,6 +621,7 @@ impl<'g> DecodeBench<'g> {
                 .map_err(|e| dev("alloc", e))?,
             no_bias: zerosf(1)?,
             attn,
+            attn_smem: if tma { TMA_SMEM as u32 } else { 0 },
             score_resident: score
                 .occupancy_max_active_blocks_per_multiprocessor(SC_THREADS, 0, None)
                 .map_err(|e| dev("occupancy", e))?
@@ -653,14 +693,19 @@ impl<'g> DecodeBench<'g> {
                 }
                 Some("attn_ranges_drop_last")
             }
-            Variant::TwoDeep => {
-                if matches!(self.step.kind, StepKind::BlockTopk { .. }) || self.step.bias().is_some()
+            Variant::Registers => {
+                if matches!(self.step.kind, StepKind::BlockTopk { .. })
+                    || self.step.bias().is_some()
                 {
                     return Err(WorkloadError::Config(
-                        "the two-deep variant exists for range steps without a bias".into(),
+                        "the register variant exists for range steps without a bias".into(),
                     ));
                 }
-                Some("attn_ranges")
+                self.attn = self.gpu.function("attn_ranges")?;
+                self.attn_smem = 0;
+                // With the splits the register kernel would have.
+                self.plan = self.plan_splits(None, self.plan.interleave)?;
+                None
             }
             Variant::ReadOnly | Variant::Empty => {
                 if !matches!(self.step.kind, StepKind::Dense) {
@@ -677,6 +722,7 @@ impl<'g> DecodeBench<'g> {
         };
         if let Some(name) = kernel {
             self.attn = self.gpu.function(name)?;
+            self.attn_smem = 0;
         }
         self.graph = None;
         Ok(self)
@@ -702,11 +748,19 @@ impl<'g> DecodeBench<'g> {
                     .map_err(|e| dev("occupancy", e))?
                     .max(1) as usize;
                 // One block per resident slot (all start at once and finish
-                // together); for short contexts 32 per head, which has less
-                // to combine (measured on an H100 by `dense_split_sweep`:
-                // 32 best up to 16k rows, 48-49 from 64k).
+                // together); for short contexts fewer, which have less to
+                // combine (measured on an H100 by `dense_split_sweep`: with
+                // loads into registers 32 best up to 16k rows, 48-49 from
+                // 64k; with bulk copies 16 up to 16k).
                 let per_head = if total <= SHORT_ROWS {
-                    32
+                    if self.attn_smem > 0 {
+                        std::env::var("BENCH_SUITE_SHORT_SPLITS")
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(SHORT_SPLITS)
+                    } else {
+                        32
+                    }
                 } else {
                     self.gpu.sms * resident / self.step.shape().kv_heads
                 };
@@ -832,7 +886,7 @@ impl<'g> DecodeBench<'g> {
         let cfg = LaunchConfig {
             grid_dim: (splits as u32, kvh as u32, 1),
             block_dim: (ATT_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: self.attn_smem,
         };
         let paged = matches!(self.step.kind, StepKind::BlockTopk { .. });
         // Block-topk's attention depends on its top-k; any other step's
@@ -1370,13 +1424,13 @@ mod tests {
             if n <= SHORT_ROWS {
                 let two = DecodeBench::from_step(&gpu, step())
                     .unwrap()
-                    .with_variant(Variant::TwoDeep)
+                    .with_variant(Variant::Registers)
                     .unwrap()
                     .time(50)
                     .unwrap()
                     .median_s;
                 println!(
-                    "floor-diag n={n}: dense with two tiles in flight per warp {:.4} ms ({:.2}x)",
+                    "floor-diag n={n}: dense loading into registers {:.4} ms ({:.2}x)",
                     two * 1e3,
                     two / floor
                 );

@@ -66,6 +66,32 @@ typedef unsigned short bf16;
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
+// Bulk copies (TMA, cp.async.bulk) from global to shared memory, completed
+// on an mbarrier that counts their bytes.
+__device__ __forceinline__ unsigned smem_addr(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(unsigned long long *b) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long *b, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_g2s(void *dst, const void *src, unsigned bytes, unsigned long long *b) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     smem_addr(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_addr(b))
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long *b, unsigned parity) {
+    asm volatile(
+        "{\n .reg .pred done;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n @!done bra WAIT;\n}" ::"r"(
+            smem_addr(b)),
+        "r"(parity)
+        : "memory");
+}
+// Shared memory written by bulk copies after generic reads of it.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
 __device__ __forceinline__ void unpack8(const uint4 u, float f[8]) {
     f[0] = __uint_as_float(u.x << 16);
     f[1] = __uint_as_float(u.x & 0xffff0000u);
@@ -113,7 +139,7 @@ __device__ __forceinline__ float reduce4(const float a[4], int l) {
 // s, s + S, s + 2S, ... of the whole selection, so that the blocks of a
 // head sweep its rows together from front to back, as a copy does;
 // otherwise split s reads the contiguous rows [s * span, (s + 1) * span).
-template <bool PAGED, bool BIAS, bool DROP_LAST, int DEPTH>
+template <bool PAGED, bool BIAS, bool DROP_LAST, int DEPTH, bool TMA = false>
 __device__ __forceinline__ void attn_body(
     const bf16 *__restrict__ q, const bf16 *__restrict__ kc, const bf16 *__restrict__ vc,
     const float *__restrict__ bias, const int *__restrict__ pages, int n_sel, long long rows,
@@ -262,23 +288,81 @@ __device__ __forceinline__ void attn_body(
         __syncwarp();  // ps is rewritten next tile
     };
 
-    // A ring of DEPTH tiles in registers: before computing tile it, the
-    // loads of tile it + DEPTH - 1 are issued, so DEPTH tiles are in
-    // flight (DEPTH = 2: double buffering). The ring's slots are
-    // compile-time indices (the inner loop is unrolled).
-    uint4 kr[DEPTH][RPL], vr[DEPTH][RPL];
-    float br[DEPTH][RPL];
+    if constexpr (TMA) {
+        // Bulk copies: thread 0 copies whole tiles of K and V (each a run of
+        // contiguous rows, or two where the tile crosses from the first
+        // range to the second) into a ring of DEPTH stages in shared
+        // memory, all DEPTH in flight from the start; the warps read their
+        // rows from there. No registers hold loads in flight, so a block
+        // keeps DEPTH tiles (16 KB each) in flight at any occupancy.
+        static_assert(!PAGED && !BIAS, "bulk copies serve range steps without a bias");
+        extern __shared__ __align__(128) unsigned char dsm[];
+        bf16 *sk = reinterpret_cast<bf16 *>(dsm), *sv = sk + DEPTH * TILE * D;
+        __shared__ __align__(8) unsigned long long bar[DEPTH];
+        if (t == 0) {
 #pragma unroll
-    for (int d = 0; d < DEPTH - 1; d++)
-        if (d < n_tiles) load(d, kr[d], vr[d], br[d]);
-    for (int base = 0; base < n_tiles; base += DEPTH) {
+            for (int d = 0; d < DEPTH; d++) mbar_init(&bar[d]);
+            mbar_init_fence();
+        }
+        __syncthreads();
+        auto issue = [&](int it, int st) {
+            const int t0 = tile_row(it), n = min(TILE, end - t0);
+            mbar_expect_tx(&bar[st], 2u * n * D * sizeof(bf16));
+            for (int done = 0; done < n;) {
+                const int j = t0 + done;
+                const int piece = j < len0 ? min(n - done, len0 - j) : n - done;
+                const long long row = (long long)h * rows + (j < len0 ? start0 + j : start1 + (j - len0));
+                const unsigned bytes = piece * D * sizeof(bf16);
+                bulk_g2s(sk + (st * TILE + done) * D, kc + row * D, bytes, &bar[st]);
+                bulk_g2s(sv + (st * TILE + done) * D, vc + row * D, bytes, &bar[st]);
+                done += piece;
+            }
+        };
+        if (t == 0)
+            for (int d = 0; d < DEPTH && d < n_tiles; d++) issue(d, d);
+        for (int it = 0; it < n_tiles; it++) {
+            const int st = it % DEPTH;
+            mbar_wait(&bar[st], (it / DEPTH) & 1);
+            uint4 kk[RPL], vv[RPL];
+            float bb[RPL];
+            const int t0 = tile_row(it);
 #pragma unroll
-        for (int d = 0; d < DEPTH; d++) {
-            const int it = base + d;
-            if (it >= n_tiles) break;  // the same in every warp of the block
-            const int nx = (d + DEPTH - 1) % DEPTH;
-            if (it + DEPTH - 1 < n_tiles) load(it + DEPTH - 1, kr[nx], vr[nx], br[nx]);
-            step(kr[d], vr[d], br[d]);
+            for (int i = 0; i < RPL; i++) {
+                const int r = WROWS * warp + 2 * i + hf;
+                const bool ok = t0 + r < end;
+                kk[i] = ok ? reinterpret_cast<const uint4 *>(sk + (st * TILE + r) * D)[l] : make_uint4(0, 0, 0, 0);
+                vv[i] = ok ? reinterpret_cast<const uint4 *>(sv + (st * TILE + r) * D)[l] : make_uint4(0, 0, 0, 0);
+                bb[i] = ok ? 0.f : NEG_INF;
+            }
+            // Refill the stage as soon as every warp has its rows.
+            if (it + DEPTH < n_tiles) {
+                __syncthreads();
+                if (t == 0) {
+                    fence_proxy_async();
+                    issue(it + DEPTH, st);
+                }
+            }
+            step(kk, vv, bb);
+        }
+    } else {
+        // A ring of DEPTH tiles in registers: before computing tile it, the
+        // loads of tile it + DEPTH - 1 are issued, so DEPTH tiles are in
+        // flight (DEPTH = 2: double buffering). The ring's slots are
+        // compile-time indices (the inner loop is unrolled).
+        uint4 kr[DEPTH][RPL], vr[DEPTH][RPL];
+        float br[DEPTH][RPL];
+#pragma unroll
+        for (int d = 0; d < DEPTH - 1; d++)
+            if (d < n_tiles) load(d, kr[d], vr[d], br[d]);
+        for (int base = 0; base < n_tiles; base += DEPTH) {
+#pragma unroll
+            for (int d = 0; d < DEPTH; d++) {
+                const int it = base + d;
+                if (it >= n_tiles) break;  // the same in every warp of the block
+                const int nx = (d + DEPTH - 1) % DEPTH;
+                if (it + DEPTH - 1 < n_tiles) load(it + DEPTH - 1, kr[nx], vr[nx], br[nx]);
+                step(kr[d], vr[d], br[d]);
+            }
         }
     }
 
@@ -391,10 +475,11 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_ranges_bias(AT
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_pages(ATTN_ARGS) {
     attn_body<true, false, false, 2>(ATTN_PASS);
 }
-// Short contexts (one wave of blocks at 2 per SM): four tiles in flight per
-// warp instead of two, for the registers of a third block per SM.
-extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) attn_ranges_deep(ATTN_ARGS) {
-    attn_body<false, false, false, 4>(ATTN_PASS);
+// Short range steps: tiles brought in by bulk copies, TMA_STAGES in flight
+// per block (dynamic shared memory: TMA_STAGES * 16 KB).
+#define TMA_STAGES 4
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) attn_ranges_tma(ATTN_ARGS) {
+    attn_body<false, false, false, TMA_STAGES, true>(ATTN_PASS);
 }
 // Deliberately wrong (tests only): the combine leaves out the last split.
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_ranges_drop_last(ATTN_ARGS) {
