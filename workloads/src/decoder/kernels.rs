@@ -1512,7 +1512,12 @@ mod tests {
     fn fused_products_match_separate_calls() {
         let (k, m) = (512, 5);
         let x = random(m * k, 31);
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+        ] {
             let ws: Vec<QWeight> = [20, 36, 7]
                 .iter()
                 .enumerate()

@@ -139,6 +139,7 @@ __device__ __forceinline__ float reduce4(const float a[4], int l) {
 // s, s + S, s + 2S, ... of the whole selection, so that the blocks of a
 // head sweep its rows together from front to back, as a copy does;
 // otherwise split s reads the contiguous rows [s * span, (s + 1) * span).
+// DEPTH: tiles in flight per block with bulk copies (TMA), 2 otherwise.
 template <bool PAGED, bool BIAS, bool DROP_LAST, int DEPTH, bool TMA = false>
 __device__ __forceinline__ void attn_body(
     const bf16 *__restrict__ q, const bf16 *__restrict__ kc, const bf16 *__restrict__ vc,
@@ -345,23 +346,22 @@ __device__ __forceinline__ void attn_body(
             step(kk, vv, bb);
         }
     } else {
-        // A ring of DEPTH tiles in registers: before computing tile it, the
-        // loads of tile it + DEPTH - 1 are issued, so DEPTH tiles are in
-        // flight (DEPTH = 2: double buffering). The ring's slots are
-        // compile-time indices (the inner loop is unrolled).
-        uint4 kr[DEPTH][RPL], vr[DEPTH][RPL];
-        float br[DEPTH][RPL];
+        // Double buffering in registers: the next tile's loads are issued
+        // before the current tile is computed.
+        static_assert(DEPTH == 2, "the register path double-buffers");
+        uint4 kk[RPL], vv[RPL];
+        float bb[RPL];
+        if (n_tiles > 0) load(0, kk, vv, bb);
+        for (int it = 0; it < n_tiles; it++) {
+            uint4 kn[RPL], vn[RPL];
+            float bn[RPL];
+            if (it + 1 < n_tiles) load(it + 1, kn, vn, bn);
+            step(kk, vv, bb);
 #pragma unroll
-        for (int d = 0; d < DEPTH - 1; d++)
-            if (d < n_tiles) load(d, kr[d], vr[d], br[d]);
-        for (int base = 0; base < n_tiles; base += DEPTH) {
-#pragma unroll
-            for (int d = 0; d < DEPTH; d++) {
-                const int it = base + d;
-                if (it >= n_tiles) break;  // the same in every warp of the block
-                const int nx = (d + DEPTH - 1) % DEPTH;
-                if (it + DEPTH - 1 < n_tiles) load(it + DEPTH - 1, kr[nx], vr[nx], br[nx]);
-                step(kr[d], vr[d], br[d]);
+            for (int i = 0; i < RPL; i++) {
+                kk[i] = kn[i];
+                vv[i] = vn[i];
+                bb[i] = bn[i];
             }
         }
     }
