@@ -82,10 +82,30 @@
 //! `cp.async` (every warp's copies of all its tiles in flight at once, one
 //! commit group per tile, computing from shared memory; 2 blocks per SM),
 //! which passed the reference check and took 2.49x against 2.06x.
+//!
+//! Short range steps without a bias (at most `SHORT_ROWS` rows per KV
+//! head: dense up to 16k, small sink windows) now use bulk copies
+//! (`attn_ranges_tma`): thread 0 copies whole tiles of K and V with
+//! `cp.async.bulk`, completing on one mbarrier per stage, into a ring of 4
+//! stages of 16 KB; the warps read their rows from shared memory, so the
+//! loads in flight hold no registers. With 16 splits per head it took 4k
+//! to 1.99x (the register kernel 2.08x in the same run; 1.95x in the
+//! five-trial run) and 16k to 1.29x (1.31x-1.34x). The same kernel with 8,
+//! 12, 20 and 32 splits took 3.05x, 2.62x, 2.50x and 2.15x at 4k (H100,
+//! `BENCH_SUITE_SHORT_SPLITS`, 2026-11-27). Tried before it and not kept:
+//! four tiles in flight per warp in registers (a ring of four tiles) at 2
+//! blocks per SM, 2.24x at 4k against 2.08x.
 //! Splits per KV head: one block
 //! per resident slot ((SMs x resident blocks) / KV heads, 49 on an H100),
-//! or 32 up to 16k rows, where fewer partials to combine win (measured by
-//! the `dense_split_sweep` test).
+//! or, up to 16k rows, 16 with bulk copies and 32 with the register
+//! kernels, where fewer partials to combine win (measured by the
+//! `dense_split_sweep` test).
+//!
+//! Tuning without a rebuild (a machine with a GPU may have no Rust
+//! toolchain): `BENCH_SUITE_DECODE_ATTN_CU` names another decode_attn.cu to
+//! compile instead of the built-in one (a warning says so), and
+//! `BENCH_SUITE_SHORT_SPLITS` replaces the 16 splits of the bulk-copy
+//! kernel. Published runs use neither.
 //!
 //! What is timed, and why so. One step is everything the step kind does on
 //! the device, selection included, from its inputs (the query, the cache,

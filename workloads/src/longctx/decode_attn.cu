@@ -15,7 +15,9 @@
 // rows in order, which is one range (dense, cluster), two ranges (sinks +
 // window) or a list of 16-row pages (block-topk). The last block of a head
 // to finish (a ticket counter) combines the partials of all splits, so a
-// step is one launch.
+// step is one launch. attn_ranges_tma (short range steps without a bias)
+// brings the tiles into shared memory with bulk copies instead of loading
+// them into registers.
 //
 // quest_score + topk_select: Quest's page scores over the metadata, and an
 // exact top-k per KV head: a radix select on the scores' order-preserving
