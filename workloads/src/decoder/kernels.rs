@@ -485,6 +485,8 @@ pub fn matmul(x: &[f32], m: usize, k: usize, products: &mut [Product<'_>], scrat
         n: usize,
         xq_idx: usize,
         xq_len: usize,
+        #[cfg(target_arch = "x86_64")]
+        xq_row: usize,
         out: usize,
         dot: DotCols,
         first_col: usize,
@@ -514,6 +516,8 @@ pub fn matmul(x: &[f32], m: usize, k: usize, products: &mut [Product<'_>], scrat
             n: p.w.n_out,
             xq_idx,
             xq_len: m * (p.w.kernel.act_row_bytes)(k),
+            #[cfg(target_arch = "x86_64")]
+            xq_row: (p.w.kernel.act_row_bytes)(k),
             out: p.out.as_mut_ptr() as usize,
             dot: p.w.kernel.dot_cols,
             first_col: total_cols,
@@ -546,7 +550,7 @@ pub fn matmul(x: &[f32], m: usize, k: usize, products: &mut [Product<'_>], scrat
                 if a < pb {
                     let act = packed::Act {
                         xq: scratch.bytes(job.xq_idx, job.xq_len),
-                        row_bytes: job.xq_len / m,
+                        row_bytes: job.xq_row,
                         side: &scratch.sides[job.xq_idx],
                     };
                     // SAFETY: as below; the packed rows are the weight's
