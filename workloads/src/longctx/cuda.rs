@@ -55,7 +55,11 @@
 //! where the top-k's time goes. Nor are the scoring's shared-memory
 //! histogram atomics (one per page, mostly on one bin): adding runs of
 //! equal bins with one atomic each made the scoring slower (0.052 ->
-//! 0.055 ms at 512k, two alternating rounds; not kept).
+//! 0.055 ms at 512k, two alternating rounds; not kept). The top-k's own
+//! shared-memory atomics are not either: aggregating equal bins within a
+//! warp (`__match_any_sync`) in its second and third passes took the top-k
+//! from 17.2 to 46.8 us at 512k (2026-11-27, through
+//! `BENCH_SUITE_DECODE_ATTN_CU`; not kept).
 //! What any kernel with the dense step's grid pays here
 //! (`dense_floor_diagnostics`, H100, medians of 50 replays): a graph node
 //! that does nothing costs 1.1 us at 4k (a graph of 13 steps) and 4-5 us
