@@ -170,6 +170,23 @@ const SHORT_SPLITS: usize = 16;
 /// Dynamic shared memory of `attn_ranges_tma`: `TMA_STAGES` tiles of K and
 /// V in bf16.
 const TMA_SMEM: usize = 4 * 2 * TILE * HEAD_DIM * 2;
+/// `SHORT_SPLITS`, or `BENCH_SUITE_SHORT_SPLITS` where set (a warning says
+/// so; a value that is not a positive integer is an error).
+fn short_splits() -> Result<usize, WorkloadError> {
+    match std::env::var("BENCH_SUITE_SHORT_SPLITS") {
+        Err(_) => Ok(SHORT_SPLITS),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => {
+                eprintln!("warning: {n} splits per KV head for short steps (BENCH_SUITE_SHORT_SPLITS), not {SHORT_SPLITS}");
+                Ok(n)
+            }
+            _ => Err(WorkloadError::Config(format!(
+                "BENCH_SUITE_SHORT_SPLITS={v:?} is not a positive integer; unset it or give a number of splits such as {SHORT_SPLITS}"
+            ))),
+        },
+    }
+}
+
 /// Threads of the page-scoring and top-k blocks; bins of the first
 /// radix-select histogram (`SC_THREADS`, `SEL_THREADS`, `HIST1`).
 const SC_THREADS: u32 = 256;
@@ -600,9 +617,9 @@ impl<'g> DecodeBench<'g> {
         let zeros32 = |n: usize| st.alloc_zeros::<u32>(n.max(1)).map_err(|e| dev("alloc", e));
         let zerosf = |n: usize| st.alloc_zeros::<f32>(n.max(1)).map_err(|e| dev("alloc", e));
         let kvh = s.kv_heads;
-        // Short range steps (up to SHORT_ROWS rows per head: 32 splits,
-        // one wave at two blocks per SM) bring their tiles in with bulk
-        // copies, four in flight per block (`attn_ranges_tma`).
+        // Short range steps without a bias (up to SHORT_ROWS rows per head)
+        // bring their tiles in with bulk copies, four in flight per block
+        // (`attn_ranges_tma`, with SHORT_SPLITS splits per head).
         let tma = !matches!(step.kind, StepKind::BlockTopk { .. })
             && step.bias().is_none()
             && step.rows_read() <= SHORT_ROWS;
@@ -778,10 +795,7 @@ impl<'g> DecodeBench<'g> {
                 // 64k; with bulk copies 16 up to 16k).
                 let per_head = if total <= SHORT_ROWS {
                     if self.attn_smem > 0 {
-                        std::env::var("BENCH_SUITE_SHORT_SPLITS")
-                            .ok()
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(SHORT_SPLITS)
+                        short_splits()?
                     } else {
                         32
                     }
