@@ -252,6 +252,45 @@ unsafe fn bcast(p: *const u8, t: usize) -> __m512i {
     unsafe { _mm512_set1_epi32((p as *const i32).add(t).read_unaligned()) }
 }
 
+/// Sum over `t` of `w[t]` (unsigned) times the activation word `t` at `ys`
+/// (signed, broadcast): four weights of sixteen rows per `vpdpbusd`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot_words<const N: usize>(w: &[__m512i; N], ys: *const u8) -> __m512i {
+    let mut s = _mm512_setzero_si512();
+    for (t, &wt) in w.iter().enumerate() {
+        // SAFETY: the caller's `ys` holds `N` words.
+        s = _mm512_dpbusd_epi32(s, wt, unsafe { bcast(ys, t) });
+    }
+    s
+}
+
+/// The 32-weight formats (activations in Q8_0): block `i`'s unsigned
+/// weights `w` (the weights plus `offset`) and scales `d` against each
+/// row's block, into `acc`.
+///
+/// # Safety
+/// As for `Format::group`: `x[r]` and `side[r]` hold block `i`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn accumulate_q8_0<const NR: usize>(
+    acc: &mut [__m512; NR],
+    w: &[__m512i; 8],
+    d: __m512,
+    offset: i32,
+    x: [*const Q8_0; NR],
+    side: [*const Q8_0Side; NR],
+    i: usize,
+) {
+    for r in 0..NR {
+        let (y, sd) = unsafe { (&*x[r].add(i), *side[r].add(i)) };
+        let s = unsafe { dot_words(w, y.qs.as_ptr() as *const u8) };
+        let s = _mm512_sub_epi32(s, _mm512_set1_epi32(offset * sd.sum));
+        let ds = _mm512_mul_ps(d, _mm512_set1_ps(sd.d));
+        acc[r] = _mm512_fmadd_ps(ds, _mm512_cvtepi32_ps(s), acc[r]);
+    }
+}
+
 /// Nibble byte for weights `4t + j` (low) and `4t + 4 + j` (high).
 fn nibble_pair(q: &[u8], t: usize, j: usize) -> u8 {
     (q[4 * t + j] & 0x0F) | (q[4 * t + 4 + j] << 4)
@@ -359,10 +398,7 @@ impl Format for Q4K {
                 for r in 0..NR {
                     let y = unsafe { &*x[r].add(i) };
                     let ys = y.qs.as_ptr().wrapping_add(32 * sb) as *const u8;
-                    let mut s = _mm512_setzero_si512();
-                    for (t, &wt) in w.iter().enumerate() {
-                        s = _mm512_dpbusd_epi32(s, wt, unsafe { bcast(ys, t) });
-                    }
+                    let s = unsafe { dot_words(&w, ys) };
                     sumi[r] = _mm512_add_epi32(sumi[r], _mm512_mullo_epi32(s, sc));
                     let bs = unsafe { bcast(y.bsums.as_ptr() as *const u8, sb) };
                     mins[r] = _mm512_dpwssd_epi32(mins[r], mn, bs);
@@ -479,10 +515,7 @@ impl Format for Q6K {
                     for r in 0..NR {
                         let y = unsafe { &*x[r].add(i) };
                         let ys = y.qs.as_ptr().wrapping_add(16 * s) as *const u8;
-                        let mut d = _mm512_setzero_si512();
-                        for (t, &wt) in w.iter().enumerate() {
-                            d = _mm512_dpbusd_epi32(d, wt, unsafe { bcast(ys, t) });
-                        }
+                        let d = unsafe { dot_words(&w, ys) };
                         sumi[r] = _mm512_add_epi32(sumi[r], _mm512_mullo_epi32(d, sc));
                     }
                 }
@@ -577,19 +610,8 @@ impl Format for Q5_0 {
                     fifth_bits(h, 2 * v + 1),
                 );
             }
-            let d = unsafe { f16x16(b) };
-            for r in 0..NR {
-                let (y, sd) = unsafe { (&*x[r].add(i), *side[r].add(i)) };
-                let ys = y.qs.as_ptr() as *const u8;
-                let mut s = _mm512_setzero_si512();
-                for (t, &wt) in w.iter().enumerate() {
-                    s = _mm512_dpbusd_epi32(s, wt, unsafe { bcast(ys, t) });
-                }
-                // The stored values are the weights plus 16.
-                let s = _mm512_sub_epi32(s, _mm512_set1_epi32(16 * sd.sum));
-                let ds = _mm512_mul_ps(d, _mm512_set1_ps(sd.d));
-                acc[r] = _mm512_fmadd_ps(ds, _mm512_cvtepi32_ps(s), acc[r]);
-            }
+            // The stored values are the weights plus 16.
+            unsafe { accumulate_q8_0(&mut acc, &w, f16x16(b), 16, x, side, i) };
         }
         acc
     }
@@ -630,19 +652,8 @@ impl Format for Q8_0 {
             let b = unsafe { p.add(i * Self::BYTES) };
             let w: [__m512i; 8] =
                 std::array::from_fn(|t| unsafe { load64(b.add(Q8_0_QS + 64 * t)) });
-            let d = unsafe { f16x16(b) };
-            for r in 0..NR {
-                let (y, sd) = unsafe { (&*x[r].add(i), *side[r].add(i)) };
-                let ys = y.qs.as_ptr() as *const u8;
-                let mut s = _mm512_setzero_si512();
-                for (t, &wt) in w.iter().enumerate() {
-                    s = _mm512_dpbusd_epi32(s, wt, unsafe { bcast(ys, t) });
-                }
-                // The stored values are the weights plus 128.
-                let s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * sd.sum));
-                let ds = _mm512_mul_ps(d, _mm512_set1_ps(sd.d));
-                acc[r] = _mm512_fmadd_ps(ds, _mm512_cvtepi32_ps(s), acc[r]);
-            }
+            // The stored values are the weights plus 128.
+            unsafe { accumulate_q8_0(&mut acc, &w, f16x16(b), 128, x, side, i) };
         }
         acc
     }
