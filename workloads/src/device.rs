@@ -62,6 +62,44 @@ pub fn cuda_context(
         .map_err(|e| WorkloadError::Device(format!("cannot open cuda:{ordinal}: {e}")))
 }
 
+/// Kernel tuning on a GPU machine without a Rust toolchain: the CUDA
+/// source a workload compiles with NVRTC is `builtin`, or the file that the
+/// environment variable `var` names (same kernels and arguments), with a
+/// warning. Published runs leave it unset.
+#[cfg(feature = "cuda")]
+pub fn kernel_source(var: &str, builtin: &str) -> Result<String, WorkloadError> {
+    match std::env::var_os(var) {
+        None => Ok(builtin.to_string()),
+        Some(path) => {
+            let path = path.to_string_lossy();
+            eprintln!("warning: kernels compiled from {path} ({var}), not the built-in source");
+            std::fs::read_to_string(&*path).map_err(|e| {
+                WorkloadError::Device(format!(
+                    "reading {var}={path}: {e}; unset {var} to use the built-in kernels"
+                ))
+            })
+        }
+    }
+}
+
+/// A positive count for kernel tuning: `default`, or the value of the
+/// environment variable `var` where set (with a warning; anything but a
+/// positive integer is an error). Published runs leave it unset.
+pub fn tuning_count(var: &str, what: &str, default: usize) -> Result<usize, WorkloadError> {
+    match std::env::var(var) {
+        Err(_) => Ok(default),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => {
+                eprintln!("warning: {what} {n} ({var}), not {default}");
+                Ok(n)
+            }
+            _ => Err(WorkloadError::Config(format!(
+                "{var}={v:?} is not a positive integer; unset it or give a count such as {default}"
+            ))),
+        },
+    }
+}
+
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -170,21 +170,13 @@ const SHORT_SPLITS: usize = 16;
 /// Dynamic shared memory of `attn_ranges_tma`: `TMA_STAGES` tiles of K and
 /// V in bf16.
 const TMA_SMEM: usize = 4 * 2 * TILE * HEAD_DIM * 2;
-/// `SHORT_SPLITS`, or `BENCH_SUITE_SHORT_SPLITS` where set (a warning says
-/// so; a value that is not a positive integer is an error).
+/// `SHORT_SPLITS`, or `BENCH_SUITE_SHORT_SPLITS` where set (tuning only).
 fn short_splits() -> Result<usize, WorkloadError> {
-    match std::env::var("BENCH_SUITE_SHORT_SPLITS") {
-        Err(_) => Ok(SHORT_SPLITS),
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n > 0 => {
-                eprintln!("warning: {n} splits per KV head for short steps (BENCH_SUITE_SHORT_SPLITS), not {SHORT_SPLITS}");
-                Ok(n)
-            }
-            _ => Err(WorkloadError::Config(format!(
-                "BENCH_SUITE_SHORT_SPLITS={v:?} is not a positive integer; unset it or give a number of splits such as {SHORT_SPLITS}"
-            ))),
-        },
-    }
+    crate::device::tuning_count(
+        "BENCH_SUITE_SHORT_SPLITS",
+        "splits per KV head for short steps",
+        SHORT_SPLITS,
+    )
 }
 
 /// Threads of the page-scoring and top-k blocks; bins of the first
@@ -236,26 +228,7 @@ impl DecodeGpu {
         unsafe { ctx.disable_event_tracking() };
         // Not the legacy default stream: it cannot be captured into a graph.
         let stream = ctx.new_stream().map_err(|e| dev("creating a stream", e))?;
-        // For kernel tuning on a machine without a Rust toolchain: another
-        // decode_attn.cu, read at run time (same kernels and arguments).
-        let source = match std::env::var_os("BENCH_SUITE_DECODE_ATTN_CU") {
-            Some(path) => {
-                eprintln!(
-                    "warning: decode-attention kernels compiled from {} (BENCH_SUITE_DECODE_ATTN_CU), not the built-in source",
-                    path.to_string_lossy()
-                );
-                std::fs::read_to_string(&path).map_err(|e| {
-                    dev(
-                        &format!(
-                            "reading BENCH_SUITE_DECODE_ATTN_CU={}",
-                            path.to_string_lossy()
-                        ),
-                        e,
-                    )
-                })?
-            }
-            None => SOURCE.to_string(),
-        };
+        let source = crate::device::kernel_source("BENCH_SUITE_DECODE_ATTN_CU", SOURCE)?;
         let t0 = std::time::Instant::now();
         let ptx = compile_ptx_with_opts(
             source,

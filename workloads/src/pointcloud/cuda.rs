@@ -13,6 +13,15 @@
 //! that is zeroing the padded buffers, gathering q, k, v into them (the
 //! "sort" of the features into window order), attention on the padded
 //! groups, and scattering the results back.
+//!
+//! The SLA forward kernel (and the padded-linear baseline, which runs the
+//! same kernel on padded groups) multiplies on tensor cores in f32
+//! accuracy (3xTF32; see kernels.cu). For tuning on a GPU machine without
+//! a Rust toolchain: `BENCH_SUITE_SLA_CU` compiles another kernels.cu,
+//! `BENCH_SUITE_SLA_SMALL` changes the largest window given one warp, and
+//! `BENCH_SUITE_SLA_FWD=ffma` runs the earlier forward kernel with one FMA
+//! per lane and element (each with a warning; published runs set none);
+//! `sla_forward_sweep` times variants side by side.
 
 use std::sync::Arc;
 
@@ -28,6 +37,10 @@ use crate::WorkloadError;
 const SOURCE: &str = include_str!("kernels.cu");
 /// Warps per block of the SLA kernels (`WARPS` in kernels.cu).
 const WARPS: usize = 8;
+/// Dynamic shared memory of the tensor-core forward kernel: per warp a
+/// staging area of 16 rows and a 32-row state tile, rows of 40 floats
+/// (`FWD_WARP_FLOATS` in kernels.cu).
+const FWD_SMEM: u32 = (WARPS * (16 + 32) * 40 * 4) as u32;
 /// Windows with more voxels than this get a whole block (`SMALL`).
 const SMALL: u32 = 32;
 /// Smallest padded length of the sort-and-pad baselines.
@@ -80,8 +93,9 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let t0 = std::time::Instant::now();
+        let source = crate::device::kernel_source("BENCH_SUITE_SLA_CU", SOURCE)?;
         let ptx = compile_ptx_with_opts(
-            SOURCE,
+            source,
             CompileOptions {
                 arch: Some("compute_90"),
                 options: vec!["-DHEAD_DIM=32".into()],
@@ -173,7 +187,11 @@ impl WorkList {
     fn new(stream: &Arc<CudaStream>, counts: &[u32]) -> Result<Self, WorkloadError> {
         // SMALL = 32 measured best on an H100 among 16, 32, 64 and 128
         // (waymo-like frames; larger values leave big windows to one warp).
-        let small_max = SMALL;
+        let small_max = crate::device::tuning_count(
+            "BENCH_SUITE_SLA_SMALL",
+            "largest window given one warp",
+            SMALL as usize,
+        )? as u32;
         let mut big: Vec<i32> = (0..counts.len() as i32)
             .filter(|&w| counts[w as usize] > small_max)
             .collect();
@@ -288,6 +306,8 @@ pub struct Problem<'g, T: GpuElem> {
 
 struct Kernels {
     sla_fwd: CudaFunction,
+    /// Dynamic shared memory of `sla_fwd`'s launches.
+    fwd_smem: u32,
     sla_bwd: CudaFunction,
     broken: CudaFunction,
     gather: CudaFunction,
@@ -336,8 +356,36 @@ impl<'g, T: GpuElem> Problem<'g, T> {
                 .map_err(|e| dev("device allocation", e))
         };
         let suffix = T::SUFFIX;
+        // The forward kernel: tensor cores, or (for A/B timing only) the
+        // earlier kernel with one FMA per lane and element.
+        let ffma = match std::env::var("BENCH_SUITE_SLA_FWD").as_deref() {
+            Err(_) | Ok("mma") => false,
+            Ok("ffma") => {
+                eprintln!(
+                    "warning: SLA forward with FMAs (BENCH_SUITE_SLA_FWD=ffma), not tensor cores"
+                );
+                true
+            }
+            Ok(other) => {
+                return Err(WorkloadError::Config(format!(
+                    "BENCH_SUITE_SLA_FWD={other:?}: use mma (the default) or ffma"
+                )))
+            }
+        };
+        let (sla_fwd, fwd_smem) = if ffma {
+            (gpu.function(&format!("sla_fwd_ffma_{suffix}"))?, 0)
+        } else {
+            let f = gpu.function(&format!("sla_fwd_{suffix}"))?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                FWD_SMEM as i32,
+            )
+            .map_err(|e| dev("shared memory of sla_fwd", e))?;
+            (f, FWD_SMEM)
+        };
         let f = Kernels {
-            sla_fwd: gpu.function(&format!("sla_fwd_{suffix}"))?,
+            sla_fwd,
+            fwd_smem,
             sla_bwd: gpu.function(&format!("sla_bwd_{suffix}"))?,
             broken: gpu.function(&format!("sla_fwd_broken_{suffix}"))?,
             gather: gpu.function(&format!("gather_rows_{suffix}"))?,
@@ -475,7 +523,10 @@ impl<'g, T: GpuElem> Problem<'g, T> {
     }
 
     fn sla_fwd_direct(&mut self) -> Result<(), WorkloadError> {
-        let cfg = self.sla_cfg(&self.work);
+        let cfg = LaunchConfig {
+            shared_mem_bytes: self.f.fwd_smem,
+            ..self.sla_cfg(&self.work)
+        };
         let h = self.heads as i32;
         let mut b = self.gpu.stream.launch_builder(&self.f.sla_fwd);
         b.arg(&self.q)
@@ -569,8 +620,12 @@ impl<'g, T: GpuElem> Problem<'g, T> {
                 .arg(&p.work.n_big)
                 .arg(&p.work.small)
                 .arg(&h);
+            let cfg = LaunchConfig {
+                shared_mem_bytes: f.fwd_smem,
+                ..sla_cfg
+            };
             // SAFETY: matches `sla_fwd_*`.
-            unsafe { b.launch(sla_cfg) }.map_err(launch_err)?;
+            unsafe { b.launch(cfg) }.map_err(launch_err)?;
         } else {
             let mut b = st.launch_builder(&f.softmax_fwd);
             b.arg(&p.q)
@@ -844,6 +899,119 @@ mod tests {
             e > 100.0 * sla::tolerance(32),
             "the broken kernel passed: {e:.3e}"
         );
+    }
+
+    /// Forward timings of SLA kernel variants on one set of scenes, for
+    /// tuning on the GPU machine: every `.cu` file listed (colon-separated)
+    /// in `BENCH_SUITE_SLA_SWEEP` (`builtin` for the built-in source), for
+    /// every largest one-warp window in `BENCH_SUITE_SLA_SWEEP_SMALL`
+    /// (comma-separated, default 32). Each variant's f32 and bf16 outputs
+    /// on the Waymo-like frame are checked against the float64 reference.
+    #[test]
+    #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
+    fn sla_forward_sweep() {
+        use crate::pointcloud::lidar;
+        if gpu().is_none() {
+            return;
+        }
+        let sources = std::env::var("BENCH_SUITE_SLA_SWEEP").unwrap_or_else(|_| "builtin".into());
+        let smalls = std::env::var("BENCH_SUITE_SLA_SWEEP_SMALL").unwrap_or_else(|_| "32".into());
+        let mut scenes = vec![("waymo-like".to_string(), lidar::waymo_like(1))];
+        for size in [10_000, 30_000, 100_000, 300_000] {
+            scenes.push((format!("scaling {size}"), lidar::scaling(size, 1)));
+        }
+        // Inputs (f32 and bf16 bits) and, for the Waymo-like frame, the
+        // float64 reference: built once, untimed.
+        let data: Vec<_> = scenes
+            .iter()
+            .map(|(name, w)| {
+                let n = w.n_voxels();
+                let x = inputs(n, 5);
+                let want = (name == "waymo-like").then(|| {
+                    let [q, k, v, d] = [&x[0], &x[1], &x[2], &x[3]].map(|y| wa::to_f64(y));
+                    let shape = Shape {
+                        n,
+                        heads: 4,
+                        dim: 32,
+                    };
+                    sla::reference_f64(&q, &k, &v, &d, &w.offsets, &w.counts, shape)
+                });
+                let b: Vec<Vec<u16>> = x
+                    .iter()
+                    .map(|y| y.iter().map(|&z| bf16::from_f32(z).to_bits()).collect())
+                    .collect();
+                (x, b, want)
+            })
+            .collect();
+        let bw = gpu().unwrap().copy_bandwidth(1 << 30, 10).unwrap();
+        for src in sources.split(':') {
+            // Edition 2021: set_var is safe; only this test reads these.
+            if src == "builtin" {
+                std::env::remove_var("BENCH_SUITE_SLA_CU");
+            } else {
+                std::env::set_var("BENCH_SUITE_SLA_CU", src);
+            }
+            let gpu = Gpu::new(0).unwrap();
+            for small in smalls.split(',') {
+                std::env::set_var("BENCH_SUITE_SLA_SMALL", small);
+                for ((name, w), (x, b, want)) in scenes.iter().zip(&data) {
+                    let n = w.n_voxels();
+                    let mut line = format!("{src} small={small} {name} ({n} voxels):");
+                    for bits in [32u32, 16] {
+                        let (t, err) = if bits == 32 {
+                            let x = [&x[0][..], &x[1][..], &x[2][..], &x[3][..]];
+                            time_forward::<f32>(&gpu, x, w, want.as_ref())
+                        } else {
+                            let b = [&b[0][..], &b[1][..], &b[2][..], &b[3][..]];
+                            time_forward::<u16>(&gpu, b, w, None)
+                        };
+                        let floor = (4 * n * 128 * (bits as usize / 8)) as f64 / bw;
+                        line += &format!(
+                            " {bits}-bit {:.4} ms ({:.2}x floor){}",
+                            t * 1e3,
+                            t / floor,
+                            err.map_or(String::new(), |e| format!(" err {e:.1e}"))
+                        );
+                        if let Some(e) = err {
+                            assert!(e <= sla::tolerance(bits), "{line}");
+                        }
+                    }
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+
+    /// Median forward time over 50 launches after 10 (and the output's
+    /// largest relative error where a reference is given).
+    fn time_forward<T: GpuElem>(
+        gpu: &Gpu,
+        x: [&[T]; 4],
+        w: &crate::pointcloud::voxel::Windowed,
+        want: Option<&sla::Grads64>,
+    ) -> (f64, Option<f64>) {
+        let mut p = Problem::new(
+            gpu,
+            Op::Sla,
+            &HostScene {
+                q: x[0],
+                k: x[1],
+                v: x[2],
+                dout: x[3],
+                offsets: &w.offsets,
+                counts: &w.counts,
+                heads: 4,
+                dim: 32,
+            },
+        )
+        .unwrap();
+        p.time(false, 10).unwrap();
+        let t = median(&p.time(false, 50).unwrap());
+        let err = want.map(|r| {
+            gpu.synchronize().unwrap();
+            sla::max_rel_err(&p.outputs().unwrap().out, &r.out)
+        });
+        (t, err)
     }
 
     #[test]

@@ -66,6 +66,12 @@ __device__ __forceinline__ long long at(long long row, int heads, int h, int lan
 // per cycle per SM, FMAs at four). Loads from global memory run UNROLL
 // voxels ahead of the arithmetic so that each warp keeps rows in flight.
 #define UNROLL 4
+#ifndef FWD_UNROLL
+#define FWD_UNROLL 8
+#endif
+#ifndef FWD_PREFETCH
+#define FWD_PREFETCH true
+#endif
 
 // acc[a] += row[a] * x
 __device__ __forceinline__ void axpy_row(float acc[D], const float *row, float x) {
@@ -95,63 +101,98 @@ __device__ __forceinline__ float dot_row(const float *row, const float r[D]) {
     return acc;
 }
 
+// Rows j0, j0 + stride, ..., U of them, of k and v in lane's column;
+// zeros past the end, which add nothing (relu(0) = 0).
+template <int U, typename T>
+__device__ __forceinline__ void load_kv(const T *k, const T *v, long long start, int n,
+                                        int heads, int h, int j0, int stride, float kk[U],
+                                        float vv[U]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int j = j0 + u * stride;
+        kk[u] = 0.f;
+        vv[u] = 0.f;
+        if (j < n) {
+            const long long idx = at(start + j, heads, h, lane);
+            kk[u] = ld(k, idx);
+            vv[u] = ld(v, idx);
+        }
+    }
+}
+
 // kv[a] += relu(k_j)[a] * v_j[lane], s += relu(k_j)[lane] over voxels
-// first, first + stride, ... of the window; `stage` holds UNROLL rows.
-template <typename T>
+// first, first + stride, ... of the window, U at a time; `stage` holds U
+// rows. With PREFETCH the next U rows are loaded while the current ones
+// are used (2U rows in flight per warp).
+template <int U, bool PREFETCH, typename T>
 __device__ __forceinline__ void accumulate_state(const T *k, const T *v, long long start,
                                                  int n, int heads, int h, int first,
                                                  int stride, float kv[D], float &s,
                                                  float *stage) {
     const int lane = threadIdx.x & 31;
-    for (int j0 = first; j0 < n; j0 += UNROLL * stride) {
-        float kk[UNROLL], vv[UNROLL];
+    float kk[U], vv[U];
+    if (PREFETCH) load_kv<U>(k, v, start, n, heads, h, first, stride, kk, vv);
+    for (int j0 = first; j0 < n; j0 += U * stride) {
+        if (!PREFETCH) load_kv<U>(k, v, start, n, heads, h, j0, stride, kk, vv);
+        float vc[U];
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            const int j = j0 + u * stride;
-            // Past the end: zeros, which add nothing (relu(0) = 0).
-            kk[u] = 0.f;
-            vv[u] = 0.f;
-            if (j < n) {
-                const long long idx = at(start + j, heads, h, lane);
-                kk[u] = ld(k, idx);
-                vv[u] = ld(v, idx);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             const float kj = fmaxf(kk[u], 0.f);
             s += kj;
             stage[u * D + lane] = kj;
+            vc[u] = vv[u];
         }
         __syncwarp();
+        if (PREFETCH) load_kv<U>(k, v, start, n, heads, h, j0 + U * stride, stride, kk, vv);
+        // Rows past the end are zeros: skip their arithmetic (the
+        // condition is the same in every lane).
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) axpy_row(kv, stage + u * D, vv[u]);
+        for (int u = 0; u < U; u++)
+            if (j0 + u * stride < n) axpy_row(kv, stage + u * D, vc[u]);
         __syncwarp();
     }
 }
 
+// relu(q_i) in lane's column for rows i0, i0 + stride, ... (U of them);
+// zeros past the end.
+template <int U, typename T>
+__device__ __forceinline__ void load_q(const T *q, long long start, int n, int heads, int h,
+                                       int i0, int stride, float qq[U]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int i = i0 + u * stride;
+        qq[u] = i < n ? ld(q, at(start + i, heads, h, lane)) : 0.f;
+    }
+}
+
 // out_i = relu(q_i) KV / (relu(q_i) . s + eps) for voxels first, first +
-// stride, ... of the window.
-template <typename T>
+// stride, ... of the window, U at a time (PREFETCH as above).
+template <int U, bool PREFETCH, typename T>
 __device__ __forceinline__ void apply_state(const T *q, T *out, long long start, int n,
                                             int heads, int h, int first, int stride,
                                             const float kv[D], float s, float *stage) {
     const int lane = threadIdx.x & 31;
-    for (int i0 = first; i0 < n; i0 += UNROLL * stride) {
-        float qq[UNROLL];
+    float qq[U];
+    if (PREFETCH) load_q<U>(q, start, n, heads, h, first, stride, qq);
+    for (int i0 = first; i0 < n; i0 += U * stride) {
+        if (!PREFETCH) load_q<U>(q, start, n, heads, h, i0, stride, qq);
+        float qc[U];
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            const int i = i0 + u * stride;
-            qq[u] = i < n ? fmaxf(ld(q, at(start + i, heads, h, lane)), 0.f) : 0.f;
-            stage[u * D + lane] = qq[u];
+        for (int u = 0; u < U; u++) {
+            qc[u] = fmaxf(qq[u], 0.f);
+            stage[u * D + lane] = qc[u];
         }
         __syncwarp();
+        if (PREFETCH) load_q<U>(q, start, n, heads, h, i0 + U * stride, stride, qq);
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             const int i = i0 + u * stride;
+            if (i >= n) break;  // the same in every lane
             const float num = dot_row(stage + u * D, kv);
-            const float den = warp_sum(qq[u] * s) + EPS;
-            if (i < n) st(out, at(start + i, heads, h, lane), num / den);
+            const float den = warp_sum(qc[u] * s) + EPS;
+            st(out, at(start + i, heads, h, lane), num / den);
         }
         __syncwarp();
     }
@@ -180,7 +221,7 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
                         int heads) {
     __shared__ float part[WARPS][D * STRIDE];
     __shared__ float vec[WARPS][D];
-    __shared__ __align__(16) float stage_all[WARPS][UNROLL * D];
+    __shared__ __align__(16) float stage_all[WARPS][FWD_UNROLL * D];
     const int h = blockIdx.y, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *stage = stage_all[w];
     float kv[D];
@@ -200,7 +241,7 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
     }
     const long long start = offsets[win];
     const int n = counts[win];
-    accumulate_state(k, v, start, n, heads, h, first, stride, kv, s, stage);
+    accumulate_state<FWD_UNROLL, FWD_PREFETCH>(k, v, start, n, heads, h, first, stride, kv, s, stage);
     if (stride == WARPS) {
 #pragma unroll
         for (int a = 0; a < D; a++) part[w][a * STRIDE + lane] = kv[a];
@@ -210,7 +251,276 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
         for (int a = 0; a < D; a++) kv[a] = part[0][a * STRIDE + lane];
         s = vec[0][lane];
     }
-    apply_state(q, out, start, n, heads, h, first, stride, kv, s, stage);
+    apply_state<FWD_UNROLL, FWD_PREFETCH>(q, out, start, n, heads, h, first, stride, kv, s, stage);
+}
+
+// ---- Forward on tensor cores ---------------------------------------------
+// The same work list and warps, but the products run as warp-wide
+// mma.sync (m16n8k8, TF32 inputs, f32 accumulation) instead of one FMA per
+// lane and element. Phase 1, per chunk of 8 voxels: KV (32 x 32) += K^T V
+// with K^T as the 32 x 8 A operand (two m-tiles) and V as the 8 x 32 B
+// operand (four n-tiles). Phase 2, per chunk of 16 voxels: [num | den] =
+// Q [KV | s] with Q as the 16 x 32 A operand, KV as B (four n-tiles) and s
+// as a fifth n-tile whose column 0 is s and the rest zero, so the
+// normaliser comes out of the same instructions.
+//
+// Precision. TF32 keeps 10 mantissa bits; to keep f32 accuracy every
+// operand that is not exactly a TF32 value is split, x = big + small with
+// both TF32, and a product is big*big + big*small + small*big (the
+// "3xTF32" scheme; the small*small term is below f32 rounding). bf16
+// inputs are exact TF32 values, so their products need one instruction;
+// KV is an f32 sum and is always split.
+//
+// Measured on an H100 (`sla_forward_sweep` in cuda.rs, one run, f32 / bf16,
+// medians of 50 launches): a Waymo-like frame of 27,074 voxels took
+// 0.0665 / 0.0616 ms with the FMA kernel (sla_fwd_ffma, kept for that A/B
+// comparison) and 0.0428 / 0.0353 ms here; 300k voxels 0.488 / 0.519 ms
+// and 0.318 / 0.296 ms. Compiled for three resident blocks per SM (80
+// registers, a few spilled), which beat the compiler's own 95 registers
+// and two blocks (0.0456 ms at the frame) and loading the first Q rows
+// during the state's reduction.
+//
+// Shared memory per warp (dynamic, FWD_WARP_FLOATS floats): a staging area
+// of 8 K rows and 8 V rows (phase 1) or 16 Q rows (phase 2), f32 after
+// relu, row stride KS; and the warp's KV with s in column 32 and zeros in
+// columns 33..39, row stride KS. KS = 40 for the tiles read as [t][g]
+// (banks 8t + g) and QS = 36 for Q, read as [g][t] (banks 4g + t), make
+// every fragment read below conflict-free.
+#define KS 40
+#define QS 36
+#define FWD_STAGE_FLOATS (16 * KS)
+#define FWD_WARP_FLOATS (FWD_STAGE_FLOATS + 32 * KS)
+
+__device__ __forceinline__ unsigned to_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+// x = big + small, both TF32 (small = 0 when EXACT: x is already TF32).
+template <bool EXACT>
+__device__ __forceinline__ void split_tf32(float x, unsigned &big, unsigned &small) {
+    if (EXACT) {
+        big = __float_as_uint(x);
+        small = 0u;
+    } else {
+        big = to_tf32(x);
+        small = to_tf32(x - __uint_as_float(big));
+    }
+}
+
+__device__ __forceinline__ void mma_tf32(float c[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// c += A B in f32 accuracy from split operands (terms skipped where an
+// operand is exact).
+template <bool EXACT_A, bool EXACT_B>
+__device__ __forceinline__ void mma_3x(float c[4], const unsigned ab[4], const unsigned as[4],
+                                       const unsigned bb[2], const unsigned bs[2]) {
+    if (!EXACT_A) mma_tf32(c, as, bb);
+    if (!EXACT_B) mma_tf32(c, ab, bs);
+    mma_tf32(c, ab, bb);
+}
+
+// Four consecutive elements as f32 (16-byte f32 or 8-byte bf16 loads).
+__device__ __forceinline__ float4 ld4(const float *p, long long i) {
+    return *reinterpret_cast<const float4 *>(p + i);
+}
+__device__ __forceinline__ float4 ld4(const unsigned short *p, long long i) {
+    const uint2 u = *reinterpret_cast<const uint2 *>(p + i);
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                       __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
+}
+__device__ __forceinline__ float4 relu4(float4 x) {
+    return make_float4(fmaxf(x.x, 0.f), fmaxf(x.y, 0.f), fmaxf(x.z, 0.f), fmaxf(x.w, 0.f));
+}
+
+// Rows r0 + 4p + (lane >> 3), p < P, of the window's head h: columns
+// 4 (lane & 7) .. + 3 of each (8 lanes per row, so a warp loads 4 rows per
+// instruction); zeros past the window's end.
+template <int P, typename T>
+__device__ __forceinline__ void load_rows(const T *x, long long start, int n, int heads, int h,
+                                          int r0, float4 out[P]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int p = 0; p < P; p++) {
+        const int r = r0 + 4 * p + (lane >> 3);
+        out[p] = r < n ? ld4(x, ((start + r) * heads + h) * D + 4 * (lane & 7))
+                       : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void st2(T *p, long long i, float x, float y) {
+    st(p, i, x);
+    st(p, i + 1, y);
+}
+__device__ __forceinline__ void st2(float *p, long long i, float x, float y) {
+    *reinterpret_cast<float2 *>(p + i) = make_float2(x, y);
+}
+
+template <typename T>
+__device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
+                            const unsigned *offsets, const unsigned *counts, const int *big,
+                            int n_big, const int *small, int heads) {
+    constexpr bool EXACT = sizeof(T) == 2;  // bf16 inputs are TF32 values
+    extern __shared__ __align__(16) float fwd_smem[];
+    const int h = blockIdx.y, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    float *stage = fwd_smem + w * FWD_WARP_FLOATS;
+    float *kvs = stage + FWD_STAGE_FLOATS;
+    int win, first, step;
+    if ((int)blockIdx.x < n_big) {
+        win = big[blockIdx.x];
+        first = w;
+        step = WARPS;
+    } else {
+        win = small[(blockIdx.x - n_big) * WARPS + w];
+        first = 0;
+        step = 1;
+        if (win < 0) return;  // no __syncthreads on this path
+    }
+    const long long start = offsets[win];
+    const int n = counts[win];
+
+    // Phase 1: chunks first, first + step, ... of 8 voxels.
+    float acc[2][4][4];
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[m][j][e] = 0.f;
+    float4 s4 = make_float4(0.f, 0.f, 0.f, 0.f);
+    float *sk = stage, *sv = stage + 8 * KS;
+    float4 kx[2], vx[2];
+    load_rows<2>(k, start, n, heads, h, 8 * first, kx);
+    load_rows<2>(v, start, n, heads, h, 8 * first, vx);
+    for (int c = first; 8 * c < n; c += step) {
+#pragma unroll
+        for (int p = 0; p < 2; p++) {
+            const int r = 4 * p + (lane >> 3);
+            const float4 kr = relu4(kx[p]);
+            s4.x += kr.x;
+            s4.y += kr.y;
+            s4.z += kr.z;
+            s4.w += kr.w;
+            *reinterpret_cast<float4 *>(sk + r * KS + 4 * (lane & 7)) = kr;
+            *reinterpret_cast<float4 *>(sv + r * KS + 4 * (lane & 7)) = vx[p];
+        }
+        __syncwarp();
+        // The next chunk's rows load while this one is multiplied.
+        load_rows<2>(k, start, n, heads, h, 8 * (c + step), kx);
+        load_rows<2>(v, start, n, heads, h, 8 * (c + step), vx);
+        unsigned ab[2][4], as[2][4], bb[4][2], bs[4][2];
+#pragma unroll
+        for (int m = 0; m < 2; m++) {  // A[row a][col j] = K[voxel j][a]
+            split_tf32<EXACT>(sk[t * KS + g + 16 * m], ab[m][0], as[m][0]);
+            split_tf32<EXACT>(sk[t * KS + g + 8 + 16 * m], ab[m][1], as[m][1]);
+            split_tf32<EXACT>(sk[(t + 4) * KS + g + 16 * m], ab[m][2], as[m][2]);
+            split_tf32<EXACT>(sk[(t + 4) * KS + g + 8 + 16 * m], ab[m][3], as[m][3]);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {  // B[voxel][col] = V[voxel][col]
+            split_tf32<EXACT>(sv[t * KS + g + 8 * j], bb[j][0], bs[j][0]);
+            split_tf32<EXACT>(sv[(t + 4) * KS + g + 8 * j], bb[j][1], bs[j][1]);
+        }
+#pragma unroll
+        for (int m = 0; m < 2; m++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) mma_3x<EXACT, EXACT>(acc[m][j], ab[m], as[m], bb[j], bs[j]);
+        __syncwarp();
+    }
+    // s: lanes l, l ^ 8, l ^ 16, l ^ 24 hold the same four columns.
+#pragma unroll
+    for (int o = 8; o < 32; o <<= 1) {
+        s4.x += __shfl_xor_sync(FULL, s4.x, o);
+        s4.y += __shfl_xor_sync(FULL, s4.y, o);
+        s4.z += __shfl_xor_sync(FULL, s4.z, o);
+        s4.w += __shfl_xor_sync(FULL, s4.w, o);
+    }
+    // The warp's KV, s and zeros into its shared tile.
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int a = g + 16 * m, col = 2 * t + 8 * j;
+            kvs[a * KS + col] = acc[m][j][0];
+            kvs[a * KS + col + 1] = acc[m][j][1];
+            kvs[(a + 8) * KS + col] = acc[m][j][2];
+            kvs[(a + 8) * KS + col + 1] = acc[m][j][3];
+        }
+    if (lane < 8) {
+        kvs[(4 * lane) * KS + 32] = s4.x;
+        kvs[(4 * lane + 1) * KS + 32] = s4.y;
+        kvs[(4 * lane + 2) * KS + 32] = s4.z;
+        kvs[(4 * lane + 3) * KS + 32] = s4.w;
+    }
+#pragma unroll
+    for (int col = 33; col < KS; col++) kvs[lane * KS + col] = 0.f;
+    const float *kv = kvs;
+    if (step == WARPS) {  // a big window: sum the eight warps' tiles
+        __syncthreads();
+        for (int e = threadIdx.x; e < 32 * KS; e += blockDim.x) {
+            float x = fwd_smem[FWD_STAGE_FLOATS + e];
+            for (int u = 1; u < WARPS; u++) x += fwd_smem[u * FWD_WARP_FLOATS + FWD_STAGE_FLOATS + e];
+            fwd_smem[FWD_STAGE_FLOATS + e] = x;
+        }
+        __syncthreads();
+        kv = fwd_smem + FWD_STAGE_FLOATS;
+    } else {
+        __syncwarp();
+    }
+
+    // Phase 2: chunks first, first + step, ... of 16 voxels.
+    float *sq = stage;
+    float4 qx[4];
+    load_rows<4>(q, start, n, heads, h, 16 * first, qx);
+    for (int c = first; 16 * c < n; c += step) {
+#pragma unroll
+        for (int p = 0; p < 4; p++)
+            *reinterpret_cast<float4 *>(sq + (4 * p + (lane >> 3)) * QS + 4 * (lane & 7)) =
+                relu4(qx[p]);
+        __syncwarp();
+        load_rows<4>(q, start, n, heads, h, 16 * (c + step), qx);
+        float o[5][4];
+#pragma unroll
+        for (int j = 0; j < 5; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[j][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {  // A[voxel][a] = Q[voxel][a], a in 8kk..8kk+7
+            unsigned ab[4], as[4];
+            split_tf32<EXACT>(sq[g * QS + t + 8 * kk], ab[0], as[0]);
+            split_tf32<EXACT>(sq[(g + 8) * QS + t + 8 * kk], ab[1], as[1]);
+            split_tf32<EXACT>(sq[g * QS + t + 4 + 8 * kk], ab[2], as[2]);
+            split_tf32<EXACT>(sq[(g + 8) * QS + t + 4 + 8 * kk], ab[3], as[3]);
+#pragma unroll
+            for (int j = 0; j < 5; j++) {  // B[a][col] = [KV | s][a][col]
+                unsigned bb[2], bs[2];
+                split_tf32<false>(kv[(t + 8 * kk) * KS + g + 8 * j], bb[0], bs[0]);
+                split_tf32<false>(kv[(t + 4 + 8 * kk) * KS + g + 8 * j], bb[1], bs[1]);
+                mma_3x<EXACT, false>(o[j], ab, as, bb, bs);
+            }
+        }
+        // Column 32 (n-tile 4, column 0) is the normaliser: lane 4g holds
+        // it for rows g and g + 8.
+        const float den0 = __shfl_sync(FULL, o[4][0], lane & ~3) + EPS;
+        const float den1 = __shfl_sync(FULL, o[4][2], lane & ~3) + EPS;
+        const int r0 = 16 * c + g, r1 = r0 + 8;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int col = 8 * j + 2 * t;
+            if (r0 < n) st2(out, at(start + r0, heads, h, col), o[j][0] / den0, o[j][1] / den0);
+            if (r1 < n) st2(out, at(start + r1, heads, h, col), o[j][2] / den1, o[j][3] / den1);
+        }
+        __syncwarp();
+    }
 }
 
 // Backward (derivation in sla.rs): with phi = relu, num = phi(q) KV,
@@ -254,7 +564,7 @@ __device__ void sla_bwd(const T *q, const T *k, const T *v, const T *dout, T *dq
 #pragma unroll
     for (int a = 0; a < D; a++) col[a] = 0.f;
     float s = 0.f;
-    accumulate_state(k, v, start, n, heads, h, first, stride, col, s, stage);
+    accumulate_state<UNROLL, false>(k, v, start, n, heads, h, first, stride, col, s, stage);
 #pragma unroll
     for (int a = 0; a < D; a++) part[w][a * STRIDE + lane] = col[a];
     vec[w][lane] = s;
@@ -534,7 +844,8 @@ __device__ void sla_fwd_broken(const T *q, const T *k, const T *v, T *out,
     const long long start = offsets[win];
     const int n = counts[win];
     __shared__ __align__(16) float stage_all[WARPS][UNROLL * D];
-    accumulate_state(k, v, start, n - 1, heads, h, 0, 1, kv, s, stage_all[threadIdx.x >> 5]);
+    accumulate_state<UNROLL, false>(k, v, start, n - 1, heads, h, 0, 1, kv, s,
+                                    stage_all[threadIdx.x >> 5]);
     for (int i = 0; i < n; i++) {
         long long idx = at(start + i, heads, h, lane);
         float qi = fmaxf(ld(q, idx), 0.f);
@@ -547,10 +858,16 @@ __device__ void sla_fwd_broken(const T *q, const T *k, const T *v, T *out,
 
 #define INSTANTIATE(SUFFIX, T)                                                               \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                 \
-        sla_fwd_##SUFFIX(const T *q, const T *k, const T *v, T *out, const unsigned *offsets, \
+        sla_fwd_ffma_##SUFFIX(const T *q, const T *k, const T *v, T *out, const unsigned *offsets, \
                          const unsigned *counts, const int *big, int n_big, const int *small, \
                          int heads) {                                                        \
         sla_fwd<T>(q, k, v, out, offsets, counts, big, n_big, small, heads);                 \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 3)                               \
+        sla_fwd_##SUFFIX(const T *q, const T *k, const T *v, T *out, const unsigned *offsets, \
+                         const unsigned *counts, const int *big, int n_big, const int *small, \
+                         int heads) {                                                        \
+        sla_fwd_mma<T>(q, k, v, out, offsets, counts, big, n_big, small, heads);             \
     }                                                                                        \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)                              \
         sla_bwd_##SUFFIX(const T *q, const T *k, const T *v, const T *dout, T *dq, T *dk,    \
