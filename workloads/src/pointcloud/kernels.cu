@@ -10,11 +10,13 @@
 //   KV = sum_j relu(k_j)^T v_j,  s = sum_j relu(k_j)        (per window, head)
 //   out_i = relu(q_i) KV / (relu(q_i) . s + 1e-6)
 //
-// One warp owns one (window, head) pass over voxels; lane l owns column l of
-// the d x d state, so a voxel costs one coalesced row load per tensor, 32
-// shuffles and 32 FMAs per lane, and the state never leaves the SM (no
-// round trip through global memory: q, k, v are read once and out written
-// once, which is the memory-traffic floor). Windows are scheduled in two
+// One warp owns one (window, head) pass over voxels, and the state never
+// leaves the SM (no round trip through global memory: q, k, v are read
+// once and out written once, which is the memory-traffic floor). The
+// forward kernel (sla_fwd_mma) multiplies on tensor cores; the backward
+// kernel and the earlier forward kernel (sla_fwd_ffma, kept for A/B
+// timing) give lane l column l of the d x d state, so a voxel costs one
+// coalesced row load per tensor and 32 FMAs per lane. Windows are scheduled in two
 // classes from a work list built once per layout: a window with more than
 // SMALL voxels gets a whole block of WARPS warps that split its voxels
 // (the paper's chunk-wise split) and reduce their partial states in shared
