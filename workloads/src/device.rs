@@ -68,35 +68,34 @@ pub fn cuda_context(
 /// warning. Published runs leave it unset.
 #[cfg(feature = "cuda")]
 pub fn kernel_source(var: &str, builtin: &str) -> Result<String, WorkloadError> {
-    match std::env::var_os(var) {
-        None => Ok(builtin.to_string()),
-        Some(path) => {
-            let path = path.to_string_lossy();
-            eprintln!("warning: kernels compiled from {path} ({var}), not the built-in source");
-            std::fs::read_to_string(&*path).map_err(|e| {
-                WorkloadError::Device(format!(
-                    "reading {var}={path}: {e}; unset {var} to use the built-in kernels"
-                ))
-            })
-        }
-    }
+    let Some(path) = std::env::var_os(var) else {
+        return Ok(builtin.to_string());
+    };
+    let shown = std::path::Path::new(&path).display().to_string();
+    eprintln!("warning: kernels compiled from {shown} ({var}), not the built-in source");
+    std::fs::read_to_string(&path).map_err(|e| {
+        WorkloadError::Device(format!(
+            "reading {var}={shown}: {e}; unset {var} to use the built-in kernels"
+        ))
+    })
 }
 
 /// A positive count for kernel tuning: `default`, or the value of the
 /// environment variable `var` where set (with a warning; anything but a
 /// positive integer is an error). Published runs leave it unset.
+#[cfg(feature = "cuda")]
 pub fn tuning_count(var: &str, what: &str, default: usize) -> Result<usize, WorkloadError> {
-    match std::env::var(var) {
-        Err(_) => Ok(default),
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n > 0 => {
-                eprintln!("warning: {what} {n} ({var}), not {default}");
-                Ok(n)
-            }
-            _ => Err(WorkloadError::Config(format!(
-                "{var}={v:?} is not a positive integer; unset it or give a count such as {default}"
-            ))),
-        },
+    let Some(raw) = std::env::var_os(var) else {
+        return Ok(default);
+    };
+    match raw.to_str().and_then(|v| v.trim().parse::<usize>().ok()) {
+        Some(n) if n > 0 => {
+            eprintln!("warning: {what} {n} ({var}), not {default}");
+            Ok(n)
+        }
+        _ => Err(WorkloadError::Config(format!(
+            "{var}={raw:?} is not a positive integer; unset it or give a count such as {default}"
+        ))),
     }
 }
 

@@ -17,11 +17,11 @@
 //! The SLA forward kernel (and the padded-linear baseline, which runs the
 //! same kernel on padded groups) multiplies on tensor cores in f32
 //! accuracy (3xTF32; see kernels.cu). For tuning on a GPU machine without
-//! a Rust toolchain: `BENCH_SUITE_SLA_CU` compiles another kernels.cu,
-//! `BENCH_SUITE_SLA_SMALL` changes the largest window given one warp, and
-//! `BENCH_SUITE_SLA_FWD=ffma` runs the earlier forward kernel with one FMA
-//! per lane and element (each with a warning; published runs set none);
-//! `sla_forward_sweep` times variants side by side.
+//! a Rust toolchain: `BENCH_SUITE_SLA_CU` compiles another kernels.cu and
+//! `BENCH_SUITE_SLA_SMALL` changes the largest window given one warp (each
+//! with a warning; published runs set neither). `sla_forward_sweep` times
+//! kernel sources and thresholds side by side, each beside the forward
+//! kernel with one FMA per lane and element ([`Op::SlaFfma`]).
 
 use std::sync::Arc;
 
@@ -41,7 +41,11 @@ const WARPS: usize = 8;
 /// staging area of 16 rows and a 32-row state tile, rows of 40 floats
 /// (`FWD_WARP_FLOATS` in kernels.cu).
 const FWD_SMEM: u32 = (WARPS * (16 + 32) * 40 * 4) as u32;
-/// Windows with more voxels than this get a whole block (`SMALL`).
+/// Windows with more voxels than this get a whole block (`SMALL`). 32
+/// measured best on an H100 among 16, 32, 64 and 128 with the FMA kernel
+/// (Waymo-like frames; larger values leave big windows to one warp), and
+/// among 16, 32 and 64 with tensor cores (64: 11% slower on a Waymo-like
+/// frame, 2% faster at 300k voxels; `sla_forward_sweep`, 2026-11-27).
 const SMALL: u32 = 32;
 /// Smallest padded length of the sort-and-pad baselines.
 pub const MIN_PAD: u32 = 8;
@@ -85,7 +89,14 @@ pub struct Gpu {
 }
 
 impl Gpu {
+    /// The built-in kernels, or those of `BENCH_SUITE_SLA_CU` (tuning).
     pub fn new(ordinal: usize) -> Result<Self, WorkloadError> {
+        let source = crate::device::kernel_source("BENCH_SUITE_SLA_CU", SOURCE)?;
+        Self::with_source(ordinal, &source)
+    }
+
+    /// The kernels compiled from `source` (a kernels.cu).
+    pub fn with_source(ordinal: usize, source: &str) -> Result<Self, WorkloadError> {
         let ctx = crate::device::cuda_context(ordinal)?;
         // One stream, used in order: cudarc's per-buffer event tracking only
         // adds host work to every launch here.
@@ -93,7 +104,6 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let t0 = std::time::Instant::now();
-        let source = crate::device::kernel_source("BENCH_SUITE_SLA_CU", SOURCE)?;
         let ptx = compile_ptx_with_opts(
             source,
             CompileOptions {
@@ -167,6 +177,10 @@ impl Gpu {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     Sla,
+    /// SLA with the forward kernel that gives each lane one column of the
+    /// state and one FMA per element (the kernel before tensor cores, with
+    /// row prefetching), for A/B timing; the backward pass is `Sla`'s.
+    SlaFfma,
     PaddedLinear,
     PaddedSoftmax,
     /// A deliberately wrong SLA forward pass (drops each window's last
@@ -184,14 +198,12 @@ struct WorkList {
 }
 
 impl WorkList {
-    fn new(stream: &Arc<CudaStream>, counts: &[u32]) -> Result<Self, WorkloadError> {
-        // SMALL = 32 measured best on an H100 among 16, 32, 64 and 128
-        // (waymo-like frames; larger values leave big windows to one warp).
-        let small_max = crate::device::tuning_count(
-            "BENCH_SUITE_SLA_SMALL",
-            "largest window given one warp",
-            SMALL as usize,
-        )? as u32;
+    /// Windows of at most `small_max` voxels get one warp.
+    fn new(
+        stream: &Arc<CudaStream>,
+        counts: &[u32],
+        small_max: u32,
+    ) -> Result<Self, WorkloadError> {
         let mut big: Vec<i32> = (0..counts.len() as i32)
             .filter(|&w| counts[w as usize] > small_max)
             .collect();
@@ -338,8 +350,27 @@ pub struct Outputs {
 }
 
 impl<'g, T: GpuElem> Problem<'g, T> {
-    /// Uploads the scene and builds the layout metadata (untimed set-up).
+    /// Uploads the scene and builds the layout metadata (untimed set-up),
+    /// windows over `SMALL` voxels (or `BENCH_SUITE_SLA_SMALL`, tuning)
+    /// getting a whole block.
     pub fn new(gpu: &'g Gpu, op: Op, s: &HostScene<'_, T>) -> Result<Self, WorkloadError> {
+        let small = crate::device::tuning_count(
+            "BENCH_SUITE_SLA_SMALL",
+            "largest window given one warp",
+            SMALL as usize,
+        )?;
+        Self::with_small(gpu, op, s, small)
+    }
+
+    /// As [`Problem::new`], windows over `small` voxels getting a block.
+    pub fn with_small(
+        gpu: &'g Gpu,
+        op: Op,
+        s: &HostScene<'_, T>,
+        small: usize,
+    ) -> Result<Self, WorkloadError> {
+        let small_max = u32::try_from(small)
+            .map_err(|_| WorkloadError::Config(format!("{small} voxels is not a window size")))?;
         if s.dim != 32 {
             return Err(WorkloadError::Config(format!(
                 "the CUDA kernels map one head-dimension element to one lane and need d = 32, got {}",
@@ -356,22 +387,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
                 .map_err(|e| dev("device allocation", e))
         };
         let suffix = T::SUFFIX;
-        // The forward kernel: tensor cores, or (for A/B timing only) the
-        // earlier kernel with one FMA per lane and element.
-        let ffma = match std::env::var("BENCH_SUITE_SLA_FWD").as_deref() {
-            Err(_) | Ok("mma") => false,
-            Ok("ffma") => {
-                eprintln!(
-                    "warning: SLA forward with FMAs (BENCH_SUITE_SLA_FWD=ffma), not tensor cores"
-                );
-                true
-            }
-            Ok(other) => {
-                return Err(WorkloadError::Config(format!(
-                    "BENCH_SUITE_SLA_FWD={other:?}: use mma (the default) or ffma"
-                )))
-            }
-        };
+        let ffma = op == Op::SlaFfma;
         let (sla_fwd, fwd_smem) = if ffma {
             (gpu.function(&format!("sla_fwd_ffma_{suffix}"))?, 0)
         } else {
@@ -406,7 +422,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
                     }
                 }
                 let rows = plan.rows;
-                let padded_work = WorkList::new(st, &plan.plen)?;
+                let padded_work = WorkList::new(st, &plan.plen, small_max)?;
                 let zf = |len: usize| {
                     st.alloc_zeros::<f32>(len.max(1))
                         .map_err(|e| dev("device allocation", e))
@@ -434,7 +450,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
                     delta: zf(if softmax { rows * s.heads } else { 0 })?,
                 })
             }
-            Op::Sla | Op::SlaBroken => None,
+            Op::Sla | Op::SlaFfma | Op::SlaBroken => None,
         };
         Ok(Problem {
             gpu,
@@ -445,7 +461,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
             n_windows: s.counts.len(),
             offsets: up32(s.offsets)?,
             counts: up32(s.counts)?,
-            work: WorkList::new(st, s.counts)?,
+            work: WorkList::new(st, s.counts, small_max)?,
             pad,
             q: up(s.q)?,
             k: up(s.k)?,
@@ -483,7 +499,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
     /// Enqueues one forward pass, and the backward pass after it if asked.
     pub fn launch(&mut self, backward: bool) -> Result<(), WorkloadError> {
         match self.op {
-            Op::Sla => {
+            Op::Sla | Op::SlaFfma => {
                 self.sla_fwd_direct()?;
                 if backward {
                     self.sla_bwd_direct()?;
@@ -888,7 +904,7 @@ mod tests {
             &bits16[3][..],
         ];
         let r16 = [&back[0][..], &back[1][..], &back[2][..], &back[3][..]];
-        for op in [Op::Sla, Op::PaddedLinear, Op::PaddedSoftmax] {
+        for op in [Op::Sla, Op::SlaFfma, Op::PaddedLinear, Op::PaddedSoftmax] {
             let e = check::<f32>(&gpu, op, f32s, f32s, 32);
             assert!(e <= sla::tolerance(32), "{op:?} f32: {e:.3e}");
             let e = check::<u16>(&gpu, op, b16, r16, 16);
@@ -902,11 +918,13 @@ mod tests {
     }
 
     /// Forward timings of SLA kernel variants on one set of scenes, for
-    /// tuning on the GPU machine: every `.cu` file listed (colon-separated)
+    /// tuning on the GPU machine: every `.cu` file listed (comma-separated)
     /// in `BENCH_SUITE_SLA_SWEEP` (`builtin` for the built-in source), for
     /// every largest one-warp window in `BENCH_SUITE_SLA_SWEEP_SMALL`
-    /// (comma-separated, default 32). Each variant's f32 and bf16 outputs
-    /// on the Waymo-like frame are checked against the float64 reference.
+    /// (comma-separated, default 32), the tensor-core forward beside the
+    /// FMA forward ([`Op::SlaFfma`]) of the same source. Every output on
+    /// the Waymo-like frame is checked against the float64 reference of
+    /// its own (f32 or bf16-rounded) inputs. Reads the environment only.
     #[test]
     #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
     fn sla_forward_sweep() {
@@ -920,91 +938,102 @@ mod tests {
         for size in [10_000, 30_000, 100_000, 300_000] {
             scenes.push((format!("scaling {size}"), lidar::scaling(size, 1)));
         }
-        // Inputs (f32 and bf16 bits) and, for the Waymo-like frame, the
-        // float64 reference: built once, untimed.
-        let data: Vec<_> = scenes
+        // Inputs (f32, and bf16 bits) and, for the Waymo-like frame, the
+        // float64 references of both: built once, untimed.
+        type SceneData = ([Vec<f32>; 4], Vec<Vec<u16>>, Option<[sla::Grads64; 2]>);
+        let data: Vec<SceneData> = scenes
             .iter()
             .map(|(name, w)| {
                 let n = w.n_voxels();
                 let x = inputs(n, 5);
-                let want = (name == "waymo-like").then(|| {
-                    let [q, k, v, d] = [&x[0], &x[1], &x[2], &x[3]].map(|y| wa::to_f64(y));
-                    let shape = Shape {
-                        n,
-                        heads: 4,
-                        dim: 32,
-                    };
-                    sla::reference_f64(&q, &k, &v, &d, &w.offsets, &w.counts, shape)
-                });
                 let b: Vec<Vec<u16>> = x
                     .iter()
                     .map(|y| y.iter().map(|&z| bf16::from_f32(z).to_bits()).collect())
                     .collect();
-                (x, b, want)
+                let shape = Shape {
+                    n,
+                    heads: 4,
+                    dim: 32,
+                };
+                let reference = |y: [Vec<f64>; 4]| {
+                    sla::reference_f64(&y[0], &y[1], &y[2], &y[3], &w.offsets, &w.counts, shape)
+                };
+                let refs = (name == "waymo-like").then(|| {
+                    let from_bits = |y: &Vec<u16>| -> Vec<f64> {
+                        y.iter()
+                            .map(|&z| f32::from_bits((z as u32) << 16) as f64)
+                            .collect()
+                    };
+                    [
+                        reference([0, 1, 2, 3].map(|i| wa::to_f64(&x[i]))),
+                        reference([0, 1, 2, 3].map(|i| from_bits(&b[i]))),
+                    ]
+                });
+                (x, b, refs)
             })
             .collect();
         let bw = gpu().unwrap().copy_bandwidth(1 << 30, 10).unwrap();
-        for src in sources.split(':') {
-            // Edition 2021: set_var is safe; only this test reads these.
-            if src == "builtin" {
-                std::env::remove_var("BENCH_SUITE_SLA_CU");
+        for src in sources.split(',') {
+            let gpu = if src == "builtin" {
+                Gpu::with_source(0, SOURCE).unwrap()
             } else {
-                std::env::set_var("BENCH_SUITE_SLA_CU", src);
-            }
-            let gpu = Gpu::new(0).unwrap();
+                let text = std::fs::read_to_string(src).expect("a kernel source to sweep");
+                Gpu::with_source(0, &text).unwrap()
+            };
             for small in smalls.split(',') {
-                std::env::set_var("BENCH_SUITE_SLA_SMALL", small);
-                for ((name, w), (x, b, want)) in scenes.iter().zip(&data) {
+                let small: usize = small.trim().parse().expect("BENCH_SUITE_SLA_SWEEP_SMALL");
+                for ((name, w), (x, b, refs)) in scenes.iter().zip(&data) {
                     let n = w.n_voxels();
-                    let mut line = format!("{src} small={small} {name} ({n} voxels):");
-                    for bits in [32u32, 16] {
-                        let (t, err) = if bits == 32 {
-                            let x = [&x[0][..], &x[1][..], &x[2][..], &x[3][..]];
-                            time_forward::<f32>(&gpu, x, w, want.as_ref())
-                        } else {
-                            let b = [&b[0][..], &b[1][..], &b[2][..], &b[3][..]];
-                            time_forward::<u16>(&gpu, b, w, None)
-                        };
-                        let floor = (4 * n * 128 * (bits as usize / 8)) as f64 / bw;
-                        line += &format!(
-                            " {bits}-bit {:.4} ms ({:.2}x floor){}",
-                            t * 1e3,
-                            t / floor,
-                            err.map_or(String::new(), |e| format!(" err {e:.1e}"))
-                        );
-                        if let Some(e) = err {
-                            assert!(e <= sla::tolerance(bits), "{line}");
+                    for op in [Op::SlaFfma, Op::Sla] {
+                        let mut line = format!("{src} small={small} {op:?} {name} ({n} voxels):");
+                        for bits in [32u32, 16] {
+                            let want = refs.as_ref().map(|r| &r[usize::from(bits == 16)]);
+                            let (t, err) = if bits == 32 {
+                                let x = [&x[0][..], &x[1][..], &x[2][..], &x[3][..]];
+                                time_forward::<f32>(&gpu, op, x, w, small, want)
+                            } else {
+                                let b = [&b[0][..], &b[1][..], &b[2][..], &b[3][..]];
+                                time_forward::<u16>(&gpu, op, b, w, small, want)
+                            };
+                            let floor = (4 * n * 128 * (bits as usize / 8)) as f64 / bw;
+                            line += &format!(
+                                " {bits}-bit {:.4} ms ({:.2}x floor){}",
+                                t * 1e3,
+                                t / floor,
+                                err.map_or(String::new(), |e| format!(" err {e:.1e}"))
+                            );
+                            if let Some(e) = err {
+                                assert!(e <= sla::tolerance(bits), "{line}");
+                            }
                         }
+                        eprintln!("{line}");
                     }
-                    eprintln!("{line}");
                 }
             }
         }
     }
 
-    /// Median forward time over 50 launches after 10 (and the output's
-    /// largest relative error where a reference is given).
+    /// Median forward time of `op` over 50 launches after 10 (and the
+    /// output's largest relative error where a reference is given).
     fn time_forward<T: GpuElem>(
         gpu: &Gpu,
+        op: Op,
         x: [&[T]; 4],
         w: &crate::pointcloud::voxel::Windowed,
+        small: usize,
         want: Option<&sla::Grads64>,
     ) -> (f64, Option<f64>) {
-        let mut p = Problem::new(
-            gpu,
-            Op::Sla,
-            &HostScene {
-                q: x[0],
-                k: x[1],
-                v: x[2],
-                dout: x[3],
-                offsets: &w.offsets,
-                counts: &w.counts,
-                heads: 4,
-                dim: 32,
-            },
-        )
-        .unwrap();
+        let scene = HostScene {
+            q: x[0],
+            k: x[1],
+            v: x[2],
+            dout: x[3],
+            offsets: &w.offsets,
+            counts: &w.counts,
+            heads: 4,
+            dim: 32,
+        };
+        let mut p = Problem::with_small(gpu, op, &scene, small).unwrap();
         p.time(false, 10).unwrap();
         let t = median(&p.time(false, 50).unwrap());
         let err = want.map(|r| {

@@ -14,7 +14,7 @@
 // leaves the SM (no round trip through global memory: q, k, v are read
 // once and out written once, which is the memory-traffic floor). The
 // forward kernel (sla_fwd_mma) multiplies on tensor cores; the backward
-// kernel and the earlier forward kernel (sla_fwd_ffma, kept for A/B
+// kernel and the FMA forward kernel (sla_fwd_ffma, kept for A/B
 // timing) give lane l column l of the d x d state, so a voxel costs one
 // coalesced row load per tensor and 32 FMAs per lane. Windows are scheduled in two
 // classes from a work list built once per layout: a window with more than
@@ -66,7 +66,9 @@ __device__ __forceinline__ long long at(long long row, int heads, int h, int lan
 // broadcasts: 8 shared loads per row instead of 32 warp shuffles, which
 // would otherwise bound the kernel (shuffles issue at one warp instruction
 // per cycle per SM, FMAs at four). Loads from global memory run UNROLL
-// voxels ahead of the arithmetic so that each warp keeps rows in flight.
+// voxels ahead of the arithmetic so that each warp keeps rows in flight;
+// the FMA forward kernel loads FWD_UNROLL rows at a time and the next
+// FWD_UNROLL while it computes (FWD_PREFETCH).
 #define UNROLL 4
 #ifndef FWD_UNROLL
 #define FWD_UNROLL 8
@@ -269,14 +271,17 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
 // Precision. TF32 keeps 10 mantissa bits; to keep f32 accuracy every
 // operand that is not exactly a TF32 value is split, x = big + small with
 // both TF32, and a product is big*big + big*small + small*big (the
-// "3xTF32" scheme; the small*small term is below f32 rounding). bf16
+// "3xTF32" scheme). |small| <= 2^-11 |x|, so the small*small term left
+// out is at most 2^-22 of a product, a few f32 roundings. bf16
 // inputs are exact TF32 values, so their products need one instruction;
 // KV is an f32 sum and is always split.
 //
 // Measured on an H100 (`sla_forward_sweep` in cuda.rs, one run, f32 / bf16,
 // medians of 50 launches): a Waymo-like frame of 27,074 voxels took
 // 0.0665 / 0.0616 ms with the FMA kernel (sla_fwd_ffma, kept for that A/B
-// comparison) and 0.0428 / 0.0353 ms here; 300k voxels 0.488 / 0.519 ms
+// comparison; it prefetches 8 rows ahead since this change, and the
+// kernel before it, 4 rows without prefetching, measured within 5% of it
+// in an earlier sweep on the same GPU model) and 0.0428 / 0.0353 ms here; 300k voxels 0.488 / 0.519 ms
 // and 0.318 / 0.296 ms. Compiled for three resident blocks per SM (80
 // registers, a few spilled), which beat the compiler's own 95 registers
 // and two blocks (0.0456 ms at the frame) and loading the first Q rows
