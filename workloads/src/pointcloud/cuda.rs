@@ -44,8 +44,9 @@ const FWD_SMEM: u32 = (WARPS * (16 + 32) * 40 * 4) as u32;
 /// Windows with more voxels than this get a whole block (`SMALL`). 32
 /// measured best on an H100 among 16, 32, 64 and 128 with the FMA kernel
 /// (Waymo-like frames; larger values leave big windows to one warp), and
-/// among 16, 32 and 64 with tensor cores (64: 11% slower on a Waymo-like
-/// frame, 2% faster at 300k voxels; `sla_forward_sweep`, 2026-11-27).
+/// with tensor cores against 64 on an H100 (64: 11% slower on a Waymo-like
+/// frame, 2% faster at 300k voxels) and against 16 and 64 on an H200 (16:
+/// 8% slower on the frame); `sla_forward_sweep`, 2026-11-27.
 const SMALL: u32 = 32;
 /// Smallest padded length of the sort-and-pad baselines.
 pub const MIN_PAD: u32 = 8;
