@@ -88,11 +88,21 @@ pub fn tuning_count(var: &str, what: &str, default: usize) -> Result<usize, Work
     let Some(raw) = std::env::var_os(var) else {
         return Ok(default);
     };
+    let n = positive_count(var, &raw, default)?;
+    eprintln!("warning: {what} {n} ({var}), not {default}");
+    Ok(n)
+}
+
+/// `raw` (the value of `var`) as a positive integer, or an error naming
+/// the variable and what to give instead.
+#[cfg(any(feature = "cuda", test))]
+fn positive_count(
+    var: &str,
+    raw: &std::ffi::OsStr,
+    default: usize,
+) -> Result<usize, WorkloadError> {
     match raw.to_str().and_then(|v| v.trim().parse::<usize>().ok()) {
-        Some(n) if n > 0 => {
-            eprintln!("warning: {what} {n} ({var}), not {default}");
-            Ok(n)
-        }
+        Some(n) if n > 0 => Ok(n),
         _ => Err(WorkloadError::Config(format!(
             "{var}={raw:?} is not a positive integer; unset it or give a count such as {default}"
         ))),
@@ -128,6 +138,22 @@ impl FromStr for Device {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tuning_counts_must_be_positive_integers() {
+        use std::ffi::OsStr;
+        assert_eq!(positive_count("V", OsStr::new("16"), 8).unwrap(), 16);
+        assert_eq!(positive_count("V", OsStr::new(" 3 "), 8).unwrap(), 3);
+        for bad in ["0", "-2", "1.5", "", "many"] {
+            let e = positive_count("V", OsStr::new(bad), 8)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("V=") && e.contains("positive integer") && e.contains('8'),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn parses_devices_and_rejects_junk() {
