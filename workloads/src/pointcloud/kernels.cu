@@ -281,15 +281,15 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
 // 0.0665 / 0.0616 ms with the FMA kernel (sla_fwd_ffma, kept for that A/B
 // comparison; it prefetches 8 rows ahead since this change, and the
 // kernel before it, 4 rows without prefetching, measured within 5% of it
-// in an earlier sweep on the same GPU model) and 0.0428 / 0.0353 ms here; 300k voxels 0.488 / 0.519 ms
-// and 0.318 / 0.296 ms. Compiled for three resident blocks per SM (80
+// in an earlier sweep on the same GPU model) and 0.0428 / 0.0353 ms here;
+// 300k voxels 0.488 / 0.519 ms and 0.318 / 0.296 ms. Compiled for three resident blocks per SM (80
 // registers, a few spilled), which beat the compiler's own 95 registers
 // and two blocks (0.0456 ms at the frame) and loading the first Q rows
 // during the state's reduction.
 //
 // Shared memory per warp (dynamic, FWD_WARP_FLOATS floats): a staging area
-// of 8 K rows and 8 V rows (phase 1) or 16 Q rows (phase 2), f32 after
-// relu, row stride KS; and the warp's KV with s in column 32 and zeros in
+// of 8 K rows and 8 V rows (phase 1, row stride KS) or 16 Q rows (phase
+// 2, row stride QS), f32 after relu; and the warp's KV with s in column 32 and zeros in
 // columns 33..39, row stride KS. KS = 40 for the tiles read as [t][g]
 // (banks 8t + g) and QS = 36 for Q, read as [g][t] (banks 4g + t), make
 // every fragment read below conflict-free.
