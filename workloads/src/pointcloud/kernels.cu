@@ -202,6 +202,25 @@ __device__ __forceinline__ void apply_state(const T *q, T *out, long long start,
     }
 }
 
+// The window a warp works on, and which of its chunks: a big window's
+// block splits it over its WARPS warps (first = warp w, step = WARPS), a
+// small window is one warp's (first = 0, step = 1). False for an empty
+// slot of the last small block (its warp returns; that path has no
+// __syncthreads).
+__device__ __forceinline__ bool work_item(const int *big, int n_big, const int *small, int w,
+                                          int &win, int &first, int &step) {
+    if ((int)blockIdx.x < n_big) {
+        win = big[blockIdx.x];
+        first = w;
+        step = WARPS;
+        return true;
+    }
+    win = small[(blockIdx.x - n_big) * WARPS + w];
+    first = 0;
+    step = 1;
+    return win >= 0;
+}
+
 // Sums the WARPS partial d x d states (and vectors) in `part` into part[0].
 __device__ __forceinline__ void reduce_parts(float (*part)[D * STRIDE], float (*vec)[D],
                                              int active) {
@@ -233,16 +252,7 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
     for (int a = 0; a < D; a++) kv[a] = 0.f;
     float s = 0.f;
     int win, first, stride;
-    if ((int)blockIdx.x < n_big) {
-        win = big[blockIdx.x];
-        first = w;
-        stride = WARPS;
-    } else {
-        win = small[(blockIdx.x - n_big) * WARPS + w];
-        first = 0;
-        stride = 1;
-        if (win < 0) return; // no __syncthreads on this path
-    }
+    if (!work_item(big, n_big, small, w, win, first, stride)) return;
     const long long start = offsets[win];
     const int n = counts[win];
     accumulate_state<FWD_UNROLL, FWD_PREFETCH>(k, v, start, n, heads, h, first, stride, kv, s, stage);
@@ -382,16 +392,7 @@ __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
     float *stage = fwd_smem + w * FWD_WARP_FLOATS;
     float *kvs = stage + FWD_STAGE_FLOATS;
     int win, first, step;
-    if ((int)blockIdx.x < n_big) {
-        win = big[blockIdx.x];
-        first = w;
-        step = WARPS;
-    } else {
-        win = small[(blockIdx.x - n_big) * WARPS + w];
-        first = 0;
-        step = 1;
-        if (win < 0) return;  // no __syncthreads on this path
-    }
+    if (!work_item(big, n_big, small, w, win, first, step)) return;
     const long long start = offsets[win];
     const int n = counts[win];
 
@@ -552,16 +553,7 @@ __device__ void sla_bwd(const T *q, const T *k, const T *v, const T *dout, T *dq
     const int h = blockIdx.y, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *stage = stage_all[w], *stage2 = stage_all[w] + UNROLL * D;
     int win, first, stride;
-    if ((int)blockIdx.x < n_big) {
-        win = big[blockIdx.x];
-        first = w;
-        stride = WARPS;
-    } else {
-        win = small[(blockIdx.x - n_big) * WARPS + w];
-        first = 0;
-        stride = 1;
-        if (win < 0) return;
-    }
+    if (!work_item(big, n_big, small, w, win, first, stride)) return;
     const bool shared_window = stride == WARPS;
     const long long start = offsets[win];
     const int n = counts[win];
