@@ -105,12 +105,13 @@ __device__ __forceinline__ float dot_row(const float *row, const float r[D]) {
     return acc;
 }
 
-// Rows j0, j0 + stride, ..., U of them, of k and v in lane's column;
-// zeros past the end, which add nothing (relu(0) = 0).
+// Rows j0, j0 + stride, ..., U of them, of two tensors (k and v, or q and
+// dout) in lane's column; zeros past the end, which add nothing (relu(0)
+// = 0, and a zero q or dout gives zero gradients).
 template <int U, typename T>
-__device__ __forceinline__ void load_kv(const T *k, const T *v, long long start, int n,
-                                        int heads, int h, int j0, int stride, float kk[U],
-                                        float vv[U]) {
+__device__ __forceinline__ void load_pair(const T *k, const T *v, long long start, int n,
+                                          int heads, int h, int j0, int stride, float kk[U],
+                                          float vv[U]) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int u = 0; u < U; u++) {
@@ -136,9 +137,9 @@ __device__ __forceinline__ void accumulate_state(const T *k, const T *v, long lo
                                                  float *stage) {
     const int lane = threadIdx.x & 31;
     float kk[U], vv[U];
-    if (PREFETCH) load_kv<U>(k, v, start, n, heads, h, first, stride, kk, vv);
+    if (PREFETCH) load_pair<U>(k, v, start, n, heads, h, first, stride, kk, vv);
     for (int j0 = first; j0 < n; j0 += U * stride) {
-        if (!PREFETCH) load_kv<U>(k, v, start, n, heads, h, j0, stride, kk, vv);
+        if (!PREFETCH) load_pair<U>(k, v, start, n, heads, h, j0, stride, kk, vv);
         float vc[U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -148,7 +149,7 @@ __device__ __forceinline__ void accumulate_state(const T *k, const T *v, long lo
             vc[u] = vv[u];
         }
         __syncwarp();
-        if (PREFETCH) load_kv<U>(k, v, start, n, heads, h, j0 + U * stride, stride, kk, vv);
+        if (PREFETCH) load_pair<U>(k, v, start, n, heads, h, j0 + U * stride, stride, kk, vv);
         // Rows past the end are zeros: skip their arithmetic (the
         // condition is the same in every lane).
 #pragma unroll
@@ -586,18 +587,9 @@ __device__ void sla_bwd(const T *q, const T *k, const T *v, const T *dout, T *dq
     float ds = 0.f;
     for (int i0 = first; i0 < n; i0 += UNROLL * stride) {
         float qq[UNROLL], gg[UNROLL], dd[UNROLL];
+        load_pair<UNROLL>(q, dout, start, n, heads, h, i0, stride, qq, gg);
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            const int i = i0 + u * stride;
-            qq[u] = 0.f;
-            gg[u] = 0.f;
-            if (i < n) {
-                const long long idx = at(start + i, heads, h, lane);
-                qq[u] = ld(q, idx);
-                gg[u] = ld(dout, idx);
-            }
-            stage[u * D + lane] = fmaxf(qq[u], 0.f);
-        }
+        for (int u = 0; u < UNROLL; u++) stage[u * D + lane] = fmaxf(qq[u], 0.f);
         __syncwarp();
         // Past the end q = dout = 0, so g = dden = 0: no contribution.
 #pragma unroll
@@ -636,16 +628,9 @@ __device__ void sla_bwd(const T *q, const T *k, const T *v, const T *dout, T *dq
     ds = vec[src][lane];
     for (int j0 = first; j0 < n; j0 += UNROLL * stride) {
         float kk[UNROLL], vv[UNROLL];
+        load_pair<UNROLL>(k, v, start, n, heads, h, j0, stride, kk, vv);
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
-            const int j = j0 + u * stride;
-            kk[u] = 0.f;
-            vv[u] = 0.f;
-            if (j < n) {
-                const long long idx = at(start + j, heads, h, lane);
-                kk[u] = ld(k, idx);
-                vv[u] = ld(v, idx);
-            }
             stage[u * D + lane] = fmaxf(kk[u], 0.f);
             stage2[u * D + lane] = vv[u];
         }
