@@ -52,7 +52,10 @@ fn cuda_clock(ordinal: usize) -> Result<Box<dyn Clock>, WorkloadError> {
 pub fn cuda_context(
     ordinal: usize,
 ) -> Result<std::sync::Arc<cudarc::driver::CudaContext>, WorkloadError> {
-    // SAFETY: only probes whether the driver library can be loaded.
+    // SAFETY: only probes whether the driver library can be loaded. (With
+    // `gpu-decoder`, candle links libcuda: the binary does not start
+    // without it, so there is nothing to probe.)
+    #[cfg(not(feature = "gpu-decoder"))]
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(WorkloadError::Device(
             "no CUDA driver (libcuda) found on this machine; use --device cpu".into(),

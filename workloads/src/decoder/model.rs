@@ -10,7 +10,7 @@ use candle_core::Device;
 use super::kernels::{self, matmul, Product, QWeight, RopeStyle, Scratch};
 use super::kv::{BlockKv, DenseKv, KvCache, KvShape};
 use super::tokenizer::Tokenizer;
-use super::DecoderError;
+use super::{DecoderError, Engine};
 
 /// The architectures we load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,28 +41,28 @@ pub struct Config {
     pub tied_embeddings: bool,
 }
 
-struct Layer {
-    attn_norm: Vec<f32>,
-    wq: QWeight,
-    wk: QWeight,
-    wv: QWeight,
-    bq: Option<Vec<f32>>,
-    bk: Option<Vec<f32>>,
-    bv: Option<Vec<f32>>,
-    wo: QWeight,
-    ffn_norm: Vec<f32>,
-    gate: QWeight,
-    up: QWeight,
-    down: QWeight,
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) wq: QWeight,
+    pub(crate) wk: QWeight,
+    pub(crate) wv: QWeight,
+    pub(crate) bq: Option<Vec<f32>>,
+    pub(crate) bk: Option<Vec<f32>>,
+    pub(crate) bv: Option<Vec<f32>>,
+    pub(crate) wo: QWeight,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) gate: QWeight,
+    pub(crate) up: QWeight,
+    pub(crate) down: QWeight,
 }
 
 /// Immutable weights, shareable (`Arc`) between decoders.
 pub struct Model {
     config: Config,
-    embed: QWeight,
-    layers: Vec<Layer>,
-    out_norm: Vec<f32>,
-    output: Option<QWeight>,
+    pub(crate) embed: QWeight,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) out_norm: Vec<f32>,
+    pub(crate) output: Option<QWeight>,
     tokenizer: Tokenizer,
 }
 
@@ -383,6 +383,17 @@ pub struct Verification {
 }
 
 impl Verification {
+    /// `logits`: one row of `vocab` per tree node.
+    pub(crate) fn new(vocab: usize, logits: Vec<f32>, paths: Vec<Vec<usize>>) -> Verification {
+        let nodes = logits.len() / vocab.max(1);
+        Verification {
+            vocab,
+            logits,
+            paths,
+            nodes,
+        }
+    }
+
     pub fn n_drafts(&self) -> usize {
         self.paths.len()
     }
@@ -403,6 +414,85 @@ impl Verification {
     pub fn tree_nodes(&self) -> usize {
         self.nodes
     }
+}
+
+/// Draft continuations merged into a token tree: node 0 is the root, each
+/// draft a path from it; drafts that share a prefix share its nodes.
+pub(crate) struct DraftTree {
+    pub tokens: Vec<u32>,
+    /// Parent of each node (`None` for the root); always an earlier node.
+    pub parents: Vec<Option<usize>>,
+    /// Per draft, its nodes: the root, then one per draft token.
+    pub paths: Vec<Vec<usize>>,
+}
+
+impl DraftTree {
+    pub fn new(root: u32, drafts: &[&[u32]]) -> DraftTree {
+        let mut tokens = vec![root];
+        let mut parents = vec![None];
+        let mut children: std::collections::HashMap<(usize, u32), usize> = Default::default();
+        let mut paths = Vec::with_capacity(drafts.len().max(1));
+        for d in drafts
+            .iter()
+            .copied()
+            .chain(drafts.is_empty().then_some(&[][..]))
+        {
+            let mut path = vec![0];
+            let mut cur = 0;
+            for &t in d {
+                cur = *children.entry((cur, t)).or_insert_with(|| {
+                    tokens.push(t);
+                    parents.push(Some(cur));
+                    tokens.len() - 1
+                });
+                path.push(cur);
+            }
+            paths.push(path);
+        }
+        DraftTree {
+            tokens,
+            parents,
+            paths,
+        }
+    }
+}
+
+/// Depth (position after the committed `base` tokens) and ancestors (itself
+/// included, in order) of each node of a block whose node `i` has parent
+/// `parents[i] < i` (`None`: right after the committed tokens). Refuses a
+/// parent that is not earlier and a position at or beyond `context`.
+pub(crate) fn block_layout(
+    parents: &[Option<usize>],
+    base: usize,
+    context: usize,
+) -> Result<(Vec<usize>, Vec<Vec<usize>>), DecoderError> {
+    let t = parents.len();
+    let mut depth = vec![0usize; t];
+    let mut ancestors: Vec<Vec<usize>> = Vec::with_capacity(t);
+    for i in 0..t {
+        let mut a = match parents[i] {
+            Some(p) if p < i => {
+                depth[i] = depth[p] + 1;
+                ancestors[p].clone()
+            }
+            Some(p) => {
+                return Err(DecoderError::Input(format!(
+                    "parent {p} of node {i} is not before it"
+                )))
+            }
+            None => Vec::new(),
+        };
+        a.push(i);
+        ancestors.push(a);
+    }
+    let deepest = depth.iter().max().copied().unwrap_or(0);
+    if base + deepest >= context {
+        return Err(DecoderError::Input(format!(
+            "position {} beyond the context length {context}",
+            base + deepest
+        )));
+    }
+    Ok((depth, ancestors))
 }
 
 /// The block of a verification, held until [`Decoder::accept`] commits a
@@ -609,33 +699,16 @@ impl Decoder {
     /// the committed sequence and its own ancestors. Nothing is committed
     /// until [`Decoder::accept`].
     pub fn verify(&mut self, root: u32, drafts: &[&[u32]]) -> Result<Verification, DecoderError> {
-        let mut tokens = vec![root];
-        let mut parents = vec![None];
-        let mut children: std::collections::HashMap<(usize, u32), usize> = Default::default();
-        let mut paths = Vec::with_capacity(drafts.len().max(1));
-        for d in drafts
-            .iter()
-            .copied()
-            .chain(drafts.is_empty().then_some(&[][..]))
-        {
-            let mut path = vec![0];
-            let mut cur = 0;
-            for &t in d {
-                cur = *children.entry((cur, t)).or_insert_with(|| {
-                    tokens.push(t);
-                    parents.push(Some(cur));
-                    tokens.len() - 1
-                });
-                path.push(cur);
-            }
-            paths.push(path);
-        }
+        let DraftTree {
+            tokens,
+            parents,
+            paths,
+        } = DraftTree::new(root, drafts);
         let all: Vec<usize> = (0..tokens.len()).collect();
         self.pending = None;
         self.forward(&tokens, &parents, &all)?;
         let vocab = self.model.vocab_size();
         let logits = self.work.logits[..tokens.len() * vocab].to_vec();
-        let nodes = tokens.len();
         self.pending = Some(Pending {
             base: self.tokens.len(),
             tokens,
@@ -643,12 +716,7 @@ impl Decoder {
             k: std::mem::take(&mut self.work.block_k),
             v: std::mem::take(&mut self.work.block_v),
         });
-        Ok(Verification {
-            vocab,
-            logits,
-            paths,
-            nodes,
-        })
+        Ok(Verification::new(vocab, logits, paths))
     }
 
     /// Commits the root of the last [`Decoder::verify`] and the first
@@ -743,32 +811,8 @@ impl Decoder {
                 c.vocab_size
             )));
         }
+        let (depth, ancestors) = block_layout(parents, base, c.context_length)?;
         self.cache.begin_block(base, tokens);
-        let mut depth = vec![0usize; t];
-        let mut ancestors: Vec<Vec<usize>> = Vec::with_capacity(t);
-        for i in 0..t {
-            let mut a = match parents[i] {
-                Some(p) if p < i => {
-                    depth[i] = depth[p] + 1;
-                    ancestors[p].clone()
-                }
-                Some(p) => {
-                    return Err(DecoderError::Input(format!(
-                        "parent {p} of node {i} is not before it"
-                    )))
-                }
-                None => Vec::new(),
-            };
-            a.push(i);
-            ancestors.push(a);
-        }
-        if base + depth.iter().max().copied().unwrap_or(0) >= c.context_length {
-            return Err(DecoderError::Input(format!(
-                "position {} beyond the context length {}",
-                base + depth.iter().max().unwrap(),
-                c.context_length
-            )));
-        }
 
         let (d, dq, dkv, hd) = (
             c.d_model,
@@ -969,5 +1013,32 @@ impl Decoder {
             );
         }
         Ok(())
+    }
+}
+
+/// The CPU decoder as an [`Engine`] (the inherent methods, unchanged).
+impl Engine for Decoder {
+    fn tokens(&self) -> &[u32] {
+        Decoder::tokens(self)
+    }
+
+    fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], DecoderError> {
+        Decoder::prefill(self, tokens)
+    }
+
+    fn prefill_logits(&mut self, tokens: &[u32], from: usize) -> Result<Vec<f32>, DecoderError> {
+        Decoder::prefill_logits(self, tokens, from)
+    }
+
+    fn verify(&mut self, root: u32, drafts: &[&[u32]]) -> Result<Verification, DecoderError> {
+        Decoder::verify(self, root, drafts)
+    }
+
+    fn accept(&mut self, draft: usize, n_accepted: usize) -> Result<(), DecoderError> {
+        Decoder::accept(self, draft, n_accepted)
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<(), DecoderError> {
+        Decoder::truncate(self, len)
     }
 }

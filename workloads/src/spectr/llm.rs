@@ -4,7 +4,8 @@
 //! The samplers in [`super::decode`] ask for next-token laws after whole
 //! contexts (prompt included) and never say what they will ask next. A
 //! transformer wants the opposite: keep a KV cache and compute only new
-//! positions. [`DecoderLm`] keeps one [`Decoder`] (behind a `RefCell`, as
+//! positions. [`DecoderLm`] keeps one decoder ([`Engine`], on the CPU or a
+//! GPU: [`Weights`]) (behind a `RefCell`, as
 //! `next_dists` takes `&self`) and turns each call into as little work as
 //! the decoder's API allows:
 //!
@@ -54,7 +55,8 @@ use candle_core::quantized::gguf_file;
 use sha2::{Digest, Sha256};
 
 use super::lm::{Dist, LanguageModel};
-use crate::decoder::{Decoder, DecoderError, Model, Verification};
+use crate::decoder::{DecoderError, Engine, Model, Verification, Weights};
+use crate::device::Device;
 use crate::WorkloadError;
 
 /// What a [`DecoderLm`] has done since it was made.
@@ -68,8 +70,9 @@ pub struct LmStats {
     pub positions: u64,
 }
 
-/// A [`Decoder`] with a temperature, as a [`LanguageModel`].
+/// A decoder with a temperature, as a [`LanguageModel`].
 pub struct DecoderLm {
+    weights: Weights,
     state: RefCell<State>,
     temperature: f64,
     vocab: usize,
@@ -87,7 +90,7 @@ impl std::fmt::Debug for DecoderLm {
 }
 
 struct State {
-    decoder: Decoder,
+    decoder: Box<dyn Engine>,
     /// Logits after the committed tokens, when known.
     last: Option<Vec<f32>>,
     /// The previous call's verification, not committed.
@@ -106,31 +109,47 @@ impl DecoderLm {
     /// logits; 1 is the model's own distribution, 0 is greedy (one-hot on
     /// the argmax).
     pub fn new(model: Arc<Model>, temperature: f64) -> Result<DecoderLm, WorkloadError> {
+        DecoderLm::on(Weights::Cpu(model), temperature)
+    }
+
+    /// As [`DecoderLm::new`], on the device that holds `weights`.
+    pub fn on(weights: Weights, temperature: f64) -> Result<DecoderLm, WorkloadError> {
         if !(temperature.is_finite() && temperature >= 0.0) {
             return Err(WorkloadError::Config(format!(
                 "temperature must be finite and non-negative, got {temperature}"
             )));
         }
         Ok(DecoderLm {
-            vocab: model.vocab_size(),
+            vocab: weights.model().vocab_size(),
             state: RefCell::new(State {
-                decoder: Decoder::new(model),
+                decoder: weights.engine(),
                 last: None,
                 pending: None,
                 stats: LmStats::default(),
             }),
             temperature,
+            weights,
         })
     }
 
     /// Another adapter over the same weights (its own cache) at another
     /// temperature.
     pub fn with_temperature(&self, temperature: f64) -> Result<DecoderLm, WorkloadError> {
-        DecoderLm::new(self.model(), temperature)
+        DecoderLm::on(self.weights.clone(), temperature)
     }
 
     pub fn model(&self) -> Arc<Model> {
-        self.state.borrow().decoder.model().clone()
+        self.weights.model().clone()
+    }
+
+    /// Where the model runs: `cpu` or `cuda`.
+    pub fn device(&self) -> &'static str {
+        self.weights.device()
+    }
+
+    /// Waits for the model's queued device work (before a clock read).
+    pub fn synchronize(&self) -> Result<(), DecoderError> {
+        self.weights.synchronize()
     }
 
     pub fn temperature(&self) -> f64 {
@@ -199,7 +218,7 @@ impl LanguageModel for DecoderLm {
 impl State {
     /// Drops the cache after `len` tokens (nothing if it holds no more).
     fn truncate(&mut self, len: usize) -> Result<(), DecoderError> {
-        if len < self.decoder.len() {
+        if len < self.decoder.tokens().len() {
             self.pending = None;
             self.last = None;
             self.decoder.truncate(len)?;
@@ -272,7 +291,7 @@ impl State {
         let Some(p) = self.pending.take() else {
             return Ok(());
         };
-        let base = self.decoder.len();
+        let base = self.decoder.tokens().len();
         if cap <= base
             || context[base] != p.root
             || common_prefix(self.decoder.tokens(), context) < base
@@ -353,7 +372,7 @@ pub struct ModelPair {
 impl ModelPair {
     /// Loads both files, refusing a pair whose tokenizers (vocabulary,
     /// merges, pre-tokenizer) or output sizes differ.
-    pub fn load(draft: &Path, target: &Path) -> Result<ModelPair, WorkloadError> {
+    pub fn load(draft: &Path, target: &Path, device: Device) -> Result<ModelPair, WorkloadError> {
         for p in [draft, target] {
             if !p.is_file() {
                 return Err(WorkloadError::Config(format!(
@@ -383,16 +402,17 @@ impl ModelPair {
                 tm.vocab_size()
             )));
         }
+        let (dw, tw) = (Weights::on(dm, device)?, Weights::on(tm, device)?);
         Ok(ModelPair {
-            draft: DecoderLm::new(dm.clone(), 1.0)?,
-            target: DecoderLm::new(tm.clone(), 1.0)?,
-            greedy_draft: DecoderLm::new(dm, 0.0)?,
-            greedy_target: DecoderLm::new(tm, 0.0)?,
+            draft: DecoderLm::on(dw.clone(), 1.0)?,
+            target: DecoderLm::on(tw.clone(), 1.0)?,
+            greedy_draft: DecoderLm::on(dw, 0.0)?,
+            greedy_target: DecoderLm::on(tw, 0.0)?,
         })
     }
 
     /// The pair named by [`ENV_DRAFT`] and [`ENV_TARGET`].
-    pub fn from_env() -> Result<ModelPair, WorkloadError> {
+    pub fn from_env(device: Device) -> Result<ModelPair, WorkloadError> {
         let var = |name: &str| {
             std::env::var_os(name).map(PathBuf::from).ok_or_else(|| {
                 WorkloadError::Config(format!(
@@ -401,7 +421,7 @@ impl ModelPair {
                 ))
             })
         };
-        ModelPair::load(&var(ENV_DRAFT)?, &var(ENV_TARGET)?)
+        ModelPair::load(&var(ENV_DRAFT)?, &var(ENV_TARGET)?, device)
     }
 
     /// Refuses a job whose sequences (prompt, new tokens and one block of
@@ -611,14 +631,14 @@ mod tests {
             tokenizer_digest(&smol).unwrap(),
             tokenizer_digest(&smol).unwrap()
         );
-        let Err(WorkloadError::Config(msg)) = ModelPair::load(&smol, &qwen) else {
+        let Err(WorkloadError::Config(msg)) = ModelPair::load(&smol, &qwen, Device::Cpu) else {
             panic!("a SmolLM2 draft for a Qwen target was accepted");
         };
         assert!(msg.contains("different tokenizers"), "{msg}");
         assert!(msg.contains(&smol.display().to_string()), "{msg}");
         assert!(msg.contains(&qwen.display().to_string()), "{msg}");
         let missing = Path::new("/no/such/model.gguf");
-        let Err(WorkloadError::Config(msg)) = ModelPair::load(missing, &qwen) else {
+        let Err(WorkloadError::Config(msg)) = ModelPair::load(missing, &qwen, Device::Cpu) else {
             panic!("a missing file was accepted");
         };
         assert!(msg.contains("/no/such/model.gguf"), "{msg}");

@@ -1,0 +1,427 @@
+//! The decoder on an NVIDIA GPU, through candle's CUDA backend (cargo
+//! feature `gpu-decoder`; build it with `scripts/cuda-toolchain.sh`).
+//!
+//! [`CudaModel`] copies a loaded [`Model`]'s quantized blocks to the GPU as
+//! they are (no re-quantization); [`CudaDecoder`] runs one sequence over a
+//! KV cache in GPU memory with the same entry points and meaning as the CPU
+//! [`Decoder`](super::Decoder) ([`Engine`]): prefill, verification of a
+//! draft tree in one forward (every node attends to the committed sequence
+//! and its own ancestors, masked), accept, truncate.
+//!
+//! The forward per layer: RMS norm, q/k/v by candle's quantized matmuls
+//! (llama.cpp's MMVQ kernel for up to 8 rows, MMQ above: activations are
+//! quantized to 8 bits per 32 values, as on the CPU), biases, RoPE at each
+//! node's own position (from the same `f32` tables as the CPU), the new
+//! keys and values written into the cache after the committed positions,
+//! attention in `f32` as matmuls over the cache with an additive tree mask
+//! (grouped-query heads without copying K/V), the output projection, and
+//! the SwiGLU MLP. Logits come back to the host per wanted row.
+//!
+//! **Not batch-invariant.** Unlike the CPU decoder, a row's logits here
+//! depend on how many rows share its forward: candle picks MMVQ or MMQ by
+//! the row count, and cuBLAS picks its GEMM algorithm by shape, and each
+//! sums in its own order. The differences are rounding-level (the tests
+//! below bound them), but greedy speculative decoding can then leave greedy
+//! decoding's path where the target's two best logits are nearly tied. The
+//! SpecTr workload reports how often that happens on the GPU (see its
+//! README); making it impossible would take our own row-wise kernels.
+//!
+//! Supported: what the CPU decoder loads, with RoPE over the whole head
+//! (`rope_dim == head_dim`, true of SmolLM2 and Qwen2.5).
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::kernels::{self, RopeStyle};
+use super::model::{block_layout, DraftTree};
+use super::{Config, DecoderError, Engine, Model, Verification};
+
+fn gpu_err(e: candle_core::Error) -> DecoderError {
+    DecoderError::Device(e.to_string())
+}
+
+struct CudaLayer {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    bq: Option<Tensor>,
+    bk: Option<Tensor>,
+    bv: Option<Tensor>,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+/// A model's weights in GPU memory, shareable between decoders.
+pub struct CudaModel {
+    config: Config,
+    device: Device,
+    embed: QMatMul,
+    layers: Vec<CudaLayer>,
+    out_norm: Tensor,
+    /// `None`: tied, the output projection is `embed`.
+    output: Option<QMatMul>,
+}
+
+impl std::fmt::Debug for CudaModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaModel({:?})", self.config)
+    }
+}
+
+impl CudaModel {
+    /// Copies `model` to GPU `ordinal`. Fails with a clear error where there
+    /// is no GPU or driver.
+    pub fn new(model: &Model, ordinal: usize) -> Result<CudaModel, DecoderError> {
+        let c = model.config().clone();
+        if c.rope_dim != c.head_dim {
+            return Err(DecoderError::Unsupported {
+                what: "partial RoPE on the GPU".into(),
+                problem: format!(
+                    "rope over {} of {} dimensions; only the CPU decoder handles it",
+                    c.rope_dim, c.head_dim
+                ),
+            });
+        }
+        let device = Device::new_cuda(ordinal).map_err(|e| {
+            DecoderError::Device(format!(
+                "no CUDA device {ordinal} ({e}); the GPU decoder needs an NVIDIA GPU and driver"
+            ))
+        })?;
+        let q = |t: &QTensor| -> Result<QMatMul, DecoderError> {
+            let data = t.data().map_err(gpu_err)?;
+            let storage = QStorage::from_data(data, &device, t.dtype()).map_err(gpu_err)?;
+            let t = QTensor::new(storage, t.shape().clone()).map_err(gpu_err)?;
+            QMatMul::from_qtensor(t).map_err(gpu_err)
+        };
+        let v = |x: &[f32]| Tensor::from_slice(x, x.len(), &device).map_err(gpu_err);
+        let vo = |x: &Option<Vec<f32>>| x.as_deref().map(v).transpose();
+        let layers = model
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(CudaLayer {
+                    attn_norm: v(&l.attn_norm)?,
+                    wq: q(l.wq.tensor())?,
+                    wk: q(l.wk.tensor())?,
+                    wv: q(l.wv.tensor())?,
+                    bq: vo(&l.bq)?,
+                    bk: vo(&l.bk)?,
+                    bv: vo(&l.bv)?,
+                    wo: q(l.wo.tensor())?,
+                    ffn_norm: v(&l.ffn_norm)?,
+                    gate: q(l.gate.tensor())?,
+                    up: q(l.up.tensor())?,
+                    down: q(l.down.tensor())?,
+                })
+            })
+            .collect::<Result<Vec<_>, DecoderError>>()?;
+        Ok(CudaModel {
+            embed: q(model.embed.tensor())?,
+            output: model.output.as_ref().map(|o| q(o.tensor())).transpose()?,
+            out_norm: v(&model.out_norm)?,
+            layers,
+            config: c,
+            device,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn output(&self) -> &QMatMul {
+        self.output.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Waits for the GPU's queued work (before a clock read).
+    pub fn synchronize(&self) -> Result<(), DecoderError> {
+        self.device.synchronize().map_err(gpu_err)
+    }
+}
+
+/// A verification's keys and values stay where the forward wrote them
+/// (after the committed positions, in tree order) until `accept`.
+struct Pending {
+    base: usize,
+    tokens: Vec<u32>,
+    paths: Vec<Vec<usize>>,
+}
+
+/// One sequence on the GPU: see the module doc.
+pub struct CudaDecoder {
+    model: Arc<CudaModel>,
+    /// Per layer, `[1, kv_heads, capacity, head_dim]`, `f32`.
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    capacity: usize,
+    tokens: Vec<u32>,
+    pending: Option<Pending>,
+    last: Vec<f32>,
+}
+
+impl std::fmt::Debug for CudaDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaDecoder({} tokens)", self.tokens.len())
+    }
+}
+
+/// Prompt positions per forward (the mask is rows x context).
+const CHUNK: usize = 256;
+
+impl CudaDecoder {
+    pub fn new(model: Arc<CudaModel>) -> CudaDecoder {
+        CudaDecoder {
+            model,
+            k: Vec::new(),
+            v: Vec::new(),
+            capacity: 0,
+            tokens: Vec::new(),
+            pending: None,
+            last: Vec::new(),
+        }
+    }
+
+    /// Room for `n` positions (doubling, keeping what the cache holds).
+    fn reserve(&mut self, n: usize) -> Result<(), DecoderError> {
+        if n <= self.capacity {
+            return Ok(());
+        }
+        let c = &self.model.config;
+        let cap = n.next_power_of_two().max(512).min(c.context_length.max(n));
+        let shape = (1, c.n_kv_heads, cap, c.head_dim);
+        let dev = &self.model.device;
+        let grow = |old: &mut Vec<Tensor>| -> Result<(), DecoderError> {
+            let mut new = Vec::with_capacity(c.n_layers);
+            for l in 0..c.n_layers {
+                let t = Tensor::zeros(shape, DType::F32, dev).map_err(gpu_err)?;
+                if let Some(o) = old.get(l) {
+                    t.slice_set(o, 2, 0).map_err(gpu_err)?;
+                }
+                new.push(t);
+            }
+            *old = new;
+            Ok(())
+        };
+        grow(&mut self.k)?;
+        grow(&mut self.v)?;
+        self.capacity = cap;
+        Ok(())
+    }
+
+    /// Runs the block `tokens` (node `i`'s parent `parents[i] < i`, or
+    /// `None` right after the committed tokens) through the model, writing
+    /// its keys and values at positions `base..base + t` of the cache, and
+    /// returns the logits of rows `want`, row-major.
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        parents: &[Option<usize>],
+        want: &[usize],
+    ) -> Result<Vec<f32>, DecoderError> {
+        let m = self.model.clone();
+        let c = &m.config;
+        let (t, base) = (tokens.len(), self.tokens.len());
+        if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= c.vocab_size) {
+            return Err(DecoderError::Input(format!(
+                "token {bad} outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        let (depth, ancestors) = block_layout(parents, base, c.context_length)?;
+        self.reserve(base + t)?;
+        let dev = &m.device;
+        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let n_rep = nh / nkv;
+        let len = base + t;
+
+        // Host-side tables: RoPE per node position, and the additive mask
+        // (every committed position; the block's own ancestors).
+        let half = c.rope_dim / 2;
+        let (mut cos, mut sin) = (vec![0f32; t * half], vec![0f32; t * half]);
+        for i in 0..t {
+            kernels::rope_table(
+                base + depth[i],
+                c.rope_dim,
+                c.rope_base,
+                &mut cos[i * half..(i + 1) * half],
+                &mut sin[i * half..(i + 1) * half],
+            );
+        }
+        let mut mask = vec![0f32; t * len];
+        for (i, anc) in ancestors.iter().enumerate() {
+            let row = &mut mask[i * len + base..(i + 1) * len];
+            row.fill(f32::NEG_INFINITY);
+            for &a in anc {
+                row[a] = 0.0;
+            }
+        }
+        let run = || -> candle_core::Result<Vec<f32>> {
+            let cos = Tensor::from_vec(cos, (t, half), dev)?;
+            let sin = Tensor::from_vec(sin, (t, half), dev)?;
+            let mask = Tensor::from_vec(mask, (t, len), dev)?;
+            let ids = Tensor::new(tokens, dev)?;
+            let mut x = m.embed.embedding(&ids)?; // [t, d]
+            let scale = 1.0 / (hd as f64).sqrt();
+            let rope = |x: &Tensor| match c.rope_style {
+                RopeStyle::Neox => candle_nn::rotary_emb::rope(x, &cos, &sin),
+                RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, &cos, &sin),
+            };
+            // [t, heads * hd] -> [1, heads, t, hd]
+            let heads =
+                |x: Tensor, n: usize| x.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous();
+            let bias = |x: Tensor, b: &Option<Tensor>| match b {
+                Some(b) => x.broadcast_add(b),
+                None => Ok(x),
+            };
+            for (l, layer) in m.layers.iter().enumerate() {
+                let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
+                let q = heads(bias(layer.wq.forward(&h)?, &layer.bq)?, nh)?;
+                let k = heads(bias(layer.wk.forward(&h)?, &layer.bk)?, nkv)?;
+                let v = heads(bias(layer.wv.forward(&h)?, &layer.bv)?, nkv)?;
+                let q = rope(&q)?;
+                let k = rope(&k)?;
+                self.k[l].slice_set(&k, 2, base)?;
+                self.v[l].slice_set(&v, 2, base)?;
+                let kk = self.k[l].narrow(2, 0, len)?.contiguous()?;
+                let vv = self.v[l].narrow(2, 0, len)?.contiguous()?;
+                // Query heads g * n_rep .. (g + 1) * n_rep share KV head g.
+                let qg = (q * scale)?.reshape((1, nkv, n_rep * t, hd))?;
+                let att = qg.matmul(&kk.t()?)?;
+                let att = att.reshape((1, nkv, n_rep, t, len))?.broadcast_add(&mask)?;
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                let o = att.reshape((1, nkv, n_rep * t, len))?.matmul(&vv)?;
+                let o = o
+                    .reshape((1, nh, t, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((t, nh * hd))?;
+                x = (x + layer.wo.forward(&o)?)?;
+                let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
+                let g = layer.gate.forward(&h)?;
+                let u = layer.up.forward(&h)?;
+                x = (x + layer.down.forward(&(g.silu()? * u)?)?)?;
+            }
+            if want.is_empty() {
+                return Ok(Vec::new());
+            }
+            let rows: Vec<u32> = want.iter().map(|&i| i as u32).collect();
+            let x = x.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
+            let h = candle_nn::ops::rms_norm(&x, &m.out_norm, c.rms_eps)?;
+            m.output().forward(&h)?.flatten_all()?.to_vec1::<f32>()
+        };
+        run().map_err(gpu_err)
+    }
+
+    fn prefill_rows(&mut self, tokens: &[u32], from: usize) -> Result<Vec<f32>, DecoderError> {
+        self.pending = None;
+        let mut out = Vec::new();
+        for (c, piece) in tokens.chunks(CHUNK).enumerate() {
+            let parents: Vec<Option<usize>> = (0..piece.len()).map(|i| i.checked_sub(1)).collect();
+            let want: Vec<usize> = (from.saturating_sub(c * CHUNK)..piece.len()).collect();
+            out.extend(self.forward(piece, &parents, &want)?);
+            self.tokens.extend_from_slice(piece);
+        }
+        Ok(out)
+    }
+}
+
+impl Engine for CudaDecoder {
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], DecoderError> {
+        if tokens.is_empty() {
+            return Err(DecoderError::Input("prefill of no tokens".into()));
+        }
+        self.last = self.prefill_rows(tokens, tokens.len() - 1)?;
+        Ok(&self.last)
+    }
+
+    fn prefill_logits(&mut self, tokens: &[u32], from: usize) -> Result<Vec<f32>, DecoderError> {
+        if from >= tokens.len() {
+            return Err(DecoderError::Input(format!(
+                "logits from row {from} of a prefill of {} tokens",
+                tokens.len()
+            )));
+        }
+        self.prefill_rows(tokens, from)
+    }
+
+    fn verify(&mut self, root: u32, drafts: &[&[u32]]) -> Result<Verification, DecoderError> {
+        let tree = DraftTree::new(root, drafts);
+        let all: Vec<usize> = (0..tree.tokens.len()).collect();
+        self.pending = None;
+        let logits = self.forward(&tree.tokens, &tree.parents, &all)?;
+        self.pending = Some(Pending {
+            base: self.tokens.len(),
+            tokens: tree.tokens,
+            paths: tree.paths.clone(),
+        });
+        Ok(Verification::new(
+            self.model.config.vocab_size,
+            logits,
+            tree.paths,
+        ))
+    }
+
+    fn accept(&mut self, draft: usize, n_accepted: usize) -> Result<(), DecoderError> {
+        let p = self
+            .pending
+            .take()
+            .ok_or_else(|| DecoderError::Input("accept without a verification".into()))?;
+        if p.base != self.tokens.len() {
+            return Err(DecoderError::Input(
+                "the sequence changed since verify".into(),
+            ));
+        }
+        let path = p
+            .paths
+            .get(draft)
+            .ok_or_else(|| DecoderError::Input(format!("no draft {draft}")))?;
+        if n_accepted >= path.len() {
+            return Err(DecoderError::Input(format!(
+                "draft {draft} has {} tokens, {n_accepted} accepted",
+                path.len() - 1
+            )));
+        }
+        let rows = &path[..=n_accepted];
+        // The path's nodes move to consecutive positions after `base`
+        // (gathered first, so no source is overwritten before it is read).
+        if rows.iter().enumerate().any(|(i, &r)| r != i) {
+            let dev = &self.model.device;
+            let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            let gather = || -> candle_core::Result<()> {
+                let idx = Tensor::new(idx.as_slice(), dev)?;
+                for cache in self.k.iter().chain(&self.v) {
+                    let block = cache.narrow(2, p.base, p.tokens.len())?;
+                    let kept = block.index_select(&idx, 2)?.contiguous()?;
+                    cache.slice_set(&kept, 2, p.base)?;
+                }
+                Ok(())
+            };
+            gather().map_err(gpu_err)?;
+        }
+        self.tokens.extend(rows.iter().map(|&r| p.tokens[r]));
+        Ok(())
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<(), DecoderError> {
+        self.pending = None;
+        if len > self.tokens.len() {
+            return Err(DecoderError::Input(format!(
+                "truncate to {len} of {} tokens",
+                self.tokens.len()
+            )));
+        }
+        // Positions past `len` are overwritten by the next forward.
+        self.tokens.truncate(len);
+        Ok(())
+    }
+}
