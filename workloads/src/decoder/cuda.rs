@@ -400,8 +400,8 @@ impl Engine for CudaDecoder {
             let gather = || -> candle_core::Result<()> {
                 let idx = Tensor::new(idx.as_slice(), dev)?;
                 for cache in self.k.iter().chain(&self.v) {
-                    let block = cache.narrow(2, p.base, p.tokens.len())?;
-                    let kept = block.index_select(&idx, 2)?.contiguous()?;
+                    let block = cache.narrow(2, p.base, p.tokens.len())?.contiguous()?;
+                    let kept = block.index_select(&idx, 2)?;
                     cache.slice_set(&kept, 2, p.base)?;
                 }
                 Ok(())
