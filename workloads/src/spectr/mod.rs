@@ -39,7 +39,10 @@
 //!     bench-suite run spectr --variant user-pair --profile quick
 //! ```
 //!
-//! Not yet here (issue 3): the GPU figures.
+//! On a GPU: `--device cuda` runs the transformer variants on our decoder's
+//! GPU path (`crate::decoder::cuda`, feature `gpu-decoder`), which is not
+//! batch invariant; the greedy check then counts only divergences that are
+//! not near ties ([`GREEDY_TIE_NATS`]) against the configuration.
 
 pub mod decode;
 pub mod kseq;
