@@ -46,17 +46,26 @@ fn cuda_clock(ordinal: usize) -> Result<Box<dyn Clock>, WorkloadError> {
     Ok(Box::new(crate::clock::CudaClock::new(ctx)))
 }
 
+/// Whether libcuda can be loaded. With `gpu-decoder`, candle links libcuda,
+/// so a binary that runs has it.
+#[cfg(feature = "cuda")]
+pub fn driver_present() -> bool {
+    #[cfg(feature = "gpu-decoder")]
+    return true;
+    // SAFETY: only probes whether the driver library can be loaded.
+    #[cfg(not(feature = "gpu-decoder"))]
+    unsafe {
+        cudarc::driver::sys::is_culib_present()
+    }
+}
+
 /// Opens a CUDA context, checking for the driver first: without one cudarc
 /// panics instead of returning an error (see shared/GPU.md).
 #[cfg(feature = "cuda")]
 pub fn cuda_context(
     ordinal: usize,
 ) -> Result<std::sync::Arc<cudarc::driver::CudaContext>, WorkloadError> {
-    // SAFETY: only probes whether the driver library can be loaded. (With
-    // `gpu-decoder`, candle links libcuda: the binary does not start
-    // without it, so there is nothing to probe.)
-    #[cfg(not(feature = "gpu-decoder"))]
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver_present() {
         return Err(WorkloadError::Device(
             "no CUDA driver (libcuda) found on this machine; use --device cpu".into(),
         ));

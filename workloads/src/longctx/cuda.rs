@@ -1117,8 +1117,7 @@ mod tests {
     use crate::longctx::kernel::{DenseCache, TOLERANCE};
 
     fn gpu() -> Option<DecodeGpu> {
-        // SAFETY: only probes whether the driver library can be loaded.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        if !crate::device::driver_present() {
             eprintln!("no CUDA driver here: longctx CUDA kernel tests skipped");
             return None;
         }

@@ -502,9 +502,8 @@ impl LlmModels {
             let g = decode::spectr(draft, target, p, GREEDY_TOKENS, k, l, &mut rng, &mut || {
                 Ok(())
             })?;
-            match g.tokens.iter().zip(want).position(|(a, b)| a != b) {
-                None if g.tokens.len() == want.len() => equal += 1,
-                None => far += 1,
+            match first_divergence(&g.tokens, want) {
+                None => equal += 1,
                 Some(j) => {
                     let mut context = p.clone();
                     context.extend_from_slice(&want[..j]);
@@ -531,6 +530,16 @@ struct GreedyCheck {
     /// [`GREEDY_TIE_NATS`] or more (0 for a correct implementation on any
     /// device).
     far: f64,
+}
+
+/// The first position where `got` leaves `want` (a shorter or longer
+/// output leaves it where the shorter one ends).
+fn first_divergence(got: &[u32], want: &[u32]) -> Option<usize> {
+    match got.iter().zip(want).position(|(a, b)| a != b) {
+        Some(j) => Some(j),
+        None if got.len() == want.len() => None,
+        None => Some(got.len().min(want.len())),
+    }
 }
 
 /// ln(p1 / p2) of the two most likely tokens: their logit difference at
@@ -945,6 +954,52 @@ mod tests {
                 assert_eq!(out.figures["greedy_match"], 1.0);
                 assert!(out.figures["block_efficiency"] > 1.0);
             }
+        }
+    }
+
+    #[test]
+    fn divergence_is_the_first_differing_position() {
+        assert_eq!(first_divergence(&[1, 2, 3], &[1, 2, 3]), None);
+        assert_eq!(first_divergence(&[1, 2, 4], &[1, 2, 3]), Some(2));
+        assert_eq!(first_divergence(&[9, 2, 3], &[1, 2, 3]), Some(0));
+        assert_eq!(first_divergence(&[1, 2], &[1, 2, 3]), Some(2));
+        assert_eq!(first_divergence(&[1, 2, 3, 4], &[1, 2, 3]), Some(3));
+    }
+
+    #[test]
+    fn top_two_margin_is_the_log_ratio_of_the_two_largest() {
+        let m = top_two_margin(&[0.2, 0.5, 0.3]);
+        assert!((m - (0.5f64 / 0.3).ln()).abs() < 1e-12);
+        assert!((top_two_margin(&[0.25, 0.25, 0.5]) - 2f64.ln()).abs() < 1e-12);
+        assert_eq!(top_two_margin(&[0.4, 0.4, 0.2]), 0.0);
+        assert_eq!(top_two_margin(&[0.0, 1.0, 0.0]), f64::INFINITY);
+    }
+
+    /// `--device cuda`: refused for the CPU-only variants, and, in a build
+    /// without the GPU decoder, for the transformer variants too, each
+    /// error naming the fix.
+    #[test]
+    fn cuda_device_errors_name_the_fix() {
+        let load = |id: &str| {
+            Spectr
+                .load(&LoadContext {
+                    variant: SPEC.variant(id).unwrap(),
+                    profile: Profile::Quick,
+                    device: Device::Cuda(0),
+                    seed: 1,
+                })
+                .map(|_| ())
+        };
+        let Err(WorkloadError::Device(msg)) = load("synthetic") else {
+            panic!("synthetic on cuda must be refused");
+        };
+        assert!(msg.contains("--device cpu"), "{msg}");
+        #[cfg(not(feature = "gpu-decoder"))]
+        if assets::path(&assets::QWEN_CODER_1_5B).is_ok()
+            && assets::path(&assets::QWEN_CODER_0_5B).is_ok()
+        {
+            let err = load("qwen2.5-coder-0.5b-1.5b").unwrap_err().to_string();
+            assert!(err.contains("--features cuda,gpu-decoder"), "{err}");
         }
     }
 }
