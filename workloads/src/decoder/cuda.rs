@@ -20,14 +20,27 @@
 //! **Not batch-invariant.** Unlike the CPU decoder, a row's logits here
 //! depend on how many rows share its forward: candle picks MMVQ or MMQ by
 //! the row count, and cuBLAS picks its GEMM algorithm by shape, and each
-//! sums in its own order. The differences are rounding-level (the tests
-//! below bound them), but greedy speculative decoding can then leave greedy
-//! decoding's path where the target's two best logits are nearly tied. The
-//! SpecTr workload reports how often that happens on the GPU (see its
-//! README); making it impossible would take our own row-wise kernels.
+//! sums in its own order. Each difference is rounding-level, but an 8-bit
+//! activation that rounds the other way moves every later layer: on
+//! Qwen2.5-Coder-1.5B a verification tree's logits differ from single steps
+//! by up to 0.36 (of a 30-logit span; the `gpu` tests of
+//! `workloads/tests/decoder.rs` bound these differences). Greedy
+//! speculative decoding can then leave greedy decoding's path where the
+//! target's two best logits are nearly tied; the SpecTr workload counts
+//! only other divergences against a configuration (see its README). Making
+//! it impossible would take our own row-wise kernels.
 //!
 //! Supported: what the CPU decoder loads, with RoPE over the whole head
-//! (`rope_dim == head_dim`, true of SmolLM2 and Qwen2.5).
+//! (`rope_dim == head_dim`, true of SmolLM2 and Qwen2.5), over a dense cache
+//! only: the eviction and compression policies of the long-context
+//! workload ([`KvCache`](super::KvCache)) run on the CPU decoder.
+//!
+//! Speed (H100, Qwen2.5-Coder 0.5B and 1.5B, from the SpecTr run
+//! `results/runs/2026-11-27-h100-spectr-qwen-gpu-e2e`): about 10 ms per
+//! sampler call for either model, the sampler's softmax on the host
+//! included, far above the 1.5B's weight-bandwidth floor of 0.33 ms. The
+//! fixed costs dominate: one kernel launch per operation, no CUDA graphs,
+//! logits copied to the host every call.
 
 use std::sync::Arc;
 
@@ -35,7 +48,7 @@ use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::kernels::{self, RopeStyle};
-use super::model::{block_layout, DraftTree};
+use super::model::{accepted_path, block_layout, DraftTree};
 use super::{Config, DecoderError, Engine, Model, Verification};
 
 fn gpu_err(e: candle_core::Error) -> DecoderError {
@@ -137,11 +150,6 @@ impl CudaModel {
 
     fn output(&self) -> &QMatMul {
         self.output.as_ref().unwrap_or(&self.embed)
-    }
-
-    /// Waits for the GPU's queued work (before a clock read).
-    pub fn synchronize(&self) -> Result<(), DecoderError> {
-        self.device.synchronize().map_err(gpu_err)
     }
 }
 
@@ -376,22 +384,7 @@ impl Engine for CudaDecoder {
             .pending
             .take()
             .ok_or_else(|| DecoderError::Input("accept without a verification".into()))?;
-        if p.base != self.tokens.len() {
-            return Err(DecoderError::Input(
-                "the sequence changed since verify".into(),
-            ));
-        }
-        let path = p
-            .paths
-            .get(draft)
-            .ok_or_else(|| DecoderError::Input(format!("no draft {draft}")))?;
-        if n_accepted >= path.len() {
-            return Err(DecoderError::Input(format!(
-                "draft {draft} has {} tokens, {n_accepted} accepted",
-                path.len() - 1
-            )));
-        }
-        let rows = &path[..=n_accepted];
+        let rows = accepted_path(&p.paths, p.base, self.tokens.len(), draft, n_accepted)?;
         // The path's nodes move to consecutive positions after `base`
         // (gathered first, so no source is overwritten before it is read).
         if rows.iter().enumerate().any(|(i, &r)| r != i) {

@@ -123,30 +123,12 @@ impl Weights {
         }
     }
 
-    /// `cpu` or `cuda`, for records.
-    pub fn device(&self) -> &'static str {
-        match self {
-            Weights::Cpu(_) => "cpu",
-            #[cfg(feature = "gpu-decoder")]
-            Weights::Cuda(..) => "cuda",
-        }
-    }
-
     /// A decoder with an empty (dense) cache.
     pub fn engine(&self) -> Box<dyn Engine> {
         match self {
             Weights::Cpu(m) => Box::new(Decoder::new(m.clone())),
             #[cfg(feature = "gpu-decoder")]
             Weights::Cuda(_, g) => Box::new(cuda::CudaDecoder::new(g.clone())),
-        }
-    }
-
-    /// Waits for queued device work (nothing to wait for on the CPU).
-    pub fn synchronize(&self) -> Result<(), DecoderError> {
-        match self {
-            Weights::Cpu(_) => Ok(()),
-            #[cfg(feature = "gpu-decoder")]
-            Weights::Cuda(_, g) => g.synchronize(),
         }
     }
 }

@@ -457,6 +457,33 @@ impl DraftTree {
     }
 }
 
+/// The nodes that [`Decoder::accept`] commits: the root and the first
+/// `n_accepted` tokens of draft `draft` of a verification made when the
+/// sequence had `base` tokens (it must still have: `len`).
+pub(crate) fn accepted_path(
+    paths: &[Vec<usize>],
+    base: usize,
+    len: usize,
+    draft: usize,
+    n_accepted: usize,
+) -> Result<&[usize], DecoderError> {
+    if base != len {
+        return Err(DecoderError::Input(
+            "the sequence changed since verify".into(),
+        ));
+    }
+    let path = paths
+        .get(draft)
+        .ok_or_else(|| DecoderError::Input(format!("no draft {draft}")))?;
+    if n_accepted >= path.len() {
+        return Err(DecoderError::Input(format!(
+            "draft {draft} has {} tokens, {n_accepted} accepted",
+            path.len() - 1
+        )));
+    }
+    Ok(&path[..=n_accepted])
+}
+
 /// Depth (position after the committed `base` tokens) and ancestors (itself
 /// included, in order) of each node of a block whose node `i` has parent
 /// `parents[i] < i` (`None`: right after the committed tokens). Refuses a
@@ -728,22 +755,7 @@ impl Decoder {
             .pending
             .take()
             .ok_or_else(|| DecoderError::Input("accept without a verification".into()))?;
-        if p.base != self.tokens.len() {
-            return Err(DecoderError::Input(
-                "the sequence changed since verify".into(),
-            ));
-        }
-        let path = p
-            .paths
-            .get(draft)
-            .ok_or_else(|| DecoderError::Input(format!("no draft {draft}")))?;
-        if n_accepted >= path.len() {
-            return Err(DecoderError::Input(format!(
-                "draft {draft} has {} tokens, {n_accepted} accepted",
-                path.len() - 1
-            )));
-        }
-        let rows = &path[..=n_accepted];
+        let rows = accepted_path(&p.paths, p.base, self.tokens.len(), draft, n_accepted)?;
         self.work.block_k = p.k;
         self.work.block_v = p.v;
         let toks: Vec<u32> = rows.iter().map(|&r| p.tokens[r]).collect();

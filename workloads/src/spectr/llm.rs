@@ -4,10 +4,9 @@
 //! The samplers in [`super::decode`] ask for next-token laws after whole
 //! contexts (prompt included) and never say what they will ask next. A
 //! transformer wants the opposite: keep a KV cache and compute only new
-//! positions. [`DecoderLm`] keeps one decoder ([`Engine`], on the CPU or a
-//! GPU: [`Weights`]) (behind a `RefCell`, as
-//! `next_dists` takes `&self`) and turns each call into as little work as
-//! the decoder's API allows:
+//! positions. [`DecoderLm`] keeps one decoder, an [`Engine`] on the CPU or
+//! a GPU ([`Weights`]), behind a `RefCell` (as `next_dists` takes `&self`),
+//! and turns each call into as little work as the decoder's API allows:
 //!
 //! 1. The longest common prefix `S` of the call's contexts is what every row
 //!    shares. The cache keeps the part of `S` it already holds (after
@@ -140,16 +139,6 @@ impl DecoderLm {
 
     pub fn model(&self) -> Arc<Model> {
         self.weights.model().clone()
-    }
-
-    /// Where the model runs: `cpu` or `cuda`.
-    pub fn device(&self) -> &'static str {
-        self.weights.device()
-    }
-
-    /// Waits for the model's queued device work (before a clock read).
-    pub fn synchronize(&self) -> Result<(), DecoderError> {
-        self.weights.synchronize()
     }
 
     pub fn temperature(&self) -> f64 {
