@@ -252,15 +252,7 @@ impl CudaDecoder {
         // (every committed position; the block's own ancestors).
         let half = c.rope_dim / 2;
         let (mut cos, mut sin) = (vec![0f32; t * half], vec![0f32; t * half]);
-        for i in 0..t {
-            kernels::rope_table(
-                base + depth[i],
-                c.rope_dim,
-                c.rope_base,
-                &mut cos[i * half..(i + 1) * half],
-                &mut sin[i * half..(i + 1) * half],
-            );
-        }
+        kernels::rope_tables(base, &depth, c.rope_dim, c.rope_base, &mut cos, &mut sin);
         let mut mask = vec![0f32; t * len];
         for (i, anc) in ancestors.iter().enumerate() {
             let row = &mut mask[i * len + base..(i + 1) * len];

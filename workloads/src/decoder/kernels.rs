@@ -611,6 +611,28 @@ pub enum RopeStyle {
     Neox,
 }
 
+/// [`rope_table`] for a block of positions: rows `i` of `cos` and `sin`
+/// (`rope_dim / 2` values each) for position `base + depth[i]`.
+pub fn rope_tables(
+    base: usize,
+    depth: &[usize],
+    rope_dim: usize,
+    theta_base: f32,
+    cos: &mut [f32],
+    sin: &mut [f32],
+) {
+    let half = rope_dim / 2;
+    for (i, &d) in depth.iter().enumerate() {
+        rope_table(
+            base + d,
+            rope_dim,
+            theta_base,
+            &mut cos[i * half..(i + 1) * half],
+            &mut sin[i * half..(i + 1) * half],
+        );
+    }
+}
+
 /// `cos`/`sin` of `pos * theta_i` for the `rope_dim / 2` frequencies
 /// `theta_i = base^(-2i / rope_dim)`, computed the way candle-transformers
 /// does (f32 throughout), so both implementations rotate identically.

@@ -846,15 +846,7 @@ impl Decoder {
         }
         let half = c.rope_dim / 2;
         let (cos, sin) = (sized(&mut w.cos, t * half), sized(&mut w.sin, t * half));
-        for i in 0..t {
-            kernels::rope_table(
-                base + depth[i],
-                c.rope_dim,
-                c.rope_base,
-                &mut cos[i * half..(i + 1) * half],
-                &mut sin[i * half..(i + 1) * half],
-            );
-        }
+        kernels::rope_tables(base, &depth, c.rope_dim, c.rope_base, cos, sin);
 
         for (l, layer) in model.layers.iter().enumerate() {
             let h = sized(&mut w.h, t * d);
