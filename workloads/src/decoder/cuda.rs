@@ -13,9 +13,10 @@
 //! quantized to 8 bits per 32 values, as on the CPU), biases, RoPE at each
 //! node's own position (from the same `f32` tables as the CPU), the new
 //! keys and values written into the cache after the committed positions,
-//! attention in `f32` as matmuls over the cache with an additive tree mask
-//! (grouped-query heads without copying K/V), the output projection, and
-//! the SwiGLU MLP. Logits come back to the host per wanted row.
+//! attention in `f32` as matmuls over a contiguous copy of the cache's
+//! used part with an additive tree mask (the query heads of a group share
+//! their KV head without repeating it), the output projection, and the
+//! SwiGLU MLP. Logits come back to the host per wanted row.
 //!
 //! **Not batch-invariant.** Unlike the CPU decoder, a row's logits here
 //! depend on how many rows share its forward: candle picks MMVQ or MMQ by
