@@ -13,6 +13,9 @@
 //! our decoder at a 160-token context, the Qwen run's typical prompt length)
 //! when the model has been fetched, and prints each K-SEQ step's share of it
 //! from criterion's own estimates (medians).
+//!
+//! `sampler_152k/logits_to_dist` times the sampler's other per-row cost on
+//! the host: one row of logits to its distribution (softmax in `f64`).
 
 use criterion::{BenchmarkId, Criterion};
 use rand::{Rng, SeedableRng};
@@ -22,7 +25,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use workloads::assets;
 use workloads::decoder::{Decoder, Model};
-use workloads::spectr::kseq;
+use workloads::spectr::{kseq, llm};
 
 const VOCAB: usize = 152_000;
 
@@ -73,6 +76,18 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    group.finish();
+
+    // The sampler's other per-row host cost: one row of logits to its
+    // distribution (run with RAYON_NUM_THREADS=1 for one core).
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let logits: Vec<f32> = (0..VOCAB)
+        .map(|_| (3.0 * gumbel(&mut rng)) as f32)
+        .collect();
+    let mut group = c.benchmark_group("sampler_152k");
+    group.bench_function("logits_to_dist", |b| {
+        b.iter(|| llm::logits_to_dist(black_box(&logits), 1.0))
+    });
     group.finish();
 }
 

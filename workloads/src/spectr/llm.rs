@@ -51,6 +51,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::lm::{Dist, LanguageModel};
@@ -166,9 +167,8 @@ impl LanguageModel for DecoderLm {
         let rows = s
             .logits_for(contexts)
             .unwrap_or_else(|e| panic!("DecoderLm::next_dists: {e}"));
-        rows.iter()
-            .map(|r| logits_to_dist(r, self.temperature))
-            .collect()
+        let t = self.temperature;
+        rows.par_iter().map(|r| logits_to_dist(r, t)).collect()
     }
 
     /// One `prefill` over the tokens the cache lacks, with the logits of
@@ -192,9 +192,10 @@ impl LanguageModel for DecoderLm {
             .unwrap_or_else(|e| panic!("DecoderLm::conditionals: {e}"));
         s.stats.forwards += 1;
         s.stats.positions += (tokens.len() - 1 - h) as u64;
+        let t = self.temperature;
         let dists = logits
-            .chunks_exact(self.vocab)
-            .map(|r| logits_to_dist(r, self.temperature))
+            .par_chunks_exact(self.vocab)
+            .map(|r| logits_to_dist(r, t))
             .collect();
         s.last = logits
             .len()
@@ -310,9 +311,16 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 /// Softmax of `logits / temperature` in `f64`, normalised by its sum; at
 /// temperature 0, one-hot on the largest logit (the lowest id among ties).
 ///
+/// The exponentials and the division run in parallel (rayon), element by
+/// element, and the sum in order, so the result is the same bits on any
+/// number of threads. This is the sampler's host cost per row (about
+/// 1.5 ms for 151,936 tokens on one core of the H100 machine's host, as
+/// much as a GPU forward of one row); callers map rows in parallel too.
+///
 /// # Panics
 /// On a non-finite logit (a broken model, not something to sample from).
 pub fn logits_to_dist(logits: &[f32], temperature: f64) -> Dist {
+    const PAR_MIN: usize = 8192;
     assert!(
         logits.iter().all(|x| x.is_finite()),
         "logits_to_dist: non-finite logit"
@@ -330,14 +338,15 @@ pub fn logits_to_dist(logits: &[f32], temperature: f64) -> Dist {
     }
     let max = logits[best] as f64;
     let mut d: Dist = logits
-        .iter()
+        .par_iter()
+        .with_min_len(PAR_MIN)
         .map(|&x| ((x as f64 - max) / temperature).exp())
         .collect();
     // The largest term is exp(0) = 1, so the sum is in [1, vocab].
     let sum: f64 = d.iter().sum();
-    for p in &mut d {
-        *p /= sum;
-    }
+    d.par_iter_mut()
+        .with_min_len(PAR_MIN)
+        .for_each(|p| *p /= sum);
     d
 }
 
