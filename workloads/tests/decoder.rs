@@ -846,4 +846,84 @@ mod gpu_real {
             "GPU and CPU differ by {cpu_gpu} of {span}"
         );
     }
+
+    /// Median wall milliseconds of `reps` runs of `f` (each ends with the
+    /// logits on the host, which synchronises the GPU).
+    fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+        f();
+        let mut t: Vec<f64> = (0..reps)
+            .map(|_| {
+                let s = std::time::Instant::now();
+                f();
+                s.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[reps / 2]
+    }
+
+    /// The GPU decoder's call costs on both Qwen models at the SpecTr run's
+    /// shapes (a 120-token context): one decode step, verification trees of
+    /// `1 + k L` nodes (the target's call for k drafts of length L), and an
+    /// accept that moves a non-first path (its cache gather). Prints a
+    /// table; a timing, not a check, so ignored: run it on the GPU machine
+    /// with `--ignored --nocapture gpu_call_costs`.
+    #[test]
+    #[ignore]
+    fn gpu_call_costs() {
+        for asset in [&assets::QWEN_CODER_0_5B, &assets::QWEN_CODER_1_5B] {
+            let Some((model, _)) = real(asset) else {
+                continue;
+            };
+            let mut g = CudaDecoder::new(Arc::new(CudaModel::new(&model, 0).unwrap()));
+            let text = "Summarise the following passage in two sentences. ".repeat(12);
+            let mut prompt = model.tokenizer().encode(&text).unwrap();
+            prompt.truncate(120);
+            let n = prompt.len();
+            g.prefill(&prompt).unwrap();
+            let step = median_ms(40, || {
+                g.truncate(n).unwrap();
+                g.prefill(&[42]).unwrap();
+            });
+            println!("{}: context {n}; step {step:.2} ms", asset.file);
+            println!("  k  L  nodes  verify ms  x step");
+            for (k, l) in [
+                (1, 2),
+                (1, 4),
+                (1, 8),
+                (2, 4),
+                (4, 4),
+                (8, 2),
+                (8, 4),
+                (8, 8),
+            ] {
+                let drafts: Vec<Vec<u32>> = (0..k)
+                    .map(|i| (0..l).map(|j| (1000 + 37 * i + 5 * j) as u32).collect())
+                    .collect();
+                let refs: Vec<&[u32]> = drafts.iter().map(|d| &d[..]).collect();
+                g.truncate(n).unwrap();
+                let mut nodes = 0;
+                let ms = median_ms(20, || nodes = g.verify(42, &refs).unwrap().tree_nodes());
+                println!("  {k}  {l}  {nodes:5}  {ms:9.2}  {:6.2}", ms / step);
+            }
+            // Accept of draft 3 of 4 (its nodes are not the first after the
+            // root, so every layer's cache is gathered), then one step.
+            let drafts: Vec<Vec<u32>> = (0..4)
+                .map(|i| (0..4).map(|j| (2000 + 41 * i + 3 * j) as u32).collect())
+                .collect();
+            let refs: Vec<&[u32]> = drafts.iter().map(|d| &d[..]).collect();
+            let mut total = 0.0;
+            let reps = 20;
+            for _ in 0..reps {
+                g.truncate(n).unwrap();
+                g.verify(42, &refs).unwrap();
+                let s = std::time::Instant::now();
+                g.accept(3, 4).unwrap();
+                g.prefill(&[7]).unwrap();
+                total += s.elapsed().as_secs_f64() * 1e3;
+            }
+            let gather = total / reps as f64 - step;
+            println!("  accept with a gather: {gather:.2} ms (accept + step, less a step; mean)");
+        }
+    }
 }

@@ -49,6 +49,7 @@
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
 use rayon::prelude::*;
@@ -60,7 +61,7 @@ use crate::device::Device;
 use crate::WorkloadError;
 
 /// What a [`DecoderLm`] has done since it was made.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LmStats {
     /// [`LanguageModel::next_dists`] calls (the sampler's model calls).
     pub calls: u64,
@@ -68,6 +69,11 @@ pub struct LmStats {
     pub forwards: u64,
     /// Positions those forwards computed (tree nodes, prompt tokens).
     pub positions: u64,
+    /// Wall seconds inside the decoder (forwards, accept, truncate; on a
+    /// GPU up to the logits' arrival on the host, which synchronises).
+    pub decoder_s: f64,
+    /// Wall seconds turning logits into distributions ([`logits_to_dist`]).
+    pub softmax_s: f64,
 }
 
 /// A decoder with a temperature, as a [`LanguageModel`].
@@ -164,11 +170,16 @@ impl LanguageModel for DecoderLm {
     fn next_dists(&self, contexts: &[&[u32]]) -> Vec<Dist> {
         let mut s = self.state.borrow_mut();
         s.stats.calls += 1;
+        let start = Instant::now();
         let rows = s
             .logits_for(contexts)
             .unwrap_or_else(|e| panic!("DecoderLm::next_dists: {e}"));
+        let mid = Instant::now();
         let t = self.temperature;
-        rows.par_iter().map(|r| logits_to_dist(r, t)).collect()
+        let dists = rows.par_iter().map(|r| logits_to_dist(r, t)).collect();
+        s.stats.decoder_s += (mid - start).as_secs_f64();
+        s.stats.softmax_s += mid.elapsed().as_secs_f64();
+        dists
     }
 
     /// One `prefill` over the tokens the cache lacks, with the logits of
@@ -183,6 +194,7 @@ impl LanguageModel for DecoderLm {
         );
         let mut s = self.state.borrow_mut();
         s.pending = None;
+        let start = Instant::now();
         let h = common_prefix(s.decoder.tokens(), tokens).min(first - 1);
         s.truncate(h)
             .unwrap_or_else(|e| panic!("DecoderLm::conditionals: {e}"));
@@ -192,11 +204,14 @@ impl LanguageModel for DecoderLm {
             .unwrap_or_else(|e| panic!("DecoderLm::conditionals: {e}"));
         s.stats.forwards += 1;
         s.stats.positions += (tokens.len() - 1 - h) as u64;
+        let mid = Instant::now();
         let t = self.temperature;
         let dists = logits
             .par_chunks_exact(self.vocab)
             .map(|r| logits_to_dist(r, t))
             .collect();
+        s.stats.decoder_s += (mid - start).as_secs_f64();
+        s.stats.softmax_s += mid.elapsed().as_secs_f64();
         s.last = logits
             .len()
             .checked_sub(self.vocab)

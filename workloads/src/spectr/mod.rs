@@ -703,6 +703,7 @@ impl TrialData for SpectrTrial<'_> {
             outputs: Vec::new(),
             seed: self.seed,
             wall_s: f64::NAN,
+            split: None,
         };
         job.warm_up()?;
         Ok(Box::new(job))
@@ -720,6 +721,9 @@ struct SpectrJob<'a> {
     seed: u64,
     /// Timed seconds of the whole job, for tokens per second.
     wall_s: f64,
+    /// Where the timed seconds went, for the language-model variants:
+    /// (draft, target) statistics accumulated during `run`.
+    split: Option<(llm::LmStats, llm::LmStats)>,
 }
 
 impl SpectrJob<'_> {
@@ -759,11 +763,21 @@ impl SpectrJob<'_> {
 impl Job for SpectrJob<'_> {
     fn run(&mut self, sw: &mut Stopwatch<'_>) -> Result<(), WorkloadError> {
         let mut rng = self.rng.clone();
+        let stats = |m: &LlmModels| (m.pair.draft.stats(), m.pair.target.stats());
+        let before = self.llm.map(stats);
         for i in 0..self.problems.len() {
             let generation = self.generate(i, self.tokens, &mut rng, &mut || sw.check())?;
             self.outputs.push(generation);
         }
         self.wall_s = sw.elapsed();
+        self.split = self.llm.map(stats).zip(before).map(|((d, t), (d0, t0))| {
+            let less = |a: llm::LmStats, b: llm::LmStats| llm::LmStats {
+                decoder_s: a.decoder_s - b.decoder_s,
+                softmax_s: a.softmax_s - b.softmax_s,
+                ..a
+            };
+            (less(d, d0), less(t, t0))
+        });
         Ok(())
     }
 
@@ -830,6 +844,16 @@ impl Job for SpectrJob<'_> {
                 "mean_prompt_tokens",
                 prompt_tokens as f64 / self.problems.len() as f64,
             );
+        if let Some((d, t)) = self.split {
+            // The rest of the timed seconds: selection, sampling and the
+            // adapter's bookkeeping on the host.
+            let rest = self.wall_s - d.decoder_s - t.decoder_s - d.softmax_s - t.softmax_s;
+            out = out
+                .figure("draft_decoder_s", d.decoder_s)
+                .figure("target_decoder_s", t.decoder_s)
+                .figure("softmax_s", d.softmax_s + t.softmax_s)
+                .figure("sampler_s", rest);
+        }
         if let Some(first) = acceptance.first() {
             out = out.figure("acceptance_first", *first);
         }
