@@ -6,14 +6,14 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use workloads::{Chart, Series, Source, WorkloadSpec};
+use workloads::{Chart, Comparison, Series, Source, WorkloadSpec};
 
 use crate::charts::{
     self, DotChart, DotRow, HeatChart, HeatPanel, Line, LineChart, ParetoChart, Point,
     ScatterGroup, ScatterPoint,
 };
 use crate::records::{self, RunInfo};
-use crate::summary::{ConfigSummary, HardwareGroup, ProfileSummary};
+use crate::summary::{paired_speedup, ConfigSummary, HardwareGroup, ProfileSummary};
 
 /// The charts drawn for one workload on one hardware: (title, file stem).
 pub struct ChartLinks {
@@ -279,15 +279,24 @@ fn config_table(s: &mut String, g: &HardwareGroup, w: &str, v: &str, spec: Optio
             .collect(),
         None => Vec::new(),
     };
+    // Other paired ratios the workload declares, where its baseline ran.
+    let comparisons: Vec<&Comparison> = spec
+        .map_or(&[][..], |sp| sp.comparisons)
+        .iter()
+        .filter(|cmp| configs.iter().any(|c| c.entry == cmp.baseline))
+        .collect();
     let _ = write!(
         s,
         "| entry | params | median time-to-result (s) | 95% CI (s) | reached | speedup vs {reference} | 95% CI | quality |"
     );
+    for cmp in &comparisons {
+        let _ = write!(s, " {} (95% CI) |", cmp.label);
+    }
     for (_, label) in &figures {
         let _ = write!(s, " {label} |");
     }
     let _ = write!(s, "\n|---|---|---|---|---|---|---|---|");
-    for _ in &figures {
+    for _ in 0..comparisons.len() + figures.len() {
         s.push_str("---|");
     }
     s.push('\n');
@@ -313,6 +322,23 @@ fn config_table(s: &mut String, g: &HardwareGroup, w: &str, v: &str, spec: Optio
             sp_ci,
             c.quality_median.map_or("-".into(), fmt_num),
         );
+        for cmp in &comparisons {
+            let cell = configs
+                .iter()
+                .find(|b| {
+                    b.entry == cmp.baseline && cmp.same.iter().all(|p| b.param(p) == c.param(p))
+                })
+                .and_then(|b| paired_speedup(b, c))
+                .map_or("-".into(), |sp| {
+                    format!(
+                        "{} ({} – {})",
+                        fmt_ratio(sp.median),
+                        fmt_ratio(sp.lo),
+                        fmt_ratio(sp.hi)
+                    )
+                });
+            let _ = write!(s, " {cell} |");
+        }
         for (key, _) in &figures {
             let _ = write!(
                 s,
@@ -867,6 +893,49 @@ mod tests {
         assert_eq!(spec_chart(&misses, "long-context", "needle", &c), None);
     }
 
+    #[test]
+    fn comparison_column_pairs_each_config_with_its_baseline_at_the_same_parameter() {
+        static SPEC: WorkloadSpec = WorkloadSpec {
+            comparisons: &[Comparison {
+                baseline: "quest",
+                same: &["budget"],
+                label: "vs quest, same budget",
+            }],
+            ..DECLARED
+        };
+        let g = group(vec![
+            config("dense", "", 8.0, &[]),
+            config("quest", "budget=0.25", 4.0, &[]),
+            config("quest", "budget=0.5", 6.0, &[]),
+            config("cluster", "k=2,budget=0.25", 2.0, &[]),
+            config("cluster", "k=2,budget=0.5", 12.0, &[]),
+            config("cluster", "k=2,budget=0.75", 1.0, &[]),
+        ]);
+        let mut s = String::new();
+        config_table(&mut s, &g, "long-context", "needle", Some(&SPEC));
+        let cells = |label: &str| -> String {
+            let row = s
+                .lines()
+                .find(|l| l.starts_with(&format!("| {label} ")))
+                .unwrap_or_else(|| panic!("no row {label} in\n{s}"));
+            row.split('|').nth(9).unwrap().trim().to_string()
+        };
+        assert!(s
+            .lines()
+            .next()
+            .unwrap()
+            .contains("| vs quest, same budget (95% CI) |"));
+        assert_eq!(cells("quest | budget=0.25"), "1.00x (1.00x – 1.00x)");
+        assert_eq!(cells("cluster | k=2,budget=0.25"), "2.00x (2.00x – 2.00x)");
+        assert_eq!(
+            cells("cluster | k=2,budget=0.5"),
+            "0.500x (0.500x – 0.500x)"
+        );
+        // No baseline at that budget, and none for the reference.
+        assert_eq!(cells("cluster | k=2,budget=0.75"), "-");
+        assert_eq!(cells("dense | -"), "-");
+    }
+
     /// A registry of one workload that declares a heat map and a Pareto
     /// chart, for [`write_report`] (it never runs: `load` fails).
     struct Declared;
@@ -885,6 +954,7 @@ mod tests {
         variants: &[],
         entries: &[],
         figures: &[],
+        comparisons: &[],
         charts: &[
             Chart {
                 id: "needle-grid",

@@ -56,6 +56,21 @@ impl ConfigSummary {
     }
 }
 
+/// `c`'s speedup over `baseline`, from the trials both ran with the same
+/// seed (none: `None`).
+pub fn paired_speedup(baseline: &ConfigSummary, c: &ConfigSummary) -> Option<Speedup> {
+    let (base_t, own_t): (Vec<f64>, Vec<f64>) = c
+        .seeds
+        .iter()
+        .zip(&c.times)
+        .filter_map(|(s, &t)| {
+            let i = baseline.seeds.iter().position(|bs| bs == s)?;
+            Some((baseline.times[i], t))
+        })
+        .unzip();
+    (!base_t.is_empty()).then(|| stats::speedup_summary(&base_t, &own_t, BOOTSTRAP_SEED))
+}
+
 /// The value of `name` in a record's `k=v,k=v` parameter string.
 pub fn param_value<'a>(params: &'a str, name: &str) -> Option<&'a str> {
     params
@@ -244,18 +259,7 @@ fn summarise_group(
         let Some(reference) = matching_reference(refs, c) else {
             continue;
         };
-        let (ref_t, own_t): (Vec<f64>, Vec<f64>) = c
-            .seeds
-            .iter()
-            .zip(&c.times)
-            .filter_map(|(s, &t)| {
-                let i = reference.seeds.iter().position(|rs| rs == s)?;
-                Some((reference.times[i], t))
-            })
-            .unzip();
-        if !ref_t.is_empty() {
-            c.speedup = Some(stats::speedup_summary(&ref_t, &own_t, BOOTSTRAP_SEED));
-        }
+        c.speedup = paired_speedup(reference, c);
     }
 
     let mut profiles = Vec::new();

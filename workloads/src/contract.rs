@@ -336,6 +336,20 @@ pub struct Figure {
     pub label: &'static str,
 }
 
+/// A second paired ratio for the summary table, beside the one against the
+/// reference: each configuration's time against the configuration of
+/// `baseline` whose parameters named in `same` are equal (SpecTr against
+/// speculative sampling with the same draft length), paired by trial seed.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Comparison {
+    /// The entry the ratio is taken against.
+    pub baseline: &'static str,
+    /// Parameters that must match; the others may differ.
+    pub same: &'static [&'static str],
+    /// Column header.
+    pub label: &'static str,
+}
+
 /// Where a chart reads a coordinate from.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub enum Source {
@@ -433,6 +447,8 @@ pub struct WorkloadSpec {
     pub variants: &'static [Variant],
     pub entries: &'static [Entry],
     pub figures: &'static [Figure],
+    /// Paired ratios against other baselines than the reference.
+    pub comparisons: &'static [Comparison],
     pub charts: &'static [Chart],
     /// The papers' headline claims, printed beside our figures.
     pub claims: &'static [&'static str],
@@ -505,6 +521,24 @@ impl WorkloadSpec {
             return Err(format!(
                 "{id}: the reference entry must apply to every variant"
             ));
+        }
+        for c in self.comparisons {
+            let Some(b) = self.entry(c.baseline) else {
+                return Err(format!(
+                    "{id}: comparison against unknown entry `{}`",
+                    c.baseline
+                ));
+            };
+            for name in c.same {
+                let declared = b.grid.iter().any(|p| p.name == *name)
+                    || b.fixed.iter().any(|(f, _)| f == name);
+                if !declared {
+                    return Err(format!(
+                        "{id}: comparison against `{}` matches parameter `{name}`, which it does not have",
+                        b.id
+                    ));
+                }
+            }
         }
         let mut variants = std::collections::BTreeSet::new();
         for v in self.variants {

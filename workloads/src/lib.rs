@@ -76,6 +76,38 @@ mod tests {
     }
 
     #[test]
+    fn a_comparison_must_name_an_entry_and_one_of_its_parameters() {
+        let spectr = workload("spectr").unwrap().spec();
+        let with = |c: &'static [Comparison]| WorkloadSpec {
+            comparisons: c,
+            ..*spectr
+        };
+        with(&[Comparison {
+            baseline: "speculative",
+            same: &["L"],
+            label: "",
+        }])
+        .validate()
+        .unwrap();
+        let e = with(&[Comparison {
+            baseline: "no-such-entry",
+            same: &[],
+            label: "",
+        }])
+        .validate()
+        .unwrap_err();
+        assert!(e.contains("unknown entry `no-such-entry`"), "{e}");
+        let e = with(&[Comparison {
+            baseline: "speculative",
+            same: &["depth"],
+            label: "",
+        }])
+        .validate()
+        .unwrap_err();
+        assert!(e.contains("parameter `depth`"), "{e}");
+    }
+
+    #[test]
     fn grids_expand_in_declaration_order() {
         let e = Entry {
             id: "x",

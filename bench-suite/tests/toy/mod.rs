@@ -136,6 +136,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
         key: "work_units",
         label: "work (units)",
     }],
+    comparisons: &[],
     charts: &[Chart {
         id: "work",
         title: "Work against speed",

@@ -329,6 +329,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             label: "rel. error",
         },
     ],
+    comparisons: &[],
     charts: &[
         Chart {
             id: "drop-vs-budget",

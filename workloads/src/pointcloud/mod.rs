@@ -252,6 +252,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             label: "gradient rel. error",
         },
     ],
+    comparisons: &[],
     charts: &[
         Chart {
             id: "latency-forward",

@@ -298,6 +298,11 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             label: "greedy = autoregressive",
         },
     ],
+    comparisons: &[Comparison {
+        baseline: "speculative",
+        same: &["L"],
+        label: "speedup vs speculative, same L",
+    }],
     charts: &[
         Chart {
             id: "block-efficiency",
