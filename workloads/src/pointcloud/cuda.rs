@@ -342,6 +342,23 @@ pub struct HostScene<'a, T> {
     pub dim: usize,
 }
 
+impl<'a, T> HostScene<'a, T> {
+    /// `[q, k, v, dout]` in the workload's layout ([`HEADS`](super::HEADS)
+    /// heads of [`DIM`](super::DIM)) over the windows `offsets`, `counts`.
+    pub fn new([q, k, v, dout]: [&'a [T]; 4], offsets: &'a [u32], counts: &'a [u32]) -> Self {
+        HostScene {
+            q,
+            k,
+            v,
+            dout,
+            offsets,
+            counts,
+            heads: super::HEADS,
+            dim: super::DIM,
+        }
+    }
+}
+
 /// Host copies of what an operator produced.
 pub struct Outputs {
     pub out: Vec<f32>,
@@ -848,21 +865,7 @@ mod tests {
             }
             _ => sla::reference_f64(&q, &k, &v, &d, &offsets, &counts, shape),
         };
-        let mut p = Problem::new(
-            gpu,
-            op,
-            &HostScene {
-                q: x[0],
-                k: x[1],
-                v: x[2],
-                dout: x[3],
-                offsets: &offsets,
-                counts: &counts,
-                heads: 4,
-                dim: 32,
-            },
-        )
-        .unwrap();
+        let mut p = Problem::new(gpu, op, &HostScene::new(x, &offsets, &counts)).unwrap();
         p.launch(op != Op::SlaBroken).unwrap();
         gpu.synchronize().unwrap();
         let o = p.outputs().unwrap();
@@ -1023,16 +1026,7 @@ mod tests {
         small: usize,
         want: Option<&sla::Grads64>,
     ) -> (f64, Option<f64>) {
-        let scene = HostScene {
-            q: x[0],
-            k: x[1],
-            v: x[2],
-            dout: x[3],
-            offsets: &w.offsets,
-            counts: &w.counts,
-            heads: 4,
-            dim: 32,
-        };
+        let scene = HostScene::new(x, &w.offsets, &w.counts);
         let mut p = Problem::with_small(gpu, op, &scene, small).unwrap();
         p.time(false, 10).unwrap();
         let t = median(&p.time(false, 50).unwrap());

@@ -984,16 +984,7 @@ fn gpu_job_typed<'t, T: cuda::GpuElem>(
     let mut problem = cuda::Problem::new(
         &gpu.gpu,
         op,
-        &cuda::HostScene {
-            q: x[0],
-            k: x[1],
-            v: x[2],
-            dout: x[3],
-            offsets: &w.offsets,
-            counts: &w.counts,
-            heads: HEADS,
-            dim: DIM,
-        },
+        &cuda::HostScene::new(x, &w.offsets, &w.counts),
     )?;
     for _ in 0..warm {
         problem.launch(cfg.backward)?;

@@ -298,11 +298,11 @@ fn nibble_pair(q: &[u8], t: usize, j: usize) -> u8 {
 
 /// The sixteen rows' values `q[r][..n]` (each below 16) as nibble vectors:
 /// `n / 8` vectors of 64 bytes, vector `v` holding weights `8v..8v + 8`.
-fn put_nibbles(q: &[[u8; 256]; ROWS], n: usize, base: usize, dst: &mut [u8]) {
+fn put_nibbles(q: &[[u8; 256]; ROWS], n: usize, dst: &mut [u8]) {
     for v in 0..n / 8 {
         for r in 0..ROWS {
             for j in 0..4 {
-                dst[64 * v + 4 * r + j] = nibble_pair(&q[r][base..], 2 * v, j);
+                dst[64 * v + 4 * r + j] = nibble_pair(&q[r], 2 * v, j);
             }
         }
     }
@@ -355,7 +355,7 @@ impl Format for Q4K {
                 *v = if l < 32 { byte & 0x0F } else { byte >> 4 };
             }
         }
-        put_nibbles(&q, 256, 0, &mut dst[Q4K_QS..]);
+        put_nibbles(&q, 256, &mut dst[Q4K_QS..]);
     }
 
     #[inline]
@@ -451,7 +451,7 @@ impl Format for Q6K {
                 }
             }
         }
-        put_nibbles(&q, 256, 0, &mut dst[Q6K_QL..]);
+        put_nibbles(&q, 256, &mut dst[Q6K_QL..]);
         for s in 0..16 {
             for r in 0..ROWS {
                 for j in 0..4 {
@@ -583,7 +583,7 @@ impl Format for Q5_0 {
                 dst[Q5_0_QH + 4 * r + j] = (0..8).map(|u| (q[r][4 * u + j] >> 4) << u).sum();
             }
         }
-        put_nibbles(&q, 32, 0, &mut dst[Q5_0_QS..]);
+        put_nibbles(&q, 32, &mut dst[Q5_0_QS..]);
     }
 
     #[inline]
