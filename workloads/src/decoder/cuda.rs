@@ -11,12 +11,15 @@
 //! The forward per layer: RMS norm, q/k/v by candle's quantized matmuls
 //! (llama.cpp's MMVQ kernel for up to 8 rows, MMQ above: activations are
 //! quantized to 8 bits per 32 values, as on the CPU), biases, RoPE at each
-//! node's own position (from the same `f32` tables as the CPU), the new
-//! keys and values written into the cache after the committed positions,
-//! attention in `f32` as matmuls over a contiguous copy of the cache's
-//! used part with an additive tree mask (the query heads of a group share
-//! their KV head without repeating it), the output projection, and the
-//! SwiGLU MLP. Logits come back to the host per wanted row.
+//! node's own position (from the same `f32` tables as the CPU; the
+//! queries' tables carry the attention scale), the new keys and values
+//! written into the cache after the committed positions, attention in
+//! `f32` as cuBLAS matmuls that read the cache's used rows in place, with
+//! an additive tree mask where a row may not see every position (the query
+//! heads of a group share their KV head without repeating it), the output
+//! projection, and the SwiGLU MLP (gate and up stacked into one matrix
+//! where their formats agree). Logits come back to the host per wanted
+//! row.
 //!
 //! **Not batch-invariant.** Unlike the CPU decoder, a row's logits here
 //! depend on how many rows share its forward: candle picks MMVQ or MMQ by
@@ -70,9 +73,55 @@ struct CudaLayer {
     bv: Option<Tensor>,
     wo: QMatMul,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
+    gate_up: GateUp,
     down: QMatMul,
+}
+
+/// The MLP's two input projections: one matrix with the gate's rows above
+/// the up projection's where both have one format (one quantization of the
+/// input and one matmul launch instead of two; each output row is the same
+/// dot product either way), else apart.
+enum GateUp {
+    Stacked { w: QMatMul, ff: usize },
+    Apart { gate: QMatMul, up: QMatMul },
+}
+
+impl GateUp {
+    fn new(
+        gate: &QTensor,
+        up: &QTensor,
+        q: impl Fn(&QTensor) -> Result<QMatMul, DecoderError>,
+        device: &Device,
+    ) -> Result<GateUp, DecoderError> {
+        let (ff, k) = gate.shape().dims2().map_err(gpu_err)?;
+        if gate.dtype() != up.dtype() || up.shape().dims2().map_err(gpu_err)? != (ff, k) {
+            return Ok(GateUp::Apart {
+                gate: q(gate)?,
+                up: q(up)?,
+            });
+        }
+        // Quantized rows are independent runs of blocks, so stacking the
+        // two matrices is concatenating their bytes.
+        let mut bytes = gate.data().map_err(gpu_err)?.into_owned();
+        bytes.extend_from_slice(&up.data().map_err(gpu_err)?);
+        let storage = QStorage::from_data(bytes.into(), device, gate.dtype()).map_err(gpu_err)?;
+        let w = QTensor::new(storage, (2 * ff, k)).map_err(gpu_err)?;
+        Ok(GateUp::Stacked {
+            w: QMatMul::from_qtensor(w).map_err(gpu_err)?,
+            ff,
+        })
+    }
+
+    /// (gate, up) projections of `h`, `[t, ff]` each.
+    fn forward(&self, h: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        match self {
+            GateUp::Stacked { w, ff } => {
+                let y = w.forward(h)?;
+                Ok((y.narrow(1, 0, *ff)?, y.narrow(1, *ff, *ff)?))
+            }
+            GateUp::Apart { gate, up } => Ok((gate.forward(h)?, up.forward(h)?)),
+        }
+    }
 }
 
 /// A model's weights in GPU memory, shareable between decoders.
@@ -133,8 +182,7 @@ impl CudaModel {
                     bv: vo(&l.bv)?,
                     wo: q(l.wo.tensor())?,
                     ffn_norm: v(&l.ffn_norm)?,
-                    gate: q(l.gate.tensor())?,
-                    up: q(l.up.tensor())?,
+                    gate_up: GateUp::new(l.gate.tensor(), l.up.tensor(), q, &device)?,
                     down: q(l.down.tensor())?,
                 })
             })
@@ -258,24 +306,38 @@ impl CudaDecoder {
         let half = c.rope_dim / 2;
         let (mut cos, mut sin) = (vec![0f32; t * half], vec![0f32; t * half]);
         kernels::rope_tables(base, &depth, c.rope_dim, c.rope_base, &mut cos, &mut sin);
-        let mut mask = vec![0f32; t * len];
-        for (i, anc) in ancestors.iter().enumerate() {
-            let row = &mut mask[i * len + base..(i + 1) * len];
-            row.fill(f32::NEG_INFINITY);
-            for &a in anc {
-                row[a] = 0.0;
+        // RoPE is linear in its tables, so the queries' tables carry the
+        // attention scale 1 / sqrt(head_dim) (one launch fewer per layer).
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (q_cos, q_sin): (Vec<f32>, Vec<f32>) = cos
+            .iter()
+            .zip(&sin)
+            .map(|(c, s)| (c * scale, s * scale))
+            .unzip();
+        // Rows that may not see a position (a prompt chunk, a tree); a
+        // single row sees every position, so it needs no mask.
+        let mask = (t > 1).then(|| {
+            let mut mask = vec![0f32; t * len];
+            for (i, anc) in ancestors.iter().enumerate() {
+                let row = &mut mask[i * len + base..(i + 1) * len];
+                row.fill(f32::NEG_INFINITY);
+                for &a in anc {
+                    row[a] = 0.0;
+                }
             }
-        }
+            mask
+        });
         let run = || -> candle_core::Result<Vec<f32>> {
-            let cos = Tensor::from_vec(cos, (t, half), dev)?;
-            let sin = Tensor::from_vec(sin, (t, half), dev)?;
-            let mask = Tensor::from_vec(mask, (t, len), dev)?;
+            let table = |x: Vec<f32>| Tensor::from_vec(x, (t, half), dev);
+            let (cos, sin, q_cos, q_sin) = (table(cos)?, table(sin)?, table(q_cos)?, table(q_sin)?);
+            let mask = mask
+                .map(|m| Tensor::from_vec(m, (t, len), dev))
+                .transpose()?;
             let ids = Tensor::new(tokens, dev)?;
             let mut x = m.embed.embedding(&ids)?; // [t, d]
-            let scale = 1.0 / (hd as f64).sqrt();
-            let rope = |x: &Tensor| match c.rope_style {
-                RopeStyle::Neox => candle_nn::rotary_emb::rope(x, &cos, &sin),
-                RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, &cos, &sin),
+            let rope = |x: &Tensor, cos: &Tensor, sin: &Tensor| match c.rope_style {
+                RopeStyle::Neox => candle_nn::rotary_emb::rope(x, cos, sin),
+                RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin),
             };
             // [t, heads * hd] -> [1, heads, t, hd]
             let heads =
@@ -289,16 +351,20 @@ impl CudaDecoder {
                 let q = heads(bias(layer.wq.forward(&h)?, &layer.bq)?, nh)?;
                 let k = heads(bias(layer.wk.forward(&h)?, &layer.bk)?, nkv)?;
                 let v = heads(bias(layer.wv.forward(&h)?, &layer.bv)?, nkv)?;
-                let q = rope(&q)?;
-                let k = rope(&k)?;
+                let q = rope(&q, &q_cos, &q_sin)?;
+                let k = rope(&k, &cos, &sin)?;
                 self.k[l].slice_set(&k, 2, base)?;
                 self.v[l].slice_set(&v, 2, base)?;
-                let kk = self.k[l].narrow(2, 0, len)?.contiguous()?;
-                let vv = self.v[l].narrow(2, 0, len)?.contiguous()?;
+                // cuBLAS reads the cache's used rows in place (batch stride
+                // capacity x head_dim), without copying them.
+                let kk = self.k[l].narrow(2, 0, len)?;
+                let vv = self.v[l].narrow(2, 0, len)?;
                 // Query heads g * n_rep .. (g + 1) * n_rep share KV head g.
-                let qg = (q * scale)?.reshape((1, nkv, n_rep * t, hd))?;
-                let att = qg.matmul(&kk.t()?)?;
-                let att = att.reshape((1, nkv, n_rep, t, len))?.broadcast_add(&mask)?;
+                let qg = q.reshape((1, nkv, n_rep * t, hd))?;
+                let mut att = qg.matmul(&kk.t()?)?.reshape((1, nkv, n_rep, t, len))?;
+                if let Some(mask) = &mask {
+                    att = att.broadcast_add(mask)?;
+                }
                 let att = candle_nn::ops::softmax_last_dim(&att)?;
                 let o = att.reshape((1, nkv, n_rep * t, len))?.matmul(&vv)?;
                 let o = o
@@ -308,8 +374,7 @@ impl CudaDecoder {
                     .reshape((t, nh * hd))?;
                 x = (x + layer.wo.forward(&o)?)?;
                 let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-                let g = layer.gate.forward(&h)?;
-                let u = layer.up.forward(&h)?;
+                let (g, u) = layer.gate_up.forward(&h)?;
                 x = (x + layer.down.forward(&(g.silu()? * u)?)?)?;
             }
             if want.is_empty() {
