@@ -851,15 +851,14 @@ mod gpu_real {
     /// logits on the host, which synchronises the GPU).
     fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
         f();
-        let mut t: Vec<f64> = (0..reps)
+        let t: Vec<f64> = (0..reps)
             .map(|_| {
                 let s = std::time::Instant::now();
                 f();
                 s.elapsed().as_secs_f64() * 1e3
             })
             .collect();
-        t.sort_by(f64::total_cmp);
-        t[reps / 2]
+        workloads::stats::median(&t)
     }
 
     /// The GPU decoder's call costs on both Qwen models at the SpecTr run's
