@@ -531,10 +531,14 @@ impl WorkloadSpec {
             };
             for name in c.same {
                 let declared = b.grid.iter().any(|p| p.name == *name)
-                    || b.fixed.iter().any(|(f, _)| f == name);
+                    || b.fixed.iter().any(|(f, _)| f == name)
+                    || self
+                        .variants
+                        .iter()
+                        .any(|v| v.params.iter().any(|p| p.name == *name));
                 if !declared {
                     return Err(format!(
-                        "{id}: comparison against `{}` matches parameter `{name}`, which it does not have",
+                        "{id}: comparison against `{}` matches parameter `{name}`, which neither it nor any variant has",
                         b.id
                     ));
                 }

@@ -105,6 +105,11 @@ mod tests {
         .validate()
         .unwrap_err();
         assert!(e.contains("parameter `depth`"), "{e}");
+        // A variant's parameter counts: point-cloud-sla pairs its GPU peers
+        // with `sla` at the same `voxels` of its `scaling` variant.
+        let pc = workload("point-cloud-sla").unwrap().spec();
+        assert!(pc.comparisons.iter().all(|c| c.same.contains(&"voxels")));
+        pc.validate().unwrap();
     }
 
     #[test]

@@ -87,6 +87,10 @@ const PASS_AND_PRECISION: &[Param] = &[
     },
 ];
 
+/// What a paired comparison between two entries must share: the scene
+/// size (of `scaling`), the pass and the precision.
+const SAME_POINT: &[&str] = &["voxels", "backward", "bits"];
+
 /// Scene sizes of the `scaling` variant (non-empty voxels).
 pub const SCALING_VOXELS: &[f64] = &[1e4, 3e4, 1e5, 3e5, 1e6];
 
@@ -252,7 +256,26 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             label: "gradient rel. error",
         },
     ],
-    comparisons: &[],
+    // The GPU peers as ratios to our kernel, paired by trial in one run
+    // (the "reported as ratios to sla-cuda"); the columns appear
+    // where a peer ran.
+    comparisons: &[
+        Comparison {
+            baseline: "pytorch-scatter",
+            same: SAME_POINT,
+            label: "speedup vs pytorch-scatter",
+        },
+        Comparison {
+            baseline: "authors-triton",
+            same: SAME_POINT,
+            label: "speedup vs authors-triton",
+        },
+        Comparison {
+            baseline: "authors-triton-kernels",
+            same: SAME_POINT,
+            label: "speedup vs authors-triton-kernels",
+        },
+    ],
     charts: &[
         Chart {
             id: "latency-forward",
