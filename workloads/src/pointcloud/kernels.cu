@@ -296,7 +296,15 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
 // 300k voxels 0.488 / 0.519 ms and 0.318 / 0.296 ms. Compiled for three resident blocks per SM (80
 // registers, a few spilled), which beat the compiler's own 95 registers
 // and two blocks (0.0456 ms at the frame) and loading the first Q rows
-// during the state's reduction.
+// during the state's reduction. Also tried and not kept (H100, 2026-11-27,
+// two alternating rounds of `sla_forward_sweep` against this kernel): a
+// deeper prefetch, the rows of the next two chunks in flight instead of
+// one (kept as loaded bf16 bits and widened only where used, so that no
+// conversion waits on a load; 79 registers, no spills). bf16 got slower
+// everywhere: a 27,074-voxel Waymo-like frame 0.0354 / 0.0364 -> 0.0396 ms,
+// 30k 0.039 -> 0.043-0.046 ms, 300k 0.298 / 0.301 -> 0.311 / 0.313 ms; with
+// it in f32 too (spilling) f32 went from 0.043 to 0.053 ms on the frame.
+// So waiting on its loads is not what holds the bf16 kernel back.
 //
 // Shared memory per warp (dynamic, FWD_WARP_FLOATS floats): a staging area
 // of 8 K rows and 8 V rows (phase 1, row stride KS) or 16 Q rows (phase
@@ -305,12 +313,6 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
 // (banks 8t + g) and QS = 36 for Q, read as [g][t] (banks 4g + t), make
 // every fragment read below conflict-free.
 #define KS 40
-#ifndef FWD_DEPTH_F32
-#define FWD_DEPTH_F32 1
-#endif
-#ifndef FWD_DEPTH_BF16
-#define FWD_DEPTH_BF16 2
-#endif
 #define QS 36
 #define FWD_STAGE_FLOATS (16 * KS)
 #define FWD_WARP_FLOATS (FWD_STAGE_FLOATS + 32 * KS)
@@ -351,31 +353,12 @@ __device__ __forceinline__ void mma_3x(float c[4], const unsigned ab[4], const u
     mma_tf32(c, ab, bb);
 }
 
-// Four consecutive elements: loaded as they are stored (`Raw4`: 16 bytes
-// of f32 or 8 bytes of bf16) and widened to f32 (`widen`) only where they
-// are used. Widening bf16 is arithmetic on the loaded bits, so a load that
-// widened at once would make the warp wait for its data right there, and
-// the loads issued a chunk ahead of the arithmetic below would not be in
-// flight while it runs (the bf16 kernel was then hardly faster than f32,
-// with half the bytes to read).
-template <typename T>
-struct Raw4;
-template <>
-struct Raw4<float> {
-    typedef float4 type;
-};
-template <>
-struct Raw4<unsigned short> {
-    typedef uint2 type;
-};
+// Four consecutive elements as f32 (16-byte f32 or 8-byte bf16 loads).
 __device__ __forceinline__ float4 ld4(const float *p, long long i) {
     return *reinterpret_cast<const float4 *>(p + i);
 }
-__device__ __forceinline__ uint2 ld4(const unsigned short *p, long long i) {
-    return *reinterpret_cast<const uint2 *>(p + i);
-}
-__device__ __forceinline__ float4 widen(float4 x) { return x; }
-__device__ __forceinline__ float4 widen(uint2 u) {
+__device__ __forceinline__ float4 ld4(const unsigned short *p, long long i) {
+    const uint2 u = *reinterpret_cast<const uint2 *>(p + i);
     return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
                        __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
 }
@@ -385,16 +368,16 @@ __device__ __forceinline__ float4 relu4(float4 x) {
 
 // Rows r0 + 4p + (lane >> 3), p < P, of the window's head h: columns
 // 4 (lane & 7) .. + 3 of each (8 lanes per row, so a warp loads 4 rows per
-// instruction), as stored; zeros past the window's end.
+// instruction); zeros past the window's end.
 template <int P, typename T>
 __device__ __forceinline__ void load_rows(const T *x, long long start, int n, int heads, int h,
-                                          int r0, typename Raw4<T>::type out[P]) {
+                                          int r0, float4 out[P]) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int p = 0; p < P; p++) {
         const int r = r0 + 4 * p + (lane >> 3);
-        typename Raw4<T>::type z = {};
-        out[p] = r < n ? ld4(x, ((start + r) * heads + h) * D + 4 * (lane & 7)) : z;
+        out[p] = r < n ? ld4(x, ((start + r) * heads + h) * D + 4 * (lane & 7))
+                       : make_float4(0.f, 0.f, 0.f, 0.f);
     }
 }
 
@@ -412,7 +395,6 @@ __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
                             const unsigned *offsets, const unsigned *counts, const int *big,
                             int n_big, const int *small, int heads) {
     constexpr bool EXACT = sizeof(T) == 2;  // bf16 inputs are TF32 values
-    constexpr int DEPTH = sizeof(T) == 2 ? FWD_DEPTH_BF16 : FWD_DEPTH_F32;
     extern __shared__ __align__(16) float fwd_smem[];
     const int h = blockIdx.y, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -433,51 +415,43 @@ __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
             for (int e = 0; e < 4; e++) acc[m][j][e] = 0.f;
     float4 s4 = make_float4(0.f, 0.f, 0.f, 0.f);
     float *sk = stage, *sv = stage + 8 * KS;
-    typename Raw4<T>::type kx[DEPTH][2], vx[DEPTH][2];
+    float4 kx[2], vx[2];
+    load_rows<2>(k, start, n, heads, h, 8 * first, kx);
+    load_rows<2>(v, start, n, heads, h, 8 * first, vx);
+    for (int c = first; 8 * c < n; c += step) {
 #pragma unroll
-    for (int d = 0; d < DEPTH; d++) {
-        load_rows<2>(k, start, n, heads, h, 8 * (first + d * step), kx[d]);
-        load_rows<2>(v, start, n, heads, h, 8 * (first + d * step), vx[d]);
-    }
-    for (int c0 = first; 8 * c0 < n; c0 += DEPTH * step) {
-#pragma unroll
-        for (int d = 0; d < DEPTH; d++) {
-            const int c = c0 + d * step;
-            if (8 * c >= n) break;
-#pragma unroll
-            for (int p = 0; p < 2; p++) {
-                const int r = 4 * p + (lane >> 3);
-                const float4 kr = relu4(widen(kx[d][p]));
-                s4.x += kr.x;
-                s4.y += kr.y;
-                s4.z += kr.z;
-                s4.w += kr.w;
-                *reinterpret_cast<float4 *>(sk + r * KS + 4 * (lane & 7)) = kr;
-                *reinterpret_cast<float4 *>(sv + r * KS + 4 * (lane & 7)) = widen(vx[d][p]);
-            }
-            __syncwarp();
-            // The rows DEPTH chunks ahead load while this one is multiplied.
-            load_rows<2>(k, start, n, heads, h, 8 * (c + DEPTH * step), kx[d]);
-            load_rows<2>(v, start, n, heads, h, 8 * (c + DEPTH * step), vx[d]);
-            unsigned ab[2][4], as[2][4], bb[4][2], bs[4][2];
-#pragma unroll
-            for (int m = 0; m < 2; m++) {  // A[row a][col j] = K[voxel j][a]
-                split_tf32<EXACT>(sk[t * KS + g + 16 * m], ab[m][0], as[m][0]);
-                split_tf32<EXACT>(sk[t * KS + g + 8 + 16 * m], ab[m][1], as[m][1]);
-                split_tf32<EXACT>(sk[(t + 4) * KS + g + 16 * m], ab[m][2], as[m][2]);
-                split_tf32<EXACT>(sk[(t + 4) * KS + g + 8 + 16 * m], ab[m][3], as[m][3]);
-            }
-#pragma unroll
-            for (int j = 0; j < 4; j++) {  // B[voxel][col] = V[voxel][col]
-                split_tf32<EXACT>(sv[t * KS + g + 8 * j], bb[j][0], bs[j][0]);
-                split_tf32<EXACT>(sv[(t + 4) * KS + g + 8 * j], bb[j][1], bs[j][1]);
-            }
-#pragma unroll
-            for (int m = 0; m < 2; m++)
-#pragma unroll
-                for (int j = 0; j < 4; j++) mma_3x<EXACT, EXACT>(acc[m][j], ab[m], as[m], bb[j], bs[j]);
-            __syncwarp();
+        for (int p = 0; p < 2; p++) {
+            const int r = 4 * p + (lane >> 3);
+            const float4 kr = relu4(kx[p]);
+            s4.x += kr.x;
+            s4.y += kr.y;
+            s4.z += kr.z;
+            s4.w += kr.w;
+            *reinterpret_cast<float4 *>(sk + r * KS + 4 * (lane & 7)) = kr;
+            *reinterpret_cast<float4 *>(sv + r * KS + 4 * (lane & 7)) = vx[p];
         }
+        __syncwarp();
+        // The next chunk's rows load while this one is multiplied.
+        load_rows<2>(k, start, n, heads, h, 8 * (c + step), kx);
+        load_rows<2>(v, start, n, heads, h, 8 * (c + step), vx);
+        unsigned ab[2][4], as[2][4], bb[4][2], bs[4][2];
+#pragma unroll
+        for (int m = 0; m < 2; m++) {  // A[row a][col j] = K[voxel j][a]
+            split_tf32<EXACT>(sk[t * KS + g + 16 * m], ab[m][0], as[m][0]);
+            split_tf32<EXACT>(sk[t * KS + g + 8 + 16 * m], ab[m][1], as[m][1]);
+            split_tf32<EXACT>(sk[(t + 4) * KS + g + 16 * m], ab[m][2], as[m][2]);
+            split_tf32<EXACT>(sk[(t + 4) * KS + g + 8 + 16 * m], ab[m][3], as[m][3]);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {  // B[voxel][col] = V[voxel][col]
+            split_tf32<EXACT>(sv[t * KS + g + 8 * j], bb[j][0], bs[j][0]);
+            split_tf32<EXACT>(sv[(t + 4) * KS + g + 8 * j], bb[j][1], bs[j][1]);
+        }
+#pragma unroll
+        for (int m = 0; m < 2; m++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) mma_3x<EXACT, EXACT>(acc[m][j], ab[m], as[m], bb[j], bs[j]);
+        __syncwarp();
     }
     // s: lanes l, l ^ 8, l ^ 16, l ^ 24 hold the same four columns.
 #pragma unroll
@@ -522,53 +496,47 @@ __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
 
     // Phase 2: chunks first, first + step, ... of 16 voxels.
     float *sq = stage;
-    typename Raw4<T>::type qx[DEPTH][4];
+    float4 qx[4];
+    load_rows<4>(q, start, n, heads, h, 16 * first, qx);
+    for (int c = first; 16 * c < n; c += step) {
 #pragma unroll
-    for (int d = 0; d < DEPTH; d++) load_rows<4>(q, start, n, heads, h, 16 * (first + d * step), qx[d]);
-    for (int c0 = first; 16 * c0 < n; c0 += DEPTH * step) {
+        for (int p = 0; p < 4; p++)
+            *reinterpret_cast<float4 *>(sq + (4 * p + (lane >> 3)) * QS + 4 * (lane & 7)) =
+                relu4(qx[p]);
+        __syncwarp();
+        load_rows<4>(q, start, n, heads, h, 16 * (c + step), qx);
+        float o[5][4];
 #pragma unroll
-        for (int d = 0; d < DEPTH; d++) {
-            const int c = c0 + d * step;
-            if (16 * c >= n) break;
+        for (int j = 0; j < 5; j++)
 #pragma unroll
-            for (int p = 0; p < 4; p++)
-                *reinterpret_cast<float4 *>(sq + (4 * p + (lane >> 3)) * QS + 4 * (lane & 7)) =
-                    relu4(widen(qx[d][p]));
-            __syncwarp();
-            load_rows<4>(q, start, n, heads, h, 16 * (c + DEPTH * step), qx[d]);
-            float o[5][4];
+            for (int e = 0; e < 4; e++) o[j][e] = 0.f;
 #pragma unroll
-            for (int j = 0; j < 5; j++)
+        for (int kk = 0; kk < 4; kk++) {  // A[voxel][a] = Q[voxel][a], a in 8kk..8kk+7
+            unsigned ab[4], as[4];
+            split_tf32<EXACT>(sq[g * QS + t + 8 * kk], ab[0], as[0]);
+            split_tf32<EXACT>(sq[(g + 8) * QS + t + 8 * kk], ab[1], as[1]);
+            split_tf32<EXACT>(sq[g * QS + t + 4 + 8 * kk], ab[2], as[2]);
+            split_tf32<EXACT>(sq[(g + 8) * QS + t + 4 + 8 * kk], ab[3], as[3]);
 #pragma unroll
-                for (int e = 0; e < 4; e++) o[j][e] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++) {  // A[voxel][a] = Q[voxel][a], a in 8kk..8kk+7
-                unsigned ab[4], as[4];
-                split_tf32<EXACT>(sq[g * QS + t + 8 * kk], ab[0], as[0]);
-                split_tf32<EXACT>(sq[(g + 8) * QS + t + 8 * kk], ab[1], as[1]);
-                split_tf32<EXACT>(sq[g * QS + t + 4 + 8 * kk], ab[2], as[2]);
-                split_tf32<EXACT>(sq[(g + 8) * QS + t + 4 + 8 * kk], ab[3], as[3]);
-#pragma unroll
-                for (int j = 0; j < 5; j++) {  // B[a][col] = [KV | s][a][col]
-                    unsigned bb[2], bs[2];
-                    split_tf32<false>(kv[(t + 8 * kk) * KS + g + 8 * j], bb[0], bs[0]);
-                    split_tf32<false>(kv[(t + 4 + 8 * kk) * KS + g + 8 * j], bb[1], bs[1]);
-                    mma_3x<EXACT, false>(o[j], ab, as, bb, bs);
-                }
+            for (int j = 0; j < 5; j++) {  // B[a][col] = [KV | s][a][col]
+                unsigned bb[2], bs[2];
+                split_tf32<false>(kv[(t + 8 * kk) * KS + g + 8 * j], bb[0], bs[0]);
+                split_tf32<false>(kv[(t + 4 + 8 * kk) * KS + g + 8 * j], bb[1], bs[1]);
+                mma_3x<EXACT, false>(o[j], ab, as, bb, bs);
             }
-            // Column 32 (n-tile 4, column 0) is the normaliser: lane 4g holds
-            // it for rows g and g + 8.
-            const float den0 = __shfl_sync(FULL, o[4][0], lane & ~3) + EPS;
-            const float den1 = __shfl_sync(FULL, o[4][2], lane & ~3) + EPS;
-            const int r0 = 16 * c + g, r1 = r0 + 8;
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int col = 8 * j + 2 * t;
-                if (r0 < n) st2(out, at(start + r0, heads, h, col), o[j][0] / den0, o[j][1] / den0);
-                if (r1 < n) st2(out, at(start + r1, heads, h, col), o[j][2] / den1, o[j][3] / den1);
-            }
-            __syncwarp();
         }
+        // Column 32 (n-tile 4, column 0) is the normaliser: lane 4g holds
+        // it for rows g and g + 8.
+        const float den0 = __shfl_sync(FULL, o[4][0], lane & ~3) + EPS;
+        const float den1 = __shfl_sync(FULL, o[4][2], lane & ~3) + EPS;
+        const int r0 = 16 * c + g, r1 = r0 + 8;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int col = 8 * j + 2 * t;
+            if (r0 < n) st2(out, at(start + r0, heads, h, col), o[j][0] / den0, o[j][1] / den0);
+            if (r1 < n) st2(out, at(start + r1, heads, h, col), o[j][2] / den1, o[j][3] / den1);
+        }
+        __syncwarp();
     }
 }
 
