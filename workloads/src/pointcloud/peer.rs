@@ -10,8 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus, Stdio};
 use std::rc::Rc;
+use std::time::Duration;
+
+use wait_timeout::ChildExt;
 
 use super::{timing_figures, Config, Errors, RefKind, Scene, TrialSla, DIM, HEADS};
 use crate::clock::Stopwatch;
@@ -142,6 +145,52 @@ fn write_scene(dir: &Path, scene: &Scene, bits: u32) -> Result<(), WorkloadError
     Ok(())
 }
 
+/// Longest one peer script call may take (seconds) before the harness
+/// stops it and the configuration scores infinity: a call times 60 launches
+/// of each pass, which took at most about 20 s on the H100 (PyTorch at 1M
+/// voxels); a call that runs far longer has hung (one of the authors'
+/// bf16 calls did on the H100, 2026-11-27), and would stall the whole run.
+const PEER_TIMEOUT_S: u64 = 300;
+
+/// [`PEER_TIMEOUT_S`], or `BENCH_SUITE_PEER_TIMEOUT_S` where set.
+fn peer_timeout() -> Result<Duration, WorkloadError> {
+    const VAR: &str = "BENCH_SUITE_PEER_TIMEOUT_S";
+    match std::env::var(VAR) {
+        Err(_) => Ok(Duration::from_secs(PEER_TIMEOUT_S)),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(s) if s > 0 => Ok(Duration::from_secs(s)),
+            _ => Err(WorkloadError::Config(format!(
+                "{VAR}={v:?} is not a positive number of seconds; unset it or give one such as {PEER_TIMEOUT_S}"
+            ))),
+        },
+    }
+}
+
+/// Runs `cmd` with its standard error to `stderr` (a file, so that a chatty
+/// child never blocks on a full pipe) and no standard input or output,
+/// waiting at most `limit`: its exit status, or `None` if it was still
+/// running then (it is killed and reaped).
+fn run_with_limit(
+    mut cmd: Command,
+    limit: Duration,
+    stderr: &Path,
+) -> std::io::Result<Option<ExitStatus>> {
+    let err = std::fs::File::create(stderr)?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err)
+        .spawn()?;
+    match child.wait_timeout(limit)? {
+        Some(status) => Ok(Some(status)),
+        None => {
+            let _ = child.kill();
+            child.wait()?;
+            Ok(None)
+        }
+    }
+}
+
 /// Runs the script once for `implementation` on `scene`.
 fn run_script(
     implementation: &str,
@@ -161,8 +210,8 @@ fn run_script(
     write_scene(&input.0, scene, bits)?;
     let output = TempDir::new("out")?;
     let python = std::env::var("BENCH_SUITE_PYTHON").unwrap_or_else(|_| "python3".into());
-    let res = Command::new(&python)
-        .arg(&script)
+    let mut cmd = Command::new(&python);
+    cmd.arg(&script)
         .arg("--scene")
         .arg(&input.0)
         .arg("--impl")
@@ -174,21 +223,35 @@ fn run_script(
         .arg("--repeats")
         .arg(reps.to_string())
         .arg("--warmup")
-        .arg(warm.to_string())
-        .output()
-        .map_err(|e| {
-            WorkloadError::Config(format!(
-                "cannot start `{python}` for the peer script ({e}); set BENCH_SUITE_PYTHON"
-            ))
-        })?;
-    if !res.status.success() {
-        let err = String::from_utf8_lossy(&res.stderr);
+        .arg(warm.to_string());
+    let limit = peer_timeout()?;
+    let stderr = output.0.join("stderr.txt");
+    let ran = run_with_limit(cmd, limit, &stderr).map_err(|e| {
+        WorkloadError::Config(format!(
+            "cannot start `{python}` for the peer script ({e}); set BENCH_SUITE_PYTHON"
+        ))
+    })?;
+    let err_tail = || {
+        let err = std::fs::read_to_string(&stderr).unwrap_or_default();
         let tail: Vec<&str> = err.lines().rev().take(6).collect();
-        return Err(WorkloadError::Other(format!(
-            "peer script failed for `{implementation}` ({}): {}",
-            res.status,
-            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        )));
+        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    };
+    match ran {
+        None => {
+            return Err(WorkloadError::Other(format!(
+                "peer script for `{implementation}` did not finish within {} s and was stopped \
+                 (BENCH_SUITE_PEER_TIMEOUT_S raises the limit); its last output: {}",
+                limit.as_secs(),
+                err_tail()
+            )))
+        }
+        Some(status) if !status.success() => {
+            return Err(WorkloadError::Other(format!(
+                "peer script failed for `{implementation}` ({status}): {}",
+                err_tail()
+            )))
+        }
+        Some(_) => {}
     }
     let p = output.0.join("result.json");
     let text = std::fs::read_to_string(&p).map_err(|e| io(&p, e))?;
@@ -338,5 +401,45 @@ impl Job for PeerJob<'_> {
         o.note = Some(note);
         self.scene.figures(&mut o);
         Ok(o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(script);
+        c
+    }
+
+    #[test]
+    fn a_child_past_its_limit_is_stopped() {
+        let dir = TempDir::new("limit-test").unwrap();
+        let err = dir.0.join("stderr.txt");
+        let ran = run_with_limit(
+            sh("echo started >&2; sleep 60"),
+            Duration::from_millis(300),
+            &err,
+        );
+        assert!(
+            ran.unwrap().is_none(),
+            "a child still running at its limit reports None"
+        );
+        assert!(std::fs::read_to_string(&err).unwrap().contains("started"));
+    }
+
+    #[test]
+    fn a_finished_child_reports_its_status_and_output() {
+        let dir = TempDir::new("status-test").unwrap();
+        let err = dir.0.join("stderr.txt");
+        let ran = run_with_limit(sh("echo oops >&2; exit 3"), Duration::from_secs(60), &err);
+        assert_eq!(ran.unwrap().and_then(|s| s.code()), Some(3));
+        assert_eq!(std::fs::read_to_string(&err).unwrap().trim(), "oops");
+        let ran = run_with_limit(sh("true"), Duration::from_secs(60), &err).unwrap();
+        assert!(ran.is_some_and(|s| s.success()));
+        let missing = Command::new("/nonexistent/bench-suite-python");
+        assert!(run_with_limit(missing, Duration::from_secs(1), &err).is_err());
     }
 }
