@@ -538,7 +538,7 @@ impl WorkloadSpec {
                         .any(|v| v.params.iter().any(|p| p.name == *name));
                 if !declared {
                     return Err(format!(
-                        "{id}: comparison against `{}` matches parameter `{name}`, which neither it nor any variant has",
+                        "{id}: comparison against `{}` matches parameter `{name}`, which neither it nor any variant has; declare it in that entry's grid or fixed parameters or in a variant's params, or drop it from `same`",
                         b.id
                     ));
                 }

@@ -12,6 +12,7 @@
 //! above this crate; nothing here depends on it.
 
 pub mod assets;
+pub mod child;
 pub mod clock;
 pub mod contract;
 pub mod decoder;
@@ -108,6 +109,7 @@ mod tests {
         // A variant's parameter counts: point-cloud-sla pairs its GPU peers
         // with `sla` at the same `voxels` of its `scaling` variant.
         let pc = workload("point-cloud-sla").unwrap().spec();
+        assert!(!pc.comparisons.is_empty());
         assert!(pc.comparisons.iter().all(|c| c.same.contains(&"voxels")));
         pc.validate().unwrap();
     }

@@ -521,9 +521,15 @@ struct TrialSla<'l> {
     scenes: RefCell<BTreeMap<usize, Rc<Scene>>>,
     /// The references of the scene size in use, by (size, kind, bits).
     reference: RefCell<BTreeMap<RefKey, Rc<Checked>>>,
+    /// Each peer script call of the trial, by (implementation, scene size,
+    /// bits): its result, or why it failed.
     #[cfg(feature = "cuda")]
-    peers: RefCell<BTreeMap<(String, usize, u32), Rc<peer::PeerResult>>>,
+    peers: RefCell<BTreeMap<(String, usize, u32), PeerCall>>,
 }
+
+/// One peer script call's result, or why it failed (not repeated).
+#[cfg(feature = "cuda")]
+type PeerCall = Result<Rc<peer::PeerResult>, String>;
 
 impl TrialSla<'_> {
     fn scene(&self, size: usize) -> Result<Rc<Scene>, WorkloadError> {

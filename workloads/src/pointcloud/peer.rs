@@ -10,13 +10,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::rc::Rc;
 use std::time::Duration;
 
-use wait_timeout::ChildExt;
-
 use super::{timing_figures, Config, Errors, RefKind, Scene, TrialSla, DIM, HEADS};
+use crate::child::{spawn_logged, wait_limited};
 use crate::clock::Stopwatch;
 use crate::contract::{Job, Outcome};
 use crate::WorkloadError;
@@ -166,31 +165,6 @@ fn peer_timeout() -> Result<Duration, WorkloadError> {
     }
 }
 
-/// Runs `cmd` with its standard error to `stderr` (a file, so that a chatty
-/// child never blocks on a full pipe) and no standard input or output,
-/// waiting at most `limit`: its exit status, or `None` if it was still
-/// running then (it is killed and reaped).
-fn run_with_limit(
-    mut cmd: Command,
-    limit: Duration,
-    stderr: &Path,
-) -> std::io::Result<Option<ExitStatus>> {
-    let err = std::fs::File::create(stderr)?;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(err)
-        .spawn()?;
-    match child.wait_timeout(limit)? {
-        Some(status) => Ok(Some(status)),
-        None => {
-            let _ = child.kill();
-            child.wait()?;
-            Ok(None)
-        }
-    }
-}
-
 /// Runs the script once for `implementation` on `scene`.
 fn run_script(
     implementation: &str,
@@ -226,13 +200,20 @@ fn run_script(
         .arg(warm.to_string());
     let limit = peer_timeout()?;
     let stderr = output.0.join("stderr.txt");
-    let ran = run_with_limit(cmd, limit, &stderr).map_err(|e| {
+    let log = std::fs::File::create(&stderr).map_err(|e| io(&stderr, e))?;
+    let child = spawn_logged(cmd, log).map_err(|e| {
         WorkloadError::Config(format!(
             "cannot start `{python}` for the peer script ({e}); set BENCH_SUITE_PYTHON"
         ))
     })?;
+    let ran = wait_limited(child, limit).map_err(|e| {
+        WorkloadError::Other(format!(
+            "waiting for the peer script for `{implementation}`: {e}"
+        ))
+    })?;
     let err_tail = || {
-        let err = std::fs::read_to_string(&stderr).unwrap_or_default();
+        let err = std::fs::read(&stderr).unwrap_or_default();
+        let err = String::from_utf8_lossy(&err);
         let tail: Vec<&str> = err.lines().rev().take(6).collect();
         tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
     };
@@ -324,21 +305,31 @@ impl Job for PeerJob<'_> {
             other => other,
         };
         let key = (script_impl.to_string(), self.cfg.size, self.cfg.bits);
-        if let Some(r) = self.trial.peers.borrow().get(&key) {
-            self.result = Some(r.clone());
-            return Ok(());
+        // A call that failed (or was stopped) is not repeated for the other
+        // configurations it serves: they miss with its reason.
+        let cached = self.trial.peers.borrow().get(&key).cloned();
+        match cached {
+            Some(Ok(r)) => {
+                self.result = Some(r);
+                return Ok(());
+            }
+            Some(Err(why)) => return Err(WorkloadError::Other(why)),
+            None => {}
         }
         let (reps, warm) = super::repeats(self.trial.loaded.profile, true);
-        let r = Rc::new(run_script(
-            script_impl,
-            &self.scene,
-            self.cfg.bits,
-            reps,
-            warm,
-        )?);
-        self.trial.peers.borrow_mut().insert(key, r.clone());
-        self.result = Some(r);
-        Ok(())
+        match run_script(script_impl, &self.scene, self.cfg.bits, reps, warm) {
+            Ok(r) => {
+                let r = Rc::new(r);
+                self.trial.peers.borrow_mut().insert(key, Ok(r.clone()));
+                self.result = Some(r);
+                Ok(())
+            }
+            Err(WorkloadError::Other(why)) => {
+                self.trial.peers.borrow_mut().insert(key, Err(why.clone()));
+                Err(WorkloadError::Other(why))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn evaluate(self: Box<Self>) -> Result<Outcome, WorkloadError> {
@@ -401,45 +392,5 @@ impl Job for PeerJob<'_> {
         o.note = Some(note);
         self.scene.figures(&mut o);
         Ok(o)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sh(script: &str) -> Command {
-        let mut c = Command::new("sh");
-        c.arg("-c").arg(script);
-        c
-    }
-
-    #[test]
-    fn a_child_past_its_limit_is_stopped() {
-        let dir = TempDir::new("limit-test").unwrap();
-        let err = dir.0.join("stderr.txt");
-        let ran = run_with_limit(
-            sh("echo started >&2; sleep 60"),
-            Duration::from_millis(300),
-            &err,
-        );
-        assert!(
-            ran.unwrap().is_none(),
-            "a child still running at its limit reports None"
-        );
-        assert!(std::fs::read_to_string(&err).unwrap().contains("started"));
-    }
-
-    #[test]
-    fn a_finished_child_reports_its_status_and_output() {
-        let dir = TempDir::new("status-test").unwrap();
-        let err = dir.0.join("stderr.txt");
-        let ran = run_with_limit(sh("echo oops >&2; exit 3"), Duration::from_secs(60), &err);
-        assert_eq!(ran.unwrap().and_then(|s| s.code()), Some(3));
-        assert_eq!(std::fs::read_to_string(&err).unwrap().trim(), "oops");
-        let ran = run_with_limit(sh("true"), Duration::from_secs(60), &err).unwrap();
-        assert!(ran.is_some_and(|s| s.success()));
-        let missing = Command::new("/nonexistent/bench-suite-python");
-        assert!(run_with_limit(missing, Duration::from_secs(1), &err).is_err());
     }
 }
