@@ -147,8 +147,9 @@ fn write_scene(dir: &Path, scene: &Scene, bits: u32) -> Result<(), WorkloadError
 /// Longest one peer script call may take (seconds) before the harness
 /// stops it and the configuration scores infinity: a call times 60 launches
 /// of each pass, which took at most about 20 s on the H100 (PyTorch at 1M
-/// voxels); a call that runs far longer has hung (one of the authors'
-/// bf16 calls did on the H100, 2026-11-27), and would stall the whole run.
+/// voxels); one that runs far longer is stuck, and would stall the whole
+/// run (one of the authors' bf16 calls did not return for minutes on the
+/// H100, 2026-11-27; the same call took seconds on another machine).
 const PEER_TIMEOUT_S: u64 = 300;
 
 /// [`PEER_TIMEOUT_S`], or `BENCH_SUITE_PEER_TIMEOUT_S` where set.
