@@ -1,11 +1,45 @@
 //! Child processes with a time limit: the GPU peer scripts of
-//! `point-cloud-sla` run as Python processes that the harness waits for,
-//! and one that hangs must not stall the whole run.
+//! `point-cloud-sla` and `long-context` run as Python processes that the
+//! harness waits for, and one that hangs must not stall the whole run.
 
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use wait_timeout::ChildExt;
+
+use crate::WorkloadError;
+
+/// The environment variable that overrides every peer script's limit.
+pub const PEER_TIMEOUT_VAR: &str = "BENCH_SUITE_PEER_TIMEOUT_S";
+
+/// A peer script's time limit: `default_s` seconds, or
+/// `BENCH_SUITE_PEER_TIMEOUT_S` where set (an error naming the variable if
+/// it is not a positive number of seconds).
+pub fn peer_timeout(default_s: u64) -> Result<Duration, WorkloadError> {
+    parse_timeout(std::env::var(PEER_TIMEOUT_VAR).ok().as_deref(), default_s)
+}
+
+fn parse_timeout(raw: Option<&str>, default_s: u64) -> Result<Duration, WorkloadError> {
+    match raw {
+        None => Ok(Duration::from_secs(default_s)),
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(s) if s > 0 => Ok(Duration::from_secs(s)),
+            _ => Err(WorkloadError::Config(format!(
+                "{PEER_TIMEOUT_VAR}={v:?} is not a positive number of seconds; unset it or give \
+                 one such as {default_s}"
+            ))),
+        },
+    }
+}
+
+/// The last `lines` lines of a child's standard-error file, joined with
+/// ` | ` (invalid UTF-8 replaced), for an error message.
+pub fn stderr_tail(path: &std::path::Path, lines: usize) -> String {
+    let err = std::fs::read(path).unwrap_or_default();
+    let err = String::from_utf8_lossy(&err);
+    let tail: Vec<&str> = err.lines().rev().take(lines).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
 
 /// How long a stopped child may take to exit before the harness moves on.
 pub const KILL_GRACE: Duration = Duration::from_secs(10);
@@ -39,6 +73,22 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+
+    #[test]
+    fn the_time_limit_comes_from_the_default_or_the_variable() {
+        assert_eq!(parse_timeout(None, 300).unwrap(), Duration::from_secs(300));
+        assert_eq!(
+            parse_timeout(Some(" 42 "), 300).unwrap(),
+            Duration::from_secs(42)
+        );
+        for bad in ["0", "-3", "ten", ""] {
+            let e = parse_timeout(Some(bad), 300).unwrap_err().to_string();
+            assert!(
+                e.contains(PEER_TIMEOUT_VAR) && e.contains("300"),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     fn sh(script: &str) -> Command {
         let mut c = Command::new("sh");

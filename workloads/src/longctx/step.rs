@@ -21,6 +21,9 @@
 //! from torch ops. They time themselves the same way (graphs, events,
 //! median) and check their own outputs against float64; their records take
 //! that check's error over the bf16 output tolerance of the script.
+//! The call is stopped after [`PEER_TIMEOUT_S`] (`BENCH_SUITE_PEER_TIMEOUT_S`
+//! overrides it; `workloads::child`), and a failed call is not repeated: the
+//! trial's peer configurations then score infinity with its reason.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -31,6 +34,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::kernel::{max_rel_err, DenseCache, Shape, Step, StepKind, TOLERANCE};
+use crate::child::{peer_timeout, spawn_logged, stderr_tail, wait_limited, PEER_TIMEOUT_VAR};
 use crate::clock::Stopwatch;
 use crate::contract::*;
 use crate::stats::median;
@@ -54,6 +58,13 @@ const PEER_FRACS: &[f64] = super::BUDGETS;
 /// The peer script's results of one trial, by (implementation, context,
 /// budget in millionths).
 type PeerResults = Rc<BTreeMap<(String, usize, u64), serde_json::Value>>;
+/// Longest the trial's one peer script call may take (seconds) before the
+/// harness stops it and every peer configuration of the trial scores
+/// infinity (`BENCH_SUITE_PEER_TIMEOUT_S` overrides it). The call times
+/// every context and budget; the whole five-trial H100 run, our kernels
+/// and tests included, took 226 s of device time (2026-11-27), so a call
+/// still running after ten minutes is stuck.
+const PEER_TIMEOUT_S: u64 = 600;
 
 /// Ids of the PyTorch peers, and what the script calls them.
 const PEERS: &[(&str, &str)] = &[
@@ -126,8 +137,9 @@ struct StepTrial<'l> {
     /// turn): 3 GiB of bf16 for all five.
     caches: RefCell<BTreeMap<usize, Arc<DenseCache>>>,
     /// The peer script's results for this trial, by (impl, context,
-    /// budget in millionths).
-    peers: RefCell<Option<PeerResults>>,
+    /// budget in millionths), or why the call failed (not repeated for the
+    /// trial's other peer configurations).
+    peers: RefCell<Option<Result<PeerResults, String>>>,
     seed: u64,
 }
 
@@ -141,12 +153,27 @@ impl StepTrial<'_> {
         Ok(c)
     }
 
-    /// Every peer configuration of the trial, timed by one script call.
-    fn peers(&self) -> Result<PeerResults, WorkloadError> {
+    /// Every peer configuration of the trial, timed by one script call
+    /// (made once; a failed call fails every peer configuration of the
+    /// trial with the same reason).
+    fn peers(&self, python: &str, script: &std::path::Path) -> Result<PeerResults, WorkloadError> {
         if let Some(p) = &*self.peers.borrow() {
-            return Ok(p.clone());
+            return p.clone().map_err(WorkloadError::Other);
         }
-        let script = peer_script();
+        let got = self.call_peers(python, script);
+        if let Err(WorkloadError::Other(why)) = &got {
+            *self.peers.borrow_mut() = Some(Err(why.clone()));
+        }
+        let p = got?;
+        *self.peers.borrow_mut() = Some(Ok(p.clone()));
+        Ok(p)
+    }
+
+    fn call_peers(
+        &self,
+        python: &str,
+        script: &std::path::Path,
+    ) -> Result<PeerResults, WorkloadError> {
         if !script.exists() {
             return Err(WorkloadError::Config(format!(
                 "peer script {} not found; run from the repository root or set \
@@ -162,9 +189,9 @@ impl StepTrial<'_> {
             std::process::id(),
             self.seed
         ));
-        let python = std::env::var("BENCH_SUITE_PYTHON").unwrap_or_else(|_| "python3".into());
-        let res = Command::new(&python)
-            .arg(&script)
+        let limit = peer_timeout(PEER_TIMEOUT_S)?;
+        let mut cmd = Command::new(python);
+        cmd.arg(script)
             .args([
                 "--contexts",
                 &join(CONTEXTS, &|x| format!("{}", x as usize)),
@@ -178,21 +205,35 @@ impl StepTrial<'_> {
             .args(["--seed", &(self.seed % 1_000_000_007).to_string()])
             .args(["--device", "cuda"])
             .arg("--out")
-            .arg(&out)
-            .output()
-            .map_err(|e| {
-                WorkloadError::Config(format!(
-                    "cannot start `{python}` for the peer script ({e}); set BENCH_SUITE_PYTHON"
-                ))
-            })?;
-        if !res.status.success() {
-            let err = String::from_utf8_lossy(&res.stderr);
-            let tail: Vec<&str> = err.lines().rev().take(6).collect();
-            return Err(WorkloadError::Other(format!(
-                "peer script failed ({}): {}",
-                res.status,
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-            )));
+            .arg(&out);
+        let stderr = out.with_extension("stderr.txt");
+        let log = std::fs::File::create(&stderr)
+            .map_err(|e| WorkloadError::Other(format!("{}: {e}", stderr.display())))?;
+        let child = spawn_logged(cmd, log).map_err(|e| {
+            WorkloadError::Config(format!(
+                "cannot start `{python}` for the peer script ({e}); set BENCH_SUITE_PYTHON"
+            ))
+        })?;
+        let ran = wait_limited(child, limit)
+            .map_err(|e| WorkloadError::Other(format!("waiting for the peer script: {e}")));
+        let tail = stderr_tail(&stderr, 6);
+        let _ = std::fs::remove_file(&stderr);
+        match ran? {
+            None => {
+                let _ = std::fs::remove_file(&out);
+                return Err(WorkloadError::Other(format!(
+                    "peer script did not finish within {} s and was stopped \
+                     ({PEER_TIMEOUT_VAR} raises the limit); its last output: {tail}",
+                    limit.as_secs()
+                )));
+            }
+            Some(status) if !status.success() => {
+                let _ = std::fs::remove_file(&out);
+                return Err(WorkloadError::Other(format!(
+                    "peer script failed ({status}): {tail}"
+                )));
+            }
+            Some(_) => {}
         }
         let text = std::fs::read_to_string(&out)
             .map_err(|e| WorkloadError::Other(format!("{}: {e}", out.display())))?;
@@ -213,9 +254,7 @@ impl StepTrial<'_> {
             r["torch"] = j["torch"].clone();
             map.insert((imp.to_string(), n as usize, micro(f)), r);
         }
-        let p = Rc::new(map);
-        *self.peers.borrow_mut() = Some(p.clone());
-        Ok(p)
+        Ok(Rc::new(map))
     }
 }
 
@@ -229,7 +268,8 @@ impl TrialData for StepTrial<'_> {
         let frac = params.get("budget").unwrap_or(1.0);
         if let Some(&(_, script_id)) = PEERS.iter().find(|p| p.0 == entry.id) {
             let frac = if entry.id == "quest-torch" { frac } else { 1.0 };
-            let all = self.peers()?;
+            let python = std::env::var("BENCH_SUITE_PYTHON").unwrap_or_else(|_| "python3".into());
+            let all = self.peers(&python, &peer_script())?;
             let r = all
                 .get(&(script_id.to_string(), n, micro(frac)))
                 .cloned()
@@ -404,5 +444,50 @@ impl Job for PeerJob {
             r["backend"].as_str().unwrap_or("?")
         ));
         Ok(o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failing peer call fails the trial's peer configurations with the
+    /// script's own output, and is made once, not once per configuration.
+    #[test]
+    fn a_failed_peer_call_is_reported_and_not_repeated() {
+        let dir =
+            std::env::temp_dir().join(format!("bench-suite-step-peer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("peer.sh");
+        let calls = dir.join("calls");
+        std::fs::write(
+            &script,
+            format!(
+                "echo call >> '{}'; echo 'no GPU here' >&2; exit 3\n",
+                calls.display()
+            ),
+        )
+        .unwrap();
+        let loaded = LoadedStep {
+            device: Device::Cpu,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        };
+        let trial = StepTrial {
+            loaded: &loaded,
+            caches: RefCell::new(BTreeMap::new()),
+            peers: RefCell::new(None),
+            seed: 1,
+        };
+        let first = trial.peers("sh", &script).unwrap_err().to_string();
+        assert!(
+            first.contains("no GPU here") && first.contains('3'),
+            "{first}"
+        );
+        let again = trial.peers("sh", &script).unwrap_err().to_string();
+        assert_eq!(again, first);
+        let n = std::fs::read_to_string(&calls).unwrap().lines().count();
+        assert_eq!(n, 1, "the script ran once");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -31,12 +31,13 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
+use crate::pointcloud::packing;
 use crate::stats::median;
 use crate::WorkloadError;
 
 const SOURCE: &str = include_str!("kernels.cu");
 /// Warps per block of the SLA kernels (`WARPS` in kernels.cu).
-const WARPS: usize = 8;
+const WARPS: usize = packing::WARPS;
 /// Dynamic shared memory of the tensor-core forward kernel: per warp a
 /// staging area of 16 rows and a 32-row state tile, rows of 40 floats
 /// (`FWD_WARP_FLOATS` in kernels.cu).
@@ -48,6 +49,38 @@ const FWD_SMEM: u32 = (WARPS * (16 + 32) * 40 * 4) as u32;
 /// frame, 2% faster at 300k voxels) and against 16 and 64 on an H200 (16:
 /// 8% slower on the frame); `sla_forward_sweep`, 2026-11-27.
 const SMALL: u32 = 32;
+/// How the tensor-core forward kernel shares windows among warps by
+/// default (see [`Schedule`]).
+const FORWARD_SCHEDULE: Schedule = Schedule::Grouped { per_warp: 32 };
+
+/// How the tensor-core forward kernel (`Op::Sla`, and the padded-linear
+/// baseline's attention) shares windows among warps. The backward and the
+/// FMA forward kernel always use the block-per-big-window list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schedule {
+    /// Windows over `small` voxels get a whole block of eight warps; the
+    /// rest are packed eight to a block, one warp each (`WorkList`).
+    Blocks { small: u32 },
+    /// A window gets about one warp per `per_warp` voxels, up to eight,
+    /// and windows are packed into blocks by warp count ([`packing`]).
+    Grouped { per_warp: u32 },
+}
+
+impl Schedule {
+    /// `32` (blocks, the given threshold) or `g32` (grouped, voxels per
+    /// warp), as the tuning sweep takes it.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        match s.strip_prefix('g') {
+            Some(n) => n
+                .parse()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(|per_warp| Schedule::Grouped { per_warp }),
+            None => s.parse().ok().map(|small| Schedule::Blocks { small }),
+        }
+    }
+}
 /// Smallest padded length of the sort-and-pad baselines.
 pub const MIN_PAD: u32 = 8;
 /// Queries per tile of the softmax kernels, and tiles per block.
@@ -191,20 +224,39 @@ pub enum Op {
 
 /// The SLA work list: windows over `SMALL` voxels one per block, biggest
 /// first; the rest packed `WARPS` to a block (-1 fills the last block).
+/// With a grouped forward schedule, also the forward kernel's own list.
 struct WorkList {
     big: CudaSlice<i32>,
     n_big: i32,
     small: CudaSlice<i32>,
     blocks: u32,
+    /// The grouped forward kernel's items (`packing::grouped_items`) and
+    /// its blocks.
+    grouped: Option<(CudaSlice<i32>, u32)>,
 }
 
 impl WorkList {
-    /// Windows of at most `small_max` voxels get one warp.
+    /// Windows of at most `small_max` voxels get one warp; `per_warp`
+    /// builds the grouped forward list as well.
     fn new(
         stream: &Arc<CudaStream>,
         counts: &[u32],
         small_max: u32,
+        per_warp: Option<u32>,
     ) -> Result<Self, WorkloadError> {
+        let grouped = match per_warp {
+            Some(pw) => {
+                let mut items =
+                    packing::grouped_items(counts, pw).map_err(WorkloadError::Config)?;
+                let blocks = (items.len() / WARPS) as u32;
+                items.push(0);
+                Some((
+                    stream.clone_htod(&items).map_err(|e| dev("upload", e))?,
+                    blocks,
+                ))
+            }
+            None => None,
+        };
         let mut big: Vec<i32> = (0..counts.len() as i32)
             .filter(|&w| counts[w as usize] > small_max)
             .collect();
@@ -224,7 +276,16 @@ impl WorkList {
             n_big,
             small: stream.clone_htod(&small).map_err(|e| dev("upload", e))?,
             blocks,
+            grouped,
         })
+    }
+
+    /// The forward kernel's list arguments (big, n_big, small) and blocks.
+    fn forward(&self) -> (&CudaSlice<i32>, i32, &CudaSlice<i32>, u32) {
+        match &self.grouped {
+            Some((items, blocks)) => (&self.big, 0, items, *blocks),
+            None => (&self.big, self.n_big, &self.small, self.blocks),
+        }
     }
 }
 
@@ -368,27 +429,52 @@ pub struct Outputs {
 }
 
 impl<'g, T: GpuElem> Problem<'g, T> {
-    /// Uploads the scene and builds the layout metadata (untimed set-up),
-    /// windows over `SMALL` voxels (or `BENCH_SUITE_SLA_SMALL`, tuning)
-    /// getting a whole block.
+    /// Uploads the scene and builds the layout metadata (untimed set-up):
+    /// the forward schedule [`FORWARD_SCHEDULE`] (tuning:
+    /// `BENCH_SUITE_SLA_GROUP` sets its voxels per warp), and windows over
+    /// `SMALL` voxels (tuning: `BENCH_SUITE_SLA_SMALL`) getting a whole
+    /// block in the other kernels.
     pub fn new(gpu: &'g Gpu, op: Op, s: &HostScene<'_, T>) -> Result<Self, WorkloadError> {
         let small = crate::device::tuning_count(
             "BENCH_SUITE_SLA_SMALL",
             "largest window given one warp",
             SMALL as usize,
         )?;
-        Self::with_small(gpu, op, s, small)
+        let small = u32::try_from(small)
+            .map_err(|_| WorkloadError::Config(format!("{small} voxels is not a window size")))?;
+        let forward = match FORWARD_SCHEDULE {
+            Schedule::Grouped { per_warp } => {
+                let pw = crate::device::tuning_count(
+                    "BENCH_SUITE_SLA_GROUP",
+                    "voxels per warp of the forward kernel",
+                    per_warp as usize,
+                )?;
+                Schedule::Grouped {
+                    per_warp: u32::try_from(pw).map_err(|_| {
+                        WorkloadError::Config(format!("{pw} voxels per warp is too many"))
+                    })?,
+                }
+            }
+            Schedule::Blocks { .. } => Schedule::Blocks { small },
+        };
+        Self::with_schedule(gpu, op, s, small, forward)
     }
 
-    /// As [`Problem::new`], windows over `small` voxels getting a block.
-    pub fn with_small(
+    /// As [`Problem::new`], with the forward kernel's schedule given and
+    /// windows over `small` voxels getting a block in the other kernels.
+    pub fn with_schedule(
         gpu: &'g Gpu,
         op: Op,
         s: &HostScene<'_, T>,
-        small: usize,
+        small: u32,
+        forward: Schedule,
     ) -> Result<Self, WorkloadError> {
-        let small_max = u32::try_from(small)
-            .map_err(|_| WorkloadError::Config(format!("{small} voxels is not a window size")))?;
+        // The FMA forward kernel reads the block list only.
+        let (small_max, per_warp) = match (forward, op) {
+            (_, Op::SlaFfma) => (small, None),
+            (Schedule::Blocks { small }, _) => (small, None),
+            (Schedule::Grouped { per_warp }, _) => (small, Some(per_warp)),
+        };
         if s.dim != 32 {
             return Err(WorkloadError::Config(format!(
                 "the CUDA kernels map one head-dimension element to one lane and need d = 32, got {}",
@@ -409,7 +495,12 @@ impl<'g, T: GpuElem> Problem<'g, T> {
         let (sla_fwd, fwd_smem) = if ffma {
             (gpu.function(&format!("sla_fwd_ffma_{suffix}"))?, 0)
         } else {
-            let f = gpu.function(&format!("sla_fwd_{suffix}"))?;
+            let name = if per_warp.is_some() {
+                format!("sla_fwd_grouped_{suffix}")
+            } else {
+                format!("sla_fwd_{suffix}")
+            };
+            let f = gpu.function(&name)?;
             f.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 FWD_SMEM as i32,
@@ -440,7 +531,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
                     }
                 }
                 let rows = plan.rows;
-                let padded_work = WorkList::new(st, &plan.plen, small_max)?;
+                let padded_work = WorkList::new(st, &plan.plen, small_max, per_warp)?;
                 let zf = |len: usize| {
                     st.alloc_zeros::<f32>(len.max(1))
                         .map_err(|e| dev("device allocation", e))
@@ -479,7 +570,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
             n_windows: s.counts.len(),
             offsets: up32(s.offsets)?,
             counts: up32(s.counts)?,
-            work: WorkList::new(st, s.counts, small_max)?,
+            work: WorkList::new(st, s.counts, small_max, per_warp)?,
             pad,
             q: up(s.q)?,
             k: up(s.k)?,
@@ -557,9 +648,11 @@ impl<'g, T: GpuElem> Problem<'g, T> {
     }
 
     fn sla_fwd_direct(&mut self) -> Result<(), WorkloadError> {
+        let (big, n_big, small, blocks) = self.work.forward();
         let cfg = LaunchConfig {
+            grid_dim: (blocks.max(1), self.heads as u32, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: self.f.fwd_smem,
-            ..self.sla_cfg(&self.work)
         };
         let h = self.heads as i32;
         let mut b = self.gpu.stream.launch_builder(&self.f.sla_fwd);
@@ -569,9 +662,9 @@ impl<'g, T: GpuElem> Problem<'g, T> {
             .arg(&mut self.out)
             .arg(&self.offsets)
             .arg(&self.counts)
-            .arg(&self.work.big)
-            .arg(&self.work.n_big)
-            .arg(&self.work.small)
+            .arg(big)
+            .arg(&n_big)
+            .arg(small)
             .arg(&h);
         // SAFETY: argument list matches `sla_fwd_*` in kernels.cu.
         unsafe { b.launch(cfg) }.map_err(|e| dev("launch sla_fwd", e))?;
@@ -643,6 +736,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
         }
         // Attention on the padded groups.
         if self.op == Op::PaddedLinear {
+            let (big, n_big, small, blocks) = p.work.forward();
             let mut b = st.launch_builder(&f.sla_fwd);
             b.arg(&p.q)
                 .arg(&p.k)
@@ -650,11 +744,12 @@ impl<'g, T: GpuElem> Problem<'g, T> {
                 .arg(&mut p.out)
                 .arg(&p.pbase)
                 .arg(&p.plen)
-                .arg(&p.work.big)
-                .arg(&p.work.n_big)
-                .arg(&p.work.small)
+                .arg(big)
+                .arg(&n_big)
+                .arg(small)
                 .arg(&h);
             let cfg = LaunchConfig {
+                grid_dim: (blocks.max(1), self.heads as u32, 1),
                 shared_mem_bytes: f.fwd_smem,
                 ..sla_cfg
             };
@@ -850,7 +945,16 @@ mod tests {
         })
     }
 
-    fn check<T: GpuElem>(gpu: &Gpu, op: Op, x: [&[T]; 4], r: [&[f32]; 4], bits: u32) -> f64 {
+    /// Largest relative error of `op`'s output and gradients, with the
+    /// forward schedule given or (None) the default one.
+    fn check<T: GpuElem>(
+        gpu: &Gpu,
+        op: Op,
+        sched: Option<Schedule>,
+        x: [&[T]; 4],
+        r: [&[f32]; 4],
+        bits: u32,
+    ) -> f64 {
         let (offsets, counts) = layout(7);
         let n: u32 = counts.iter().sum();
         let shape = Shape {
@@ -865,7 +969,12 @@ mod tests {
             }
             _ => sla::reference_f64(&q, &k, &v, &d, &offsets, &counts, shape),
         };
-        let mut p = Problem::new(gpu, op, &HostScene::new(x, &offsets, &counts)).unwrap();
+        let scene = HostScene::new(x, &offsets, &counts);
+        let mut p = match sched {
+            None => Problem::new(gpu, op, &scene),
+            Some(f) => Problem::with_schedule(gpu, op, &scene, SMALL, f),
+        }
+        .unwrap();
         p.launch(op != Op::SlaBroken).unwrap();
         gpu.synchronize().unwrap();
         let o = p.outputs().unwrap();
@@ -879,7 +988,7 @@ mod tests {
                 worst = worst.max(sla::max_rel_err(got, want));
             }
         }
-        eprintln!("{op:?} {bits}-bit: largest relative error {worst:.3e}");
+        eprintln!("{op:?} {sched:?} {bits}-bit: largest relative error {worst:.3e}");
         worst
     }
 
@@ -907,13 +1016,28 @@ mod tests {
             &bits16[3][..],
         ];
         let r16 = [&back[0][..], &back[1][..], &back[2][..], &back[3][..]];
+        // Every op with the default forward schedule; the tensor-core
+        // forward (SLA and padded-linear) also with the block list, with
+        // windows split among up to eight warps nearly always (4 voxels a
+        // warp), and with one warp per window (no block barrier).
+        let schedules = [
+            None,
+            Some(Schedule::Blocks { small: SMALL }),
+            Some(Schedule::Grouped { per_warp: 4 }),
+            Some(Schedule::Grouped { per_warp: 1000 }),
+        ];
         for op in [Op::Sla, Op::SlaFfma, Op::PaddedLinear, Op::PaddedSoftmax] {
-            let e = check::<f32>(&gpu, op, f32s, f32s, 32);
-            assert!(e <= sla::tolerance(32), "{op:?} f32: {e:.3e}");
-            let e = check::<u16>(&gpu, op, b16, r16, 16);
-            assert!(e <= sla::tolerance(16), "{op:?} bf16: {e:.3e}");
+            for sched in schedules {
+                if sched.is_some() && !matches!(op, Op::Sla | Op::PaddedLinear) {
+                    continue;
+                }
+                let e = check::<f32>(&gpu, op, sched, f32s, f32s, 32);
+                assert!(e <= sla::tolerance(32), "{op:?} {sched:?} f32: {e:.3e}");
+                let e = check::<u16>(&gpu, op, sched, b16, r16, 16);
+                assert!(e <= sla::tolerance(16), "{op:?} {sched:?} bf16: {e:.3e}");
+            }
         }
-        let e = check::<f32>(&gpu, Op::SlaBroken, f32s, f32s, 32);
+        let e = check::<f32>(&gpu, Op::SlaBroken, None, f32s, f32s, 32);
         assert!(
             e > 100.0 * sla::tolerance(32),
             "the broken kernel passed: {e:.3e}"
@@ -923,9 +1047,12 @@ mod tests {
     /// Forward timings of SLA kernel variants on one set of scenes, for
     /// tuning on the GPU machine: every `.cu` file listed (comma-separated)
     /// in `BENCH_SUITE_SLA_SWEEP` (`builtin` for the built-in source), for
-    /// every largest one-warp window in `BENCH_SUITE_SLA_SWEEP_SMALL`
-    /// (comma-separated, default 32), the tensor-core forward beside the
-    /// FMA forward ([`Op::SlaFfma`]) of the same source. Every output on
+    /// every forward schedule in `BENCH_SUITE_SLA_SWEEP_SMALL`
+    /// (comma-separated, [`Schedule::parse`]: `32` for the block list with
+    /// that largest one-warp window, `g32` for the grouped list with that
+    /// many voxels a warp; default `32,g32`), the tensor-core forward
+    /// beside the FMA forward ([`Op::SlaFfma`], block list) of the same
+    /// source. Every output on
     /// the Waymo-like frame is checked against the float64 reference of
     /// its own (f32 or bf16-rounded) inputs. Reads the environment only.
     #[test]
@@ -936,7 +1063,8 @@ mod tests {
             return;
         }
         let sources = std::env::var("BENCH_SUITE_SLA_SWEEP").unwrap_or_else(|_| "builtin".into());
-        let smalls = std::env::var("BENCH_SUITE_SLA_SWEEP_SMALL").unwrap_or_else(|_| "32".into());
+        let smalls =
+            std::env::var("BENCH_SUITE_SLA_SWEEP_SMALL").unwrap_or_else(|_| "32,g32".into());
         let mut scenes = vec![("waymo-like".to_string(), lidar::waymo_like(1))];
         for size in [10_000, 30_000, 100_000, 300_000] {
             scenes.push((format!("scaling {size}"), lidar::scaling(size, 1)));
@@ -983,20 +1111,26 @@ mod tests {
                 let text = std::fs::read_to_string(src).expect("a kernel source to sweep");
                 Gpu::with_source(0, &text).unwrap()
             };
-            for small in smalls.split(',') {
-                let small: usize = small.trim().parse().expect("BENCH_SUITE_SLA_SWEEP_SMALL");
+            for (k, small) in smalls.split(',').enumerate() {
+                let sched = Schedule::parse(small).expect("BENCH_SUITE_SLA_SWEEP_SMALL");
                 for ((name, w), (x, b, refs)) in scenes.iter().zip(&data) {
                     let n = w.n_voxels();
-                    for op in [Op::SlaFfma, Op::Sla] {
-                        let mut line = format!("{src} small={small} {op:?} {name} ({n} voxels):");
+                    // The FMA kernel once per source (it reads the block list).
+                    let ops: &[Op] = if k == 0 {
+                        &[Op::SlaFfma, Op::Sla]
+                    } else {
+                        &[Op::Sla]
+                    };
+                    for &op in ops {
+                        let mut line = format!("{src} {sched:?} {op:?} {name} ({n} voxels):");
                         for bits in [32u32, 16] {
                             let want = refs.as_ref().map(|r| &r[usize::from(bits == 16)]);
                             let (t, err) = if bits == 32 {
                                 let x = [&x[0][..], &x[1][..], &x[2][..], &x[3][..]];
-                                time_forward::<f32>(&gpu, op, x, w, small, want)
+                                time_forward::<f32>(&gpu, op, x, w, sched, want)
                             } else {
                                 let b = [&b[0][..], &b[1][..], &b[2][..], &b[3][..]];
-                                time_forward::<u16>(&gpu, op, b, w, small, want)
+                                time_forward::<u16>(&gpu, op, b, w, sched, want)
                             };
                             let floor = (4 * n * 128 * (bits as usize / 8)) as f64 / bw;
                             line += &format!(
@@ -1023,11 +1157,15 @@ mod tests {
         op: Op,
         x: [&[T]; 4],
         w: &crate::pointcloud::voxel::Windowed,
-        small: usize,
+        sched: Schedule,
         want: Option<&sla::Grads64>,
     ) -> (f64, Option<f64>) {
         let scene = HostScene::new(x, &w.offsets, &w.counts);
-        let mut p = Problem::with_small(gpu, op, &scene, small).unwrap();
+        let small = match sched {
+            Schedule::Blocks { small } => small,
+            Schedule::Grouped { .. } => SMALL,
+        };
+        let mut p = Problem::with_schedule(gpu, op, &scene, small, sched).unwrap();
         p.time(false, 10).unwrap();
         let t = median(&p.time(false, 50).unwrap());
         let err = want.map(|r| {

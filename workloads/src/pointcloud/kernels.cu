@@ -390,7 +390,12 @@ __device__ __forceinline__ void st2(float *p, long long i, float x, float y) {
     *reinterpret_cast<float2 *>(p + i) = make_float2(x, y);
 }
 
-template <typename T>
+// GROUPED: the work list of packing.rs instead of work_item's: `small`
+// holds one item per warp, (window << 8) | (multi << 7) | (first << 4) |
+// step, `step` warps sharing a window (0: an empty slot, which still meets
+// the block's barriers), and `multi` set on every slot of a block where
+// some window has several warps; `big` and `n_big` are unused.
+template <typename T, bool GROUPED>
 __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
                             const unsigned *offsets, const unsigned *counts, const int *big,
                             int n_big, const int *small, int heads) {
@@ -400,10 +405,22 @@ __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
     const int g = lane >> 2, t = lane & 3;
     float *stage = fwd_smem + w * FWD_WARP_FLOATS;
     float *kvs = stage + FWD_STAGE_FLOATS;
-    int win, first, step;
-    if (!work_item(big, n_big, small, w, win, first, step)) return;
+    int win, first, step, n;
+    bool multi;
+    if (GROUPED) {
+        const int it = small[blockIdx.x * WARPS + w];
+        step = it & 15;
+        first = (it >> 4) & 7;
+        multi = (it >> 7) & 1;
+        win = (int)((unsigned)it >> 8);
+        n = step ? (int)counts[win] : 0;
+        if (step == 0) step = 1;
+    } else {
+        if (!work_item(big, n_big, small, w, win, first, step)) return;
+        multi = step == WARPS;
+        n = counts[win];
+    }
     const long long start = offsets[win];
-    const int n = counts[win];
 
     // Phase 1: chunks first, first + step, ... of 8 voxels.
     float acc[2][4][4];
@@ -481,15 +498,26 @@ __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
 #pragma unroll
     for (int col = 33; col < KS; col++) kvs[lane * KS + col] = 0.f;
     const float *kv = kvs;
-    if (step == WARPS) {  // a big window: sum the eight warps' tiles
+    if (multi) {  // windows shared by warps: each first warp's tile gets the sum
         __syncthreads();
-        for (int e = threadIdx.x; e < 32 * KS; e += blockDim.x) {
-            float x = fwd_smem[FWD_STAGE_FLOATS + e];
-            for (int u = 1; u < WARPS; u++) x += fwd_smem[u * FWD_WARP_FLOATS + FWD_STAGE_FLOATS + e];
-            fwd_smem[FWD_STAGE_FLOATS + e] = x;
+        for (int u = 0; u < WARPS; u++) {
+            int su = WARPS;  // without GROUPED the block is one window
+            if (GROUPED) {
+                const int iu = small[blockIdx.x * WARPS + u];
+                su = ((iu >> 4) & 7) == 0 ? iu & 15 : 0;
+            } else if (u > 0) {
+                break;
+            }
+            if (su < 2) continue;
+            float *lead = fwd_smem + u * FWD_WARP_FLOATS + FWD_STAGE_FLOATS;
+            for (int e = threadIdx.x; e < 32 * KS; e += blockDim.x) {
+                float x = lead[e];
+                for (int o = 1; o < su; o++) x += lead[o * FWD_WARP_FLOATS + e];
+                lead[e] = x;
+            }
         }
         __syncthreads();
-        kv = fwd_smem + FWD_STAGE_FLOATS;
+        kv = fwd_smem + (w - first) * FWD_WARP_FLOATS + FWD_STAGE_FLOATS;
     } else {
         __syncwarp();
     }
@@ -859,7 +887,13 @@ __device__ void sla_fwd_broken(const T *q, const T *k, const T *v, T *out,
         sla_fwd_##SUFFIX(const T *q, const T *k, const T *v, T *out, const unsigned *offsets, \
                          const unsigned *counts, const int *big, int n_big, const int *small, \
                          int heads) {                                                        \
-        sla_fwd_mma<T>(q, k, v, out, offsets, counts, big, n_big, small, heads);             \
+        sla_fwd_mma<T, false>(q, k, v, out, offsets, counts, big, n_big, small, heads);      \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 3)                               \
+        sla_fwd_grouped_##SUFFIX(const T *q, const T *k, const T *v, T *out,                 \
+                                 const unsigned *offsets, const unsigned *counts,            \
+                                 const int *big, int n_big, const int *small, int heads) {   \
+        sla_fwd_mma<T, true>(q, k, v, out, offsets, counts, big, n_big, small, heads);       \
     }                                                                                        \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)                              \
         sla_bwd_##SUFFIX(const T *q, const T *k, const T *v, const T *dout, T *dq, T *dk,    \

@@ -35,10 +35,12 @@
 //!
 //! Modules: [`lidar`] (the ray-cast LiDAR simulator), [`voxel`]
 //! (voxelisation and windows), [`stereo`] (the Middlebury capture),
-//! [`sla`] (the CPU operator and its float64 reference), `cuda` (feature
-//! `cuda`: the kernels' host side).
+//! [`sla`] (the CPU operator and its float64 reference), [`packing`] (how
+//! the tensor-core forward kernel shares windows among warps), `cuda`
+//! (feature `cuda`: the kernels' host side).
 
 pub mod lidar;
+pub mod packing;
 pub mod sla;
 pub mod stereo;
 pub mod voxel;

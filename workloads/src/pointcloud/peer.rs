@@ -12,10 +12,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::rc::Rc;
-use std::time::Duration;
 
 use super::{timing_figures, Config, Errors, RefKind, Scene, TrialSla, DIM, HEADS};
-use crate::child::{spawn_logged, wait_limited};
+use crate::child::{peer_timeout, spawn_logged, stderr_tail, wait_limited, PEER_TIMEOUT_VAR};
 use crate::clock::Stopwatch;
 use crate::contract::{Job, Outcome};
 use crate::WorkloadError;
@@ -152,20 +151,6 @@ fn write_scene(dir: &Path, scene: &Scene, bits: u32) -> Result<(), WorkloadError
 /// H100, 2026-11-27; the same call took seconds on another machine).
 const PEER_TIMEOUT_S: u64 = 300;
 
-/// [`PEER_TIMEOUT_S`], or `BENCH_SUITE_PEER_TIMEOUT_S` where set.
-fn peer_timeout() -> Result<Duration, WorkloadError> {
-    const VAR: &str = "BENCH_SUITE_PEER_TIMEOUT_S";
-    match std::env::var(VAR) {
-        Err(_) => Ok(Duration::from_secs(PEER_TIMEOUT_S)),
-        Ok(v) => match v.trim().parse::<u64>() {
-            Ok(s) if s > 0 => Ok(Duration::from_secs(s)),
-            _ => Err(WorkloadError::Config(format!(
-                "{VAR}={v:?} is not a positive number of seconds; unset it or give one such as {PEER_TIMEOUT_S}"
-            ))),
-        },
-    }
-}
-
 /// Runs the script once for `implementation` on `scene`.
 fn run_script(
     implementation: &str,
@@ -199,7 +184,7 @@ fn run_script(
         .arg(reps.to_string())
         .arg("--warmup")
         .arg(warm.to_string());
-    let limit = peer_timeout()?;
+    let limit = peer_timeout(PEER_TIMEOUT_S)?;
     let stderr = output.0.join("stderr.txt");
     let log = std::fs::File::create(&stderr).map_err(|e| io(&stderr, e))?;
     let child = spawn_logged(cmd, log).map_err(|e| {
@@ -212,17 +197,12 @@ fn run_script(
             "waiting for the peer script for `{implementation}`: {e}"
         ))
     })?;
-    let err_tail = || {
-        let err = std::fs::read(&stderr).unwrap_or_default();
-        let err = String::from_utf8_lossy(&err);
-        let tail: Vec<&str> = err.lines().rev().take(6).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-    };
+    let err_tail = || stderr_tail(&stderr, 6);
     match ran {
         None => {
             return Err(WorkloadError::Other(format!(
                 "peer script for `{implementation}` did not finish within {} s and was stopped \
-                 (BENCH_SUITE_PEER_TIMEOUT_S raises the limit); its last output: {}",
+                 ({PEER_TIMEOUT_VAR} raises the limit); its last output: {}",
                 limit.as_secs(),
                 err_tail()
             )))
