@@ -49,9 +49,23 @@ const FWD_SMEM: u32 = (WARPS * (16 + 32) * 40 * 4) as u32;
 /// frame, 2% faster at 300k voxels) and against 16 and 64 on an H200 (16:
 /// 8% slower on the frame); `sla_forward_sweep`, 2026-11-27.
 const SMALL: u32 = 32;
-/// How the tensor-core forward kernel shares windows among warps by
-/// default (see [`Schedule`]).
-const FORWARD_SCHEDULE: Schedule = Schedule::Grouped { per_warp: 32 };
+/// Voxels per warp among which the forward schedule is autotuned, once per
+/// layout in untimed set-up ([`Problem::new`]). Measured on an H200
+/// (`sla_forward_sweep`, one session, 2026-11-27, f32 / bf16) the best
+/// share grows with the scene and depends on its windows: 16 at 10k
+/// voxels (0.0233 / 0.0220 ms; the block list 0.0272 / 0.0249), 64 on a
+/// Waymo-like frame of 27k (0.0431 / 0.0372; block list 0.0452 / 0.0418),
+/// 64 on a nuScenes-like frame of 9.4k with a few very large windows
+/// (0.0247 / 0.0236; block list 0.0297 / 0.0283), 64 at 100k, 128-256 at
+/// 300k and 256 at 1M (0.7535 / 0.8214 ms; block list 0.9414 / 0.9332).
+/// No fixed share is within 10% of the best at every size, so each layout
+/// gets the fastest of these, as Triton's autotuner picks a kernel
+/// configuration per shape.
+const PER_WARP_CANDIDATES: &[u32] = &[8, 16, 32, 64, 128, 256];
+/// Forward launches per candidate while autotuning: warm-up, then timed
+/// (the median decides).
+const AUTOTUNE_WARM: usize = 2;
+const AUTOTUNE_REPS: usize = 10;
 
 /// How the tensor-core forward kernel (`Op::Sla`, and the padded-linear
 /// baseline's attention) shares windows among warps. The backward and the
@@ -233,6 +247,8 @@ struct WorkList {
     /// The grouped forward kernel's items (`packing::grouped_items`) and
     /// its blocks.
     grouped: Option<(CudaSlice<i32>, u32)>,
+    /// The window sizes the lists were built from (for re-grouping).
+    counts: Vec<u32>,
 }
 
 impl WorkList {
@@ -245,16 +261,7 @@ impl WorkList {
         per_warp: Option<u32>,
     ) -> Result<Self, WorkloadError> {
         let grouped = match per_warp {
-            Some(pw) => {
-                let mut items =
-                    packing::grouped_items(counts, pw).map_err(WorkloadError::Config)?;
-                let blocks = (items.len() / WARPS) as u32;
-                items.push(0);
-                Some((
-                    stream.clone_htod(&items).map_err(|e| dev("upload", e))?,
-                    blocks,
-                ))
-            }
+            Some(pw) => Some(Self::grouped(stream, counts, pw)?),
             None => None,
         };
         let mut big: Vec<i32> = (0..counts.len() as i32)
@@ -277,7 +284,30 @@ impl WorkList {
             small: stream.clone_htod(&small).map_err(|e| dev("upload", e))?,
             blocks,
             grouped,
+            counts: counts.to_vec(),
         })
+    }
+
+    /// The grouped forward list with `per_warp` voxels a warp, uploaded.
+    fn grouped(
+        stream: &Arc<CudaStream>,
+        counts: &[u32],
+        per_warp: u32,
+    ) -> Result<(CudaSlice<i32>, u32), WorkloadError> {
+        let mut items = packing::grouped_items(counts, per_warp).map_err(WorkloadError::Config)?;
+        let blocks = (items.len() / WARPS) as u32;
+        // A zero-length buffer cannot be allocated; keep one slot.
+        items.push(0);
+        Ok((
+            stream.clone_htod(&items).map_err(|e| dev("upload", e))?,
+            blocks,
+        ))
+    }
+
+    /// Rebuilds the grouped forward list with `per_warp` voxels a warp.
+    fn regroup(&mut self, stream: &Arc<CudaStream>, per_warp: u32) -> Result<(), WorkloadError> {
+        self.grouped = Some(Self::grouped(stream, &self.counts, per_warp)?);
+        Ok(())
     }
 
     /// The forward kernel's list arguments (big, n_big, small) and blocks.
@@ -366,6 +396,8 @@ pub struct Problem<'g, T: GpuElem> {
     offsets: CudaSlice<u32>,
     counts: CudaSlice<u32>,
     work: WorkList,
+    /// The tensor-core forward kernel's schedule.
+    forward: Schedule,
     pad: Option<PadDevice<T>>,
     q: CudaSlice<T>,
     k: CudaSlice<T>,
@@ -430,10 +462,11 @@ pub struct Outputs {
 
 impl<'g, T: GpuElem> Problem<'g, T> {
     /// Uploads the scene and builds the layout metadata (untimed set-up):
-    /// the forward schedule [`FORWARD_SCHEDULE`] (tuning:
-    /// `BENCH_SUITE_SLA_GROUP` sets its voxels per warp), and windows over
-    /// `SMALL` voxels (tuning: `BENCH_SUITE_SLA_SMALL`) getting a whole
-    /// block in the other kernels.
+    /// windows over `SMALL` voxels (tuning: `BENCH_SUITE_SLA_SMALL`) get a
+    /// whole block in the backward and FMA kernels, and the tensor-core
+    /// forward kernel gets the grouped schedule with the fastest of
+    /// [`PER_WARP_CANDIDATES`] on this layout and GPU (autotuned here;
+    /// tuning: `BENCH_SUITE_SLA_GROUP` fixes the share instead).
     pub fn new(gpu: &'g Gpu, op: Op, s: &HostScene<'_, T>) -> Result<Self, WorkloadError> {
         let small = crate::device::tuning_count(
             "BENCH_SUITE_SLA_SMALL",
@@ -442,22 +475,62 @@ impl<'g, T: GpuElem> Problem<'g, T> {
         )?;
         let small = u32::try_from(small)
             .map_err(|_| WorkloadError::Config(format!("{small} voxels is not a window size")))?;
-        let forward = match FORWARD_SCHEDULE {
-            Schedule::Grouped { per_warp } => {
+        let fixed = match std::env::var_os("BENCH_SUITE_SLA_GROUP") {
+            None => None,
+            Some(_) => {
                 let pw = crate::device::tuning_count(
                     "BENCH_SUITE_SLA_GROUP",
-                    "voxels per warp of the forward kernel",
-                    per_warp as usize,
+                    "voxels per warp of the forward kernel, not autotuned",
+                    32,
                 )?;
-                Schedule::Grouped {
-                    per_warp: u32::try_from(pw).map_err(|_| {
-                        WorkloadError::Config(format!("{pw} voxels per warp is too many"))
-                    })?,
-                }
+                Some(u32::try_from(pw).map_err(|_| {
+                    WorkloadError::Config(format!(
+                        "BENCH_SUITE_SLA_GROUP={pw} voxels per warp is too many; give at most 4096"
+                    ))
+                })?)
             }
-            Schedule::Blocks { .. } => Schedule::Blocks { small },
         };
-        Self::with_schedule(gpu, op, s, small, forward)
+        let per_warp = fixed.unwrap_or(PER_WARP_CANDIDATES[0]);
+        let mut p = Self::with_schedule(gpu, op, s, small, Schedule::Grouped { per_warp })?;
+        if fixed.is_none() && matches!(op, Op::Sla | Op::PaddedLinear) {
+            p.autotune_forward()?;
+        }
+        Ok(p)
+    }
+
+    /// Picks the forward schedule's voxels per warp: the candidate with
+    /// the smallest median forward time (the whole forward operator, so
+    /// padded-linear's gathers included), which then stays.
+    fn autotune_forward(&mut self) -> Result<(), WorkloadError> {
+        let stream = self.gpu.stream.clone();
+        let mut best = (f64::INFINITY, PER_WARP_CANDIDATES[0]);
+        for &pw in PER_WARP_CANDIDATES {
+            self.forward_work().regroup(&stream, pw)?;
+            for _ in 0..AUTOTUNE_WARM {
+                self.launch(false)?;
+            }
+            let t = median(&self.time(false, AUTOTUNE_REPS)?);
+            if t < best.0 {
+                best = (t, pw);
+            }
+        }
+        self.forward_work().regroup(&stream, best.1)?;
+        self.forward = Schedule::Grouped { per_warp: best.1 };
+        Ok(())
+    }
+
+    /// The work list the tensor-core forward kernel reads.
+    fn forward_work(&mut self) -> &mut WorkList {
+        match &mut self.pad {
+            Some(p) => &mut p.work,
+            None => &mut self.work,
+        }
+    }
+
+    /// The tensor-core forward kernel's schedule (what autotuning chose),
+    /// or None for the ops that do not run that kernel.
+    pub fn forward_schedule(&self) -> Option<Schedule> {
+        matches!(self.op, Op::Sla | Op::PaddedLinear).then_some(self.forward)
     }
 
     /// As [`Problem::new`], with the forward kernel's schedule given and
@@ -571,6 +644,10 @@ impl<'g, T: GpuElem> Problem<'g, T> {
             offsets: up32(s.offsets)?,
             counts: up32(s.counts)?,
             work: WorkList::new(st, s.counts, small_max, per_warp)?,
+            forward: match per_warp {
+                Some(per_warp) => Schedule::Grouped { per_warp },
+                None => Schedule::Blocks { small: small_max },
+            },
             pad,
             q: up(s.q)?,
             k: up(s.k)?,
@@ -1050,7 +1127,8 @@ mod tests {
     /// every forward schedule in `BENCH_SUITE_SLA_SWEEP_SMALL`
     /// (comma-separated, [`Schedule::parse`]: `32` for the block list with
     /// that largest one-warp window, `g32` for the grouped list with that
-    /// many voxels a warp; default `32,g32`), the tensor-core forward
+    /// many voxels a warp, `auto` for the autotuned schedule of
+    /// [`Problem::new`]; default `32,auto`), the tensor-core forward
     /// beside the FMA forward ([`Op::SlaFfma`], block list) of the same
     /// source. Every output on
     /// the Waymo-like frame is checked against the float64 reference of
@@ -1064,9 +1142,12 @@ mod tests {
         }
         let sources = std::env::var("BENCH_SUITE_SLA_SWEEP").unwrap_or_else(|_| "builtin".into());
         let smalls =
-            std::env::var("BENCH_SUITE_SLA_SWEEP_SMALL").unwrap_or_else(|_| "32,g32".into());
-        let mut scenes = vec![("waymo-like".to_string(), lidar::waymo_like(1))];
-        for size in [10_000, 30_000, 100_000, 300_000] {
+            std::env::var("BENCH_SUITE_SLA_SWEEP_SMALL").unwrap_or_else(|_| "32,auto".into());
+        let mut scenes = vec![
+            ("waymo-like".to_string(), lidar::waymo_like(1)),
+            ("nuscenes-like".to_string(), lidar::nuscenes_like(1)),
+        ];
+        for size in [10_000, 30_000, 100_000, 300_000, 1_000_000] {
             scenes.push((format!("scaling {size}"), lidar::scaling(size, 1)));
         }
         // Inputs (f32, and bf16 bits) and, for the Waymo-like frame, the
@@ -1112,7 +1193,9 @@ mod tests {
                 Gpu::with_source(0, &text).unwrap()
             };
             for (k, small) in smalls.split(',').enumerate() {
-                let sched = Schedule::parse(small).expect("BENCH_SUITE_SLA_SWEEP_SMALL");
+                // `auto`: Problem::new's autotuned schedule.
+                let sched = (small.trim() != "auto")
+                    .then(|| Schedule::parse(small).expect("BENCH_SUITE_SLA_SWEEP_SMALL"));
                 for ((name, w), (x, b, refs)) in scenes.iter().zip(&data) {
                     let n = w.n_voxels();
                     // The FMA kernel once per source (it reads the block list).
@@ -1157,15 +1240,20 @@ mod tests {
         op: Op,
         x: [&[T]; 4],
         w: &crate::pointcloud::voxel::Windowed,
-        sched: Schedule,
+        sched: Option<Schedule>,
         want: Option<&sla::Grads64>,
     ) -> (f64, Option<f64>) {
         let scene = HostScene::new(x, &w.offsets, &w.counts);
-        let small = match sched {
-            Schedule::Blocks { small } => small,
-            Schedule::Grouped { .. } => SMALL,
+        let mut p = match sched {
+            None => Problem::new(gpu, op, &scene).unwrap(),
+            Some(Schedule::Blocks { small }) => {
+                Problem::with_schedule(gpu, op, &scene, small, Schedule::Blocks { small }).unwrap()
+            }
+            Some(g) => Problem::with_schedule(gpu, op, &scene, SMALL, g).unwrap(),
         };
-        let mut p = Problem::with_schedule(gpu, op, &scene, small, sched).unwrap();
+        if sched.is_none() {
+            eprintln!("  autotuned: {:?}", p.forward_schedule());
+        }
         p.time(false, 10).unwrap();
         let t = median(&p.time(false, 50).unwrap());
         let err = want.map(|r| {

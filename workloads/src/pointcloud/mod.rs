@@ -246,6 +246,10 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             label: "workspace (bytes)",
         },
         Figure {
+            key: "forward_voxels_per_warp",
+            label: "forward voxels per warp (autotuned)",
+        },
+        Figure {
             key: "floor_ratio",
             label: "time / memory-traffic floor",
         },
@@ -1098,6 +1102,10 @@ impl<T: cuda::GpuElem> Job for GpuJob<'_, T> {
             .insert("copy_bandwidth_bytes_per_s".into(), self.gpu.bandwidth);
         o.figures
             .insert("pad_ratio".into(), self.problem.pad_ratio());
+        if let Some(cuda::Schedule::Grouped { per_warp }) = self.problem.forward_schedule() {
+            o.figures
+                .insert("forward_voxels_per_warp".into(), per_warp as f64);
+        }
         self.scene.figures(&mut o);
         Ok(o)
     }
