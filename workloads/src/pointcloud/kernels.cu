@@ -20,7 +20,10 @@
 // classes from a work list built once per layout: a window with more than
 // SMALL voxels gets a whole block of WARPS warps that split its voxels
 // (the paper's chunk-wise split) and reduce their partial states in shared
-// memory; smaller windows are packed WARPS to a block, one warp each.
+// memory; smaller windows are packed WARPS to a block, one warp each. The
+// tensor-core forward also has a grouped list (sla_fwd_grouped_*, built by
+// packing.rs): a window gets warps in proportion to its voxels, up to
+// WARPS, and several windows share a block.
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 32
