@@ -481,7 +481,7 @@ mod tests {
         };
         let first = trial.peers("sh", &script).unwrap_err().to_string();
         assert!(
-            first.contains("no GPU here") && first.contains('3'),
+            first.contains("no GPU here") && first.contains("exit status: 3"),
             "{first}"
         );
         let again = trial.peers("sh", &script).unwrap_err().to_string();

@@ -72,7 +72,7 @@ const SMALL: u32 = 32;
 /// the run's scenes, alternating r4's binary (block list) and this one
 /// twice on one H100 (`ab-records.jsonl` of the r5 run, 2026-11-27), the
 /// autotuned grouped schedule made the f32 forward 2-11% faster (1M
-/// voxels 0.98 -> 0.87 ms) but the bf16 forward up to 6% slower at four of
+/// voxels 0.98 -> 0.87 ms) but the bf16 forward 2-6% slower at five of
 /// seven sizes and frames (1M 0.878 -> 0.928 ms), so bf16 keeps the block
 /// list ([`BF16_FORWARD`]).
 const PER_WARP_CANDIDATES: &[u32] = &[8, 16, 32, 64, 128, 256];
@@ -502,7 +502,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
                 )?;
                 Some(u32::try_from(pw).map_err(|_| {
                     WorkloadError::Config(format!(
-                        "BENCH_SUITE_SLA_GROUP={pw} voxels per warp is too many; give at most 4096"
+                        "BENCH_SUITE_SLA_GROUP={pw} is too many voxels per warp; give a count such as 32"
                     ))
                 })?)
             }
