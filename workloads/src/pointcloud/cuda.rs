@@ -74,10 +74,8 @@ const SMALL: u32 = 32;
 /// autotuned grouped schedule made the f32 forward 2-11% faster (1M
 /// voxels 0.98 -> 0.87 ms) but the bf16 forward 2-6% slower at five of
 /// seven sizes and frames (1M 0.878 -> 0.928 ms), so bf16 keeps the block
-/// list ([`BF16_FORWARD`]).
+/// list ([`Problem::new`]).
 const PER_WARP_CANDIDATES: &[u32] = &[8, 16, 32, 64, 128, 256];
-/// The bf16 forward's schedule (see [`PER_WARP_CANDIDATES`]).
-const BF16_FORWARD: Schedule = Schedule::Blocks { small: SMALL };
 /// Forward launches per candidate while autotuning: warm-up, then timed
 /// (the median decides).
 const AUTOTUNE_WARM: usize = 2;
@@ -482,7 +480,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
     /// whole block in the backward and FMA kernels, and the tensor-core
     /// forward kernel gets, in f32, the grouped schedule with the fastest
     /// of [`PER_WARP_CANDIDATES`] on this layout and GPU (autotuned here),
-    /// in bf16 [`BF16_FORWARD`]. Tuning: `BENCH_SUITE_SLA_GROUP` fixes the
+    /// in bf16 the block list (see [`PER_WARP_CANDIDATES`]). Tuning: `BENCH_SUITE_SLA_GROUP` fixes the
     /// grouped share instead, in both precisions.
     pub fn new(gpu: &'g Gpu, op: Op, s: &HostScene<'_, T>) -> Result<Self, WorkloadError> {
         let small = crate::device::tuning_count(
@@ -509,11 +507,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
         };
         let per_warp = fixed.unwrap_or(PER_WARP_CANDIDATES[0]);
         if fixed.is_none() && T::SUFFIX == "bf16" {
-            let forward = match BF16_FORWARD {
-                Schedule::Blocks { .. } => Schedule::Blocks { small },
-                g => g,
-            };
-            return Self::with_schedule(gpu, op, s, small, forward);
+            return Self::with_schedule(gpu, op, s, small, Schedule::Blocks { small });
         }
         let mut p = Self::with_schedule(gpu, op, s, small, Schedule::Grouped { per_warp })?;
         if fixed.is_none() && matches!(op, Op::Sla | Op::PaddedLinear) {
@@ -558,7 +552,8 @@ impl<'g, T: GpuElem> Problem<'g, T> {
     }
 
     /// As [`Problem::new`], with the forward kernel's schedule given and
-    /// windows over `small` voxels getting a block in the other kernels.
+    /// windows over `small` voxels getting a block in the other kernels (a
+    /// `Blocks` forward schedule's own threshold replaces `small`).
     pub fn with_schedule(
         gpu: &'g Gpu,
         op: Op,
