@@ -15,8 +15,9 @@
 //! groups, and scattering the results back.
 //!
 //! The SLA forward kernel (and the padded-linear baseline, which runs the
-//! same kernel on padded groups) multiplies on tensor cores in f32
-//! accuracy (3xTF32; see kernels.cu). For tuning on a GPU machine without
+//! same kernel on padded groups) multiplies on tensor cores: f32 inputs in
+//! f32 accuracy (3xTF32), bf16 inputs with bf16 operands and f32
+//! accumulation (see kernels.cu). For tuning on a GPU machine without
 //! a Rust toolchain: `BENCH_SUITE_SLA_CU` compiles another kernels.cu,
 //! `BENCH_SUITE_SLA_SMALL` changes the largest window given one warp and
 //! `BENCH_SUITE_SLA_GROUP` fixes the grouped forward schedule's voxels per
@@ -27,8 +28,8 @@
 //!
 //! Forward schedules ([`Schedule`]): the block list gives every window over
 //! `SMALL` voxels a block of eight warps; the grouped list ([`packing`])
-//! gives a window warps in proportion to its voxels. f32 uses the grouped
-//! list with its share autotuned per layout in set-up; bf16 the block list
+//! gives a window warps in proportion to its voxels. The forward uses the
+//! grouped list with its share autotuned per layout in set-up
 //! (measurements at [`PER_WARP_CANDIDATES`]).
 
 use std::sync::Arc;
@@ -68,13 +69,16 @@ const SMALL: u32 = 32;
 /// 300k and 256 at 1M (0.7535 / 0.8214 ms; block list 0.9414 / 0.9332).
 /// No fixed share is within 10% of the best at every size, so each layout
 /// gets the fastest of these, as Triton's autotuner picks a kernel
-/// configuration per shape. f32 only: in the workload's own timing, on
-/// the run's scenes, alternating r4's binary (block list) and this one
-/// twice on one H100 (`ab-records.jsonl` of the r5 run, 2026-11-27), the
-/// autotuned grouped schedule made the f32 forward 2-11% faster (1M
-/// voxels 0.98 -> 0.87 ms) but the bf16 forward 2-6% slower at five of
-/// seven sizes and frames (1M 0.878 -> 0.928 ms), so bf16 keeps the block
-/// list ([`Problem::new`]).
+/// configuration per shape. In the workload's own timing, on the run's
+/// scenes, alternating r4's binary (block list) and r5's twice on one H100
+/// (`ab-records.jsonl` of the r5 run, 2026-11-27), the autotuned grouped
+/// schedule made the f32 forward 2-11% faster (1M voxels 0.98 -> 0.87 ms)
+/// but the bf16 forward of that time (TF32 tensor cores) 2-6% slower at
+/// five of seven sizes and frames, so bf16 kept the block list until its
+/// own bf16 tensor-core kernel (`sla_fwd_bf16mma`), with which the
+/// autotuned grouped schedule beat the block list at every size and frame
+/// of the sweep (H100, 2026-11-28: Waymo-like frame 0.0252 against 0.0301
+/// ms, 1M voxels 0.609 against 0.656 ms).
 const PER_WARP_CANDIDATES: &[u32] = &[8, 16, 32, 64, 128, 256];
 /// Forward launches per candidate while autotuning: warm-up, then timed
 /// (the median decides).
@@ -478,10 +482,9 @@ impl<'g, T: GpuElem> Problem<'g, T> {
     /// Uploads the scene and builds the layout metadata (untimed set-up):
     /// windows over `SMALL` voxels (tuning: `BENCH_SUITE_SLA_SMALL`) get a
     /// whole block in the backward and FMA kernels, and the tensor-core
-    /// forward kernel gets, in f32, the grouped schedule with the fastest
-    /// of [`PER_WARP_CANDIDATES`] on this layout and GPU (autotuned here),
-    /// in bf16 the block list (see [`PER_WARP_CANDIDATES`]). Tuning: `BENCH_SUITE_SLA_GROUP` fixes the
-    /// grouped share instead, in both precisions.
+    /// forward kernel gets the grouped schedule with the fastest of
+    /// [`PER_WARP_CANDIDATES`] on this layout and GPU (autotuned here).
+    /// Tuning: `BENCH_SUITE_SLA_GROUP` fixes the grouped share instead.
     pub fn new(gpu: &'g Gpu, op: Op, s: &HostScene<'_, T>) -> Result<Self, WorkloadError> {
         let small = crate::device::tuning_count(
             "BENCH_SUITE_SLA_SMALL",
@@ -506,9 +509,6 @@ impl<'g, T: GpuElem> Problem<'g, T> {
             }
         };
         let per_warp = fixed.unwrap_or(PER_WARP_CANDIDATES[0]);
-        if fixed.is_none() && T::SUFFIX == "bf16" {
-            return Self::with_schedule(gpu, op, s, small, Schedule::Blocks { small });
-        }
         let mut p = Self::with_schedule(gpu, op, s, small, Schedule::Grouped { per_warp })?;
         if fixed.is_none() && matches!(op, Op::Sla | Op::PaddedLinear) {
             p.autotune_forward()?;
