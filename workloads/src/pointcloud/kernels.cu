@@ -765,7 +765,8 @@ __device__ void sla_fwd_bf16mma(const unsigned short *q, const unsigned short *k
 #pragma unroll
         for (int m = 0; m < 2; m++) {
 #pragma unroll
-            for (int j = 0; j < 4; j++) mma_bf16(acc[m][j], a[m], b[j >> 1][2 * (j & 1)], b[j >> 1][2 * (j & 1) + 1]);
+            for (int j = 0; j < 4; j++)
+                mma_bf16(acc[m][j], a[m], b[j >> 1][2 * (j & 1)], b[j >> 1][2 * (j & 1) + 1]);
             mma_bf16(accs[m], a[m], ONES, ONES);
         }
         __syncwarp();
