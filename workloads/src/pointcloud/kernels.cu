@@ -422,6 +422,59 @@ __device__ __forceinline__ void st2(float *p, long long i, float x, float y) {
     *reinterpret_cast<float2 *>(p + i) = make_float2(x, y);
 }
 
+// The forward's work item of warp w: its window, first chunk, chunk step
+// and voxel count, and whether its block shares windows among warps.
+// GROUPED: from the grouped list (an empty slot has n = 0 and still meets
+// the block's barriers); otherwise from work_item (false: an empty slot,
+// whose warp returns).
+template <bool GROUPED>
+__device__ __forceinline__ bool fwd_work_item(const int *big, int n_big, const int *small,
+                                              const unsigned *counts, int item, int w, int &win,
+                                              int &first, int &step, int &n, bool &multi) {
+    if (GROUPED) {
+        const int it = small[item * WARPS + w];
+        step = it & 15;
+        first = (it >> 4) & 7;
+        multi = (it >> 7) & 1;
+        win = (int)((unsigned)it >> 8);
+        n = step ? (int)counts[win] : 0;
+        if (step == 0) step = 1;
+        return true;
+    }
+    if (!work_item(big, n_big, small, item, w, win, first, step)) return false;
+    multi = step == WARPS;
+    n = counts[win];
+    return true;
+}
+
+// In a block whose warps share windows (every warp calls this: it holds
+// two block-wide barriers), sums the partial state tiles of each window
+// into the tile of its first warp, and returns the tile of warp w's
+// window.
+template <bool GROUPED>
+__device__ __forceinline__ const float *sum_shared_states(float *fwd_smem, const int *small,
+                                                          int item, int w, int first) {
+    __syncthreads();
+    for (int u = 0; u < WARPS; u++) {
+        int su = WARPS;  // without GROUPED the block is one window
+        if (GROUPED) {
+            const int iu = small[item * WARPS + u];
+            su = ((iu >> 4) & 7) == 0 ? iu & 15 : 0;
+        } else if (u > 0) {
+            break;
+        }
+        if (su < 2) continue;
+        float *lead = fwd_smem + u * FWD_WARP_FLOATS + FWD_STAGE_FLOATS;
+        for (int e = threadIdx.x; e < 32 * KS; e += blockDim.x) {
+            float x = lead[e];
+            for (int o = 1; o < su; o++) x += lead[o * FWD_WARP_FLOATS + e];
+            lead[e] = x;
+        }
+    }
+    __syncthreads();
+    return fwd_smem + (w - first) * FWD_WARP_FLOATS + FWD_STAGE_FLOATS;
+}
+
 // GROUPED: the work list of packing.rs instead of work_item's: `small`
 // holds one item per warp, (window << 8) | (multi << 7) | (first << 4) |
 // step, `step` warps sharing a window (0: an empty slot, which still meets
@@ -441,19 +494,8 @@ __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
     float *kvs = stage + FWD_STAGE_FLOATS;
     int win, first, step, n;
     bool multi;
-    if (GROUPED) {
-        const int it = small[item * WARPS + w];
-        step = it & 15;
-        first = (it >> 4) & 7;
-        multi = (it >> 7) & 1;
-        win = (int)((unsigned)it >> 8);
-        n = step ? (int)counts[win] : 0;
-        if (step == 0) step = 1;
-    } else {
-        if (!work_item(big, n_big, small, item, w, win, first, step)) return;
-        multi = step == WARPS;
-        n = counts[win];
-    }
+    if (!fwd_work_item<GROUPED>(big, n_big, small, counts, item, w, win, first, step, n, multi))
+        return;
     const long long start = offsets[win];
 
     // Phase 1: chunks first, first + step, ... of 8 voxels.
@@ -532,29 +574,8 @@ __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
 #pragma unroll
     for (int col = 33; col < KS; col++) kvs[lane * KS + col] = 0.f;
     const float *kv = kvs;
-    if (multi) {  // windows shared by warps: each first warp's tile gets the sum
-        __syncthreads();
-        for (int u = 0; u < WARPS; u++) {
-            int su = WARPS;  // without GROUPED the block is one window
-            if (GROUPED) {
-                const int iu = small[item * WARPS + u];
-                su = ((iu >> 4) & 7) == 0 ? iu & 15 : 0;
-            } else if (u > 0) {
-                break;
-            }
-            if (su < 2) continue;
-            float *lead = fwd_smem + u * FWD_WARP_FLOATS + FWD_STAGE_FLOATS;
-            for (int e = threadIdx.x; e < 32 * KS; e += blockDim.x) {
-                float x = lead[e];
-                for (int o = 1; o < su; o++) x += lead[o * FWD_WARP_FLOATS + e];
-                lead[e] = x;
-            }
-        }
-        __syncthreads();
-        kv = fwd_smem + (w - first) * FWD_WARP_FLOATS + FWD_STAGE_FLOATS;
-    } else {
-        __syncwarp();
-    }
+    if (multi) kv = sum_shared_states<GROUPED>(fwd_smem, small, item, w, first);
+    else __syncwarp();
 
     // Phase 2: chunks first, first + step, ... of 16 voxels.
     float *sq = stage;
@@ -712,19 +733,8 @@ __device__ void sla_fwd_bf16mma(const unsigned short *q, const unsigned short *k
     float *kvs = stage_f + FWD_STAGE_FLOATS;
     int win, first, step, n;
     bool multi;
-    if (GROUPED) {
-        const int it = small[item * WARPS + w];
-        step = it & 15;
-        first = (it >> 4) & 7;
-        multi = (it >> 7) & 1;
-        win = (int)((unsigned)it >> 8);
-        n = step ? (int)counts[win] : 0;
-        if (step == 0) step = 1;
-    } else {
-        if (!work_item(big, n_big, small, item, w, win, first, step)) return;
-        multi = step == WARPS;
-        n = counts[win];
-    }
+    if (!fwd_work_item<GROUPED>(big, n_big, small, counts, item, w, win, first, step, n, multi))
+        return;
     const long long start = offsets[win];
     // ldmatrix row addresses: lane L gives row L & 7 of matrix L >> 3.
     const int mq = lane >> 3, mr = lane & 7;
@@ -792,29 +802,8 @@ __device__ void sla_fwd_bf16mma(const unsigned short *q, const unsigned short *k
 #pragma unroll
     for (int col = 33; col < KS; col++) kvs[lane * KS + col] = 0.f;
     const float *kv = kvs;
-    if (multi) {  // windows shared by warps: each first warp's tile gets the sum
-        __syncthreads();
-        for (int u = 0; u < WARPS; u++) {
-            int su = WARPS;  // without GROUPED the block is one window
-            if (GROUPED) {
-                const int iu = small[item * WARPS + u];
-                su = ((iu >> 4) & 7) == 0 ? iu & 15 : 0;
-            } else if (u > 0) {
-                break;
-            }
-            if (su < 2) continue;
-            float *lead = fwd_smem + u * FWD_WARP_FLOATS + FWD_STAGE_FLOATS;
-            for (int e = threadIdx.x; e < 32 * KS; e += blockDim.x) {
-                float x = lead[e];
-                for (int o = 1; o < su; o++) x += lead[o * FWD_WARP_FLOATS + e];
-                lead[e] = x;
-            }
-        }
-        __syncthreads();
-        kv = fwd_smem + (w - first) * FWD_WARP_FLOATS + FWD_STAGE_FLOATS;
-    } else {
-        __syncwarp();
-    }
+    if (multi) kv = sum_shared_states<GROUPED>(fwd_smem, small, item, w, first);
+    else __syncwarp();
 
     // [KV | s] as B fragments of k-step ks (channels 16ks..) and n-tile j:
     // b0b1 = rows 16ks + 2t, +1 and b2b3 = rows 16ks + 2t + 8, +9, column
