@@ -77,8 +77,8 @@ const SMALL: u32 = 32;
 /// five of seven sizes and frames, so bf16 kept the block list until its
 /// own bf16 tensor-core kernel (`sla_fwd_bf16mma`), with which the
 /// autotuned grouped schedule beat the block list at every size and frame
-/// of the sweep (H100, 2026-11-28: Waymo-like frame 0.0252 against 0.0301
-/// ms, 1M voxels 0.609 against 0.656 ms).
+/// of the sweep (H100, 2026-11-28, medians of two rounds: Waymo-like frame
+/// 0.0255 against 0.0304 ms, 1M voxels 0.611 against 0.657 ms).
 const PER_WARP_CANDIDATES: &[u32] = &[8, 16, 32, 64, 128, 256];
 /// Forward launches per candidate while autotuning: warm-up, then timed
 /// (the median decides).
