@@ -213,9 +213,10 @@ __device__ __forceinline__ void apply_state(const T *q, T *out, long long start,
 // and read the neighbouring 64-byte pieces of the same rows (a row holds
 // every head) at about the same time, instead of the whole tensor being
 // swept once per head in 64-byte pieces. Measured on an H100 (2026-11-28,
-// `sla_forward_sweep`, bf16 forward with the bf16 tensor-core kernel):
-// 1M voxels 0.736 -> 0.609 ms autotuned, 0.754 -> 0.656 ms with the block
-// list; the small frames within +-7% either way. For f32 (128-byte
+// `sla_forward_sweep`, bf16 forward with the bf16 tensor-core kernel,
+// medians of two rounds): 1M voxels 0.727 -> 0.611 ms autotuned, 0.753 ->
+// 0.657 ms with the block list; the frames and 10k voxels within 4%
+// either way. For f32 (128-byte
 // pieces) it gained nothing in the forward and made forward + backward
 // 4-8% slower from 300k voxels (the workload's own timing, two rounds),
 // so f32 keeps heads outermost.
