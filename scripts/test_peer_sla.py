@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -154,6 +155,7 @@ def check_against_reference(scene: dict, out_dir: Path, ref: dict, tol: float, i
     assert res["impl"] == impl and res["dtype"] == scene["meta"]["dtype"], res
     assert len(res["fwd_ms"]) == 3 and len(res["fwdbwd_ms"]) == 3, res
     assert all(x > 0 for x in res["fwd_ms"] + res["fwdbwd_ms"]), res
+    assert len(res["fwd_launch_ms"]) == 3 and len(res["fwdbwd_launch_ms"]) == 3, res
     assert res["torch"] and res["device"].startswith("cpu"), res
     shape = ref["out"].shape
     for name in ("out", "dq", "dk", "dv"):
@@ -362,6 +364,24 @@ def test_authors_triton_unsupported_dim(tmp: Path) -> None:
     res = json.loads((tmp / "out" / "result.json").read_text())
     assert res["status"] == "unsupported" and "power of two >= 16" in res["note"], res
     assert res["fwd_ms"] == [] and not (tmp / "out" / "out.bin").exists()
+
+
+def test_timer_protocols_on_cuda(tmp: Path) -> None:
+    """The device protocol keeps the host's time out of a sample and the
+    launch protocol keeps it in: a call that sleeps 0.5 ms on the host
+    before one tiny kernel. (Only where torch sees a CUDA device.)"""
+    if not torch.cuda.is_available():
+        raise Skip("no CUDA device")
+    timer = peer_sla.Timer("cuda")
+    x = torch.zeros(1024, device="cuda")
+
+    def call() -> None:
+        time.sleep(5e-4)
+        x.add_(1.0)
+
+    device = sorted(timer.samples_ms(call, 1, 9, "device"))[4]
+    launch = sorted(timer.samples_ms(call, 0, 9, "launch"))[4]
+    assert launch >= 0.5 and device < 0.1, (device, launch)
 
 
 def test_bad_input(tmp: Path) -> None:

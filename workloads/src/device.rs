@@ -74,6 +74,109 @@ pub fn cuda_context(
         .map_err(|e| WorkloadError::Device(format!("cannot open cuda:{ordinal}: {e}")))
 }
 
+/// How a CUDA-event sample is taken ([`ColdStart`]).
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timing {
+    /// The device's time alone, from a cold L2: the published figure.
+    Device,
+    /// Events recorded on an idle, synchronised device: the sample also
+    /// holds the host's submission of every launch, and the L2 keeps what
+    /// the previous sample left there (what runs r1-r6 of `point-cloud-sla`
+    /// reported).
+    Launch,
+}
+
+/// Makes an event pair time the device alone. Before the start event, the
+/// L2 is flushed (256 MiB zeroed, as `triton.testing.do_bench` does) and
+/// the stream held by a kernel that spins for [`ColdStart::HOLD_NS`] (as
+/// nvbench's blocking kernel does), so the host has queued the start
+/// event, the timed launches and the end event before the device reaches
+/// them. Without this, a sample taken on an idle device also measures how
+/// fast the host submits the launches, and small inputs are read from L2,
+/// not memory.
+#[cfg(feature = "cuda")]
+pub struct ColdStart {
+    flush: std::cell::RefCell<cudarc::driver::CudaSlice<u8>>,
+    hold: cudarc::driver::CudaFunction,
+    _module: std::sync::Arc<cudarc::driver::CudaModule>,
+}
+
+#[cfg(feature = "cuda")]
+impl ColdStart {
+    /// Bytes zeroed to flush the L2 (50 MiB on an H100).
+    pub const FLUSH_BYTES: usize = 256 << 20;
+    /// How long the stream is held: far longer than the host takes to queue
+    /// one sample (a few launches, or a Python call of a few kernels).
+    pub const HOLD_NS: u64 = 1_000_000;
+    const SOURCE: &'static str = r#"
+extern "C" __global__ void hold_stream(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+}
+"#;
+
+    pub fn new(
+        ctx: &std::sync::Arc<cudarc::driver::CudaContext>,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<Self, WorkloadError> {
+        let err = |what: &str, e: &dyn fmt::Display| {
+            WorkloadError::Device(format!("timing set-up ({what}): {e}"))
+        };
+        let ptx = cudarc::nvrtc::compile_ptx(Self::SOURCE)
+            .map_err(|e| err("NVRTC could not compile the stream hold", &e))?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| err("loading the stream hold", &e))?;
+        let hold = module
+            .load_function("hold_stream")
+            .map_err(|e| err("kernel hold_stream", &e))?;
+        let flush = stream
+            .alloc_zeros::<u8>(Self::FLUSH_BYTES)
+            .map_err(|e| err("allocating the L2 flush buffer", &e))?;
+        Ok(ColdStart {
+            flush: std::cell::RefCell::new(flush),
+            hold,
+            _module: module,
+        })
+    }
+
+    /// Queues the flush and the hold on `stream` (for [`Timing::Device`]).
+    pub fn prepare(
+        &self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<(), WorkloadError> {
+        let err = |e: cudarc::driver::DriverError| {
+            WorkloadError::Device(format!("timing (L2 flush and stream hold): {e}"))
+        };
+        stream
+            .memset_zeros(&mut *self.flush.borrow_mut())
+            .map_err(err)?;
+        self.hold_for(stream, Self::HOLD_NS).map_err(err)
+    }
+
+    /// Queues a kernel that spins for `ns` nanoseconds of device time.
+    pub fn hold_for(
+        &self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        ns: u64,
+    ) -> Result<(), cudarc::driver::DriverError> {
+        use cudarc::driver::PushKernelArg;
+        let mut b = stream.launch_builder(&self.hold);
+        b.arg(&ns);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: hold_stream takes one u64 and touches no memory.
+        unsafe { b.launch(cfg) }.map(|_| ())
+    }
+}
+
 /// Kernel tuning on a GPU machine without a Rust toolchain: the CUDA
 /// source a workload compiles with NVRTC is `builtin`, or the file that the
 /// environment variable `var` names (same kernels and arguments), with a

@@ -1,7 +1,7 @@
 //! The CUDA side of `point-cloud-sla` (feature `cuda`): our kernels in
 //! `kernels.cu`, compiled at run time with NVRTC for `compute_90`, and the
 //! host code that lays a scene out on the device, launches an operator and
-//! times it with CUDA events.
+//! times it with CUDA events ([`Timing`]).
 //!
 //! What is metadata and what is work. Everything derived from the window
 //! sizes alone (the offsets, the work list that packs small windows into
@@ -34,6 +34,8 @@
 
 use std::sync::Arc;
 
+pub use crate::device::Timing;
+use crate::device::ColdStart;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
     PushKernelArg, ValidAsZeroBits,
@@ -149,6 +151,7 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
+    cold: ColdStart,
     pub name: String,
     /// Wall seconds NVRTC took (reported, never timed).
     pub compile_s: f64,
@@ -184,10 +187,12 @@ impl Gpu {
             .map_err(|e| dev("loading the compiled kernels", e))?;
         let compile_s = t0.elapsed().as_secs_f64();
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let cold = ColdStart::new(&ctx, &stream)?;
         Ok(Gpu {
             ctx,
             stream,
             module,
+            cold,
             name,
             compile_s,
         })
@@ -208,7 +213,7 @@ impl Gpu {
         let mut dst: CudaSlice<f32> = self.stream.alloc_zeros(n).map_err(|e| dev("alloc", e))?;
         let mut times = Vec::with_capacity(repeats);
         for _ in 0..repeats + 2 {
-            let t = self.time(|| {
+            let t = self.time(Timing::Device, || {
                 self.stream
                     .memcpy_dtod(&src, &mut dst)
                     .map_err(|e| dev("memcpy", e))
@@ -219,14 +224,20 @@ impl Gpu {
         Ok(2.0 * (n * 4) as f64 / median(&times))
     }
 
-    /// Seconds between two events recorded around `f`'s launches.
+    /// Seconds between two events recorded around `f`'s launches, taken
+    /// as `timing` says.
     pub fn time(
         &self,
+        timing: Timing,
         f: impl FnOnce() -> Result<(), WorkloadError>,
     ) -> Result<f64, WorkloadError> {
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let start = self.ctx.new_event(flags).map_err(|e| dev("event", e))?;
         let end = self.ctx.new_event(flags).map_err(|e| dev("event", e))?;
+        match timing {
+            Timing::Device => self.cold.prepare(&self.stream)?,
+            Timing::Launch => self.synchronize()?,
+        }
         start.record(&self.stream).map_err(|e| dev("event", e))?;
         f()?;
         end.record(&self.stream).map_err(|e| dev("event", e))?;
@@ -527,7 +538,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
             for _ in 0..AUTOTUNE_WARM {
                 self.launch(false)?;
             }
-            let t = median(&self.time(false, AUTOTUNE_REPS)?);
+            let t = median(&self.time(false, AUTOTUNE_REPS, Timing::Device)?);
             if t < best.0 {
                 best = (t, pw);
             }
@@ -965,11 +976,17 @@ impl<'g, T: GpuElem> Problem<'g, T> {
     }
 
     /// Times `repeats` launches one by one with CUDA events (after the
-    /// caller's warm-up); seconds per launch.
-    pub fn time(&mut self, backward: bool, repeats: usize) -> Result<Vec<f64>, WorkloadError> {
+    /// caller's warm-up), each sample taken as `timing` says; seconds per
+    /// launch.
+    pub fn time(
+        &mut self,
+        backward: bool,
+        repeats: usize,
+        timing: Timing,
+    ) -> Result<Vec<f64>, WorkloadError> {
         let gpu = self.gpu;
         (0..repeats)
-            .map(|_| gpu.time(|| self.launch(backward)))
+            .map(|_| gpu.time(timing, || self.launch(backward)))
             .collect()
     }
 
@@ -1273,13 +1290,46 @@ mod tests {
         if sched.is_none() {
             eprintln!("  autotuned: {:?}", p.forward_schedule());
         }
-        p.time(false, 10).unwrap();
-        let t = median(&p.time(false, 50).unwrap());
+        p.time(false, 10, Timing::Device).unwrap();
+        let t = median(&p.time(false, 50, Timing::Device).unwrap());
         let err = want.map(|r| {
             gpu.synchronize().unwrap();
             sla::max_rel_err(&p.outputs().unwrap().out, &r.out)
         });
         (t, err)
+    }
+
+    /// The device protocol keeps the host's time out of a sample and the
+    /// launch protocol keeps it in: a "call" that sleeps 0.5 ms on the host
+    /// before a 1 us kernel. Also, the hold lasts what it was asked.
+    #[test]
+    fn device_timing_leaves_the_host_out() {
+        let Some(gpu) = gpu() else { return };
+        let med = |timing: Timing| {
+            let t: Vec<f64> = (0..9)
+                .map(|_| {
+                    gpu.time(timing, || {
+                        std::thread::sleep(std::time::Duration::from_micros(500));
+                        gpu.cold
+                            .hold_for(&gpu.stream, 1_000)
+                            .map_err(|e| dev("hold", e))
+                    })
+                    .unwrap()
+                })
+                .collect();
+            median(&t)
+        };
+        let (device, launch) = (med(Timing::Device), med(Timing::Launch));
+        eprintln!("host sleep 0.5 ms + 1 us kernel: device {device:.2e} s, launch {launch:.2e} s");
+        assert!(launch >= 5e-4 && device < 1e-4, "{device} {launch}");
+        let held = gpu
+            .time(Timing::Launch, || {
+                gpu.cold
+                    .hold_for(&gpu.stream, 200_000)
+                    .map_err(|e| dev("hold", e))
+            })
+            .unwrap();
+        assert!((2e-4..5e-4).contains(&held), "{held}");
     }
 
     #[test]

@@ -28,7 +28,11 @@
 //! Every configuration is a pass (`backward` = 0: forward; 1: forward plus
 //! backward) and a precision (`bits` = 32: f32; 16: bf16 storage with f32
 //! accumulation). Time-to-result is the median of repeated launches after
-//! warm-up (CUDA events on the GPU); the quality is the largest norm-wise
+//! warm-up. On the GPU each launch is timed with its own CUDA events as
+//! device time from a cold L2, the host's submission left out
+//! ([`crate::device::ColdStart`]); the same launches timed on an idle
+//! device, submission included, are recorded beside (`launch_s`). The
+//! quality is the largest norm-wise
 //! relative error of the output and the gradients against a float64
 //! reference on the same inputs, divided by the tolerance of the precision
 //! ([`sla::tolerance`]); the target is 1 (within tolerance).
@@ -930,6 +934,15 @@ fn timing_figures(o: &mut Outcome, totals: &[f64], forwards: &[f64], backward: b
     }
 }
 
+/// The median of the samples taken on an idle device ([`cuda::Timing`]'s
+/// `Launch`), beside the time-to-result; nothing when there are none.
+#[cfg(feature = "cuda")]
+fn launch_figure(o: &mut Outcome, samples: &[f64]) {
+    if !samples.is_empty() {
+        o.figures.insert("launch_s".into(), median(samples));
+    }
+}
+
 #[cfg(not(feature = "cuda"))]
 fn gpu_job<'t>(
     _trial: &'t TrialSla<'t>,
@@ -1034,6 +1047,7 @@ fn gpu_job_typed<'t, T: cuda::GpuElem>(
         cfg,
         reps,
         totals: Vec::new(),
+        launch_totals: Vec::new(),
         forwards: Vec::new(),
     }))
 }
@@ -1048,6 +1062,7 @@ struct GpuJob<'t, T: cuda::GpuElem> {
     cfg: Config,
     reps: usize,
     totals: Vec<f64>,
+    launch_totals: Vec<f64>,
     forwards: Vec<f64>,
 }
 
@@ -1056,14 +1071,21 @@ impl<T: cuda::GpuElem> Job for GpuJob<'_, T> {
     fn run(&mut self, sw: &mut Stopwatch<'_>) -> Result<(), WorkloadError> {
         for _ in 0..self.reps {
             sw.check()?;
-            let t = self.problem.time(self.cfg.backward, 1)?;
+            let t = self.problem.time(self.cfg.backward, 1, cuda::Timing::Device)?;
             self.totals.extend(t);
+        }
+        // The same launches timed on an idle device, host submission and
+        // warm L2 included (runs r1-r6's protocol), recorded beside.
+        for _ in 0..self.reps {
+            sw.check()?;
+            let t = self.problem.time(self.cfg.backward, 1, cuda::Timing::Launch)?;
+            self.launch_totals.extend(t);
         }
         if self.cfg.backward {
             // The forward pass alone, for the breakdown.
             for _ in 0..self.reps {
                 sw.check()?;
-                let t = self.problem.time(false, 1)?;
+                let t = self.problem.time(false, 1, cuda::Timing::Device)?;
                 self.forwards.extend(t);
             }
             // Leave the backward results in place for evaluation.
@@ -1085,6 +1107,7 @@ impl<T: cuda::GpuElem> Job for GpuJob<'_, T> {
         let mut o = errs.outcome(self.cfg.bits);
         let n = self.scene.windowed.n_voxels();
         timing_figures(&mut o, &self.totals, &self.forwards, self.cfg.backward, n);
+        launch_figure(&mut o, &self.launch_totals);
         let t = o.measured_time_s.unwrap_or(f64::NAN);
         // The floor: q, k, v read and out written (forward); plus q, k, v,
         // dout read and dq, dk, dv written (backward), at the measured copy

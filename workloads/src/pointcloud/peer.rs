@@ -2,7 +2,9 @@
 //! `scripts/peer_sla.py` (PyTorch `index_add_`, and the authors' Triton
 //! kernels loaded from their repository). The harness writes the scene to a
 //! temporary directory, the script times forward and forward + backward
-//! with CUDA events and writes its samples and one set of outputs back; the
+//! with CUDA events (device time from a cold L2, and beside it the same
+//! calls on an idle device, as [`super::cuda::Timing`] describes) and
+//! writes its samples and one set of outputs back; the
 //! harness checks those outputs against its own float64 reference.
 //!
 //! One script call per (implementation, scene, precision) serves both
@@ -13,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::rc::Rc;
 
-use super::{timing_figures, Config, Errors, RefKind, Scene, TrialSla, DIM, HEADS};
+use super::{launch_figure, timing_figures, Config, Errors, RefKind, Scene, TrialSla, DIM, HEADS};
 use crate::child::{peer_timeout, spawn_logged, stderr_tail, wait_limited, PEER_TIMEOUT_VAR};
 use crate::clock::Stopwatch;
 use crate::contract::{Job, Outcome};
@@ -21,8 +23,12 @@ use crate::WorkloadError;
 
 /// Timing samples of one implementation.
 pub struct Timings {
+    /// Device time from a cold L2 (the script's default protocol).
     pub fwd_s: Vec<f64>,
     pub fwdbwd_s: Vec<f64>,
+    /// The same calls timed on an idle device (host submission included).
+    pub fwd_launch_s: Vec<f64>,
+    pub fwdbwd_launch_s: Vec<f64>,
     pub peak_bytes_fwd: f64,
     pub peak_bytes_fwdbwd: f64,
     pub note: Option<String>,
@@ -44,6 +50,8 @@ impl Timings {
         Timings {
             fwd_s: samples("fwd_ms"),
             fwdbwd_s: samples("fwdbwd_ms"),
+            fwd_launch_s: samples("fwd_launch_ms"),
+            fwdbwd_launch_s: samples("fwdbwd_launch_ms"),
             peak_bytes_fwd: j["peak_bytes_fwd"].as_f64().unwrap_or(f64::NAN),
             peak_bytes_fwdbwd: j["peak_bytes_fwdbwd"].as_f64().unwrap_or(f64::NAN),
             note: j["note"].as_str().map(String::from),
@@ -354,6 +362,14 @@ impl Job for PeerJob<'_> {
             forwards,
             self.cfg.backward,
             self.scene.windowed.n_voxels(),
+        );
+        launch_figure(
+            &mut o,
+            if self.cfg.backward {
+                &t.fwdbwd_launch_s
+            } else {
+                &t.fwd_launch_s
+            },
         );
         let peak = if self.cfg.backward {
             t.peak_bytes_fwdbwd
