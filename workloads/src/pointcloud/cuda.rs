@@ -34,8 +34,8 @@
 
 use std::sync::Arc;
 
-pub use crate::device::Timing;
 use crate::device::ColdStart;
+pub use crate::device::Timing;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
     PushKernelArg, ValidAsZeroBits,

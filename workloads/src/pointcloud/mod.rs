@@ -1071,14 +1071,18 @@ impl<T: cuda::GpuElem> Job for GpuJob<'_, T> {
     fn run(&mut self, sw: &mut Stopwatch<'_>) -> Result<(), WorkloadError> {
         for _ in 0..self.reps {
             sw.check()?;
-            let t = self.problem.time(self.cfg.backward, 1, cuda::Timing::Device)?;
+            let t = self
+                .problem
+                .time(self.cfg.backward, 1, cuda::Timing::Device)?;
             self.totals.extend(t);
         }
         // The same launches timed on an idle device, host submission and
         // warm L2 included (runs r1-r6's protocol), recorded beside.
         for _ in 0..self.reps {
             sw.check()?;
-            let t = self.problem.time(self.cfg.backward, 1, cuda::Timing::Launch)?;
+            let t = self
+                .problem
+                .time(self.cfg.backward, 1, cuda::Timing::Launch)?;
             self.launch_totals.extend(t);
         }
         if self.cfg.backward {
