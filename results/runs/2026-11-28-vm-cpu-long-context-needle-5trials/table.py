@@ -1,3 +1,9 @@
+"""The README's table, formatted from the records:
+python3 table.py records.jsonl
+
+Per entry and budget: trials at target, per-trial quality, mean paired drop
+and exact match; medians over trials of the KV share, read share and
+throughputs; 8k throughput over dense's of the same trial."""
 import json, collections, statistics as st, sys
 recs=[json.loads(l) for l in open(sys.argv[1])]
 by=collections.defaultdict(dict)
