@@ -98,20 +98,29 @@ pub enum Schedule {
     /// A window gets about one warp per `per_warp` voxels, up to eight,
     /// and windows are packed into blocks by warp count ([`packing`]).
     Grouped { per_warp: u32 },
+    /// As `Grouped`, but a window given more than eight warps (up to 32)
+    /// spans up to [`packing::CLUSTER`] blocks of a thread-block cluster,
+    /// which sum its state in distributed shared memory
+    /// ([`packing::cluster_items`], `sla_fwd_cluster_*`): the largest
+    /// windows, which bound small scenes (the r7 run's Nsight Compute
+    /// profile), get four times the warps. Not yet measured or autotuned:
+    /// the tuning sweep and the kernel test take it as `c32`.
+    Cluster { per_warp: u32 },
 }
 
 impl Schedule {
-    /// `32` (blocks, the given threshold) or `g32` (grouped, voxels per
-    /// warp), as the tuning sweep takes it.
+    /// `32` (blocks, the given threshold), `g32` (grouped, voxels per
+    /// warp) or `c32` (clusters, voxels per warp), as the tuning sweep
+    /// takes it.
     pub fn parse(s: &str) -> Option<Self> {
         let s = s.trim();
-        match s.strip_prefix('g') {
-            Some(n) => n
-                .parse()
-                .ok()
-                .filter(|&n| n > 0)
-                .map(|per_warp| Schedule::Grouped { per_warp }),
-            None => s.parse().ok().map(|small| Schedule::Blocks { small }),
+        let per_warp = |n: &str| n.parse().ok().filter(|&n| n > 0);
+        if let Some(n) = s.strip_prefix('g') {
+            per_warp(n).map(|per_warp| Schedule::Grouped { per_warp })
+        } else if let Some(n) = s.strip_prefix('c') {
+            per_warp(n).map(|per_warp| Schedule::Cluster { per_warp })
+        } else {
+            s.parse().ok().map(|small| Schedule::Blocks { small })
         }
     }
 }
@@ -273,24 +282,27 @@ struct WorkList {
     n_big: i32,
     small: CudaSlice<i32>,
     blocks: u32,
-    /// The grouped forward kernel's items (`packing::grouped_items`) and
-    /// its blocks.
+    /// The grouped forward kernel's items (`packing::grouped_items`, or
+    /// `packing::cluster_items` when `cluster`) and its blocks.
     grouped: Option<(CudaSlice<i32>, u32)>,
+    cluster: bool,
     /// The window sizes the lists were built from (for re-grouping).
     counts: Vec<u32>,
 }
 
 impl WorkList {
     /// Windows of at most `small_max` voxels get one warp; `per_warp`
-    /// builds the grouped forward list as well.
+    /// builds the grouped forward list as well (the cluster list with
+    /// `cluster`).
     fn new(
         stream: &Arc<CudaStream>,
         counts: &[u32],
         small_max: u32,
         per_warp: Option<u32>,
+        cluster: bool,
     ) -> Result<Self, WorkloadError> {
         let grouped = match per_warp {
-            Some(pw) => Some(Self::grouped(stream, counts, pw)?),
+            Some(pw) => Some(Self::grouped(stream, counts, pw, cluster)?),
             None => None,
         };
         let mut big: Vec<i32> = (0..counts.len() as i32)
@@ -313,17 +325,25 @@ impl WorkList {
             small: stream.clone_htod(&small).map_err(|e| dev("upload", e))?,
             blocks,
             grouped,
+            cluster,
             counts: counts.to_vec(),
         })
     }
 
-    /// The grouped forward list with `per_warp` voxels a warp, uploaded.
+    /// The grouped (or cluster) forward list with `per_warp` voxels a
+    /// warp, uploaded.
     fn grouped(
         stream: &Arc<CudaStream>,
         counts: &[u32],
         per_warp: u32,
+        cluster: bool,
     ) -> Result<(CudaSlice<i32>, u32), WorkloadError> {
-        let mut items = packing::grouped_items(counts, per_warp).map_err(WorkloadError::Config)?;
+        let items = if cluster {
+            packing::cluster_items(counts, per_warp)
+        } else {
+            packing::grouped_items(counts, per_warp)
+        };
+        let mut items = items.map_err(WorkloadError::Config)?;
         let blocks = (items.len() / WARPS) as u32;
         // A zero-length buffer cannot be allocated; keep one slot.
         items.push(0);
@@ -335,7 +355,7 @@ impl WorkList {
 
     /// Rebuilds the grouped forward list with `per_warp` voxels a warp.
     fn regroup(&mut self, stream: &Arc<CudaStream>, per_warp: u32) -> Result<(), WorkloadError> {
-        self.grouped = Some(Self::grouped(stream, &self.counts, per_warp)?);
+        self.grouped = Some(Self::grouped(stream, &self.counts, per_warp, self.cluster)?);
         Ok(())
     }
 
@@ -573,10 +593,11 @@ impl<'g, T: GpuElem> Problem<'g, T> {
         forward: Schedule,
     ) -> Result<Self, WorkloadError> {
         // The FMA forward kernel reads the block list only.
-        let (small_max, per_warp) = match (forward, op) {
-            (_, Op::SlaFfma) => (small, None),
-            (Schedule::Blocks { small }, _) => (small, None),
-            (Schedule::Grouped { per_warp }, _) => (small, Some(per_warp)),
+        let (small_max, per_warp, cluster) = match (forward, op) {
+            (_, Op::SlaFfma) => (small, None, false),
+            (Schedule::Blocks { small }, _) => (small, None, false),
+            (Schedule::Grouped { per_warp }, _) => (small, Some(per_warp), false),
+            (Schedule::Cluster { per_warp }, _) => (small, Some(per_warp), true),
         };
         if s.dim != 32 {
             return Err(WorkloadError::Config(format!(
@@ -598,7 +619,9 @@ impl<'g, T: GpuElem> Problem<'g, T> {
         let (sla_fwd, fwd_smem) = if ffma {
             (gpu.function(&format!("sla_fwd_ffma_{suffix}"))?, 0)
         } else {
-            let name = if per_warp.is_some() {
+            let name = if cluster {
+                format!("sla_fwd_cluster_{suffix}")
+            } else if per_warp.is_some() {
                 format!("sla_fwd_grouped_{suffix}")
             } else {
                 format!("sla_fwd_{suffix}")
@@ -634,7 +657,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
                     }
                 }
                 let rows = plan.rows;
-                let padded_work = WorkList::new(st, &plan.plen, small_max, per_warp)?;
+                let padded_work = WorkList::new(st, &plan.plen, small_max, per_warp, cluster)?;
                 let zf = |len: usize| {
                     st.alloc_zeros::<f32>(len.max(1))
                         .map_err(|e| dev("device allocation", e))
@@ -673,10 +696,11 @@ impl<'g, T: GpuElem> Problem<'g, T> {
             n_windows: s.counts.len(),
             offsets: up32(s.offsets)?,
             counts: up32(s.counts)?,
-            work: WorkList::new(st, s.counts, small_max, per_warp)?,
-            forward: match per_warp {
-                Some(per_warp) => Schedule::Grouped { per_warp },
-                None => Schedule::Blocks { small: small_max },
+            work: WorkList::new(st, s.counts, small_max, per_warp, cluster)?,
+            forward: match (per_warp, cluster) {
+                (Some(per_warp), false) => Schedule::Grouped { per_warp },
+                (Some(per_warp), true) => Schedule::Cluster { per_warp },
+                (None, _) => Schedule::Blocks { small: small_max },
             },
             pad,
             q: up(s.q)?,
@@ -1132,12 +1156,16 @@ mod tests {
         // Every op with the default forward schedule; the tensor-core
         // forward (SLA and padded-linear) also with the block list, with
         // windows split among up to eight warps nearly always (4 voxels a
-        // warp), and with one warp per window (no block barrier).
+        // warp), with one warp per window (no block barrier), and with
+        // clusters: windows over 32 voxels spanning two to four blocks (4
+        // a warp), or only those over 128 (16 a warp).
         let schedules = [
             None,
             Some(Schedule::Blocks { small: SMALL }),
             Some(Schedule::Grouped { per_warp: 4 }),
             Some(Schedule::Grouped { per_warp: 1000 }),
+            Some(Schedule::Cluster { per_warp: 4 }),
+            Some(Schedule::Cluster { per_warp: 16 }),
         ];
         for op in [Op::Sla, Op::SlaFfma, Op::PaddedLinear, Op::PaddedSoftmax] {
             for sched in schedules {
@@ -1163,7 +1191,8 @@ mod tests {
     /// every forward schedule in `BENCH_SUITE_SLA_SWEEP_SMALL`
     /// (comma-separated, [`Schedule::parse`]: `32` for the block list with
     /// that largest one-warp window, `g32` for the grouped list with that
-    /// many voxels a warp, `auto` for the autotuned schedule of
+    /// many voxels a warp, `c32` for the cluster list with that many,
+    /// `auto` for the autotuned schedule of
     /// [`Problem::new`]; default `32,auto`), the tensor-core forward
     /// beside the FMA forward ([`Op::SlaFfma`], block list) of the same
     /// source. Every output on

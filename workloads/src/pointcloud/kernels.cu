@@ -24,13 +24,19 @@
 // memory; smaller windows are packed WARPS to a block, one warp each. The
 // tensor-core forward also has a grouped list (sla_fwd_grouped_*, built by
 // packing.rs): a window gets warps in proportion to its voxels, up to
-// WARPS, and several windows share a block.
+// WARPS, and several windows share a block. The cluster forward
+// (sla_fwd_cluster_*, packing.rs cluster_items) goes further for the
+// largest windows: up to CLUSTER blocks of a thread-block cluster share
+// one, and sum their partial states through distributed shared memory
+// (sum_cluster_states). Not yet run on a GPU as of its commit: the
+// kernel test (cuda.rs) checks it against the float64 reference there.
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 32
 #endif
 #define D HEAD_DIM
 #define WARPS 8
+#define CLUSTER 4 /* blocks per cluster of sla_fwd_cluster_* (packing.rs CLUSTER) */
 #define STRIDE (D + 1) /* padded row stride: conflict-free transposes */
 #define FULL 0xffffffffu
 #define EPS 1e-6f
@@ -220,9 +226,19 @@ __device__ __forceinline__ void apply_state(const T *q, T *out, long long start,
 // pieces) it gained nothing in the forward and made forward + backward
 // 4-8% slower from 300k voxels (the workload's own timing, two rounds),
 // so f32 keeps heads outermost.
-template <typename T>
+//
+// The cluster kernels (CLUSTERED) need the CLUSTER blocks of a cluster,
+// which are consecutive in x, to be consecutive items of one head. bf16
+// keeps heads innermost at the cluster's grain instead: cluster c is
+// items CLUSTER (c / heads) .. + CLUSTER - 1 of head c % heads.
+template <typename T, bool CLUSTERED = false>
 __device__ __forceinline__ void block_item(int heads, int &item, int &h) {
-    if (sizeof(T) == 2) {
+    if (CLUSTERED && sizeof(T) == 2) {
+        const int l = blockIdx.x + blockIdx.y * gridDim.x;
+        const int c = l / CLUSTER;
+        h = c % heads;
+        item = (c / heads) * CLUSTER + (l - c * CLUSTER);
+    } else if (sizeof(T) == 2) {
         const int l = blockIdx.x + blockIdx.y * gridDim.x;
         item = l / heads;
         h = l - item * heads;
@@ -423,21 +439,62 @@ __device__ __forceinline__ void st2(float *p, long long i, float x, float y) {
     *reinterpret_cast<float2 *>(p + i) = make_float2(x, y);
 }
 
+// Fields of a forward work item: the grouped list's (packing.rs, encode:
+// window << 8 | multi << 7 | first << 4 | step) or, CLUSTERED, the cluster
+// list's (encode_wide: window << 13 | csync << 12 | multi << 11 | first << 6
+// | step).
+template <bool WIDE>
+__device__ __forceinline__ int item_step(int it) { return WIDE ? it & 63 : it & 15; }
+template <bool WIDE>
+__device__ __forceinline__ int item_first(int it) { return WIDE ? (it >> 6) & 31 : (it >> 4) & 7; }
+template <bool WIDE>
+__device__ __forceinline__ bool item_multi(int it) { return WIDE ? (it >> 11) & 1 : (it >> 7) & 1; }
+template <bool WIDE>
+__device__ __forceinline__ int item_window(int it) {
+    return (int)((unsigned)it >> (WIDE ? 13 : 8));
+}
+
+// Thread-block clusters (sm_90): this block's rank in its cluster, the
+// cluster-wide barrier in its two halves, and a load from the shared
+// memory of another block of the cluster (at the same offset as p here).
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cluster_arrive() {
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ float ld_cluster(const float *p, unsigned rank) {
+    unsigned a, m;
+    float x;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(m) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(x) : "r"(m) : "memory");
+    return x;
+}
+
 // The forward's work item of warp w: its window, first chunk, chunk step
 // and voxel count, and whether its block shares windows among warps.
 // GROUPED: from the grouped list (an empty slot has n = 0 and still meets
 // the block's barriers); otherwise from work_item (false: an empty slot,
 // whose warp returns).
-template <bool GROUPED>
+template <bool GROUPED, bool CLUSTERED = false>
 __device__ __forceinline__ bool fwd_work_item(const int *big, int n_big, const int *small,
                                               const unsigned *counts, int item, int w, int &win,
-                                              int &first, int &step, int &n, bool &multi) {
-    if (GROUPED) {
+                                              int &first, int &step, int &n, bool &multi,
+                                              bool &csync) {
+    csync = false;
+    if (GROUPED || CLUSTERED) {
         const int it = small[item * WARPS + w];
-        step = it & 15;
-        first = (it >> 4) & 7;
-        multi = (it >> 7) & 1;
-        win = (int)((unsigned)it >> 8);
+        step = item_step<CLUSTERED>(it);
+        first = item_first<CLUSTERED>(it);
+        multi = item_multi<CLUSTERED>(it);
+        csync = CLUSTERED && ((it >> 12) & 1);
+        win = item_window<CLUSTERED>(it);
         n = step ? (int)counts[win] : 0;
         if (step == 0) step = 1;
         return true;
@@ -452,15 +509,20 @@ __device__ __forceinline__ bool fwd_work_item(const int *big, int n_big, const i
 // two block-wide barriers), sums the partial state tiles of each window
 // into the tile of its first warp, and returns the tile of warp w's
 // window.
-template <bool GROUPED>
+template <bool GROUPED, bool CLUSTERED = false>
 __device__ __forceinline__ const float *sum_shared_states(float *fwd_smem, const int *small,
                                                           int item, int w, int first) {
     __syncthreads();
     for (int u = 0; u < WARPS; u++) {
         int su = WARPS;  // without GROUPED the block is one window
-        if (GROUPED) {
+        if (GROUPED || CLUSTERED) {
+            // The block's first warp of a window leads it here (for a
+            // window spanning blocks, the block's warp 0); the window has
+            // min(step, WARPS) warps in this block.
             const int iu = small[item * WARPS + u];
-            su = ((iu >> 4) & 7) == 0 ? iu & 15 : 0;
+            const int fu = item_first<CLUSTERED>(iu), gu = item_step<CLUSTERED>(iu);
+            if (CLUSTERED) su = (fu & 7) == 0 ? min(gu, WARPS) : 0;
+            else su = fu == 0 ? gu : 0;
         } else if (u > 0) {
             break;
         }
@@ -473,7 +535,45 @@ __device__ __forceinline__ const float *sum_shared_states(float *fwd_smem, const
         }
     }
     __syncthreads();
-    return fwd_smem + (w - first) * FWD_WARP_FLOATS + FWD_STAGE_FLOATS;
+    const int lead = CLUSTERED ? first & 7 : first;
+    return fwd_smem + (w - lead) * FWD_WARP_FLOATS + FWD_STAGE_FLOATS;
+}
+
+// The cluster schedule (packing.rs, cluster_items): after the block's own
+// sum (sum_shared_states), the blocks of a window that spans several
+// (step > WARPS, then every slot of the block is that window's) add up
+// their partial states through distributed shared memory, each block
+// summing the span's tiles in the same order, so that all of them hold
+// the same state. Every block of a cluster with such a window (csync, the
+// same on all its slots) meets the cluster barrier here, arrives once more
+// when it has read the others' shared memory, and waits for everyone's
+// second arrival before it exits (cluster_exit), since a block's shared
+// memory goes with it. The state goes to warp 1's tile, free since the
+// block's sum; returns the tile to read the state from.
+__device__ __forceinline__ const float *sum_cluster_states(float *fwd_smem, const float *kv,
+                                                           int first, int step, bool csync) {
+    if (!csync) return kv;
+    cluster_arrive();
+    cluster_wait();
+    if (step > WARPS) {
+        const unsigned base = cluster_rank() - (unsigned)(first >> 3);
+        const int nb = step >> 3;
+        const float *lead = fwd_smem + FWD_STAGE_FLOATS;
+        float *total = fwd_smem + FWD_WARP_FLOATS + FWD_STAGE_FLOATS;
+        for (int e = threadIdx.x; e < 32 * KS; e += blockDim.x) {
+            float x = 0.f;
+            for (int j = 0; j < nb; j++) x += ld_cluster(lead + e, base + j);
+            total[e] = x;
+        }
+        __syncthreads();
+        kv = total;
+    }
+    cluster_arrive();
+    return kv;
+}
+
+__device__ __forceinline__ void cluster_exit(bool csync) {
+    if (csync) cluster_wait();
 }
 
 // GROUPED: the work list of packing.rs instead of work_item's: `small`
@@ -481,7 +581,7 @@ __device__ __forceinline__ const float *sum_shared_states(float *fwd_smem, const
 // step, `step` warps sharing a window (0: an empty slot, which still meets
 // the block's barriers), and `multi` set on every slot of a block where
 // some window has several warps; `big` and `n_big` are unused.
-template <typename T, bool GROUPED>
+template <typename T, bool GROUPED, bool CLUSTERED = false>
 __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
                             const unsigned *offsets, const unsigned *counts, const int *big,
                             int n_big, const int *small, int heads) {
@@ -489,13 +589,14 @@ __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
     extern __shared__ __align__(16) float fwd_smem[];
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int item, h;
-    block_item<T>(heads, item, h);
+    block_item<T, CLUSTERED>(heads, item, h);
     const int g = lane >> 2, t = lane & 3;
     float *stage = fwd_smem + w * FWD_WARP_FLOATS;
     float *kvs = stage + FWD_STAGE_FLOATS;
     int win, first, step, n;
-    bool multi;
-    if (!fwd_work_item<GROUPED>(big, n_big, small, counts, item, w, win, first, step, n, multi))
+    bool multi, csync;
+    if (!fwd_work_item<GROUPED, CLUSTERED>(big, n_big, small, counts, item, w, win, first, step,
+                                           n, multi, csync))
         return;
     const long long start = offsets[win];
 
@@ -575,8 +676,9 @@ __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
 #pragma unroll
     for (int col = 33; col < KS; col++) kvs[lane * KS + col] = 0.f;
     const float *kv = kvs;
-    if (multi) kv = sum_shared_states<GROUPED>(fwd_smem, small, item, w, first);
+    if (multi) kv = sum_shared_states<GROUPED, CLUSTERED>(fwd_smem, small, item, w, first);
     else __syncwarp();
+    if (CLUSTERED) kv = sum_cluster_states(fwd_smem, kv, first, step, csync);
 
     // Phase 2: chunks first, first + step, ... of 16 voxels.
     float *sq = stage;
@@ -622,6 +724,7 @@ __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
         }
         __syncwarp();
     }
+    if (CLUSTERED) cluster_exit(csync);
 }
 
 // ---- Forward on bf16 tensor cores (bf16 storage) -------------------------
@@ -719,7 +822,7 @@ __device__ __forceinline__ void stage_rows16(char *stage, const uint4 rows[2]) {
     }
 }
 
-template <bool GROUPED>
+template <bool GROUPED, bool CLUSTERED = false>
 __device__ void sla_fwd_bf16mma(const unsigned short *q, const unsigned short *k,
                                 const unsigned short *v, unsigned short *out,
                                 const unsigned *offsets, const unsigned *counts, const int *big,
@@ -727,14 +830,15 @@ __device__ void sla_fwd_bf16mma(const unsigned short *q, const unsigned short *k
     extern __shared__ __align__(16) float fwd_smem[];
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int item, h;
-    block_item<unsigned short>(heads, item, h);
+    block_item<unsigned short, CLUSTERED>(heads, item, h);
     const int g = lane >> 2, t = lane & 3;
     float *stage_f = fwd_smem + w * FWD_WARP_FLOATS;
     char *sk = reinterpret_cast<char *>(stage_f), *sv = sk + 16 * BF_ROW;
     float *kvs = stage_f + FWD_STAGE_FLOATS;
     int win, first, step, n;
-    bool multi;
-    if (!fwd_work_item<GROUPED>(big, n_big, small, counts, item, w, win, first, step, n, multi))
+    bool multi, csync;
+    if (!fwd_work_item<GROUPED, CLUSTERED>(big, n_big, small, counts, item, w, win, first, step,
+                                           n, multi, csync))
         return;
     const long long start = offsets[win];
     // ldmatrix row addresses: lane L gives row L & 7 of matrix L >> 3.
@@ -803,8 +907,9 @@ __device__ void sla_fwd_bf16mma(const unsigned short *q, const unsigned short *k
 #pragma unroll
     for (int col = 33; col < KS; col++) kvs[lane * KS + col] = 0.f;
     const float *kv = kvs;
-    if (multi) kv = sum_shared_states<GROUPED>(fwd_smem, small, item, w, first);
+    if (multi) kv = sum_shared_states<GROUPED, CLUSTERED>(fwd_smem, small, item, w, first);
     else __syncwarp();
+    if (CLUSTERED) kv = sum_cluster_states(fwd_smem, kv, first, step, csync);
 
     // [KV | s] as B fragments of k-step ks (channels 16ks..) and n-tile j:
     // b0b1 = rows 16ks + 2t, +1 and b2b3 = rows 16ks + 2t + 8, +9, column
@@ -865,6 +970,7 @@ __device__ void sla_fwd_bf16mma(const unsigned short *q, const unsigned short *k
         }
         __syncwarp();
     }
+    if (CLUSTERED) cluster_exit(csync);
 }
 
 // Backward (derivation in sla.rs): with phi = relu, num = phi(q) KV,
@@ -1179,15 +1285,17 @@ __device__ void sla_fwd_broken(const T *q, const T *k, const T *v, T *out,
 
 // The tensor-core forward of each storage type: TF32 with split operands
 // for f32, bf16 mma for bf16.
-template <typename T, bool GROUPED>
+template <typename T, bool GROUPED, bool CLUSTERED = false>
 __device__ __forceinline__ void sla_fwd_tc(const T *q, const T *k, const T *v, T *out,
                                            const unsigned *offsets, const unsigned *counts,
                                            const int *big, int n_big, const int *small,
                                            int heads) {
     if constexpr (sizeof(T) == 2)
-        sla_fwd_bf16mma<GROUPED>(q, k, v, out, offsets, counts, big, n_big, small, heads);
+        sla_fwd_bf16mma<GROUPED, CLUSTERED>(q, k, v, out, offsets, counts, big, n_big, small,
+                                            heads);
     else
-        sla_fwd_mma<T, GROUPED>(q, k, v, out, offsets, counts, big, n_big, small, heads);
+        sla_fwd_mma<T, GROUPED, CLUSTERED>(q, k, v, out, offsets, counts, big, n_big, small,
+                                           heads);
 }
 
 #define INSTANTIATE(SUFFIX, T)                                                               \
@@ -1208,6 +1316,12 @@ __device__ __forceinline__ void sla_fwd_tc(const T *q, const T *k, const T *v, T
                                  const unsigned *offsets, const unsigned *counts,            \
                                  const int *big, int n_big, const int *small, int heads) {   \
         sla_fwd_tc<T, true>(q, k, v, out, offsets, counts, big, n_big, small, heads);        \
+    }                                                                                        \
+    extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(WARPS * 32, 3) \
+        sla_fwd_cluster_##SUFFIX(const T *q, const T *k, const T *v, T *out,                 \
+                                 const unsigned *offsets, const unsigned *counts,            \
+                                 const int *big, int n_big, const int *small, int heads) {   \
+        sla_fwd_tc<T, true, true>(q, k, v, out, offsets, counts, big, n_big, small, heads);  \
     }                                                                                        \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)                              \
         sla_bwd_##SUFFIX(const T *q, const T *k, const T *v, const T *dout, T *dq, T *dk,    \

@@ -43,8 +43,130 @@ pub fn grouped_items(counts: &[u32], per_warp: u32) -> Result<Vec<i32>, String> 
             (1 << 23) - 1
         ));
     }
+    let blocks = pack_blocks(counts, per_warp, |_| true);
+    let mut items = Vec::with_capacity(blocks.len() * WARPS);
+    for slots in &blocks {
+        let multi = slots.iter().any(|&(_, _, g)| g > 1);
+        items.extend(slots.iter().map(|&(w, f, g)| encode(w, multi, f, g)));
+        items.extend((slots.len()..WARPS).map(|_| encode(0, multi, 0, 0)));
+    }
+    Ok(items)
+}
+
+/// Blocks per thread-block cluster of the cluster forward kernel
+/// (`CLUSTER` in kernels.cu, `sla_fwd_cluster_*`).
+pub const CLUSTER: usize = 4;
+
+/// The warps given to a window of `n` voxels by the cluster schedule: one
+/// per `per_warp` voxels, up to [`WARPS`] x [`CLUSTER`]. A window given
+/// more than [`WARPS`] spans blocks ([`cluster_items`]).
+pub fn cluster_warps_for(n: u32, per_warp: u32) -> u32 {
+    n.div_ceil(per_warp.max(1))
+        .clamp(1, (WARPS * CLUSTER) as u32)
+}
+
+/// One warp's work item in the cluster schedule, as the kernel decodes
+/// it: `(window << 13) | (csync << 12) | (multi << 11) | (first << 6) |
+/// step`. `step` (0..=32) is the number of warps sharing the window (0
+/// marks an empty slot), `first` (0..32) this warp's index among them,
+/// `multi` as in [`encode`], and `csync` is set on every slot of every
+/// block of a cluster that holds a window spanning blocks: those blocks
+/// meet at the cluster's barriers.
+pub fn encode_wide(window: u32, csync: bool, multi: bool, first: u32, step: u32) -> i32 {
+    debug_assert!(window < 1 << 19 && first < 32 && step <= 32);
+    ((window << 13) | (u32::from(csync) << 12) | (u32::from(multi) << 11) | (first << 6) | step)
+        as i32
+}
+
+/// Work items of the cluster schedule, [`WARPS`] per block, block-major,
+/// the block count a multiple of [`CLUSTER`]; empty windows get none.
+///
+/// A window given more than [`WARPS`] warps ([`cluster_warps_for`]) gets
+/// `nb = ceil(warps / WARPS)` whole blocks (2 to [`CLUSTER`]), adjacent
+/// within one cluster: block `r` of its span holds its warps `8r .. 8r +
+/// 7` (`first`), and `step = 8 nb`. The kernel sums the span's states
+/// through distributed shared memory. Those windows fill clusters first
+/// (first fit, the widest first), then the other windows are packed as
+/// [`grouped_items`] packs them, in clusters of their own that never
+/// synchronise. Blocks left over in either kind of cluster are empty.
+/// Fails if there are more windows than the item format can name.
+pub fn cluster_items(counts: &[u32], per_warp: u32) -> Result<Vec<i32>, String> {
+    if counts.len() >= 1 << 19 {
+        return Err(format!(
+            "{} windows: the cluster work list names at most {} (use another schedule)",
+            counts.len(),
+            (1 << 19) - 1
+        ));
+    }
+    let span = |w: u32| {
+        let n = counts[w as usize];
+        (n > 0)
+            .then(|| (cluster_warps_for(n, per_warp) as usize).div_ceil(WARPS))
+            .filter(|&nb| nb > 1)
+    };
+    let mut wide: Vec<(u32, usize)> = (0..counts.len() as u32)
+        .filter_map(|w| span(w).map(|nb| (w, nb)))
+        .collect();
+    wide.sort_by_key(|&(w, nb)| {
+        (
+            std::cmp::Reverse(nb),
+            std::cmp::Reverse(counts[w as usize]),
+            w,
+        )
+    });
+    // clusters[c]: the spanning windows of cluster c and their blocks.
+    let mut clusters: Vec<Vec<(u32, usize)>> = Vec::new();
+    for (w, nb) in wide {
+        let used = |c: &Vec<(u32, usize)>| c.iter().map(|x| x.1).sum::<usize>();
+        match clusters.iter_mut().find(|c| used(c) + nb <= CLUSTER) {
+            Some(c) => c.push((w, nb)),
+            None => clusters.push(vec![(w, nb)]),
+        }
+    }
+    let empty_block = |csync: bool| (0..WARPS).map(move |_| encode_wide(0, csync, false, 0, 0));
+    let mut items = Vec::new();
+    for c in &clusters {
+        let mut blocks = 0;
+        for &(w, nb) in c {
+            let step = (WARPS * nb) as u32;
+            items.extend((0..step).map(|f| encode_wide(w, true, true, f, step)));
+            blocks += nb;
+        }
+        for _ in blocks..CLUSTER {
+            items.extend(empty_block(true));
+        }
+    }
+    let blocks = pack_blocks(counts, per_warp, |w| span(w).is_none());
+    for slots in &blocks {
+        let multi = slots.iter().any(|&(_, _, g)| g > 1);
+        items.extend(
+            slots
+                .iter()
+                .map(|&(w, f, g)| encode_wide(w, false, multi, f, g)),
+        );
+        items.extend((slots.len()..WARPS).map(|_| encode_wide(0, false, multi, 0, 0)));
+    }
+    // Always one cluster at least: the grid cannot be empty.
+    let wanted = blocks
+        .len()
+        .next_multiple_of(CLUSTER)
+        .max(if items.is_empty() { CLUSTER } else { 0 });
+    for _ in blocks.len()..wanted {
+        items.extend(empty_block(false));
+    }
+    Ok(items)
+}
+
+/// Slots of one block: (window, first, step) per filled slot.
+type Block = Vec<(u32, u32, u32)>;
+
+/// The non-empty windows that `keep` admits, given [`warps_for`] warps
+/// each, packed best-fit into blocks of [`WARPS`] warps in decreasing
+/// order of warps (then voxels): a window's warps are contiguous in one
+/// block.
+fn pack_blocks(counts: &[u32], per_warp: u32, keep: impl Fn(u32) -> bool) -> Vec<Block> {
     let mut order: Vec<u32> = (0..counts.len() as u32)
-        .filter(|&w| counts[w as usize] > 0)
+        .filter(|&w| counts[w as usize] > 0 && keep(w))
         .collect();
     order.sort_by_key(|&w| {
         let n = counts[w as usize];
@@ -54,9 +176,8 @@ pub fn grouped_items(counts: &[u32], per_warp: u32) -> Result<Vec<i32>, String> 
             w,
         )
     });
-    // blocks[b]: (window, first, step) per filled slot; open[r]: blocks
-    // with r free slots.
-    let mut blocks: Vec<Vec<(u32, u32, u32)>> = Vec::new();
+    // open[r]: blocks with r free slots.
+    let mut blocks: Vec<Block> = Vec::new();
     let mut open: Vec<Vec<usize>> = vec![Vec::new(); WARPS];
     for w in order {
         let g = warps_for(counts[w as usize], per_warp);
@@ -73,13 +194,7 @@ pub fn grouped_items(counts: &[u32], per_warp: u32) -> Result<Vec<i32>, String> 
             open[free].push(b);
         }
     }
-    let mut items = Vec::with_capacity(blocks.len() * WARPS);
-    for slots in &blocks {
-        let multi = slots.iter().any(|&(_, _, g)| g > 1);
-        items.extend(slots.iter().map(|&(w, f, g)| encode(w, multi, f, g)));
-        items.extend((slots.len()..WARPS).map(|_| encode(0, multi, 0, 0)));
-    }
-    Ok(items)
+    blocks
 }
 
 #[cfg(test)]
@@ -159,5 +274,105 @@ mod tests {
         assert_eq!(decode(items[8]), (2, true, 0, 2));
         assert_eq!(decode(items[10]), (0, true, 0, 1));
         assert_eq!(decode(items[11]).3, 0);
+    }
+
+    fn decode_wide(it: i32) -> (u32, bool, bool, u32, u32) {
+        let u = it as u32;
+        (
+            u >> 13,
+            (u >> 12) & 1 == 1,
+            (u >> 11) & 1 == 1,
+            (u >> 6) & 31,
+            u & 63,
+        )
+    }
+
+    #[test]
+    fn cluster_list_spans_big_windows_within_one_cluster() {
+        let counts: Vec<u32> = (0..300u32)
+            .map(|i| match i % 30 {
+                0 => 0,
+                1 => 900,
+                2 => 100 + 13 * (i % 11),
+                _ => 1 + (i * 7919) % 40,
+            })
+            .collect();
+        for per_warp in [4, 16, 32, 1000] {
+            let items = cluster_items(&counts, per_warp).unwrap();
+            assert_eq!(items.len() % (WARPS * CLUSTER), 0);
+            let mut seen = vec![0u32; counts.len()];
+            for cluster in items.chunks(WARPS * CLUSTER) {
+                let d: Vec<_> = cluster.iter().map(|&x| decode_wide(x)).collect();
+                let csync = d[0].1;
+                assert!(
+                    d.iter().all(|x| x.1 == csync),
+                    "csync is uniform in a cluster"
+                );
+                assert_eq!(
+                    csync,
+                    d.iter().any(|x| x.4 as usize > WARPS),
+                    "csync marks exactly the clusters with a spanning window"
+                );
+                let mut s = 0;
+                while s < d.len() {
+                    let (w, _, _, f, g) = d[s];
+                    if g == 0 {
+                        s += 1;
+                        continue;
+                    }
+                    assert_eq!(f, 0, "a window's warps start at its first");
+                    let g = g as usize;
+                    assert!(s + g <= d.len(), "window {w} leaves its cluster");
+                    if g > WARPS {
+                        assert_eq!(s % WARPS, 0, "a spanning window starts a block");
+                        assert_eq!(g % WARPS, 0, "and fills its blocks");
+                    } else {
+                        assert_eq!(
+                            s / WARPS,
+                            (s + g - 1) / WARPS,
+                            "window {w} stays in a block"
+                        );
+                    }
+                    for (k, x) in d[s..s + g].iter().enumerate() {
+                        assert_eq!((x.0, x.3, x.4 as usize), (w, k as u32, g));
+                    }
+                    seen[w as usize] += g as u32;
+                    s += g;
+                }
+                for block in d.chunks(WARPS) {
+                    assert!(
+                        block.iter().all(|x| x.2 == block[0].2),
+                        "multi is uniform in a block"
+                    );
+                    let shared = block.iter().any(|x| x.4 > 1);
+                    assert_eq!(
+                        block[0].2, shared,
+                        "multi marks blocks with a shared window"
+                    );
+                }
+            }
+            for (w, &n) in counts.iter().enumerate() {
+                let g = cluster_warps_for(n, per_warp);
+                let want = match n {
+                    0 => 0,
+                    _ if g as usize > WARPS => (g as usize).next_multiple_of(WARPS) as u32,
+                    _ => g,
+                };
+                assert_eq!(seen[w], want, "window {w} of {n} voxels, {per_warp} a warp");
+            }
+        }
+        // 900 voxels at 32 a warp: 29 warps, so four blocks of eight.
+        let items = cluster_items(&[900, 5], 32).unwrap();
+        assert_eq!(items.len(), 2 * WARPS * CLUSTER);
+        assert_eq!(decode_wide(items[0]), (0, true, true, 0, 32));
+        assert_eq!(decode_wide(items[31]), (0, true, true, 31, 32));
+        assert_eq!(decode_wide(items[32]), (1, false, false, 0, 1));
+        assert_eq!(decode_wide(items[33]), (0, false, false, 0, 0));
+        assert!(cluster_items(&vec![1; 1 << 19], 32).is_err());
+        let none = cluster_items(&[0, 0], 32).unwrap();
+        assert_eq!(none.len(), WARPS * CLUSTER, "one empty cluster at least");
+        assert!(none
+            .iter()
+            .all(|&x| decode_wide(x) == (0, false, false, 0, 0)));
     }
 }
