@@ -1069,29 +1069,23 @@ struct GpuJob<'t, T: cuda::GpuElem> {
 #[cfg(feature = "cuda")]
 impl<T: cuda::GpuElem> Job for GpuJob<'_, T> {
     fn run(&mut self, sw: &mut Stopwatch<'_>) -> Result<(), WorkloadError> {
-        for _ in 0..self.reps {
-            sw.check()?;
-            let t = self
-                .problem
-                .time(self.cfg.backward, 1, cuda::Timing::Device)?;
-            self.totals.extend(t);
-        }
-        // The same launches timed on an idle device, host submission and
-        // warm L2 included (runs r1-r6's protocol), recorded beside.
-        for _ in 0..self.reps {
-            sw.check()?;
-            let t = self
-                .problem
-                .time(self.cfg.backward, 1, cuda::Timing::Launch)?;
-            self.launch_totals.extend(t);
-        }
-        if self.cfg.backward {
-            // The forward pass alone, for the breakdown.
+        // `reps` samples, one launch each, the budget checked before each.
+        let samples = |problem: &mut cuda::Problem<'_, T>, backward, timing| {
+            let mut out = Vec::with_capacity(self.reps);
             for _ in 0..self.reps {
                 sw.check()?;
-                let t = self.problem.time(false, 1, cuda::Timing::Device)?;
-                self.forwards.extend(t);
+                out.extend(problem.time(backward, 1, timing)?);
             }
+            Ok::<_, WorkloadError>(out)
+        };
+        let backward = self.cfg.backward;
+        self.totals = samples(&mut self.problem, backward, cuda::Timing::Device)?;
+        // The same launches timed on an idle device, host submission and
+        // warm L2 included (runs r1-r6's protocol), recorded beside.
+        self.launch_totals = samples(&mut self.problem, backward, cuda::Timing::Launch)?;
+        if backward {
+            // The forward pass alone, for the breakdown.
+            self.forwards = samples(&mut self.problem, false, cuda::Timing::Device)?;
             // Leave the backward results in place for evaluation.
             self.problem.launch(true)?;
         }
