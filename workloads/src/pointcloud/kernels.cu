@@ -553,6 +553,7 @@ __device__ __forceinline__ const float *sum_shared_states(float *fwd_smem, const
 __device__ __forceinline__ const float *sum_cluster_states(float *fwd_smem, const float *kv,
                                                            int first, int step, bool csync) {
     if (!csync) return kv;
+    __syncwarp();  // the barriers below are .aligned: converged warps
     cluster_arrive();
     cluster_wait();
     if (step > WARPS) {
@@ -573,7 +574,10 @@ __device__ __forceinline__ const float *sum_cluster_states(float *fwd_smem, cons
 }
 
 __device__ __forceinline__ void cluster_exit(bool csync) {
-    if (csync) cluster_wait();
+    if (csync) {
+        __syncwarp();
+        cluster_wait();
+    }
 }
 
 // GROUPED: the work list of packing.rs instead of work_item's: `small`

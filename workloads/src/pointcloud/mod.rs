@@ -1123,7 +1123,9 @@ impl<T: cuda::GpuElem> Job for GpuJob<'_, T> {
             .insert("copy_bandwidth_bytes_per_s".into(), self.gpu.bandwidth);
         o.figures
             .insert("pad_ratio".into(), self.problem.pad_ratio());
-        if let Some(cuda::Schedule::Grouped { per_warp }) = self.problem.forward_schedule() {
+        if let Some(cuda::Schedule::Grouped { per_warp } | cuda::Schedule::Cluster { per_warp }) =
+            self.problem.forward_schedule()
+        {
             o.figures
                 .insert("forward_voxels_per_warp".into(), per_warp as f64);
         }
