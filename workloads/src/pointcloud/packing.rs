@@ -13,6 +13,14 @@
 //! `clamp(ceil(n / per_warp), 1, WARPS)` warps, contiguous within one
 //! block, and blocks are filled best-fit in decreasing order of that count
 //! (the largest windows first, so the longest-running blocks start first).
+//!
+//! The cluster list ([`cluster_items`], kernel `sla_fwd_cluster_*`) lifts
+//! the cap of eight warps for the largest windows. On small scenes the one
+//! block given the largest window sets the kernel's time: 585 voxels on a
+//! nuScenes-like frame are 15 dependent chunks a warp in f32 (Nsight
+//! Compute, the r7 run's README). There, a window may get up to
+//! [`WARPS`] x [`CLUSTER`] warps in up to [`CLUSTER`] blocks of one
+//! thread-block cluster. Not yet measured on a GPU.
 
 /// Warps per block of the SLA kernels (`WARPS` in kernels.cu).
 pub const WARPS: usize = 8;
