@@ -51,13 +51,9 @@ pub fn grouped_items(counts: &[u32], per_warp: u32) -> Result<Vec<i32>, String> 
             (1 << 23) - 1
         ));
     }
+    let mut items = Vec::new();
     let blocks = pack_blocks(counts, per_warp, |_| true);
-    let mut items = Vec::with_capacity(blocks.len() * WARPS);
-    for slots in &blocks {
-        let multi = slots.iter().any(|&(_, _, g)| g > 1);
-        items.extend(slots.iter().map(|&(w, f, g)| encode(w, multi, f, g)));
-        items.extend((slots.len()..WARPS).map(|_| encode(0, multi, 0, 0)));
-    }
+    emit_blocks(&blocks, &mut items, encode);
     Ok(items)
 }
 
@@ -145,15 +141,9 @@ pub fn cluster_items(counts: &[u32], per_warp: u32) -> Result<Vec<i32>, String> 
         }
     }
     let blocks = pack_blocks(counts, per_warp, |w| span(w).is_none());
-    for slots in &blocks {
-        let multi = slots.iter().any(|&(_, _, g)| g > 1);
-        items.extend(
-            slots
-                .iter()
-                .map(|&(w, f, g)| encode_wide(w, false, multi, f, g)),
-        );
-        items.extend((slots.len()..WARPS).map(|_| encode_wide(0, false, multi, 0, 0)));
-    }
+    emit_blocks(&blocks, &mut items, |w, multi, f, g| {
+        encode_wide(w, false, multi, f, g)
+    });
     // Always one cluster at least: the grid cannot be empty.
     let wanted = blocks
         .len()
@@ -167,6 +157,21 @@ pub fn cluster_items(counts: &[u32], per_warp: u32) -> Result<Vec<i32>, String> 
 
 /// Slots of one block: (window, first, step) per filled slot.
 type Block = Vec<(u32, u32, u32)>;
+
+/// Appends the items of `blocks`, [`WARPS`] per block (empty slots last),
+/// made by `encode(window, multi, first, step)`; `multi` is set on every
+/// slot of a block where some window has several warps.
+fn emit_blocks(
+    blocks: &[Block],
+    items: &mut Vec<i32>,
+    encode: impl Fn(u32, bool, u32, u32) -> i32,
+) {
+    for slots in blocks {
+        let multi = slots.iter().any(|&(_, _, g)| g > 1);
+        items.extend(slots.iter().map(|&(w, f, g)| encode(w, multi, f, g)));
+        items.extend((slots.len()..WARPS).map(|_| encode(0, multi, 0, 0)));
+    }
+}
 
 /// The non-empty windows that `keep` admits, given [`warps_for`] warps
 /// each, packed best-fit into blocks of [`WARPS`] warps in decreasing
