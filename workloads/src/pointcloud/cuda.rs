@@ -1191,9 +1191,10 @@ mod tests {
     /// every forward schedule in `BENCH_SUITE_SLA_SWEEP_SMALL`
     /// (comma-separated, [`Schedule::parse`]: `32` for the block list with
     /// that largest one-warp window, `g32` for the grouped list with that
-    /// many voxels a warp, `c32` for the cluster list with that many
-    /// (a source without `sla_fwd_cluster_*` cannot run it), `auto` for the autotuned schedule of
-    /// [`Problem::new`]; default `32,auto`), the tensor-core forward
+    /// many voxels a warp, `c32` for the cluster list with that many (a
+    /// source without `sla_fwd_cluster_*` cannot run it), `auto` for the
+    /// autotuned schedule of [`Problem::new`]; default `32,auto`), the
+    /// tensor-core forward
     /// beside the FMA forward ([`Op::SlaFfma`], block list) of the same
     /// source. Every output on
     /// the Waymo-like frame is checked against the float64 reference of
