@@ -104,7 +104,7 @@ pub enum Schedule {
     /// ([`packing::cluster_items`], `sla_fwd_cluster_*`): the largest
     /// windows, which bound small scenes (the r7 run's Nsight Compute
     /// profile), get four times the warps. Not yet measured or autotuned:
-    /// the tuning sweep and the kernel test take it as `c32`.
+    /// the tuning sweep takes it as `c32`, and the kernel test checks it.
     Cluster { per_warp: u32 },
 }
 

@@ -44,13 +44,7 @@ pub fn warps_for(n: u32, per_warp: u32) -> u32 {
 /// Work items, [`WARPS`] per block, block-major; empty windows get none.
 /// Fails if there are more windows than the item format can name.
 pub fn grouped_items(counts: &[u32], per_warp: u32) -> Result<Vec<i32>, String> {
-    if counts.len() >= 1 << 23 {
-        return Err(format!(
-            "{} windows: the grouped work list names at most {} (use BENCH_SUITE_SLA_GROUP=0)",
-            counts.len(),
-            (1 << 23) - 1
-        ));
-    }
+    nameable(counts.len(), 23, "grouped", "BENCH_SUITE_SLA_GROUP=0")?;
     let mut items = Vec::new();
     let blocks = pack_blocks(counts, per_warp, |_| true);
     emit_blocks(&blocks, &mut items, encode);
@@ -95,13 +89,7 @@ pub fn encode_wide(window: u32, csync: bool, multi: bool, first: u32, step: u32)
 /// synchronise. Blocks left over in either kind of cluster are empty.
 /// Fails if there are more windows than the item format can name.
 pub fn cluster_items(counts: &[u32], per_warp: u32) -> Result<Vec<i32>, String> {
-    if counts.len() >= 1 << 19 {
-        return Err(format!(
-            "{} windows: the cluster work list names at most {} (use another schedule)",
-            counts.len(),
-            (1 << 19) - 1
-        ));
-    }
+    nameable(counts.len(), 19, "cluster", "another schedule")?;
     let span = |w: u32| {
         let n = counts[w as usize];
         (n > 0)
@@ -153,6 +141,17 @@ pub fn cluster_items(counts: &[u32], per_warp: u32) -> Result<Vec<i32>, String> 
         items.extend(empty_block(false));
     }
     Ok(items)
+}
+
+/// Fails, naming `fix`, if `windows` windows need more than `bits` bits.
+fn nameable(windows: usize, bits: u32, list: &str, fix: &str) -> Result<(), String> {
+    let most = (1usize << bits) - 1;
+    if windows > most {
+        return Err(format!(
+            "{windows} windows: the {list} work list names at most {most} (use {fix})"
+        ));
+    }
+    Ok(())
 }
 
 /// Slots of one block: (window, first, step) per filled slot.
