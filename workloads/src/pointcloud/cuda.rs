@@ -82,6 +82,16 @@ const SMALL: u32 = 32;
 /// of the sweep (H100, 2026-11-28, medians of two rounds: Waymo-like frame
 /// 0.0255 against 0.0304 ms, 1M voxels 0.611 against 0.657 ms).
 const PER_WARP_CANDIDATES: &[u32] = &[8, 16, 32, 64, 128, 256];
+/// Voxels per warp of the cluster schedules the autotuner also tries
+/// ([`Schedule::Cluster`]). Measured on an H200 (`sla_forward_sweep`,
+/// 2026-11-28, f32 / bf16, ms): on the nuScenes-like frame, whose largest
+/// window bounds the time, `c32` took 0.0219 / 0.0166 against the best
+/// grouped share's 0.0284 / 0.0179; on the Waymo-like frame `c64` tied
+/// with `g64` (0.0396 / 0.0239 against 0.0405 / 0.0240); at 10k voxels and
+/// from 100k up the grouped shares were as fast or faster (1M voxels: `c64`
+/// 0.879 / 0.526, `g64` 0.848 / 0.524). Smaller shares (`c8`, `c16`) were
+/// slower everywhere, so only these two are tried.
+const CLUSTER_PER_WARP_CANDIDATES: &[u32] = &[32, 64];
 /// Forward launches per candidate while autotuning: warm-up, then timed
 /// (the median decides).
 const AUTOTUNE_WARM: usize = 2;
@@ -103,8 +113,9 @@ pub enum Schedule {
     /// which sum its state in distributed shared memory
     /// ([`packing::cluster_items`], `sla_fwd_cluster_*`): the largest
     /// windows, which bound small scenes (the r7 run's Nsight Compute
-    /// profile), get four times the warps. Not yet measured or autotuned:
-    /// the tuning sweep takes it as `c32`, and the kernel test checks it.
+    /// profile), get four times the warps. The autotuner tries it
+    /// ([`CLUSTER_PER_WARP_CANDIDATES`]); the tuning sweep takes it as
+    /// `c32`, and the kernel test checks it against float64.
     Cluster { per_warp: u32 },
 }
 
@@ -353,9 +364,16 @@ impl WorkList {
         ))
     }
 
-    /// Rebuilds the grouped forward list with `per_warp` voxels a warp.
-    fn regroup(&mut self, stream: &Arc<CudaStream>, per_warp: u32) -> Result<(), WorkloadError> {
-        self.grouped = Some(Self::grouped(stream, &self.counts, per_warp, self.cluster)?);
+    /// Rebuilds the forward list with `per_warp` voxels a warp, as the
+    /// cluster list when `cluster`.
+    fn regroup(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        per_warp: u32,
+        cluster: bool,
+    ) -> Result<(), WorkloadError> {
+        self.grouped = Some(Self::grouped(stream, &self.counts, per_warp, cluster)?);
+        self.cluster = cluster;
         Ok(())
     }
 
@@ -459,6 +477,31 @@ pub struct Problem<'g, T: GpuElem> {
     f: Kernels,
 }
 
+/// The tensor-core forward kernel for a schedule: the block list
+/// (`per_warp` None), the grouped list, or the cluster list, with its
+/// dynamic shared memory allowed.
+fn tensor_core_forward<T: GpuElem>(
+    gpu: &Gpu,
+    per_warp: Option<u32>,
+    cluster: bool,
+) -> Result<CudaFunction, WorkloadError> {
+    let suffix = T::SUFFIX;
+    let name = if cluster {
+        format!("sla_fwd_cluster_{suffix}")
+    } else if per_warp.is_some() {
+        format!("sla_fwd_grouped_{suffix}")
+    } else {
+        format!("sla_fwd_{suffix}")
+    };
+    let f = gpu.function(&name)?;
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        FWD_SMEM as i32,
+    )
+    .map_err(|e| dev("shared memory of sla_fwd", e))?;
+    Ok(f)
+}
+
 struct Kernels {
     sla_fwd: CudaFunction,
     /// Dynamic shared memory of `sla_fwd`'s launches.
@@ -547,24 +590,50 @@ impl<'g, T: GpuElem> Problem<'g, T> {
         Ok(p)
     }
 
-    /// Picks the forward schedule's voxels per warp: the candidate with
-    /// the smallest median forward time (the whole forward operator, so
-    /// padded-linear's gathers included), which then stays.
+    /// Picks the forward schedule: among the grouped shares
+    /// ([`PER_WARP_CANDIDATES`]) and the cluster ones
+    /// ([`CLUSTER_PER_WARP_CANDIDATES`]), the one with the smallest median
+    /// forward time (the whole forward operator, so padded-linear's gathers
+    /// included), which then stays.
     fn autotune_forward(&mut self) -> Result<(), WorkloadError> {
-        let stream = self.gpu.stream.clone();
-        let mut best = (f64::INFINITY, PER_WARP_CANDIDATES[0]);
-        for &pw in PER_WARP_CANDIDATES {
-            self.forward_work().regroup(&stream, pw)?;
+        let candidates = PER_WARP_CANDIDATES
+            .iter()
+            .map(|&per_warp| Schedule::Grouped { per_warp })
+            .chain(
+                CLUSTER_PER_WARP_CANDIDATES
+                    .iter()
+                    .map(|&per_warp| Schedule::Cluster { per_warp }),
+            );
+        let mut best = (f64::INFINITY, self.forward);
+        for schedule in candidates {
+            self.set_forward(schedule)?;
             for _ in 0..AUTOTUNE_WARM {
                 self.launch(false)?;
             }
             let t = median(&self.time(false, AUTOTUNE_REPS, Timing::Device)?);
             if t < best.0 {
-                best = (t, pw);
+                best = (t, schedule);
             }
         }
-        self.forward_work().regroup(&stream, best.1)?;
-        self.forward = Schedule::Grouped { per_warp: best.1 };
+        self.set_forward(best.1)
+    }
+
+    /// Switches the tensor-core forward kernel to a grouped or cluster
+    /// schedule: its work list and its kernel.
+    fn set_forward(&mut self, schedule: Schedule) -> Result<(), WorkloadError> {
+        let (per_warp, cluster) =
+            match schedule {
+                Schedule::Grouped { per_warp } => (per_warp, false),
+                Schedule::Cluster { per_warp } => (per_warp, true),
+                Schedule::Blocks { .. } => return Err(WorkloadError::Config(
+                    "the forward schedule can be switched between grouped and cluster lists only"
+                        .into(),
+                )),
+            };
+        let stream = self.gpu.stream.clone();
+        self.forward_work().regroup(&stream, per_warp, cluster)?;
+        self.f.sla_fwd = tensor_core_forward::<T>(self.gpu, Some(per_warp), cluster)?;
+        self.forward = schedule;
         Ok(())
     }
 
@@ -619,20 +688,7 @@ impl<'g, T: GpuElem> Problem<'g, T> {
         let (sla_fwd, fwd_smem) = if ffma {
             (gpu.function(&format!("sla_fwd_ffma_{suffix}"))?, 0)
         } else {
-            let name = if cluster {
-                format!("sla_fwd_cluster_{suffix}")
-            } else if per_warp.is_some() {
-                format!("sla_fwd_grouped_{suffix}")
-            } else {
-                format!("sla_fwd_{suffix}")
-            };
-            let f = gpu.function(&name)?;
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                FWD_SMEM as i32,
-            )
-            .map_err(|e| dev("shared memory of sla_fwd", e))?;
-            (f, FWD_SMEM)
+            (tensor_core_forward::<T>(gpu, per_warp, cluster)?, FWD_SMEM)
         };
         let f = Kernels {
             sla_fwd,

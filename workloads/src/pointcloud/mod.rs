@@ -254,6 +254,10 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             label: "forward voxels per warp (autotuned)",
         },
         Figure {
+            key: "forward_cluster",
+            label: "forward schedule: 1 thread-block clusters, 0 grouped (autotuned)",
+        },
+        Figure {
             key: "floor_ratio",
             label: "time / memory-traffic floor",
         },
@@ -1123,11 +1127,15 @@ impl<T: cuda::GpuElem> Job for GpuJob<'_, T> {
             .insert("copy_bandwidth_bytes_per_s".into(), self.gpu.bandwidth);
         o.figures
             .insert("pad_ratio".into(), self.problem.pad_ratio());
-        if let Some(cuda::Schedule::Grouped { per_warp } | cuda::Schedule::Cluster { per_warp }) =
-            self.problem.forward_schedule()
-        {
+        let (per_warp, cluster) = match self.problem.forward_schedule() {
+            Some(cuda::Schedule::Grouped { per_warp }) => (Some(per_warp), 0.0),
+            Some(cuda::Schedule::Cluster { per_warp }) => (Some(per_warp), 1.0),
+            _ => (None, 0.0),
+        };
+        if let Some(per_warp) = per_warp {
             o.figures
                 .insert("forward_voxels_per_warp".into(), per_warp as f64);
+            o.figures.insert("forward_cluster".into(), cluster);
         }
         self.scene.figures(&mut o);
         Ok(o)
