@@ -53,6 +53,10 @@ const WARPS: usize = packing::WARPS;
 /// staging area of 16 rows and a 32-row state tile, rows of 40 floats
 /// (`FWD_WARP_FLOATS` in kernels.cu).
 const FWD_SMEM: u32 = (WARPS * (16 + 32) * 40 * 4) as u32;
+/// Dynamic shared memory of the tensor-core backward kernel: per warp two
+/// staging areas of 16 rows and a 32-row state tile, rows of 40 floats
+/// (`BWD_WARP_FLOATS` in kernels.cu).
+const BWD_SMEM: u32 = (WARPS * (16 + 16 + 32) * 40 * 4) as u32;
 /// Windows with more voxels than this get a whole block (`SMALL`). 32
 /// measured best on an H100 among 16, 32, 64 and 128 with the FMA kernel
 /// (Waymo-like frames; larger values leave big windows to one warp), and
@@ -285,6 +289,35 @@ pub enum Op {
     SlaBroken,
 }
 
+/// Which kernel computes SLA's backward pass (and padded-linear's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backward {
+    /// One FMA per lane and state element (`sla_bwd_*`).
+    Fma,
+    /// On tensor cores, TF32 with split operands (`sla_bwd_mma_*`).
+    TensorCore,
+}
+
+impl Backward {
+    /// `BENCH_SUITE_SLA_BWD`: `fma` or `mma` (default `fma`).
+    pub fn from_env() -> Result<Self, WorkloadError> {
+        match std::env::var("BENCH_SUITE_SLA_BWD").as_deref() {
+            Err(_) | Ok("fma") => Ok(Backward::Fma),
+            Ok("mma") => Ok(Backward::TensorCore),
+            Ok(other) => Err(WorkloadError::Config(format!(
+                "BENCH_SUITE_SLA_BWD={other} names no backward kernel; give `fma` or `mma`"
+            ))),
+        }
+    }
+
+    fn kernel(self, suffix: &str) -> String {
+        match self {
+            Backward::Fma => format!("sla_bwd_{suffix}"),
+            Backward::TensorCore => format!("sla_bwd_mma_{suffix}"),
+        }
+    }
+}
+
 /// The SLA work list: windows over `SMALL` voxels one per block, biggest
 /// first; the rest packed `WARPS` to a block (-1 fills the last block).
 /// With a grouped forward schedule, also the forward kernel's own list.
@@ -507,6 +540,9 @@ struct Kernels {
     /// Dynamic shared memory of `sla_fwd`'s launches.
     fwd_smem: u32,
     sla_bwd: CudaFunction,
+    /// Dynamic shared memory of `sla_bwd`'s launches, and which it is.
+    bwd_smem: u32,
+    backward: Backward,
     broken: CudaFunction,
     gather: CudaFunction,
     scatter: CudaFunction,
@@ -558,7 +594,8 @@ impl<'g, T: GpuElem> Problem<'g, T> {
     /// whole block in the backward and FMA kernels, and the tensor-core
     /// forward kernel gets the grouped schedule with the fastest of
     /// [`PER_WARP_CANDIDATES`] on this layout and GPU (autotuned here).
-    /// Tuning: `BENCH_SUITE_SLA_GROUP` fixes the grouped share instead.
+    /// Tuning: `BENCH_SUITE_SLA_GROUP` fixes the grouped share instead;
+    /// `BENCH_SUITE_SLA_BWD` picks the backward kernel ([`Backward`]).
     pub fn new(gpu: &'g Gpu, op: Op, s: &HostScene<'_, T>) -> Result<Self, WorkloadError> {
         let small = crate::device::tuning_count(
             "BENCH_SUITE_SLA_SMALL",
@@ -586,6 +623,11 @@ impl<'g, T: GpuElem> Problem<'g, T> {
         let mut p = Self::with_schedule(gpu, op, s, small, Schedule::Grouped { per_warp })?;
         if fixed.is_none() && matches!(op, Op::Sla | Op::PaddedLinear) {
             p.autotune_forward()?;
+        }
+        // SlaFfma keeps the FMA backward: it is the FMA comparison.
+        let backward = Backward::from_env()?;
+        if backward != Backward::Fma && matches!(op, Op::Sla | Op::PaddedLinear) {
+            p.set_backward(backward)?;
         }
         Ok(p)
     }
@@ -635,6 +677,36 @@ impl<'g, T: GpuElem> Problem<'g, T> {
         self.f.sla_fwd = tensor_core_forward::<T>(self.gpu, Some(per_warp), cluster)?;
         self.forward = schedule;
         Ok(())
+    }
+
+    /// Switches the backward kernel (SLA's and padded-linear's).
+    pub fn set_backward(&mut self, backward: Backward) -> Result<(), WorkloadError> {
+        let f = self.gpu.function(&backward.kernel(T::SUFFIX))?;
+        let smem = match backward {
+            Backward::Fma => 0,
+            Backward::TensorCore => {
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    BWD_SMEM as i32,
+                )
+                .map_err(|e| dev("shared memory of sla_bwd_mma", e))?;
+                BWD_SMEM
+            }
+        };
+        self.f.sla_bwd = f;
+        self.f.bwd_smem = smem;
+        self.f.backward = backward;
+        Ok(())
+    }
+
+    /// The operator this problem runs.
+    pub fn op(&self) -> Op {
+        self.op
+    }
+
+    /// The backward kernel in use.
+    pub fn backward_kernel(&self) -> Backward {
+        self.f.backward
     }
 
     /// The work list the tensor-core forward kernel reads.
@@ -693,7 +765,9 @@ impl<'g, T: GpuElem> Problem<'g, T> {
         let f = Kernels {
             sla_fwd,
             fwd_smem,
-            sla_bwd: gpu.function(&format!("sla_bwd_{suffix}"))?,
+            sla_bwd: gpu.function(&Backward::Fma.kernel(suffix))?,
+            bwd_smem: 0,
+            backward: Backward::Fma,
             broken: gpu.function(&format!("sla_fwd_broken_{suffix}"))?,
             gather: gpu.function(&format!("gather_rows_{suffix}"))?,
             scatter: gpu.function(&format!("scatter_rows_{suffix}"))?,
@@ -859,7 +933,10 @@ impl<'g, T: GpuElem> Problem<'g, T> {
     }
 
     fn sla_bwd_direct(&mut self) -> Result<(), WorkloadError> {
-        let cfg = self.sla_cfg(&self.work);
+        let cfg = LaunchConfig {
+            shared_mem_bytes: self.f.bwd_smem,
+            ..self.sla_cfg(&self.work)
+        };
         let h = self.heads as i32;
         let mut b = self.gpu.stream.launch_builder(&self.f.sla_bwd);
         b.arg(&self.q)
@@ -996,8 +1073,12 @@ impl<'g, T: GpuElem> Problem<'g, T> {
                 .arg(&p.work.n_big)
                 .arg(&p.work.small)
                 .arg(&h);
+            let cfg = LaunchConfig {
+                shared_mem_bytes: f.bwd_smem,
+                ..sla_cfg
+            };
             // SAFETY: matches `sla_bwd_*`.
-            unsafe { b.launch(sla_cfg) }.map_err(launch_err)?;
+            unsafe { b.launch(cfg) }.map_err(launch_err)?;
         } else {
             let mut b = st.launch_builder(&f.softmax_dq);
             b.arg(&p.q)
@@ -1144,6 +1225,7 @@ mod tests {
         gpu: &Gpu,
         op: Op,
         sched: Option<Schedule>,
+        backward: Backward,
         x: [&[T]; 4],
         r: [&[f32]; 4],
         bits: u32,
@@ -1168,6 +1250,7 @@ mod tests {
             Some(f) => Problem::with_schedule(gpu, op, &scene, SMALL, f),
         }
         .unwrap();
+        p.set_backward(backward).unwrap();
         p.launch(op != Op::SlaBroken).unwrap();
         gpu.synchronize().unwrap();
         let o = p.outputs().unwrap();
@@ -1181,7 +1264,7 @@ mod tests {
                 worst = worst.max(sla::max_rel_err(got, want));
             }
         }
-        eprintln!("{op:?} {sched:?} {bits}-bit: largest relative error {worst:.3e}");
+        eprintln!("{op:?} {sched:?} {backward:?} {bits}-bit: largest relative error {worst:.3e}");
         worst
     }
 
@@ -1210,7 +1293,8 @@ mod tests {
         ];
         let r16 = [&back[0][..], &back[1][..], &back[2][..], &back[3][..]];
         // Every op with the default forward schedule; the tensor-core
-        // forward (SLA and padded-linear) also with the block list, with
+        // forward (SLA and padded-linear) also with the block list (and
+        // with every window one warp's, in every kernel), with
         // windows split among up to eight warps nearly always (4 voxels a
         // warp), with one warp per window (no block barrier), and with
         // clusters: windows over 32 voxels spanning two to four blocks (4
@@ -1218,23 +1302,41 @@ mod tests {
         let schedules = [
             None,
             Some(Schedule::Blocks { small: SMALL }),
+            Some(Schedule::Blocks { small: 1000 }),
             Some(Schedule::Grouped { per_warp: 4 }),
             Some(Schedule::Grouped { per_warp: 1000 }),
             Some(Schedule::Cluster { per_warp: 4 }),
             Some(Schedule::Cluster { per_warp: 16 }),
         ];
+        // The backward on tensor cores with the block list's windows (over
+        // SMALL voxels a block of eight warps, which sum their states) and
+        // with every window one warp's (no block barrier).
         for op in [Op::Sla, Op::SlaFfma, Op::PaddedLinear, Op::PaddedSoftmax] {
             for sched in schedules {
                 if sched.is_some() && !matches!(op, Op::Sla | Op::PaddedLinear) {
                     continue;
                 }
-                let e = check::<f32>(&gpu, op, sched, f32s, f32s, 32);
-                assert!(e <= sla::tolerance(32), "{op:?} {sched:?} f32: {e:.3e}");
-                let e = check::<u16>(&gpu, op, sched, b16, r16, 16);
-                assert!(e <= sla::tolerance(16), "{op:?} {sched:?} bf16: {e:.3e}");
+                let mut backwards = vec![Backward::Fma];
+                if matches!(op, Op::Sla | Op::PaddedLinear)
+                    && matches!(sched, None | Some(Schedule::Blocks { .. }))
+                {
+                    backwards.push(Backward::TensorCore);
+                }
+                for bwd in backwards {
+                    let e = check::<f32>(&gpu, op, sched, bwd, f32s, f32s, 32);
+                    assert!(
+                        e <= sla::tolerance(32),
+                        "{op:?} {sched:?} {bwd:?} f32: {e:.3e}"
+                    );
+                    let e = check::<u16>(&gpu, op, sched, bwd, b16, r16, 16);
+                    assert!(
+                        e <= sla::tolerance(16),
+                        "{op:?} {sched:?} {bwd:?} bf16: {e:.3e}"
+                    );
+                }
             }
         }
-        let e = check::<f32>(&gpu, Op::SlaBroken, None, f32s, f32s, 32);
+        let e = check::<f32>(&gpu, Op::SlaBroken, None, Backward::Fma, f32s, f32s, 32);
         assert!(
             e > 100.0 * sla::tolerance(32),
             "the broken kernel passed: {e:.3e}"
@@ -1353,6 +1455,106 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Forward + backward timings of SLA with each backward kernel, for
+    /// the GPU machine: medians of 30 calls after 5, f32 and bf16, on the
+    /// Waymo-like and nuScenes-like frames and the 10k, 100k and 1M
+    /// scaling scenes (autotuned forward). On the Waymo-like frame the
+    /// output and gradients are checked against the float64 reference.
+    #[test]
+    #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
+    fn sla_backward_sweep() {
+        use crate::pointcloud::lidar;
+        let Some(gpu) = gpu() else { return };
+        let mut scenes = vec![
+            ("waymo-like".to_string(), lidar::waymo_like(1)),
+            ("nuscenes-like".to_string(), lidar::nuscenes_like(1)),
+        ];
+        for size in [10_000, 100_000, 1_000_000] {
+            scenes.push((format!("scaling {size}"), lidar::scaling(size, 1)));
+        }
+        let bw = gpu.copy_bandwidth(1 << 30, 10).unwrap();
+        for (name, w) in &scenes {
+            let n = w.n_voxels();
+            let shape = Shape {
+                n,
+                heads: 4,
+                dim: 32,
+            };
+            let x = inputs(n, 5);
+            let b: Vec<Vec<u16>> = x
+                .iter()
+                .map(|y| y.iter().map(|&z| bf16::from_f32(z).to_bits()).collect())
+                .collect();
+            let mut line = format!("{name} ({n} voxels) forward + backward:");
+            for bits in [32u32, 16] {
+                // The float64 reference of the (rounded) inputs.
+                let want = (name == "waymo-like").then(|| {
+                    let y: [Vec<f64>; 4] = std::array::from_fn(|i| {
+                        if bits == 32 {
+                            wa::to_f64(&x[i])
+                        } else {
+                            b[i].iter()
+                                .map(|&z| f32::from_bits((z as u32) << 16) as f64)
+                                .collect()
+                        }
+                    });
+                    sla::reference_f64(&y[0], &y[1], &y[2], &y[3], &w.offsets, &w.counts, shape)
+                });
+                let floor = (11 * n * 128 * (bits as usize / 8)) as f64 / bw;
+                for bwd in [Backward::Fma, Backward::TensorCore] {
+                    let (t, err) = if bits == 32 {
+                        let x = [&x[0][..], &x[1][..], &x[2][..], &x[3][..]];
+                        time_both::<f32>(&gpu, x, w, bwd, want.as_ref())
+                    } else {
+                        let b = [&b[0][..], &b[1][..], &b[2][..], &b[3][..]];
+                        time_both::<u16>(&gpu, b, w, bwd, want.as_ref())
+                    };
+                    line += &format!(
+                        " {bits}-bit {bwd:?} {:.4} ms ({:.2}x floor){}",
+                        t * 1e3,
+                        t / floor,
+                        err.map_or(String::new(), |e| format!(" err {e:.1e}"))
+                    );
+                    if let Some(e) = err {
+                        assert!(e <= sla::tolerance(bits), "{line}");
+                    }
+                }
+            }
+            eprintln!("{line}");
+        }
+    }
+
+    /// Median forward + backward time of SLA with the given backward
+    /// kernel (and the largest relative error of output and gradients
+    /// where a reference is given).
+    fn time_both<T: GpuElem>(
+        gpu: &Gpu,
+        x: [&[T]; 4],
+        w: &crate::pointcloud::voxel::Windowed,
+        bwd: Backward,
+        want: Option<&sla::Grads64>,
+    ) -> (f64, Option<f64>) {
+        let scene = HostScene::new(x, &w.offsets, &w.counts);
+        let mut p = Problem::new(gpu, Op::Sla, &scene).unwrap();
+        p.set_backward(bwd).unwrap();
+        p.time(true, 5, Timing::Device).unwrap();
+        let t = median(&p.time(true, 30, Timing::Device).unwrap());
+        let err = want.map(|r| {
+            gpu.synchronize().unwrap();
+            let o = p.outputs().unwrap();
+            [
+                (&o.out, &r.out),
+                (&o.dq, &r.dq),
+                (&o.dk, &r.dk),
+                (&o.dv, &r.dv),
+            ]
+            .iter()
+            .map(|(got, want)| sla::max_rel_err(got, want))
+            .fold(0.0, f64::max)
+        });
+        (t, err)
     }
 
     /// Median forward time of `op` over 50 launches after 10 (and the

@@ -1097,6 +1097,275 @@ __device__ void sla_bwd(const T *q, const T *k, const T *v, const T *dout, T *dq
     }
 }
 
+// ---- Backward on tensor cores ----------------------------------------------
+// The same gradients as sla_bwd, with every product on mma.sync m16n8k8
+// TF32 (f32 inputs split into two TF32 parts, as in sla_fwd_mma; bf16
+// inputs are exact in TF32), 16 voxels a chunk, the block list's schedule
+// (work_item). Per window and head, with phi = relu:
+//   phase 1: [KV | s] = phi(K)^T [V | 1]                 (as the forward)
+//   phase 2: [num | den] = phi(Q) [KV | s], G = dout / den,
+//            dd = -rowsum(G * num) / den,
+//            dq = (G KV^T + dd s^T) * [q > 0],
+//            [dKV | ds] += phi(Q)^T [G | dd]              (in registers)
+//   phase 3: dk = (V dKV^T + ds) * [k > 0], dv = phi(K) dKV.
+// Shared memory per warp (floats, rows of KS): two staging tiles of 16 rows
+// (A: phi(k) or phi(q); B: v, dout then [G | dd]; B's columns 32..39 hold
+// [1, 0, ...] in phase 1) and one 32-row state tile, [KV | s] in phase 2,
+// then [dKV | ds] in phase 3. A window given a whole block sums its warps'
+// tiles into warp 0's (sum_warp_tiles).
+#define BWD_WARP_FLOATS (2 * 16 * KS + 32 * KS)
+
+// In a block whose eight warps share one window: sums every warp's state
+// tile into warp 0's and returns it (two block-wide barriers).
+__device__ __forceinline__ const float *sum_warp_tiles(float *smem) {
+    float *tile0 = smem + 2 * 16 * KS;
+    __syncthreads();
+    for (int e = threadIdx.x; e < 32 * KS; e += blockDim.x) {
+        float x = tile0[e];
+        for (int u = 1; u < WARPS; u++) x += tile0[u * BWD_WARP_FLOATS + e];
+        tile0[e] = x;
+    }
+    __syncthreads();
+    return tile0;
+}
+
+// The warp's accumulators (rows a = g + 16m (+ 8), columns 8j + 2t (+ 1))
+// into its state tile.
+__device__ __forceinline__ void store_state(float *tile, const float acc[2][5][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int j = 0; j < 5; j++) {
+            const int a = g + 16 * m, col = 2 * t + 8 * j;
+            tile[a * KS + col] = acc[m][j][0];
+            tile[a * KS + col + 1] = acc[m][j][1];
+            tile[(a + 8) * KS + col] = acc[m][j][2];
+            tile[(a + 8) * KS + col + 1] = acc[m][j][3];
+        }
+}
+
+// acc[m][j] += A^T B over a staged chunk of 16 voxels, where A (voxel x 32)
+// is `sa` and B (voxel x 40) is `sb`: the 32 x 40 product phi(K)^T [V | 1]
+// (phase 1) or phi(Q)^T [G | dd] (phase 2).
+template <bool EXACT_A, bool EXACT_B>
+__device__ __forceinline__ void acc_at_b(float acc[2][5][4], const float *sa, const float *sb) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int ks = 0; ks < 2; ks++) {
+        const int v0 = 8 * ks + t;
+        unsigned ab[2][4], as[2][4];
+#pragma unroll
+        for (int m = 0; m < 2; m++) {  // A^T[a][voxel] = A[voxel][a]
+            split_tf32<EXACT_A>(sa[v0 * KS + g + 16 * m], ab[m][0], as[m][0]);
+            split_tf32<EXACT_A>(sa[v0 * KS + g + 8 + 16 * m], ab[m][1], as[m][1]);
+            split_tf32<EXACT_A>(sa[(v0 + 4) * KS + g + 16 * m], ab[m][2], as[m][2]);
+            split_tf32<EXACT_A>(sa[(v0 + 4) * KS + g + 8 + 16 * m], ab[m][3], as[m][3]);
+        }
+#pragma unroll
+        for (int j = 0; j < 5; j++) {
+            unsigned bb[2], bs[2];
+            split_tf32<EXACT_B>(sb[v0 * KS + g + 8 * j], bb[0], bs[0]);
+            split_tf32<EXACT_B>(sb[(v0 + 4) * KS + g + 8 * j], bb[1], bs[1]);
+#pragma unroll
+            for (int m = 0; m < 2; m++) mma_3x<EXACT_A, EXACT_B>(acc[m][j], ab[m], as[m], bb, bs);
+        }
+    }
+}
+
+// c[j] = A X for a staged chunk A (16 x 32, `sa`) and a 32-row state tile
+// X, over the first J column tiles of 8: with TRANS, X^T (c[r][a] =
+// sum_c A[r][c] X[a][c]); otherwise X (c[r][col] = sum_a A[r][a] X[a][col]).
+template <int J, bool TRANS, bool EXACT_A>
+__device__ __forceinline__ void a_times_state(float c[J][4], const float *sa, const float *x) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int j = 0; j < J; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) c[j][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        unsigned ab[4], as[4];
+        split_tf32<EXACT_A>(sa[g * KS + t + 8 * kk], ab[0], as[0]);
+        split_tf32<EXACT_A>(sa[(g + 8) * KS + t + 8 * kk], ab[1], as[1]);
+        split_tf32<EXACT_A>(sa[g * KS + t + 4 + 8 * kk], ab[2], as[2]);
+        split_tf32<EXACT_A>(sa[(g + 8) * KS + t + 4 + 8 * kk], ab[3], as[3]);
+#pragma unroll
+        for (int j = 0; j < J; j++) {
+            unsigned bb[2], bs[2];
+            if (TRANS) {  // B[k][n] = X[n][k]
+                split_tf32<false>(x[(g + 8 * j) * KS + t + 8 * kk], bb[0], bs[0]);
+                split_tf32<false>(x[(g + 8 * j) * KS + t + 4 + 8 * kk], bb[1], bs[1]);
+            } else {
+                split_tf32<false>(x[(t + 8 * kk) * KS + g + 8 * j], bb[0], bs[0]);
+                split_tf32<false>(x[(t + 4 + 8 * kk) * KS + g + 8 * j], bb[1], bs[1]);
+            }
+            mma_3x<EXACT_A, false>(c[j], ab, as, bb, bs);
+        }
+    }
+}
+
+// Stages loaded rows (load_rows<4>) into a tile of 16 rows of KS, with
+// relu when RELU.
+template <bool RELU>
+__device__ __forceinline__ void stage16(float *tile, const float4 x[4]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int p = 0; p < 4; p++)
+        *reinterpret_cast<float4 *>(tile + (4 * p + (lane >> 3)) * KS + 4 * (lane & 7)) =
+            RELU ? relu4(x[p]) : x[p];
+}
+
+template <typename T>
+__device__ void sla_bwd_mma(const T *q, const T *k, const T *v, const T *dout, T *dq, T *dk,
+                            T *dv, const unsigned *offsets, const unsigned *counts,
+                            const int *big, int n_big, const int *small, int heads) {
+    constexpr bool EXACT = sizeof(T) == 2;  // bf16 inputs are TF32 values
+    extern __shared__ __align__(16) float bwd_smem[];
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    int item, h;
+    block_item<T>(heads, item, h);
+    float *sa = bwd_smem + w * BWD_WARP_FLOATS, *sb = sa + 16 * KS, *tile = sb + 16 * KS;
+    int win, first, step;
+    if (!work_item(big, n_big, small, item, w, win, first, step)) return;
+    const bool shared_window = step == WARPS;
+    const long long start = offsets[win];
+    const int n = counts[win];
+
+    // Phase 1: [KV | s] = phi(K)^T [V | 1].
+    for (int r = lane >> 3; r < 16; r += 4) sb[r * KS + 32 + (lane & 7)] = (lane & 7) == 0;
+    float acc[2][5][4];
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int j = 0; j < 5; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[m][j][e] = 0.f;
+    float4 xa[4], xb[4];
+    load_rows<4>(k, start, n, heads, h, 16 * first, xa);
+    load_rows<4>(v, start, n, heads, h, 16 * first, xb);
+    for (int c = first; 16 * c < n; c += step) {
+        stage16<true>(sa, xa);
+        stage16<false>(sb, xb);
+        __syncwarp();
+        load_rows<4>(k, start, n, heads, h, 16 * (c + step), xa);
+        load_rows<4>(v, start, n, heads, h, 16 * (c + step), xb);
+        acc_at_b<EXACT, EXACT>(acc, sa, sb);
+        __syncwarp();
+    }
+    store_state(tile, acc);
+    const float *kv = tile;
+    if (shared_window) kv = sum_warp_tiles(bwd_smem);
+    else __syncwarp();
+
+    // Phase 2: dq, and [dKV | ds] in acc.
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int j = 0; j < 5; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[m][j][e] = 0.f;
+    load_rows<4>(q, start, n, heads, h, 16 * first, xa);
+    load_rows<4>(dout, start, n, heads, h, 16 * first, xb);
+    for (int c = first; 16 * c < n; c += step) {
+        stage16<true>(sa, xa);
+        stage16<false>(sb, xb);
+        __syncwarp();
+        load_rows<4>(q, start, n, heads, h, 16 * (c + step), xa);
+        load_rows<4>(dout, start, n, heads, h, 16 * (c + step), xb);
+        float o[5][4];
+        a_times_state<5, false, EXACT>(o, sa, kv);
+        // Column 32 is the normaliser (lane 4g holds it for rows g, g + 8).
+        const float den0 = __shfl_sync(FULL, o[4][0], lane & ~3) + EPS;
+        const float den1 = __shfl_sync(FULL, o[4][2], lane & ~3) + EPS;
+        float gr[4][4], p0 = 0.f, p1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int col = 8 * j + 2 * t;
+            gr[j][0] = sb[g * KS + col] / den0;
+            gr[j][1] = sb[g * KS + col + 1] / den0;
+            gr[j][2] = sb[(g + 8) * KS + col] / den1;
+            gr[j][3] = sb[(g + 8) * KS + col + 1] / den1;
+            p0 = fmaf(gr[j][0], o[j][0], fmaf(gr[j][1], o[j][1], p0));
+            p1 = fmaf(gr[j][2], o[j][2], fmaf(gr[j][3], o[j][3], p1));
+        }
+        p0 += __shfl_xor_sync(FULL, p0, 1);
+        p0 += __shfl_xor_sync(FULL, p0, 2);
+        p1 += __shfl_xor_sync(FULL, p1, 1);
+        p1 += __shfl_xor_sync(FULL, p1, 2);
+        const float dd0 = -p0 / den0, dd1 = -p1 / den1;
+        __syncwarp();  // every lane has read dout: [G | dd] replaces it
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int col = 8 * j + 2 * t;
+            sb[g * KS + col] = gr[j][0];
+            sb[g * KS + col + 1] = gr[j][1];
+            sb[(g + 8) * KS + col] = gr[j][2];
+            sb[(g + 8) * KS + col + 1] = gr[j][3];
+        }
+        if (t == 0) {
+            sb[g * KS + 32] = dd0;
+            sb[(g + 8) * KS + 32] = dd1;
+        }
+        __syncwarp();
+        float d[4][4];
+        a_times_state<4, true, false>(d, sb, kv);  // G KV^T
+        const int r0 = 16 * c + g, r1 = r0 + 8;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int a = 8 * j + 2 * t;
+            const float s0 = kv[a * KS + 32], s1 = kv[(a + 1) * KS + 32];
+            const float x0 = sa[g * KS + a] > 0.f ? fmaf(dd0, s0, d[j][0]) : 0.f;
+            const float x1 = sa[g * KS + a + 1] > 0.f ? fmaf(dd0, s1, d[j][1]) : 0.f;
+            const float x2 = sa[(g + 8) * KS + a] > 0.f ? fmaf(dd1, s0, d[j][2]) : 0.f;
+            const float x3 = sa[(g + 8) * KS + a + 1] > 0.f ? fmaf(dd1, s1, d[j][3]) : 0.f;
+            if (r0 < n) st2(dq, at(start + r0, heads, h, a), x0, x1);
+            if (r1 < n) st2(dq, at(start + r1, heads, h, a), x2, x3);
+        }
+        acc_at_b<EXACT, false>(acc, sa, sb);
+        __syncwarp();
+    }
+
+    // Phase 3: dk and dv from [dKV | ds].
+    if (shared_window) __syncthreads();  // every warp is done with warp 0's [KV | s]
+    store_state(tile, acc);
+    const float *dkv = tile;
+    if (shared_window) dkv = sum_warp_tiles(bwd_smem);
+    else __syncwarp();
+    load_rows<4>(k, start, n, heads, h, 16 * first, xa);
+    load_rows<4>(v, start, n, heads, h, 16 * first, xb);
+    for (int c = first; 16 * c < n; c += step) {
+        stage16<true>(sa, xa);
+        stage16<false>(sb, xb);
+        __syncwarp();
+        load_rows<4>(k, start, n, heads, h, 16 * (c + step), xa);
+        load_rows<4>(v, start, n, heads, h, 16 * (c + step), xb);
+        float dkk[4][4], dvv[4][4];
+        a_times_state<4, true, EXACT>(dkk, sb, dkv);   // V dKV^T
+        a_times_state<4, false, EXACT>(dvv, sa, dkv);  // phi(K) dKV
+        const int r0 = 16 * c + g, r1 = r0 + 8;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int a = 8 * j + 2 * t;
+            const float s0 = dkv[a * KS + 32], s1 = dkv[(a + 1) * KS + 32];
+            const float x0 = sa[g * KS + a] > 0.f ? dkk[j][0] + s0 : 0.f;
+            const float x1 = sa[g * KS + a + 1] > 0.f ? dkk[j][1] + s1 : 0.f;
+            const float x2 = sa[(g + 8) * KS + a] > 0.f ? dkk[j][2] + s0 : 0.f;
+            const float x3 = sa[(g + 8) * KS + a + 1] > 0.f ? dkk[j][3] + s1 : 0.f;
+            if (r0 < n) {
+                st2(dk, at(start + r0, heads, h, a), x0, x1);
+                st2(dv, at(start + r0, heads, h, a), dvv[j][0], dvv[j][1]);
+            }
+            if (r1 < n) {
+                st2(dk, at(start + r1, heads, h, a), x2, x3);
+                st2(dv, at(start + r1, heads, h, a), dvv[j][2], dvv[j][3]);
+            }
+        }
+        __syncwarp();
+    }
+}
+
 // ---- Sort-and-pad baselines ------------------------------------------------
 // Rows move between the voxel layout and the padded layout through a row map
 // built once per layout (pad_row[i] = padded row of voxel i); pad rows are
@@ -1332,6 +1601,12 @@ __device__ __forceinline__ void sla_fwd_tc(const T *q, const T *k, const T *v, T
                          T *dv, const unsigned *offsets, const unsigned *counts,              \
                          const int *big, int n_big, const int *small, int heads) {           \
         sla_bwd<T>(q, k, v, dout, dq, dk, dv, offsets, counts, big, n_big, small, heads);    \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)                              \
+        sla_bwd_mma_##SUFFIX(const T *q, const T *k, const T *v, const T *dout, T *dq,       \
+                             T *dk, T *dv, const unsigned *offsets, const unsigned *counts,   \
+                             const int *big, int n_big, const int *small, int heads) {       \
+        sla_bwd_mma<T>(q, k, v, dout, dq, dk, dv, offsets, counts, big, n_big, small, heads); \
     }                                                                                        \
     extern "C" __global__ void sla_fwd_broken_##SUFFIX(const T *q, const T *k, const T *v,   \
                                                        T *out, const unsigned *offsets,      \

@@ -258,6 +258,10 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             label: "forward schedule: 1 thread-block clusters, 0 grouped (autotuned)",
         },
         Figure {
+            key: "backward_tensor_cores",
+            label: "backward kernel: 1 tensor cores, 0 FMA",
+        },
+        Figure {
             key: "floor_ratio",
             label: "time / memory-traffic floor",
         },
@@ -1136,6 +1140,12 @@ impl<T: cuda::GpuElem> Job for GpuJob<'_, T> {
             o.figures
                 .insert("forward_voxels_per_warp".into(), per_warp as f64);
             o.figures.insert("forward_cluster".into(), cluster);
+        }
+        if self.cfg.backward && matches!(self.problem.op(), cuda::Op::Sla | cuda::Op::PaddedLinear)
+        {
+            let tc = self.problem.backward_kernel() == cuda::Backward::TensorCore;
+            o.figures
+                .insert("backward_tensor_cores".into(), f64::from(u8::from(tc)));
         }
         self.scene.figures(&mut o);
         Ok(o)
