@@ -13,11 +13,11 @@
 // One warp owns one (window, head) pass over voxels, and the state never
 // leaves the SM (no round trip through global memory: q, k, v are read
 // once and out written once, which is the memory-traffic floor). The
-// forward kernels (sla_fwd_mma for f32, sla_fwd_bf16mma for bf16)
-// multiply on tensor cores; the backward
-// kernel and the FMA forward kernel (sla_fwd_ffma, kept for A/B
-// timing) give lane l column l of the d x d state, so a voxel costs one
-// coalesced row load per tensor and 32 FMAs per lane. Windows are scheduled in two
+// forward kernels (sla_fwd_mma for f32, sla_fwd_bf16mma for bf16) and the
+// backward (sla_bwd_mma) multiply on tensor cores; the FMA kernels kept
+// for A/B timing (sla_fwd_ffma, sla_bwd) give lane l column l of the
+// d x d state, so a voxel costs one coalesced row load per tensor and 32
+// FMAs per lane. Windows are scheduled in two
 // classes from a work list built once per layout: a window with more than
 // SMALL voxels gets a whole block of WARPS warps that split its voxels
 // (the paper's chunk-wise split) and reduce their partial states in shared
@@ -1112,7 +1112,13 @@ __device__ void sla_bwd(const T *q, const T *k, const T *v, const T *dout, T *dq
 // (A: phi(k) or phi(q); B: v, dout then [G | dd]; B's columns 32..39 hold
 // [1, 0, ...] in phase 1) and one 32-row state tile, [KV | s] in phase 2,
 // then [dKV | ds] in phase 3. A window given a whole block sums its warps'
-// tiles into warp 0's (sum_warp_tiles).
+// tiles into warp 0's (sum_warp_tiles). Measured on an H200 (2026-11-28,
+// `sla_backward_sweep`, forward + backward, f32 / bf16, ms) against the
+// FMA kernel: a 27,074-voxel Waymo-like frame 0.235 / 0.210 -> 0.150 /
+// 0.135, 100k voxels 0.671 / 0.623 -> 0.438 / 0.398, 1M 5.75 / 5.73 ->
+// 3.53 / 3.40; largest relative error against float64 3.8e-6 (f32) and
+// 2.2e-3 (bf16) in the kernel test. ptxas reports small spills (about
+// 300 bytes a thread) under the two-blocks-per-SM bound.
 #define BWD_WARP_FLOATS (2 * 16 * KS + 32 * KS)
 
 // In a block whose eight warps share one window: sums every warp's state
