@@ -28,8 +28,9 @@
 // (sla_fwd_cluster_*, packing.rs cluster_items) goes further for the
 // largest windows: up to CLUSTER blocks of a thread-block cluster share
 // one, and sum their partial states through distributed shared memory
-// (sum_cluster_states). Not yet run on a GPU as of its commit: the
-// kernel test (cuda.rs) checks it against the float64 reference there.
+// (sum_cluster_states). The autotuner picks it where it is faster: on an
+// H200 (2026-11-28) the nuScenes-like frames' forward, 1.33x faster in
+// f32 and 1.09x in bf16 than the best grouped share (r8 in results/runs).
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 32

@@ -20,7 +20,9 @@
 //! nuScenes-like frame are 15 dependent chunks a warp in f32 (Nsight
 //! Compute, the r7 run's README). There, a window may get up to
 //! [`WARPS`] x [`CLUSTER`] warps in up to [`CLUSTER`] blocks of one
-//! thread-block cluster. Not yet measured on a GPU.
+//! thread-block cluster. The autotuner tries it beside the grouped
+//! shares; on an H200 it made the nuScenes-like frames' forward 1.33x
+//! faster in f32 and 1.09x in bf16 (the r8 run's README).
 
 /// Warps per block of the SLA kernels (`WARPS` in kernels.cu).
 pub const WARPS: usize = 8;
