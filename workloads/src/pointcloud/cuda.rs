@@ -1446,15 +1446,7 @@ mod tests {
                                 time_forward::<u16>(&gpu, op, b, w, sched, want)
                             };
                             let floor = (4 * n * 128 * (bits as usize / 8)) as f64 / bw;
-                            line += &format!(
-                                " {bits}-bit {:.4} ms ({:.2}x floor){}",
-                                t * 1e3,
-                                t / floor,
-                                err.map_or(String::new(), |e| format!(" err {e:.1e}"))
-                            );
-                            if let Some(e) = err {
-                                assert!(e <= sla::tolerance(bits), "{line}");
-                            }
+                            push_timing(&mut line, &format!("{bits}-bit"), t, floor, err, bits);
                         }
                         eprintln!("{line}");
                     }
@@ -1517,18 +1509,32 @@ mod tests {
                         let b = [&b[0][..], &b[1][..], &b[2][..], &b[3][..]];
                         time_both::<u16>(&gpu, b, w, bwd, want.as_ref())
                     };
-                    line += &format!(
-                        " {bits}-bit {bwd:?} {:.4} ms ({:.2}x floor){}",
-                        t * 1e3,
-                        t / floor,
-                        err.map_or(String::new(), |e| format!(" err {e:.1e}"))
-                    );
-                    if let Some(e) = err {
-                        assert!(e <= sla::tolerance(bits), "{line}");
-                    }
+                    let label = format!("{bits}-bit {bwd:?}");
+                    push_timing(&mut line, &label, t, floor, err, bits);
                 }
             }
             eprintln!("{line}");
+        }
+    }
+
+    /// Appends a sweep's timing (and error, which must be within the
+    /// precision's tolerance) to its line.
+    fn push_timing(
+        line: &mut String,
+        label: &str,
+        t: f64,
+        floor: f64,
+        err: Option<f64>,
+        bits: u32,
+    ) {
+        *line += &format!(
+            " {label} {:.4} ms ({:.2}x floor){}",
+            t * 1e3,
+            t / floor,
+            err.map_or(String::new(), |e| format!(" err {e:.1e}"))
+        );
+        if let Some(e) = err {
+            assert!(e <= sla::tolerance(bits), "{line}");
         }
     }
 

@@ -581,6 +581,23 @@ __device__ __forceinline__ void cluster_exit(bool csync) {
     }
 }
 
+// The warp's accumulators (rows a = g + 16m (+ 8), columns 8j + 2t (+ 1),
+// J column tiles) into its state tile.
+template <int J>
+__device__ __forceinline__ void store_state(float *tile, const float acc[2][J][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int j = 0; j < J; j++) {
+            const int a = g + 16 * m, col = 2 * t + 8 * j;
+            tile[a * KS + col] = acc[m][j][0];
+            tile[a * KS + col + 1] = acc[m][j][1];
+            tile[(a + 8) * KS + col] = acc[m][j][2];
+            tile[(a + 8) * KS + col + 1] = acc[m][j][3];
+        }
+}
+
 // GROUPED: the work list of packing.rs instead of work_item's: `small`
 // holds one item per warp, (window << 8) | (multi << 7) | (first << 4) |
 // step, `step` warps sharing a window (0: an empty slot, which still meets
@@ -662,16 +679,7 @@ __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
         s4.w += __shfl_xor_sync(FULL, s4.w, o);
     }
     // The warp's KV, s and zeros into its shared tile.
-#pragma unroll
-    for (int m = 0; m < 2; m++)
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int a = g + 16 * m, col = 2 * t + 8 * j;
-            kvs[a * KS + col] = acc[m][j][0];
-            kvs[a * KS + col + 1] = acc[m][j][1];
-            kvs[(a + 8) * KS + col] = acc[m][j][2];
-            kvs[(a + 8) * KS + col + 1] = acc[m][j][3];
-        }
+    store_state<4>(kvs, acc);
     if (lane < 8) {
         kvs[(4 * lane) * KS + 32] = s4.x;
         kvs[(4 * lane + 1) * KS + 32] = s4.y;
@@ -1136,22 +1144,6 @@ __device__ __forceinline__ const float *sum_warp_tiles(float *smem) {
     return tile0;
 }
 
-// The warp's accumulators (rows a = g + 16m (+ 8), columns 8j + 2t (+ 1))
-// into its state tile.
-__device__ __forceinline__ void store_state(float *tile, const float acc[2][5][4]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int m = 0; m < 2; m++)
-#pragma unroll
-        for (int j = 0; j < 5; j++) {
-            const int a = g + 16 * m, col = 2 * t + 8 * j;
-            tile[a * KS + col] = acc[m][j][0];
-            tile[a * KS + col + 1] = acc[m][j][1];
-            tile[(a + 8) * KS + col] = acc[m][j][2];
-            tile[(a + 8) * KS + col + 1] = acc[m][j][3];
-        }
-}
-
 // acc[m][j] += A^T B over a staged chunk of 16 voxels, where A (voxel x 32)
 // is `sa` and B (voxel x 40) is `sb`: the 32 x 40 product phi(K)^T [V | 1]
 // (phase 1) or phi(Q)^T [G | dd] (phase 2).
@@ -1261,7 +1253,7 @@ __device__ void sla_bwd_mma(const T *q, const T *k, const T *v, const T *dout, T
         acc_at_b<EXACT, EXACT>(acc, sa, sb);
         __syncwarp();
     }
-    store_state(tile, acc);
+    store_state<5>(tile, acc);
     const float *kv = tile;
     if (shared_window) kv = sum_warp_tiles(bwd_smem);
     else __syncwarp();
@@ -1336,7 +1328,7 @@ __device__ void sla_bwd_mma(const T *q, const T *k, const T *v, const T *dout, T
 
     // Phase 3: dk and dv from [dKV | ds].
     if (shared_window) __syncthreads();  // every warp is done with warp 0's [KV | s]
-    store_state(tile, acc);
+    store_state<5>(tile, acc);
     const float *dkv = tile;
     if (shared_window) dkv = sum_warp_tiles(bwd_smem);
     else __syncwarp();
