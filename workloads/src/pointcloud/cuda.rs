@@ -597,8 +597,10 @@ impl<'g, T: GpuElem> Problem<'g, T> {
     /// Uploads the scene and builds the layout metadata (untimed set-up):
     /// windows over `SMALL` voxels (tuning: `BENCH_SUITE_SLA_SMALL`) get a
     /// whole block in the backward and FMA kernels, and the tensor-core
-    /// forward kernel gets the grouped schedule with the fastest of
-    /// [`PER_WARP_CANDIDATES`] on this layout and GPU (autotuned here).
+    /// forward kernel gets the fastest grouped or cluster schedule
+    /// ([`PER_WARP_CANDIDATES`], [`CLUSTER_PER_WARP_CANDIDATES`]) on this
+    /// layout and GPU (autotuned here). SLA and padded-linear run the
+    /// tensor-core backward.
     /// Tuning: `BENCH_SUITE_SLA_GROUP` fixes the grouped share instead;
     /// `BENCH_SUITE_SLA_BWD` picks the backward kernel ([`Backward`]).
     pub fn new(gpu: &'g Gpu, op: Op, s: &HostScene<'_, T>) -> Result<Self, WorkloadError> {
