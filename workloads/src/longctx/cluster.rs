@@ -22,9 +22,11 @@
 //! hustzxd/EfficientPaper; unverified, and without section numbers), says
 //! that Chelsea itself uses key cosine similarity, count-weighted means of
 //! keys and values, and a `log(count)` term in attention, as we do, and
-//! gives these settings, which ours depart from:
-//! - 16 sink and 64 recent tokens kept exact (ours: [`SINKS`] = 4 and
-//!   [`RECENT`] = 32, each at most a quarter of the budget);
+//! gives these settings, of which we follow the first and depart from the
+//! rest:
+//! - 16 sink and 64 recent tokens kept exact (ours too, [`SINKS`] and
+//!   [`RECENT`], each at most a quarter of the budget; until 2026-11-28 ours
+//!   were 4 and 32);
 //! - chunks of 256 by default (ours: [`CHUNK`] = 64; its ablation over 16,
 //!   64 and 256 reportedly scored 64 best);
 //! - about 4% of KV heads, chosen by an offline calibration on WikiText-2,
@@ -33,7 +35,11 @@
 //!   whole cache, centroids included, back to the budget every g decode
 //!   steps (ours: a share of the prompt, and the schedule of step 5 below);
 //! - a static merge schedule per round with tuned parameters (r_init,
-//!   alpha, m) whose meaning we could not retrieve (ours: step 2 below).
+//!   alpha, m) whose meaning we could not retrieve, after which "edges
+//!   with low similarity are pruned" (ours: step 2 below, where each round
+//!   keeps only the more similar half of its links; until 2026-11-28 a
+//!   round kept as many as the target needed, up to all of them, so a
+//!   halving merged every A entry whatever its similarity).
 //!
 //! The revised version ("CentroidKV") reports 75% less KV memory, where v1
 //! reported 80%.
@@ -50,14 +56,14 @@
 //!    are cut into chunks of [`CHUNK`]; in each chunk the even offsets form
 //!    A and the odd offsets B; each A entry is linked to the B entry of its
 //!    chunk whose key is most cosine-similar; of all links, the `r` most
-//!    similar are kept (`r` = entries above the target, at most the number
-//!    of links), and every A entry with a kept link is merged into its B
-//!    entry. Several A entries may join one B entry, which is what makes
+//!    similar are kept (`r` = entries above the target, at most half the
+//!    links, rounded up: the less similar half is pruned), and every A
+//!    entry with a kept link is merged into its B entry. Several A entries may join one B entry, which is what makes
 //!    the matching "soft" rather than a one-to-one pairing.
 //! 3. A merged entry holds the count-weighted means of its members' keys
 //!    and values and the sum of their counts. Rounds repeat on the merged
-//!    sequence until the target is met; one round removes at most half of
-//!    the entries, so a tenfold compression takes four rounds.
+//!    sequence until the target is met; one round removes at most about a
+//!    quarter of the entries, so a tenfold compression takes eight rounds.
 //! 4. Attention reads every entry with the additive logit `ln(count)`: a
 //!    centroid standing for `c` positions weighs like `c` copies of its key,
 //!    and merging identical keys changes nothing.
@@ -97,10 +103,10 @@ use super::policy::{Plan, Policy};
 pub const CHUNK: usize = 64;
 
 /// Initial positions kept uncompressed (attention sinks).
-pub const SINKS: usize = 4;
+pub const SINKS: usize = 16;
 
 /// Most recent positions of the prompt kept uncompressed.
-pub const RECENT: usize = 32;
+pub const RECENT: usize = 64;
 
 /// The `kv-cluster` entry: a [`ClusterKv`] holding `plan.budget` entries
 /// per layer and KV head after the prompt.
@@ -215,7 +221,8 @@ fn chunked_soft_matching(
                 }
             }
         }
-        let r = (len - target).min(links.len());
+        // The more similar half of the links at most: the rest are pruned.
+        let r = (len - target).min(links.len().div_ceil(2));
         assert!(r > 0, "soft matching stalled at {len} entries");
         // Most similar first; ties go to the earlier A entry, so the result
         // is a deterministic function of the keys.
@@ -573,9 +580,10 @@ mod tests {
                         assert!((got - mean).abs() <= 1e-5 * (1.0 + mean.abs()));
                     }
                 }
-                // One round (at most one link per A entry is enough): a
-                // cluster is one odd offset and even offsets of its chunk.
-                if n - target <= n / 2 && members.len() > 1 {
+                // One round (at most half the links, a quarter of the
+                // entries): a cluster is one odd offset and even offsets
+                // of its chunk.
+                if n - target <= n / 4 && members.len() > 1 {
                     let odd: Vec<usize> = members.iter().copied().filter(|i| i % 2 == 1).collect();
                     assert_eq!(odd.len(), 1, "{members:?}");
                     assert!(members.iter().all(|i| i / CHUNK == odd[0] / CHUNK));
@@ -642,7 +650,7 @@ mod tests {
         let (d, hd) = (SHAPE.kv_dim(), SHAPE.head_dim);
         let mut rng = ChaCha8Rng::seed_from_u64(13);
         let budget = 40;
-        let (sinks, recent) = (4, 10);
+        let (sinks, recent) = (SINKS.min(budget / 4), RECENT.min(budget / 4));
         let pairs = budget - sinks - recent;
         let n = sinks + 2 * pairs + recent;
         let (mut k, mut v) = (uniform(&mut rng, n * d), uniform(&mut rng, n * d));
@@ -764,8 +772,10 @@ mod tests {
         let mut c = ClusterKv::from_dense(&dense_of(SHAPE, &k, &v), budget, 200);
         let recent = 12;
         assert_eq!(c.recent, recent);
-        // 34 centroids for 184 middle positions: ceil(64 * 34 / 184) = 12.
-        assert_eq!(c.chunk_target, 12);
+        // 12 sinks, 26 centroids for 176 middle positions:
+        // ceil(64 * 26 / 176) = 10.
+        let ct = 10;
+        assert_eq!(c.chunk_target, ct);
         let mut all_k = k;
         for pos in n0..n0 + 150 {
             let rows = if pos == n0 + 100 { 3 } else { 1 };
@@ -781,7 +791,7 @@ mod tests {
             let merges = (n - n0) / CHUNK;
             let tail = n - (n0 - recent) - merges * CHUNK;
             for (l, ly) in c.layers.iter().enumerate() {
-                assert_eq!(c.rows(l), budget - recent + merges * 12 + tail);
+                assert_eq!(c.rows(l), budget - recent + merges * ct + tail);
                 for h in 0..2 {
                     assert_eq!(ly.count[h].iter().sum::<u32>() as usize, n);
                     let last = c.rows(l) - 1;
@@ -794,7 +804,7 @@ mod tests {
         let before = c.bytes();
         c.truncate(330).unwrap();
         assert_eq!(c.len(), 330);
-        assert_eq!(c.rows(0), budget - recent + 2 * 12 + 2 + recent);
+        assert_eq!(c.rows(0), budget - recent + 2 * ct + 2 + recent);
         assert!(c.bytes() < before);
         let err = c.truncate(327).unwrap_err().to_string();
         assert!(err.contains("before 328"), "{err}");
