@@ -1215,6 +1215,16 @@ __device__ __forceinline__ void stage16(float *tile, const float4 x[4]) {
             RELU ? relu4(x[p]) : x[p];
 }
 
+// Zeroes a warp's 32 x 40 accumulator fragments.
+__device__ __forceinline__ void zero_acc(float acc[2][5][4]) {
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int j = 0; j < 5; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[m][j][e] = 0.f;
+}
+
 template <typename T>
 __device__ void sla_bwd_mma(const T *q, const T *k, const T *v, const T *dout, T *dq, T *dk,
                             T *dv, const unsigned *offsets, const unsigned *counts,
@@ -1235,12 +1245,7 @@ __device__ void sla_bwd_mma(const T *q, const T *k, const T *v, const T *dout, T
     // Phase 1: [KV | s] = phi(K)^T [V | 1].
     for (int r = lane >> 3; r < 16; r += 4) sb[r * KS + 32 + (lane & 7)] = (lane & 7) == 0;
     float acc[2][5][4];
-#pragma unroll
-    for (int m = 0; m < 2; m++)
-#pragma unroll
-        for (int j = 0; j < 5; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[m][j][e] = 0.f;
+    zero_acc(acc);
     float4 xa[4], xb[4];
     load_rows<4>(k, start, n, heads, h, 16 * first, xa);
     load_rows<4>(v, start, n, heads, h, 16 * first, xb);
@@ -1259,12 +1264,7 @@ __device__ void sla_bwd_mma(const T *q, const T *k, const T *v, const T *dout, T
     else __syncwarp();
 
     // Phase 2: dq, and [dKV | ds] in acc.
-#pragma unroll
-    for (int m = 0; m < 2; m++)
-#pragma unroll
-        for (int j = 0; j < 5; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[m][j][e] = 0.f;
+    zero_acc(acc);
     load_rows<4>(q, start, n, heads, h, 16 * first, xa);
     load_rows<4>(dout, start, n, heads, h, 16 * first, xb);
     for (int c = first; 16 * c < n; c += step) {
