@@ -654,18 +654,31 @@ fn tiny_prefill_logits_equal_single_steps() {
 }
 
 // ---------------------------------------------------------------------------
-// The GPU decoder (feature `gpu-decoder`; runs only where there is a GPU).
+// The GPU decoder's candle graph (`decoder::cuda`): on candle's CPU backend
+// in every build, so CI checks its masks, RoPE, cache writes and gathers;
+// with feature `gpu-decoder` also on GPU 0 (then it needs a GPU).
 
-#[cfg(feature = "gpu-decoder")]
 mod gpu {
     use super::*;
     use workloads::decoder::cuda::{CudaDecoder, CudaModel};
     use workloads::decoder::Engine;
 
-    fn both(bytes: &[u8]) -> (Decoder, CudaDecoder) {
+    /// Where the graph runs: "cpu" (candle's CPU backend), "gpu" (GPU 0).
+    fn backends() -> &'static [&'static str] {
+        if cfg!(feature = "gpu-decoder") {
+            &["cpu", "gpu"]
+        } else {
+            &["cpu"]
+        }
+    }
+
+    fn both(bytes: &[u8], backend: &str) -> (Decoder, CudaDecoder) {
         let cpu = ours(bytes);
-        let gpu = CudaModel::new(cpu.model(), 0).expect("a CUDA device");
-        (cpu, CudaDecoder::new(Arc::new(gpu)))
+        let graph = match backend {
+            "gpu" => CudaModel::new(cpu.model(), 0).expect("a CUDA device"),
+            _ => CudaModel::on_cpu(cpu.model()).unwrap(),
+        };
+        (cpu, CudaDecoder::new(Arc::new(graph)))
     }
 
     /// Every entry point once, each logits row recorded: a prompt, single
@@ -704,37 +717,63 @@ mod gpu {
         rows
     }
 
-    /// The GPU against the CPU decoder on the same random weights. F32
+    /// The graph against the CPU decoder on the same random weights. F32
     /// weights: both compute the same function in f32 (cuBLAS f32 GEMMs,
-    /// no TF32), differing only in summation order: 1e-4 of the logit scale
-    /// as in `f32_weights_match_candle_transformers`. Quantized weights:
-    /// the GPU quantizes activations to 8 bits per 32 values for every
-    /// format where the CPU uses per 256 for some (Q4_K, Q6_K), and a
-    /// rounding flip of one 8-bit activation moves a logit by ~1e-2 of the
-    /// scale after 3 random layers, so 1e-1 as for candle's CPU kernels; a
-    /// wrong RoPE, mask, cache position or gather moves logits by O(1).
+    /// no TF32, or candle's CPU GEMM), differing only in summation order:
+    /// 1e-4 of the logit scale as in `f32_weights_match_candle_transformers`.
+    /// Quantized weights: the GPU quantizes activations to 8 bits per 32
+    /// values for every format where the CPU uses per 256 for some (Q4_K,
+    /// Q6_K), and a rounding flip of one 8-bit activation moves a logit by
+    /// ~1e-2 of the scale after 3 random layers, so 1e-1 as for candle's CPU
+    /// kernels; a wrong RoPE, mask, cache position or gather moves logits by
+    /// O(1).
     #[test]
     fn gpu_matches_cpu_decoder() {
-        for (t, dtype, tol) in [
-            (&LLAMA, GgmlDType::F32, 1e-4),
-            (&QWEN2, GgmlDType::F32, 1e-4),
-            (&QWEN2, GgmlDType::Q4K, 1e-1),
-            (&QWEN2, GgmlDType::Q6K, 1e-1),
-            (&LLAMA, GgmlDType::Q8_0, 1e-1),
-        ] {
-            let (mut cpu, mut gpu) = both(&tiny_gguf(t, dtype, 21));
-            let vocab = t.vocab;
-            let a = scenario(&mut cpu, vocab);
-            let b = scenario(&mut gpu, vocab);
-            assert_eq!(a.len(), b.len());
-            let worst = a
-                .iter()
-                .zip(&b)
-                .map(|(x, y)| rel_max_diff(y, x))
-                .fold(0f32, f32::max);
-            eprintln!("{} {dtype:?}: GPU vs CPU max rel diff {worst:.2e}", t.arch);
-            assert!(worst < tol, "{} {dtype:?}: {worst}", t.arch);
+        for backend in backends() {
+            for (t, dtype, tol) in [
+                (&LLAMA, GgmlDType::F32, 1e-4),
+                (&QWEN2, GgmlDType::F32, 1e-4),
+                (&QWEN2, GgmlDType::Q4K, 1e-1),
+                (&QWEN2, GgmlDType::Q6K, 1e-1),
+                (&LLAMA, GgmlDType::Q8_0, 1e-1),
+            ] {
+                let (mut cpu, mut graph) = both(&tiny_gguf(t, dtype, 21), backend);
+                let vocab = t.vocab;
+                let a = scenario(&mut cpu, vocab);
+                let b = scenario(&mut graph, vocab);
+                assert_eq!(a.len(), b.len());
+                let worst = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| rel_max_diff(y, x))
+                    .fold(0f32, f32::max);
+                eprintln!(
+                    "{} {dtype:?}: graph on {backend} vs CPU decoder max rel diff {worst:.2e}",
+                    t.arch
+                );
+                assert!(worst < tol, "{} {dtype:?} on {backend}: {worst}", t.arch);
+            }
         }
+    }
+
+    /// The comparison above must see a single misplaced cache row: here
+    /// the graph decoder's last committed row is overwritten (it is told it
+    /// holds one token fewer), and the next step's logits must then differ
+    /// from the CPU decoder's by far more than that comparison's tolerance.
+    #[test]
+    fn a_misplaced_cache_row_is_caught() {
+        let t = &QWEN2;
+        let (mut cpu, mut graph) = both(&tiny_gguf(t, GgmlDType::F32, 23), "cpu");
+        let prompt = [5u32, 9, 13, 2, 77, 31];
+        cpu.prefill(&prompt).unwrap();
+        graph.prefill(&prompt).unwrap();
+        // The next row is written over position 5 and sees 6 rows, not 7.
+        graph.truncate(prompt.len() - 1).unwrap();
+        let a = cpu.prefill(&[40]).unwrap().to_vec();
+        let b = graph.prefill(&[40]).unwrap().to_vec();
+        let diff = rel_max_diff(&b, &a);
+        eprintln!("misplaced row: max rel diff {diff:.2e}");
+        assert!(diff > 1e-2, "a wrong cache position went unnoticed: {diff}");
     }
 
     /// Not bitwise (see `decoder::cuda`), but a verification row on the GPU
@@ -743,11 +782,14 @@ mod gpu {
     /// other way (1e-1, as above). Prints the largest difference.
     #[test]
     fn gpu_verification_close_to_single_steps() {
-        for (t, dtype, tol) in [
-            (&QWEN2, GgmlDType::F32, 1e-5),
-            (&QWEN2, GgmlDType::Q4K, 1e-1),
-        ] {
-            let (_, mut gpu) = both(&tiny_gguf(t, dtype, 22));
+        for (backend, (t, dtype, tol)) in backends().iter().flat_map(|b| {
+            [
+                (&QWEN2, GgmlDType::F32, 1e-5),
+                (&QWEN2, GgmlDType::Q4K, 1e-1),
+            ]
+            .map(|c| (b, c))
+        }) {
+            let (_, mut gpu) = both(&tiny_gguf(t, dtype, 22), backend);
             let prompt = [5u32, 9, 13, 2, 77, 31];
             gpu.prefill(&prompt).unwrap();
             let n = gpu.tokens().len();
@@ -764,8 +806,8 @@ mod gpu {
                 .enumerate()
                 .map(|(j, row)| rel_max_diff(ver.logits(0, j), row))
                 .fold(0f32, f32::max);
-            eprintln!("{dtype:?}: verification vs single steps on the GPU {worst:.2e}");
-            assert!(worst < tol, "{dtype:?}: {worst}");
+            eprintln!("{dtype:?}: verification vs single steps on {backend} {worst:.2e}");
+            assert!(worst < tol, "{dtype:?} on {backend}: {worst}");
         }
     }
 }

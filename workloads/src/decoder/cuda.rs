@@ -1,6 +1,13 @@
 //! The decoder on an NVIDIA GPU, through candle's CUDA backend (cargo
 //! feature `gpu-decoder`; build it with `scripts/cuda-toolchain.sh`).
 //!
+//! Every build compiles this module. Without a GPU, [`CudaModel::on_cpu`]
+//! runs the same candle graph on candle's CPU backend: slow, and with other
+//! summation orders, but the same RoPE tables, masks, cache writes and
+//! gathers, so the tests of `workloads/tests/decoder.rs` check this
+//! decoder's logic against [`Decoder`](super::Decoder) in CI, and on a GPU
+//! machine its CUDA run as well.
+//!
 //! [`CudaModel`] copies a loaded [`Model`]'s quantized blocks to the GPU as
 //! they are (no re-quantization); [`CudaDecoder`] runs one sequence over a
 //! KV cache in GPU memory with the same entry points and meaning as the CPU
@@ -146,8 +153,24 @@ impl std::fmt::Debug for CudaModel {
 
 impl CudaModel {
     /// Copies `model` to GPU `ordinal`. Fails with a clear error where there
-    /// is no GPU or driver.
+    /// is no GPU or driver, or where the binary was built without the
+    /// `gpu-decoder` feature.
     pub fn new(model: &Model, ordinal: usize) -> Result<CudaModel, DecoderError> {
+        let device = Device::new_cuda(ordinal).map_err(|e| {
+            DecoderError::Device(format!(
+                "no CUDA device {ordinal} ({e}); the GPU decoder needs an NVIDIA GPU and driver"
+            ))
+        })?;
+        CudaModel::on_device(model, device)
+    }
+
+    /// The same graph on candle's CPU backend (see the module doc): for
+    /// testing this decoder where there is no GPU, not for speed.
+    pub fn on_cpu(model: &Model) -> Result<CudaModel, DecoderError> {
+        CudaModel::on_device(model, Device::Cpu)
+    }
+
+    fn on_device(model: &Model, device: Device) -> Result<CudaModel, DecoderError> {
         let c = model.config().clone();
         if c.rope_dim != c.head_dim {
             return Err(DecoderError::Unsupported {
@@ -158,11 +181,6 @@ impl CudaModel {
                 ),
             });
         }
-        let device = Device::new_cuda(ordinal).map_err(|e| {
-            DecoderError::Device(format!(
-                "no CUDA device {ordinal} ({e}); the GPU decoder needs an NVIDIA GPU and driver"
-            ))
-        })?;
         let q = |t: &QTensor| -> Result<QMatMul, DecoderError> {
             let data = t.data().map_err(gpu_err)?;
             let storage = QStorage::from_data(data, &device, t.dtype()).map_err(gpu_err)?;

@@ -23,13 +23,14 @@
 //! On an NVIDIA GPU (cargo feature `gpu-decoder`), [`cuda::CudaDecoder`]
 //! runs the same model through candle's CUDA backend behind the same
 //! [`Engine`] interface; [`Weights`] puts a model on a device.
-//! It is not batch-invariant (see [`cuda`]).
+//! It is not batch-invariant (see [`cuda`]). Every build compiles it: without
+//! the feature its graph runs on the CPU ([`cuda::CudaModel::on_cpu`]), so
+//! the tests check it against [`Decoder`] on machines without a GPU.
 //!
 //! Long-context work plugs an eviction or compression policy in as another
 //! [`KvCache`] (see [`kv`] for the contract) through
 //! [`Decoder::with_cache`].
 
-#[cfg(feature = "gpu-decoder")]
 pub mod cuda;
 pub mod kernels;
 pub mod kv;
