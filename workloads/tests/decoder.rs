@@ -776,6 +776,56 @@ mod gpu {
         assert!(diff > 1e-2, "a wrong cache position went unnoticed: {diff}");
     }
 
+    /// StreamingLLM's read rule on the graph (`set_sink_window`) against the
+    /// CPU decoder over `SinkWindowKv`, which evicts what the graph leaves
+    /// unread, both after the same dense prefill of 40 tokens with a budget
+    /// of 12 (4 sinks, 8 recent): single steps (the window rolls) and a
+    /// teacher-forced block of 4. Tolerances as in `gpu_matches_cpu_decoder`.
+    /// The dense decoder's rows must differ from the CPU cache's by at least
+    /// 5x the tolerance, or the comparison could not see a wrong window.
+    #[test]
+    fn sink_window_reads_match_the_cpu_cache() {
+        use workloads::longctx::sink_window::{SinkWindowKv, SINKS};
+        let budget = 12;
+        for backend in backends() {
+            for (dtype, tol) in [(GgmlDType::F32, 1e-4), (GgmlDType::Q4K, 1e-1)] {
+                let (mut dense, mut graph) = both(&tiny_gguf(&QWEN2, dtype, 24), backend);
+                let v = QWEN2.vocab as u32;
+                let prompt: Vec<u32> = (0..40u32).map(|i| (i * 37 + 5) % v).collect();
+                dense.prefill(&prompt).unwrap();
+                graph.prefill(&prompt).unwrap();
+                let cut = SinkWindowKv::from_dense(dense.cache().as_dense().unwrap(), budget);
+                let mut cpu =
+                    Decoder::resume(dense.model().clone(), Box::new(cut), prompt).unwrap();
+                graph.set_sink_window(Some((SINKS, budget)));
+                let (mut worst, mut from_dense) = (0f32, f32::INFINITY);
+                let mut compare = |a: &[f32], b: &[f32], d: &[f32]| {
+                    worst = worst.max(rel_max_diff(b, a));
+                    from_dense = from_dense.min(rel_max_diff(d, a));
+                };
+                for s in 0..5u32 {
+                    let x = [(s * 11 + 3) % v];
+                    let a = cpu.prefill(&x).unwrap().to_vec();
+                    let b = graph.prefill(&x).unwrap().to_vec();
+                    compare(&a, &b, dense.prefill(&x).unwrap());
+                }
+                let block = [7u32, 70, 140, 210];
+                let a = cpu.prefill_logits(&block, 1).unwrap();
+                let b = graph.prefill_logits(&block, 1).unwrap();
+                let d = dense.prefill_logits(&block, 1).unwrap();
+                compare(&a, &b, &d);
+                eprintln!(
+                    "{dtype:?} on {backend}: sink-window graph vs CPU cache {worst:.2e}, dense vs window at least {from_dense:.2e}"
+                );
+                assert!(worst < tol, "{dtype:?} on {backend}: {worst}");
+                assert!(
+                    from_dense > 5.0 * tol,
+                    "{dtype:?}: the window changed nothing ({from_dense})"
+                );
+            }
+        }
+    }
+
     /// Not bitwise (see `decoder::cuda`), but a verification row on the GPU
     /// equals the same position stepped alone within rounding: 1e-5 for
     /// f32 weights; for quantized ones an 8-bit activation may round the

@@ -42,9 +42,12 @@
 //! it impossible would take our own row-wise kernels.
 //!
 //! Supported: what the CPU decoder loads, with RoPE over the whole head
-//! (`rope_dim == head_dim`, true of SmolLM2 and Qwen2.5), over a dense cache
-//! only: the eviction and compression policies of the long-context
-//! workload ([`KvCache`](super::KvCache)) run on the CPU decoder.
+//! (`rope_dim == head_dim`, true of SmolLM2 and Qwen2.5), over a dense
+//! cache. Of the long-context workload's policies ([`KvCache`](super::KvCache),
+//! run on the CPU decoder), one read rule is here too:
+//! [`CudaDecoder::set_sink_window`] reads StreamingLLM's sinks and window
+//! only, as runs of the cache in place (tested against the CPU cache). The
+//! workload does not use it on the GPU yet.
 //!
 //! Speed (H100, Qwen2.5-Coder 0.5B and 1.5B; the test `gpu_call_costs` of
 //! `workloads/tests/decoder.rs` and the records of
@@ -235,6 +238,14 @@ struct Pending {
     paths: Vec<Vec<usize>>,
 }
 
+/// StreamingLLM's rule for which committed positions attention reads: the
+/// first `sinks` and the newest `window` (see [`CudaDecoder::set_sink_window`]).
+#[derive(Debug, Clone, Copy)]
+struct SinkWindow {
+    sinks: usize,
+    window: usize,
+}
+
 /// One sequence on the GPU: see the module doc.
 pub struct CudaDecoder {
     model: Arc<CudaModel>,
@@ -245,6 +256,8 @@ pub struct CudaDecoder {
     tokens: Vec<u32>,
     pending: Option<Pending>,
     last: Vec<f32>,
+    /// `None`: every committed position is read (dense).
+    sink_window: Option<SinkWindow>,
 }
 
 impl std::fmt::Debug for CudaDecoder {
@@ -266,6 +279,39 @@ impl CudaDecoder {
             tokens: Vec::new(),
             pending: None,
             last: Vec::new(),
+            sink_window: None,
+        }
+    }
+
+    /// From the next forward on, attention reads only StreamingLLM's
+    /// attention sinks and rolling window (arXiv 2309.17453, Section 3.2):
+    /// of the committed positions, the first `min(sinks, budget)` and the
+    /// newest `budget` minus those, then the block in flight. That is the
+    /// rule of the CPU cache `longctx::sink_window::SinkWindowKv`, which
+    /// evicts the other positions; here they stay in memory, unread, so
+    /// the cache's bytes do not shrink and `truncate` loses nothing. Set
+    /// after a dense prefill, it reproduces that entry's "dense prefill,
+    /// then a windowed decode". `None` restores dense reads.
+    pub fn set_sink_window(&mut self, rule: Option<(usize, usize)>) {
+        self.sink_window = rule.map(|(sinks, budget)| {
+            let sinks = sinks.min(budget);
+            SinkWindow {
+                sinks,
+                window: budget - sinks,
+            }
+        });
+    }
+
+    /// The runs `[start, end)` of positions a forward of `t` rows at `base`
+    /// reads, in position order; the last run ends with the block.
+    fn runs(&self, base: usize, t: usize) -> Vec<(usize, usize)> {
+        match self.sink_window {
+            Some(SinkWindow { sinks, window }) if base > sinks + window => {
+                let mut runs = vec![(0, sinks), (base - window, base + t)];
+                runs.retain(|&(a, b)| b > a);
+                runs
+            }
+            _ => vec![(0, base + t)],
         }
     }
 
@@ -320,7 +366,9 @@ impl CudaDecoder {
         let dev = &m.device;
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
         let n_rep = nh / nkv;
-        let len = base + t;
+        // The positions attention reads: `cols` of them, the block last.
+        let runs = self.runs(base, t);
+        let cols: usize = runs.iter().map(|(a, b)| b - a).sum();
 
         // Host-side tables: RoPE per node position, and the additive mask
         // (every committed position; the block's own ancestors).
@@ -335,12 +383,12 @@ impl CudaDecoder {
             .zip(&sin)
             .map(|(c, s)| (c * scale, s * scale))
             .unzip();
-        // Rows that may not see a position (a prompt chunk, a tree); a
-        // single row sees every position, so it needs no mask.
+        // Rows that may not see a column (a prompt chunk, a tree); a
+        // single row sees every column it reads, so it needs no mask.
         let mask = (t > 1).then(|| {
-            let mut mask = vec![0f32; t * len];
+            let mut mask = vec![0f32; t * cols];
             for (i, anc) in ancestors.iter().enumerate() {
-                let row = &mut mask[i * len + base..(i + 1) * len];
+                let row = &mut mask[i * cols + cols - t..(i + 1) * cols];
                 row.fill(f32::NEG_INFINITY);
                 for &a in anc {
                     row[a] = 0.0;
@@ -352,7 +400,7 @@ impl CudaDecoder {
             let table = |x: Vec<f32>| Tensor::from_vec(x, (t, half), dev);
             let (cos, sin, q_cos, q_sin) = (table(cos)?, table(sin)?, table(q_cos)?, table(q_sin)?);
             let mask = mask
-                .map(|m| Tensor::from_vec(m, (t, len), dev))
+                .map(|m| Tensor::from_vec(m, (t, cols), dev))
                 .transpose()?;
             let ids = Tensor::new(tokens, dev)?;
             let mut x = m.embed.embedding(&ids)?; // [t, d]
@@ -376,18 +424,49 @@ impl CudaDecoder {
                 let k = rope(&k, &cos, &sin)?;
                 self.k[l].slice_set(&k, 2, base)?;
                 self.v[l].slice_set(&v, 2, base)?;
-                // cuBLAS reads the cache's used rows in place (batch stride
-                // capacity x head_dim), without copying them.
-                let kk = self.k[l].narrow(2, 0, len)?;
-                let vv = self.v[l].narrow(2, 0, len)?;
+                // cuBLAS reads each run of the cache in place (batch stride
+                // capacity x head_dim), without copying it.
+                let kv = runs
+                    .iter()
+                    .map(|&(a, b)| {
+                        Ok((
+                            self.k[l].narrow(2, a, b - a)?,
+                            self.v[l].narrow(2, a, b - a)?,
+                        ))
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
                 // Query heads g * n_rep .. (g + 1) * n_rep share KV head g.
                 let qg = q.reshape((1, nkv, n_rep * t, hd))?;
-                let mut att = qg.matmul(&kk.t()?)?.reshape((1, nkv, n_rep, t, len))?;
+                let mut scores = kv
+                    .iter()
+                    .map(|(kk, _)| qg.matmul(&kk.t()?))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let scores = match scores.len() {
+                    1 => scores.pop().expect("one run"),
+                    _ => Tensor::cat(&scores, 3)?,
+                };
+                let mut att = scores.reshape((1, nkv, n_rep, t, cols))?;
                 if let Some(mask) = &mask {
                     att = att.broadcast_add(mask)?;
                 }
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let o = att.reshape((1, nkv, n_rep * t, len))?.matmul(&vv)?;
+                let att =
+                    candle_nn::ops::softmax_last_dim(&att)?.reshape((1, nkv, n_rep * t, cols))?;
+                // The weighted sum of values, run by run.
+                let mut o: Option<Tensor> = None;
+                let mut col = 0;
+                for (_, vv) in &kv {
+                    let n = vv.dim(2)?;
+                    let part = match kv.len() {
+                        1 => att.matmul(vv)?,
+                        _ => att.narrow(3, col, n)?.contiguous()?.matmul(vv)?,
+                    };
+                    col += n;
+                    o = Some(match o {
+                        Some(acc) => (acc + part)?,
+                        None => part,
+                    });
+                }
+                let o = o.expect("the block is always read");
                 let o = o
                     .reshape((1, nh, t, hd))?
                     .transpose(1, 2)?
