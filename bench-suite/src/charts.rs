@@ -2147,6 +2147,22 @@ fn temp_beside(path: &Path, ext: &str) -> PathBuf {
     path.with_file_name(format!(".{name}.{}-{n}.tmp.{ext}", std::process::id()))
 }
 
+/// Writes 8-bit RGB pixels as a PNG at zlib's best level with adaptive
+/// filters: about half the bytes of plotters' own encoder for the same
+/// pixels (the charts are committed with every run).
+fn encode_png(path: &Path, (w, h): (u32, u32), rgb: &[u8]) -> anyhow::Result<()> {
+    let file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut enc = png::Encoder::new(file, w, h);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.set_compression(png::Compression::Best);
+    enc.set_adaptive_filter(png::AdaptiveFilterType::Adaptive);
+    let mut writer = enc.write_header()?;
+    writer.write_image_data(rgb)?;
+    writer.finish()?;
+    Ok(())
+}
+
 fn write_figure(plan: &Plan, stem: &Path) -> anyhow::Result<Vec<PathBuf>> {
     ensure_font()?;
     let svg_path = with_suffix(stem, "svg");
@@ -2172,12 +2188,15 @@ fn write_figure(plan: &Plan, stem: &Path) -> anyhow::Result<Vec<PathBuf>> {
         return Err(e).with_context(|| format!("writing {}", svg_path.display()));
     }
 
-    let tmp = temp_beside(&png_path, "png");
-    let drawn = {
-        let root = BitMapBackend::new(&tmp, size).into_drawing_area();
+    // Drawn into memory, then encoded by `png` (see `encode_png`).
+    let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
         plan.draw(&root, true)
-    };
-    let written = drawn.and_then(|()| Ok(std::fs::rename(&tmp, &png_path)?));
+            .with_context(|| format!("drawing {}", png_path.display()))?;
+    }
+    let tmp = temp_beside(&png_path, "png");
+    let written = encode_png(&tmp, size, &rgb).and_then(|()| Ok(std::fs::rename(&tmp, &png_path)?));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(e).with_context(|| format!("writing {}", png_path.display()));
@@ -2400,6 +2419,25 @@ mod tests {
             (0..5).map(|i| format!("problem {i}")).collect(),
             times,
         )
+    }
+
+    /// The PNG encoder is lossless: a file decodes to the pixels written.
+    #[test]
+    fn png_encoding_round_trips_the_pixels() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.png");
+        let (w, h) = (37u32, 23u32);
+        let rgb: Vec<u8> = (0..w * h * 3).map(|i| (i * 7919 % 251) as u8).collect();
+        encode_png(&path, (w, h), &rgb).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+            .read_info()
+            .unwrap();
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert_eq!((info.width, info.height), (w, h));
+        assert_eq!(info.color_type, png::ColorType::Rgb);
+        assert_eq!(&buf[..info.buffer_size()], &rgb[..]);
     }
 
     #[test]
