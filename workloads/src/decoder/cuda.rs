@@ -46,8 +46,9 @@
 //! cache. Of the long-context workload's policies ([`KvCache`](super::KvCache),
 //! run on the CPU decoder), one read rule is here too:
 //! [`CudaDecoder::set_sink_window`] reads StreamingLLM's sinks and window
-//! only, as runs of the cache in place (tested against the CPU cache). The
-//! workload does not use it on the GPU yet.
+//! only, as runs of the cache in place (tested against the CPU cache); the
+//! long-context workload's decoder variants use it for `sink-window` with
+//! `--device cuda`.
 //!
 //! Speed (H100, Qwen2.5-Coder 0.5B and 1.5B; the test `gpu_call_costs` of
 //! `workloads/tests/decoder.rs` and the records of
@@ -70,7 +71,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::kernels::{self, RopeStyle};
 use super::model::{accepted_path, block_layout, DraftTree};
-use super::{Config, DecoderError, Engine, Model, Verification};
+use super::{Config, DecoderError, Engine, Model, Reads, Verification};
 
 fn gpu_err(e: candle_core::Error) -> DecoderError {
     DecoderError::Device(e.to_string())
@@ -258,6 +259,8 @@ pub struct CudaDecoder {
     last: Vec<f32>,
     /// `None`: every committed position is read (dense).
     sink_window: Option<SinkWindow>,
+    /// Rows read, counted as the CPU caches count them ([`Reads`]).
+    reads: Reads,
 }
 
 impl std::fmt::Debug for CudaDecoder {
@@ -280,7 +283,46 @@ impl CudaDecoder {
             pending: None,
             last: Vec::new(),
             sink_window: None,
+            reads: Reads::default(),
         }
+    }
+
+    /// An independent copy: the same committed tokens, a copy of the
+    /// cache in the same device memory, the same read rule, no pending
+    /// verification and its read count at zero. To start several methods
+    /// from one shared prefill.
+    pub fn fork(&self) -> Result<CudaDecoder, DecoderError> {
+        let copy = |x: &[Tensor]| {
+            x.iter()
+                .map(Tensor::copy)
+                .collect::<candle_core::Result<Vec<_>>>()
+                .map_err(gpu_err)
+        };
+        Ok(CudaDecoder {
+            model: self.model.clone(),
+            k: copy(&self.k)?,
+            v: copy(&self.v)?,
+            capacity: self.capacity,
+            tokens: self.tokens.clone(),
+            pending: None,
+            last: self.last.clone(),
+            sink_window: self.sink_window,
+            reads: Reads::default(),
+        })
+    }
+
+    /// What attention has read since this decoder was made, as the CPU
+    /// caches count it: per layer, KV head and query row, the committed
+    /// rows read out of the committed rows visible to dense attention.
+    pub fn reads(&self) -> Reads {
+        self.reads
+    }
+
+    /// Bytes of keys and values held for the committed positions (`f32`),
+    /// as `DenseKv::bytes` counts them. A read rule does not shrink it.
+    pub fn kv_bytes(&self) -> usize {
+        let c = &self.model.config;
+        self.tokens.len() * c.n_layers * c.n_kv_heads * c.head_dim * 2 * 4
     }
 
     /// From the next forward on, attention reads only StreamingLLM's
@@ -369,6 +411,10 @@ impl CudaDecoder {
         // The positions attention reads: `cols` of them, the block last.
         let runs = self.runs(base, t);
         let cols: usize = runs.iter().map(|(a, b)| b - a).sum();
+        let calls = (c.n_layers * nkv * t) as u64;
+        self.reads.calls += calls;
+        self.reads.rows_read += calls * (cols - t) as u64;
+        self.reads.rows_visible += calls * base as u64;
 
         // Host-side tables: RoPE per node position, and the additive mask
         // (every committed position; the block's own ancestors).

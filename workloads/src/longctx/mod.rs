@@ -57,7 +57,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::clock::Stopwatch;
 use crate::contract::*;
-use crate::decoder::{Decoder, DenseKv, KvCache, Model, Reads};
+use crate::decoder::cuda::{CudaDecoder, CudaModel};
+use crate::decoder::{Decoder, DecoderError, DenseKv, Engine, KvCache, Model, Reads, Weights};
 use crate::{assets, WorkloadError};
 use haystack::{Corpus, NeedlePrompt, Task, Window};
 use policy::{Plan, Policy};
@@ -582,47 +583,57 @@ impl Workload for LongContext {
         if ctx.variant.id == "decode-step" {
             return step::load(ctx);
         }
-        if ctx.device != crate::Device::Cpu {
-            return Err(WorkloadError::Config(
-                "long-context's decoder runs on the CPU; run its decoder variants with --device cpu \
-             (only `decode-step` runs on a GPU)"
-                .into(),
-            ));
-        }
-        let grid = grid(ctx.variant.id, ctx.profile);
-        let path = model_file(ctx.variant.id, ctx.profile)?;
-        let model = Arc::new(Model::load(&path)?);
-        let longest =
-            grid.contexts.iter().max().copied().unwrap_or(0) + grid.continuation.max(MAX_NEW) + 1;
-        if longest > model.config().context_length {
-            return Err(WorkloadError::Config(format!(
-                "{} has a context of {} tokens; variant `{}` needs {longest}",
-                path.display(),
-                model.config().context_length,
-                ctx.variant.id
-            )));
-        }
-        let corpus = Corpus::jargon(&assets::jargon_text()?, &model)?;
-        let boundary = boundary_table(&model)?;
-        let tok = model.tokenizer();
-        let stop: Vec<u32> = tok
-            .eos()
-            .into_iter()
-            .chain(tok.token_id("<|im_end|>"))
-            .chain(tok.token_id("<|endoftext|>"))
-            .collect();
-        Ok(Box::new(LoadedLc {
-            model,
-            model_name: path
-                .file_name()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            corpus,
-            boundary,
-            stop,
-            grid,
-        }))
+        load_decoders(ctx, false)
     }
+}
+
+/// The decoder variants' set-up. With `--device cuda` they run on the GPU
+/// decoder (feature `gpu-decoder`; [`Backend::Graph`]); `graph_on_cpu`
+/// puts that decoder's graph on the CPU instead (tests).
+fn load_decoders(
+    ctx: &LoadContext<'_>,
+    graph_on_cpu: bool,
+) -> Result<Box<dyn Loaded>, WorkloadError> {
+    let grid = grid(ctx.variant.id, ctx.profile);
+    let path = model_file(ctx.variant.id, ctx.profile)?;
+    let model = Arc::new(Model::load(&path)?);
+    let backend = match Weights::on(model.clone(), ctx.device)? {
+        _ if graph_on_cpu => Backend::Graph(Arc::new(CudaModel::on_cpu(&model)?)),
+        Weights::Cpu(_) => Backend::Cpu,
+        #[cfg(feature = "gpu-decoder")]
+        Weights::Cuda(_, gpu) => Backend::Graph(gpu),
+    };
+    let longest =
+        grid.contexts.iter().max().copied().unwrap_or(0) + grid.continuation.max(MAX_NEW) + 1;
+    if longest > model.config().context_length {
+        return Err(WorkloadError::Config(format!(
+            "{} has a context of {} tokens; variant `{}` needs {longest}",
+            path.display(),
+            model.config().context_length,
+            ctx.variant.id
+        )));
+    }
+    let corpus = Corpus::jargon(&assets::jargon_text()?, &model)?;
+    let boundary = boundary_table(&model)?;
+    let tok = model.tokenizer();
+    let stop: Vec<u32> = tok
+        .eos()
+        .into_iter()
+        .chain(tok.token_id("<|im_end|>"))
+        .chain(tok.token_id("<|endoftext|>"))
+        .collect();
+    Ok(Box::new(LoadedLc {
+        model,
+        backend,
+        model_name: path
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        corpus,
+        boundary,
+        stop,
+        grid,
+    }))
 }
 
 /// `table[t]`: token `t` ends a sentence or a line.
@@ -636,8 +647,67 @@ fn boundary_table(model: &Model) -> Result<Vec<bool>, WorkloadError> {
         .collect()
 }
 
+/// Where the needle and perplexity decoders run.
+enum Backend {
+    /// Our CPU decoder, with every entry's cache.
+    Cpu,
+    /// The GPU decoder's candle graph ([`crate::decoder::cuda`]): with
+    /// `--device cuda`, or on the CPU in tests. It runs [`GRAPH_ENTRIES`]
+    /// only: `dense`, and `sink-window` as a read rule over the dense
+    /// cache ([`CudaDecoder::set_sink_window`]), which reads what the CPU
+    /// cache keeps but does not free the rest (its `kv_share` stays 1).
+    Graph(Arc<CudaModel>),
+}
+
+/// The entries the GPU decoder runs (see [`Backend::Graph`]).
+const GRAPH_ENTRIES: &[&str] = &["dense", "sink-window"];
+
+/// A decoder after a prompt, on either backend.
+enum Dec {
+    Cpu(Box<Decoder>),
+    Graph(Box<CudaDecoder>),
+}
+
+impl Dec {
+    fn step(&mut self, token: u32) -> Result<&[f32], DecoderError> {
+        match self {
+            Dec::Cpu(d) => d.step(token),
+            Dec::Graph(g) => g.prefill(&[token]),
+        }
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<(), DecoderError> {
+        match self {
+            Dec::Cpu(d) => d.truncate(len),
+            Dec::Graph(g) => Engine::truncate(&mut **g, len),
+        }
+    }
+
+    fn reads(&self) -> Reads {
+        match self {
+            Dec::Cpu(d) => d.cache().reads(),
+            Dec::Graph(g) => g.reads(),
+        }
+    }
+
+    fn kv_bytes(&self) -> usize {
+        match self {
+            Dec::Cpu(d) => d.cache().bytes(),
+            Dec::Graph(g) => g.kv_bytes(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Dec::Cpu(d) => d.len(),
+            Dec::Graph(g) => g.tokens().len(),
+        }
+    }
+}
+
 struct LoadedLc {
     model: Arc<Model>,
+    backend: Backend,
     model_name: String,
     corpus: Corpus,
     boundary: Vec<bool>,
@@ -671,9 +741,16 @@ impl Item {
 
 /// The shared dense prefill of one prompt.
 struct Prefill {
-    cache: DenseKv,
+    state: Prefilled,
     logits: Vec<f32>,
     seconds: f64,
+}
+
+/// What a shared prefill leaves, per backend.
+enum Prefilled {
+    Cpu(DenseKv),
+    /// A GPU decoder after the prompt, forked for each method.
+    Graph(CudaDecoder),
 }
 
 impl Loaded for LoadedLc {
@@ -752,24 +829,77 @@ impl LcTrial<'_> {
         }
         let prompt = self.items[i].prompt();
         let model = &self.loaded.model;
-        let extra = self.max_new(i) + 1;
-        let cache = DenseKv::new(model.kv_shape(), prompt.len() + extra);
-        let mut dec = Decoder::with_cache(model.clone(), Box::new(cache));
-        let t0 = Instant::now();
-        let logits = dec.prefill(prompt)?.to_vec();
-        let seconds = t0.elapsed().as_secs_f64();
-        let cache = dec
-            .cache()
-            .as_dense()
-            .expect("a dense decoder holds a dense cache")
-            .clone();
-        let p = Rc::new(Prefill {
-            cache,
-            logits,
-            seconds,
+        let p = Rc::new(match &self.loaded.backend {
+            Backend::Cpu => {
+                let extra = self.max_new(i) + 1;
+                let cache = DenseKv::new(model.kv_shape(), prompt.len() + extra);
+                let mut dec = Decoder::with_cache(model.clone(), Box::new(cache));
+                let t0 = Instant::now();
+                let logits = dec.prefill(prompt)?.to_vec();
+                let seconds = t0.elapsed().as_secs_f64();
+                let cache = dec
+                    .cache()
+                    .as_dense()
+                    .expect("a dense decoder holds a dense cache")
+                    .clone();
+                Prefill {
+                    state: Prefilled::Cpu(cache),
+                    logits,
+                    seconds,
+                }
+            }
+            Backend::Graph(gpu) => {
+                let mut dec = CudaDecoder::new(gpu.clone());
+                let t0 = Instant::now();
+                // The logits come back to the host, which waits for the
+                // device: the clock reads after the work is done.
+                let logits = dec.prefill(prompt)?.to_vec();
+                let seconds = t0.elapsed().as_secs_f64();
+                Prefill {
+                    state: Prefilled::Graph(dec),
+                    logits,
+                    seconds,
+                }
+            }
         });
         self.prefills.borrow_mut()[i] = Some(p.clone());
         Ok(p)
+    }
+
+    /// A decoder for prompt `i` with `policy`'s cache built from its
+    /// shared prefill `pre`.
+    fn decoder_for(
+        &self,
+        pre: &Prefill,
+        policy: &dyn Policy,
+        plan: &Plan<'_>,
+    ) -> Result<Dec, WorkloadError> {
+        let prompt = plan.prompt.to_vec();
+        Ok(match &pre.state {
+            Prefilled::Cpu(dense) => {
+                let cache = policy.from_dense(dense, plan);
+                Dec::Cpu(Box::new(Decoder::resume(
+                    self.loaded.model.clone(),
+                    cache,
+                    prompt,
+                )?))
+            }
+            Prefilled::Graph(g) => {
+                let mut g = g.fork()?;
+                match policy.id() {
+                    "dense" => {}
+                    "sink-window" => {
+                        g.set_sink_window(Some((sink_window::SINKS, plan.budget)));
+                    }
+                    id => {
+                        return Err(WorkloadError::Config(format!(
+                        "entry `{id}` runs only on the CPU decoder (on a GPU: {GRAPH_ENTRIES:?})"
+                    )))
+                    }
+                }
+                Dec::Graph(Box::new(g))
+            }
+        })
     }
 
     fn max_new(&self, i: usize) -> usize {
@@ -787,8 +917,7 @@ impl LcTrial<'_> {
         let pre = self.prefill(i)?;
         let item = &self.items[i];
         let plan = self.plan(item, 1.0, self.max_new(i));
-        let cache = Dense.from_dense(&pre.cache, &plan);
-        let mut dec = Decoder::resume(self.loaded.model.clone(), cache, item.prompt().to_vec())?;
+        let mut dec = self.decoder_for(&pre, &Dense, &plan)?;
         let r = match item {
             Item::Needle(p) => {
                 answer_logp(&mut dec, &pre.logits, &p.answer_tokens, &mut || Ok(()))?
@@ -808,6 +937,13 @@ impl LcTrial<'_> {
 impl TrialData for LcTrial<'_> {
     fn setup(&self, entry: &Entry, params: &Params) -> Result<Box<dyn Job + '_>, WorkloadError> {
         let policy = policy_of(entry.id)?;
+        if matches!(self.loaded.backend, Backend::Graph(_)) && !GRAPH_ENTRIES.contains(&entry.id) {
+            return Err(WorkloadError::Config(format!(
+                "entry `{}` runs only on the CPU decoder: with --device cuda the {} variants run \
+                 {GRAPH_ENTRIES:?} (run the others with --device cpu)",
+                entry.id, SPEC.id
+            )));
+        }
         let frac = params.get("budget").unwrap_or(1.0);
         if !(frac > 0.0 && frac <= 1.0) {
             return Err(WorkloadError::Config(format!(
@@ -852,7 +988,7 @@ fn log_prob(logits: &[f32], token: u32) -> f64 {
 /// Mean log-probability of `answer` after the prompt (whose last logits are
 /// `first`), teacher-forced through `dec`.
 fn answer_logp(
-    dec: &mut Decoder,
+    dec: &mut Dec,
     first: &[f32],
     answer: &[u32],
     check: &mut dyn FnMut() -> Result<(), WorkloadError>,
@@ -868,7 +1004,7 @@ fn answer_logp(
 /// Mean negative log-likelihood of `cont` after the prompt (last logits
 /// `first`), teacher-forced through `dec`.
 fn continuation_nll(
-    dec: &mut Decoder,
+    dec: &mut Dec,
     first: &[f32],
     cont: &[u32],
     check: &mut dyn FnMut() -> Result<(), WorkloadError>,
@@ -907,20 +1043,25 @@ impl LcJob<'_> {
     /// The decoder for prompt `i` with this method's cache after the
     /// prompt, the logits after the prompt, and the prefill's seconds and
     /// whether they were shared (measured once, outside the clock).
-    fn start(&self, i: usize) -> Result<(Decoder, Vec<f32>, f64, bool), WorkloadError> {
+    fn start(&self, i: usize) -> Result<(Dec, Vec<f32>, f64, bool), WorkloadError> {
         let t = self.trial;
         let item = &t.items[i];
         let plan = t.plan(item, self.frac, t.max_new(i));
         let model = t.loaded.model.clone();
-        if let Some(cache) = self.policy.empty(&plan) {
+        // (On the GPU decoder, `setup` admits no entry with its own prefill.)
+        if let (Backend::Cpu, Some(cache)) = (&t.loaded.backend, self.policy.empty(&plan)) {
             let t0 = Instant::now();
             let mut dec = Decoder::with_cache(model, cache);
             let logits = dec.prefill(item.prompt())?.to_vec();
-            return Ok((dec, logits, t0.elapsed().as_secs_f64(), false));
+            return Ok((
+                Dec::Cpu(Box::new(dec)),
+                logits,
+                t0.elapsed().as_secs_f64(),
+                false,
+            ));
         }
         let pre = t.prefill(i)?;
-        let cache = self.policy.from_dense(&pre.cache, &plan);
-        let dec = Decoder::resume(model, cache, item.prompt().to_vec())?;
+        let dec = t.decoder_for(&pre, self.policy, &plan)?;
         Ok((dec, pre.logits.clone(), pre.seconds, true))
     }
 
@@ -928,7 +1069,7 @@ impl LcJob<'_> {
     /// of decoder steps taken.
     fn generate(
         &self,
-        dec: &mut Decoder,
+        dec: &mut Dec,
         first: &[f32],
         stopwatch: &Stopwatch<'_>,
     ) -> Result<(Vec<u32>, usize), WorkloadError> {
@@ -963,7 +1104,7 @@ impl Job for LcJob<'_> {
             // keep, so sharing costs each about what it would save.
             let (mut dec, first, prefill_s, shared) = self.start(i)?;
             stopwatch.check()?;
-            let before = dec.cache().reads();
+            let before = dec.reads();
             let t0 = Instant::now();
             let mut r = match &t.items[i] {
                 Item::Needle(p) => {
@@ -1152,7 +1293,7 @@ impl LcJob<'_> {
     fn snapshot(
         &self,
         i: usize,
-        dec: &Decoder,
+        dec: &Dec,
         before: Reads,
         prefill_s: f64,
         shared_prefill: bool,
@@ -1160,7 +1301,7 @@ impl LcJob<'_> {
         decode_steps: usize,
         per_token: usize,
     ) -> PromptResult {
-        let after = dec.cache().reads();
+        let after = dec.reads();
         PromptResult {
             context: self.trial.items[i].context(),
             item: i,
@@ -1168,7 +1309,7 @@ impl LcJob<'_> {
             shared_prefill,
             decode_s,
             decode_steps,
-            kv_bytes: dec.cache().bytes(),
+            kv_bytes: dec.kv_bytes(),
             dense_bytes: dec.len() * per_token,
             reads: Reads {
                 calls: after.calls - before.calls,
@@ -1335,6 +1476,76 @@ mod tests {
             panic!("budget 0 accepted")
         };
         assert!(e.to_string().contains("budget"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod graph_tests {
+    use super::testutil::{run_entry, CpuLoad};
+    use super::*;
+
+    /// The needle job on the GPU decoder's graph (here on candle's CPU
+    /// backend) against the same trial on the CPU decoder: `dense` and
+    /// `sink-window` at 25% give the same mean answer log-probability and
+    /// paired drop within 0.1 nats per token (measured: 0.028 and 0.048
+    /// for the log-probabilities, 0.02 for the drop; the graph rounds its
+    /// 8-bit activations in other places, and SmolLM2 here is Q4_1), the
+    /// same read share exactly, and on the graph dense's bytes for
+    /// sink-window (it reads, but does not free). The exact equivalence of
+    /// the read rule is `sink_window_reads_match_the_cpu_cache` in
+    /// `workloads/tests/decoder.rs` (f32, 1.3e-6). Dense pairs with itself
+    /// exactly on either backend. An entry the graph does not run is
+    /// refused by name.
+    #[test]
+    fn needle_on_the_graph_matches_the_cpu_decoder() {
+        if let Err(e) = assets::path(&assets::SMOLLM2_135M) {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        let cpu = CpuLoad::new("needle", Profile::Quick);
+        let graph = CpuLoad::graph("needle", Profile::Quick);
+        let (ct, gt) = (cpu.trial(7), graph.trial(7));
+        for (id, params) in [("dense", "budget=1"), ("sink-window", "budget=0.25")] {
+            let (c, _) = run_entry(&*ct, id, params);
+            let (g, _) = run_entry(&*gt, id, params);
+            let (a, b) = (c.figures["answer_logp"], g.figures["answer_logp"]);
+            eprintln!(
+                "{id}: answer log-prob CPU {a:.4} graph {b:.4}; drop {:.4} / {:.4}; read share {:.4} / {:.4}",
+                c.figures["drop_mean"],
+                g.figures["drop_mean"],
+                c.figures["read_share"],
+                g.figures["read_share"]
+            );
+            assert!((a - b).abs() < 0.1, "{id}: {a} vs {b}");
+            assert!(
+                (c.figures["drop_mean"] - g.figures["drop_mean"]).abs() < 0.1,
+                "{id}: paired drops differ"
+            );
+            assert!(
+                (c.figures["read_share"] - g.figures["read_share"]).abs() < 1e-9,
+                "{id}: read shares differ"
+            );
+            assert_eq!(
+                g.figures["kv_share"], 1.0,
+                "{id}: the graph keeps every row"
+            );
+            if id == "dense" {
+                assert_eq!(g.figures["drop_mean"], 0.0);
+            } else {
+                assert!(
+                    c.figures["kv_share"] < 0.3,
+                    "the CPU cache keeps its budget"
+                );
+            }
+        }
+        let entry = SPEC.entry("block-topk").unwrap();
+        let Err(e) = gt.setup(entry, &"budget=0.25".parse().unwrap()) else {
+            panic!("block-topk accepted on the graph")
+        };
+        assert!(
+            e.to_string().contains("runs only on the CPU decoder"),
+            "{e}"
+        );
     }
 }
 

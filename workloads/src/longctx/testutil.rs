@@ -131,15 +131,29 @@ pub struct CpuLoad {
 
 impl CpuLoad {
     pub fn new(variant: &str, profile: Profile) -> CpuLoad {
+        CpuLoad::on(variant, profile, false)
+    }
+
+    /// As [`CpuLoad::new`], with the decoder variants on the GPU decoder's
+    /// candle graph run on the CPU (`Backend::Graph`).
+    pub fn graph(variant: &str, profile: Profile) -> CpuLoad {
+        CpuLoad::on(variant, profile, true)
+    }
+
+    fn on(variant: &str, profile: Profile, graph: bool) -> CpuLoad {
         let variant = SPEC.variant(variant).unwrap();
-        let loaded = LongContext
-            .load(&LoadContext {
-                variant,
-                profile,
-                device: crate::Device::Cpu,
-                seed: 1,
-            })
-            .unwrap();
+        let ctx = LoadContext {
+            variant,
+            profile,
+            device: crate::Device::Cpu,
+            seed: 1,
+        };
+        let loaded = if graph {
+            super::load_decoders(&ctx, true)
+        } else {
+            LongContext.load(&ctx)
+        }
+        .unwrap();
         CpuLoad {
             variant,
             profile,
