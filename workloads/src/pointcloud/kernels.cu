@@ -62,6 +62,18 @@ __device__ __forceinline__ void st(unsigned short *p, long long i, float x) {
     p[i] = (unsigned short)(u >> 16);
 }
 
+// Zeroes a warp's accumulator fragments: two 16-row tiles of J 8-column
+// blocks (the forward's 32 x 32 state, the backward's 32 x 40 [dKV | ds]).
+template <int J>
+__device__ __forceinline__ void zero_acc(float (&acc)[2][J][4]) {
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int j = 0; j < J; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[m][j][e] = 0.f;
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(FULL, x, o);
@@ -624,12 +636,7 @@ __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
 
     // Phase 1: chunks first, first + step, ... of 8 voxels.
     float acc[2][4][4];
-#pragma unroll
-    for (int m = 0; m < 2; m++)
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[m][j][e] = 0.f;
+    zero_acc(acc);
     float4 s4 = make_float4(0.f, 0.f, 0.f, 0.f);
     float *sk = stage, *sv = stage + 8 * KS;
     float4 kx[2], vx[2];
@@ -859,15 +866,11 @@ __device__ void sla_fwd_bf16mma(const unsigned short *q, const unsigned short *k
 
     // Phase 1: chunks first, first + step, ... of 16 voxels.
     float acc[2][4][4], accs[2][4];
+    zero_acc(acc);
 #pragma unroll
-    for (int m = 0; m < 2; m++) {
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[m][j][e] = 0.f;
+    for (int m = 0; m < 2; m++)
 #pragma unroll
         for (int e = 0; e < 4; e++) accs[m][e] = 0.f;
-    }
     const unsigned ONES = 0x3f803f80u;  // two bf16 ones
     uint4 kx[2], vx[2];
     load_rows16(k, start, n, heads, h, 16 * first, kx);
@@ -1213,16 +1216,6 @@ __device__ __forceinline__ void stage16(float *tile, const float4 x[4]) {
     for (int p = 0; p < 4; p++)
         *reinterpret_cast<float4 *>(tile + (4 * p + (lane >> 3)) * KS + 4 * (lane & 7)) =
             RELU ? relu4(x[p]) : x[p];
-}
-
-// Zeroes a warp's 32 x 40 accumulator fragments.
-__device__ __forceinline__ void zero_acc(float acc[2][5][4]) {
-#pragma unroll
-    for (int m = 0; m < 2; m++)
-#pragma unroll
-        for (int j = 0; j < 5; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[m][j][e] = 0.f;
 }
 
 template <typename T>
