@@ -58,8 +58,9 @@
 //!    chunk whose key is most cosine-similar; of all links, the `r` most
 //!    similar are kept (`r` = entries above the target, at most half the
 //!    links, rounded up: the less similar half is pruned), and every A
-//!    entry with a kept link is merged into its B entry. Several A entries may join one B entry, which is what makes
-//!    the matching "soft" rather than a one-to-one pairing.
+//!    entry with a kept link is merged into its B entry. Several A entries
+//!    may join one B entry, which is what makes the matching "soft" rather
+//!    than a one-to-one pairing.
 //! 3. A merged entry holds the count-weighted means of its members' keys
 //!    and values and the sum of their counts. Rounds repeat on the merged
 //!    sequence until the target is met; one round removes at most about a

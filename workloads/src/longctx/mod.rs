@@ -662,6 +662,21 @@ enum Backend {
 /// The entries the GPU decoder runs (see [`Backend::Graph`]).
 const GRAPH_ENTRIES: &[&str] = &["dense", "sink-window"];
 
+/// How the GPU decoder serves entry `id` with a budget of `budget`
+/// positions: its read rule for [`CudaDecoder::set_sink_window`] (`None`:
+/// dense reads). An entry outside [`GRAPH_ENTRIES`] is refused by name.
+fn graph_rule(id: &str, budget: usize) -> Result<Option<(usize, usize)>, WorkloadError> {
+    match id {
+        "dense" => Ok(None),
+        "sink-window" => Ok(Some((sink_window::SINKS, budget))),
+        _ => Err(WorkloadError::Config(format!(
+            "entry `{id}` runs only on the CPU decoder: with --device cuda the {} variants run \
+             {GRAPH_ENTRIES:?} (run the others with --device cpu)",
+            SPEC.id
+        ))),
+    }
+}
+
 /// A decoder after a prompt, on either backend.
 enum Dec {
     Cpu(Box<Decoder>),
@@ -885,18 +900,9 @@ impl LcTrial<'_> {
                 )?))
             }
             Prefilled::Graph(g) => {
+                let rule = graph_rule(policy.id(), plan.budget)?;
                 let mut g = g.fork()?;
-                match policy.id() {
-                    "dense" => {}
-                    "sink-window" => {
-                        g.set_sink_window(Some((sink_window::SINKS, plan.budget)));
-                    }
-                    id => {
-                        return Err(WorkloadError::Config(format!(
-                        "entry `{id}` runs only on the CPU decoder (on a GPU: {GRAPH_ENTRIES:?})"
-                    )))
-                    }
-                }
+                g.set_sink_window(rule);
                 Dec::Graph(Box::new(g))
             }
         })
@@ -937,12 +943,8 @@ impl LcTrial<'_> {
 impl TrialData for LcTrial<'_> {
     fn setup(&self, entry: &Entry, params: &Params) -> Result<Box<dyn Job + '_>, WorkloadError> {
         let policy = policy_of(entry.id)?;
-        if matches!(self.loaded.backend, Backend::Graph(_)) && !GRAPH_ENTRIES.contains(&entry.id) {
-            return Err(WorkloadError::Config(format!(
-                "entry `{}` runs only on the CPU decoder: with --device cuda the {} variants run \
-                 {GRAPH_ENTRIES:?} (run the others with --device cpu)",
-                entry.id, SPEC.id
-            )));
+        if let Backend::Graph(_) = self.loaded.backend {
+            graph_rule(entry.id, 1)?;
         }
         let frac = params.get("budget").unwrap_or(1.0);
         if !(frac > 0.0 && frac <= 1.0) {
