@@ -672,13 +672,17 @@ mod gpu {
         }
     }
 
-    fn both(bytes: &[u8], backend: &str) -> (Decoder, CudaDecoder) {
-        let cpu = ours(bytes);
-        let graph = match backend {
+    fn graph(cpu: &Decoder, backend: &str) -> Arc<CudaModel> {
+        Arc::new(match backend {
             "gpu" => CudaModel::new(cpu.model(), 0).expect("a CUDA device"),
             _ => CudaModel::on_cpu(cpu.model()).unwrap(),
-        };
-        (cpu, CudaDecoder::new(Arc::new(graph)))
+        })
+    }
+
+    fn both(bytes: &[u8], backend: &str) -> (Decoder, CudaDecoder) {
+        let cpu = ours(bytes);
+        let graph = graph(&cpu, backend);
+        (cpu, CudaDecoder::new(graph))
     }
 
     /// Every entry point once, each logits row recorded: a prompt, single
@@ -753,6 +757,20 @@ mod gpu {
                 );
                 assert!(worst < tol, "{} {dtype:?} on {backend}: {worst}", t.arch);
             }
+        }
+    }
+
+    /// `CudaModel::warm_up` (set-up of the long-context decoder variants)
+    /// runs on every backend and leaves the model as it was: a decoder
+    /// started after it computes the rows a decoder started before it did.
+    #[test]
+    fn warm_up_changes_nothing() {
+        for backend in backends() {
+            let model = graph(&ours(&tiny_gguf(&QWEN2, GgmlDType::Q4K, 5)), backend);
+            let a = scenario(&mut CudaDecoder::new(model.clone()), QWEN2.vocab);
+            model.warm_up().unwrap();
+            let b = scenario(&mut CudaDecoder::new(model), QWEN2.vocab);
+            assert_eq!(a, b, "on {backend}");
         }
     }
 

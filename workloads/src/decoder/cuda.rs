@@ -226,6 +226,31 @@ impl CudaModel {
         &self.config
     }
 
+    /// Set-up, before any clock: launches each kernel a decode launches
+    /// once, on throwaway decoders (a prefill of one full chunk and a
+    /// partial one, a fork, dense and sink-window single steps). The first
+    /// launch of each kernel module loads it (candle's kernels are compiled
+    /// from PTX then) and the first matmul starts cuBLAS. Without this,
+    /// those costs landed in the first timed prefill: 26.7 s against about
+    /// 4 s in later trials for the long-context needle grid on an H200
+    /// (`results/runs/2026-11-28-h200-long-context-needle-gpu`). The model
+    /// holds no state, so nothing a later decoder computes changes.
+    pub fn warm_up(self: &Arc<Self>) -> Result<(), DecoderError> {
+        let vocab = self.config.vocab_size as u32;
+        let prompt: Vec<u32> = (0..(CHUNK + CHUNK / 2) as u32)
+            .map(|i| (i * 7919 + 13) % vocab)
+            .collect();
+        let mut dense = CudaDecoder::new(self.clone());
+        dense.prefill(&prompt)?;
+        let mut windowed = dense.fork()?;
+        windowed.set_sink_window(Some((4, 64)));
+        for &t in &prompt[..4] {
+            dense.prefill(&[t])?;
+            windowed.prefill(&[t])?;
+        }
+        Ok(())
+    }
+
     fn output(&self) -> &QMatMul {
         self.output.as_ref().unwrap_or(&self.embed)
     }

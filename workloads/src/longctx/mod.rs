@@ -601,7 +601,11 @@ fn load_decoders(
         _ if graph_on_cpu => Backend::Graph(Arc::new(CudaModel::on_cpu(&model)?)),
         Weights::Cpu(_) => Backend::Cpu,
         #[cfg(feature = "gpu-decoder")]
-        Weights::Cuda(_, gpu) => Backend::Graph(gpu),
+        Weights::Cuda(_, gpu) => {
+            // Kernel loading and cuBLAS start-up, outside every clock.
+            gpu.warm_up()?;
+            Backend::Graph(gpu)
+        }
     };
     let longest =
         grid.contexts.iter().max().copied().unwrap_or(0) + grid.continuation.max(MAX_NEW) + 1;
