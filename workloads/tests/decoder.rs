@@ -660,7 +660,7 @@ fn tiny_prefill_logits_equal_single_steps() {
 
 mod gpu {
     use super::*;
-    use workloads::decoder::cuda::{CudaDecoder, CudaModel};
+    use workloads::decoder::cuda::{CudaDecoder, CudaModel, ReadRule};
     use workloads::decoder::Engine;
 
     /// Where the graph runs: "cpu" (candle's CPU backend), "gpu" (GPU 0).
@@ -794,7 +794,7 @@ mod gpu {
         assert!(diff > 1e-2, "a wrong cache position went unnoticed: {diff}");
     }
 
-    /// StreamingLLM's read rule on the graph (`set_sink_window`) against the
+    /// StreamingLLM's read rule on the graph (`ReadRule::SinkWindow`) against the
     /// CPU decoder over `SinkWindowKv`, which evicts what the graph leaves
     /// unread, both after the same dense prefill of 40 tokens with a budget
     /// of 12 (4 sinks, 8 recent): single steps (the window rolls) and a
@@ -815,7 +815,10 @@ mod gpu {
                 let cut = SinkWindowKv::from_dense(dense.cache().as_dense().unwrap(), budget);
                 let mut cpu =
                     Decoder::resume(dense.model().clone(), Box::new(cut), prompt).unwrap();
-                graph.set_sink_window(Some((SINKS, budget)));
+                graph.set_read_rule(ReadRule::SinkWindow {
+                    sinks: SINKS,
+                    budget,
+                });
                 let (mut worst, mut from_dense) = (0f32, f32::INFINITY);
                 let mut compare = |a: &[f32], b: &[f32], d: &[f32]| {
                     worst = worst.max(rel_max_diff(b, a));
@@ -840,6 +843,85 @@ mod gpu {
                     from_dense > 5.0 * tol,
                     "{dtype:?}: the window changed nothing ({from_dense})"
                 );
+            }
+        }
+    }
+
+    /// Quest's page selection on the graph (`ReadRule::TopPages`) against
+    /// the CPU decoder over `QuestKv` after the same dense prefill, on a
+    /// model of 4 layers (2 dense, 2 selecting) and 2 KV heads of 4 query
+    /// heads each, so the KV heads select different pages. The steps cross
+    /// a page boundary and include fills where the budget leaves no whole
+    /// page (only the page in flight is read), then truncate into a page
+    /// and step on across the next boundary. Tolerances as for the sink
+    /// window; the selection must move the logits against dense by ten
+    /// times the decoders' difference, and the rows read must be the CPU
+    /// cache's exactly. A block of several rows
+    /// is refused while the selection is active.
+    #[test]
+    fn top_pages_reads_match_the_cpu_cache() {
+        use workloads::longctx::quest::{QuestKv, DENSE_LAYERS, PAGE};
+        const GQA: Tiny = Tiny {
+            arch: "qwen2",
+            d: 512,
+            ff: 512,
+            heads: 8,
+            kv_heads: 2,
+            layers: 4,
+            vocab: 288,
+            tied: false,
+        };
+        let budget = 40;
+        for backend in backends() {
+            for (dtype, tol) in [(GgmlDType::F32, 1e-4), (GgmlDType::Q4K, 1e-1)] {
+                let (mut dense, mut graph) = both(&tiny_gguf(&GQA, dtype, 25), backend);
+                let v = GQA.vocab as u32;
+                let prompt: Vec<u32> = (0..70u32).map(|i| (i * 37 + 5) % v).collect();
+                dense.prefill(&prompt).unwrap();
+                graph.prefill(&prompt).unwrap();
+                let quest = QuestKv::from_dense(dense.cache().as_dense().unwrap(), budget, 32);
+                let mut cpu =
+                    Decoder::resume(dense.model().clone(), Box::new(quest), prompt).unwrap();
+                graph.set_read_rule(ReadRule::TopPages {
+                    page: PAGE,
+                    dense_layers: DENSE_LAYERS,
+                    budget,
+                });
+                let before = graph.reads();
+                let (mut worst, mut from_dense) = (0f32, f32::INFINITY);
+                for s in 0..14u32 {
+                    let x = [(s * 11 + 3) % v];
+                    let a = cpu.prefill(&x).unwrap().to_vec();
+                    let b = graph.prefill(&x).unwrap().to_vec();
+                    worst = worst.max(rel_max_diff(&b, &a));
+                    from_dense = from_dense.min(rel_max_diff(dense.prefill(&x).unwrap(), &a));
+                }
+                // Back into a page (its bounds dropped) and on again.
+                let n = cpu.len() - 9;
+                cpu.truncate(n).unwrap();
+                Engine::truncate(&mut graph, n).unwrap();
+                dense.truncate(n).unwrap();
+                for s in 0..12u32 {
+                    let x = [(s * 7 + 1) % v];
+                    let a = cpu.prefill(&x).unwrap().to_vec();
+                    let b = graph.prefill(&x).unwrap().to_vec();
+                    worst = worst.max(rel_max_diff(&b, &a));
+                    from_dense = from_dense.min(rel_max_diff(dense.prefill(&x).unwrap(), &a));
+                }
+                let (g, c) = (graph.reads(), cpu.cache().reads());
+                assert_eq!(g.rows_read - before.rows_read, c.rows_read, "{backend}");
+                assert_eq!(g.rows_visible - before.rows_visible, c.rows_visible);
+                eprintln!(
+                    "{dtype:?} on {backend}: top pages graph vs CPU cache {worst:.2e}, dense vs selection at least {from_dense:.2e}, read share {:.3}",
+                    c.share()
+                );
+                assert!(worst < tol, "{dtype:?} on {backend}: {worst}");
+                assert!(
+                    from_dense > 10.0 * worst,
+                    "{dtype:?}: the selection moved the logits by {from_dense}, not clearly more than the decoders differ ({worst})"
+                );
+                let err = graph.prefill(&[1, 2]).unwrap_err().to_string();
+                assert!(err.contains("page selection"), "{err}");
             }
         }
     }

@@ -44,11 +44,13 @@
 //! Supported: what the CPU decoder loads, with RoPE over the whole head
 //! (`rope_dim == head_dim`, true of SmolLM2 and Qwen2.5), over a dense
 //! cache. Of the long-context workload's policies ([`KvCache`](super::KvCache),
-//! run on the CPU decoder), one read rule is here too:
-//! [`CudaDecoder::set_sink_window`] reads StreamingLLM's sinks and window
-//! only, as runs of the cache in place (tested against the CPU cache); the
-//! long-context workload's decoder variants use it for `sink-window` with
-//! `--device cuda`.
+//! run on the CPU decoder), two read rules are here too
+//! ([`CudaDecoder::set_read_rule`], each tested against its CPU cache):
+//! StreamingLLM's sinks and window, read as runs of the cache in place, and
+//! Quest's top pages per KV head, scored from per-page key bounds kept as
+//! pages fill and gathered before attention. The long-context workload's
+//! decoder variants use them for `sink-window` and `block-topk` with
+//! `--device cuda`. Both leave the unread rows in memory.
 //!
 //! Speed (H100, Qwen2.5-Coder 0.5B and 1.5B; the test `gpu_call_costs` of
 //! `workloads/tests/decoder.rs` and the records of
@@ -243,7 +245,10 @@ impl CudaModel {
         let mut dense = CudaDecoder::new(self.clone());
         dense.prefill(&prompt)?;
         let mut windowed = dense.fork()?;
-        windowed.set_sink_window(Some((4, 64)));
+        windowed.set_read_rule(ReadRule::SinkWindow {
+            sinks: 4,
+            budget: 64,
+        });
         for &t in &prompt[..4] {
             dense.prefill(&[t])?;
             windowed.prefill(&[t])?;
@@ -264,12 +269,34 @@ struct Pending {
     paths: Vec<Vec<usize>>,
 }
 
-/// StreamingLLM's rule for which committed positions attention reads: the
-/// first `sinks` and the newest `window` (see [`CudaDecoder::set_sink_window`]).
-#[derive(Debug, Clone, Copy)]
-struct SinkWindow {
-    sinks: usize,
-    window: usize,
+/// Which committed positions attention reads (see
+/// [`CudaDecoder::set_read_rule`]). Positions a rule does not read stay in
+/// memory, so the cache's bytes do not shrink and `truncate` loses nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadRule {
+    /// Every committed position.
+    #[default]
+    Dense,
+    /// StreamingLLM's attention sinks and rolling window (arXiv 2309.17453,
+    /// Section 3.2): of the committed positions, the first
+    /// `min(sinks, budget)` and the newest `budget` minus those. The rule of
+    /// the CPU cache `longctx::sink_window::SinkWindowKv`, which evicts the
+    /// other positions.
+    SinkWindow { sinks: usize, budget: usize },
+    /// Quest's query-aware page selection (arXiv 2406.10774, Section 3.4,
+    /// Algorithm 1), as the CPU cache `longctx::quest::QuestKv` does it:
+    /// once more than `budget` positions are committed, each KV head of
+    /// each layer from `dense_layers` on reads the committed part of the
+    /// page in flight and the `(budget - that part) / page` full pages
+    /// with the highest criticality, summed over the head's query group
+    /// (`sum_i max(q_i * max_i, q_i * min_i)` over the page's key bounds).
+    /// Single-row forwards only (the long-context workload's steps): in a
+    /// block every row would select for itself.
+    TopPages {
+        page: usize,
+        dense_layers: usize,
+        budget: usize,
+    },
 }
 
 /// One sequence on the GPU: see the module doc.
@@ -282,8 +309,13 @@ pub struct CudaDecoder {
     tokens: Vec<u32>,
     pending: Option<Pending>,
     last: Vec<f32>,
-    /// `None`: every committed position is read (dense).
-    sink_window: Option<SinkWindow>,
+    rule: ReadRule,
+    /// [`ReadRule::TopPages`]: per layer, the channel-wise minima and
+    /// maxima of the keys of the first full pages, `[1, kv_heads, pages,
+    /// head_dim]` (`None`: no page yet). Never written in place, so a fork
+    /// shares them.
+    page_lo: Vec<Option<Tensor>>,
+    page_hi: Vec<Option<Tensor>>,
     /// Rows read, counted as the CPU caches count them ([`Reads`]).
     reads: Reads,
 }
@@ -307,7 +339,9 @@ impl CudaDecoder {
             tokens: Vec::new(),
             pending: None,
             last: Vec::new(),
-            sink_window: None,
+            rule: ReadRule::Dense,
+            page_lo: Vec::new(),
+            page_hi: Vec::new(),
             reads: Reads::default(),
         }
     }
@@ -331,7 +365,9 @@ impl CudaDecoder {
             tokens: self.tokens.clone(),
             pending: None,
             last: self.last.clone(),
-            sink_window: self.sink_window,
+            rule: self.rule,
+            page_lo: self.page_lo.clone(),
+            page_hi: self.page_hi.clone(),
             reads: Reads::default(),
         })
     }
@@ -344,42 +380,132 @@ impl CudaDecoder {
     }
 
     /// Bytes of keys and values held for the committed positions (`f32`),
-    /// as `DenseKv::bytes` counts them. A read rule does not shrink it.
+    /// as `DenseKv::bytes` counts them, plus the page bounds of
+    /// [`ReadRule::TopPages`] (as `QuestKv::bytes` counts its own). A read
+    /// rule does not shrink it.
     pub fn kv_bytes(&self) -> usize {
         let c = &self.model.config;
-        self.tokens.len() * c.n_layers * c.n_kv_heads * c.head_dim * 2 * 4
+        let bounds: usize = self
+            .page_lo
+            .iter()
+            .chain(&self.page_hi)
+            .flatten()
+            .map(|t| t.elem_count() * 4)
+            .sum();
+        self.tokens.len() * c.n_layers * c.n_kv_heads * c.head_dim * 2 * 4 + bounds
     }
 
-    /// From the next forward on, attention reads only StreamingLLM's
-    /// attention sinks and rolling window (arXiv 2309.17453, Section 3.2):
-    /// of the committed positions, the first `min(sinks, budget)` and the
-    /// newest `budget` minus those, then the block in flight. That is the
-    /// rule of the CPU cache `longctx::sink_window::SinkWindowKv`, which
-    /// evicts the other positions; here they stay in memory, unread, so
-    /// the cache's bytes do not shrink and `truncate` loses nothing. Set
-    /// after a dense prefill, it reproduces that entry's "dense prefill,
-    /// then a windowed decode". `None` restores dense reads.
-    pub fn set_sink_window(&mut self, rule: Option<(usize, usize)>) {
-        self.sink_window = rule.map(|(sinks, budget)| {
-            let sinks = sinks.min(budget);
-            SinkWindow {
-                sinks,
-                window: budget - sinks,
-            }
-        });
+    /// From the next forward on, attention reads what `rule` says (see
+    /// [`ReadRule`]). Set after a dense prefill, it reproduces an entry's
+    /// "dense prefill, then a sparse decode". [`ReadRule::Dense`] restores
+    /// dense reads.
+    pub fn set_read_rule(&mut self, rule: ReadRule) {
+        if let ReadRule::TopPages { page, .. } = rule {
+            assert!(page > 0, "a page of no positions");
+        }
+        if rule != self.rule {
+            self.page_lo.clear();
+            self.page_hi.clear();
+        }
+        self.rule = rule;
     }
 
     /// The runs `[start, end)` of positions a forward of `t` rows at `base`
     /// reads, in position order; the last run ends with the block.
     fn runs(&self, base: usize, t: usize) -> Vec<(usize, usize)> {
-        match self.sink_window {
-            Some(SinkWindow { sinks, window }) if base > sinks + window => {
-                let mut runs = vec![(0, sinks), (base - window, base + t)];
+        match self.rule {
+            ReadRule::SinkWindow { sinks, budget } if base > budget => {
+                let sinks = sinks.min(budget);
+                let mut runs = vec![(0, sinks), (base - (budget - sinks), base + t)];
                 runs.retain(|&(a, b)| b > a);
                 runs
             }
             _ => vec![(0, base + t)],
         }
+    }
+
+    /// [`ReadRule::TopPages`] in a forward at `base`: `(page, full pages
+    /// wanted)` where layers from `dense_layers` on select, else `None`
+    /// (everything is read while the budget covers the committed rows).
+    fn top_pages(&self, base: usize) -> Option<(usize, usize, usize)> {
+        match self.rule {
+            ReadRule::TopPages {
+                page,
+                dense_layers,
+                budget,
+            } if base > budget => Some((page, dense_layers, (budget - base % page) / page)),
+            _ => None,
+        }
+    }
+
+    /// Quest's selection in layer `l` for a single row whose queries are
+    /// `qg`, `[1, kv_heads, n_rep, head_dim]`: per KV head, the keys and
+    /// values of the `want` of the first `full` pages with the highest
+    /// criticality summed over the head's query group (Quest's bound per
+    /// query head, as `QuestKv` sums it), `[1, kv_heads, want * page,
+    /// head_dim]`, the pages in order of criticality (attention does not
+    /// depend on the order of what it reads).
+    fn top_pages_rows(
+        &mut self,
+        l: usize,
+        qg: &Tensor,
+        page: usize,
+        full: usize,
+        want: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (lo, hi) = self.page_bounds(l, page, full)?;
+        let c = &self.model.config;
+        let (nkv, hd, dev) = (c.n_kv_heads, c.head_dim, &self.model.device);
+        let q = qg.unsqueeze(3)?; // [1, kv_heads, n_rep, 1, head_dim]
+        let upper = q.broadcast_mul(&hi.unsqueeze(2)?)?;
+        let lower = q.broadcast_mul(&lo.unsqueeze(2)?)?;
+        // [1, kv_heads, full]: per channel the larger product, summed over
+        // channels, then over the group's query heads.
+        let crit = upper.maximum(&lower)?.sum(4)?.sum(2)?.contiguous()?;
+        let pages = crit.arg_sort_last_dim(false)?.narrow(2, 0, want)?;
+        // Row indices page * size + offset, in f32 (exact below 2^24).
+        let offsets = Tensor::arange(0f32, page as f32, dev)?.reshape((1, 1, 1, page))?;
+        let rows = pages
+            .to_dtype(DType::F32)?
+            .affine(page as f64, 0.0)?
+            .unsqueeze(3)?
+            .broadcast_add(&offsets)?
+            .to_dtype(DType::U32)?
+            .reshape((1, nkv, want * page, 1))?
+            .broadcast_as((1, nkv, want * page, hd))?
+            .contiguous()?;
+        Ok((self.k[l].gather(&rows, 2)?, self.v[l].gather(&rows, 2)?))
+    }
+
+    /// Brings layer `l`'s page bounds up to its first `full` pages (those
+    /// committed since the last call), and returns them.
+    fn page_bounds(
+        &mut self,
+        l: usize,
+        page: usize,
+        full: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let c = &self.model.config;
+        if self.page_lo.len() <= l {
+            self.page_lo.resize(c.n_layers, None);
+            self.page_hi.resize(c.n_layers, None);
+        }
+        let have = self.page_lo[l].as_ref().map_or(0, |t| t.dims()[2]);
+        if have < full {
+            let rows = self.k[l]
+                .narrow(2, have * page, (full - have) * page)?
+                .contiguous()?
+                .reshape((1, c.n_kv_heads, full - have, page, c.head_dim))?;
+            let grow = |old: &Option<Tensor>, new: Tensor| match old {
+                Some(o) => Tensor::cat(&[o, &new], 2),
+                None => Ok(new),
+            };
+            self.page_lo[l] = Some(grow(&self.page_lo[l], rows.min(3)?)?);
+            self.page_hi[l] = Some(grow(&self.page_hi[l], rows.max(3)?)?);
+        }
+        let (lo, hi) = (&self.page_lo[l], &self.page_hi[l]);
+        let (lo, hi) = (lo.as_ref().expect("bounded"), hi.as_ref().expect("bounded"));
+        Ok((lo.narrow(2, 0, full)?, hi.narrow(2, 0, full)?))
     }
 
     /// Room for `n` positions (doubling, keeping what the cache holds).
@@ -433,13 +559,29 @@ impl CudaDecoder {
         let dev = &m.device;
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
         let n_rep = nh / nkv;
-        // The positions attention reads: `cols` of them, the block last.
+        // The positions attention reads: `cols` of them, the block last
+        // (in the layers that select pages, the selection's instead).
         let runs = self.runs(base, t);
         let cols: usize = runs.iter().map(|(a, b)| b - a).sum();
-        let calls = (c.n_layers * nkv * t) as u64;
-        self.reads.calls += calls;
-        self.reads.rows_read += calls * (cols - t) as u64;
-        self.reads.rows_visible += calls * base as u64;
+        let top = self.top_pages(base);
+        if top.is_some() && t > 1 {
+            return Err(DecoderError::Unsupported {
+                what: "a block of several rows under Quest's page selection".into(),
+                problem: format!(
+                    "{t} rows at position {base}; each row would select its own pages"
+                ),
+            });
+        }
+        let read_per_call = |l: usize| match top {
+            Some((page, dense_layers, want)) if l >= dense_layers => want * page + base % page,
+            _ => cols - t,
+        };
+        let calls = (nkv * t) as u64;
+        for l in 0..c.n_layers {
+            self.reads.calls += calls;
+            self.reads.rows_read += calls * read_per_call(l) as u64;
+            self.reads.rows_visible += calls * base as u64;
+        }
 
         // Host-side tables: RoPE per node position, and the additive mask
         // (every committed position; the block's own ancestors).
@@ -495,19 +637,39 @@ impl CudaDecoder {
                 let k = rope(&k, &cos, &sin)?;
                 self.k[l].slice_set(&k, 2, base)?;
                 self.v[l].slice_set(&v, 2, base)?;
-                // cuBLAS reads each run of the cache in place (batch stride
-                // capacity x head_dim), without copying it.
-                let kv = runs
-                    .iter()
-                    .map(|&(a, b)| {
-                        Ok((
-                            self.k[l].narrow(2, a, b - a)?,
-                            self.v[l].narrow(2, a, b - a)?,
-                        ))
-                    })
-                    .collect::<candle_core::Result<Vec<_>>>()?;
                 // Query heads g * n_rep .. (g + 1) * n_rep share KV head g.
                 let qg = q.reshape((1, nkv, n_rep * t, hd))?;
+                // cuBLAS reads each run of the cache in place (batch stride
+                // capacity x head_dim), without copying it.
+                let kv = match top {
+                    Some((page, dense_layers, want)) if l >= dense_layers => {
+                        // The selected pages, then the page in flight
+                        // (its committed rows and the block).
+                        let tail = base / page * page;
+                        let mut kv = Vec::with_capacity(2);
+                        if want > 0 {
+                            kv.push(self.top_pages_rows(l, &qg, page, base / page, want)?);
+                        }
+                        kv.push((
+                            self.k[l].narrow(2, tail, base + t - tail)?,
+                            self.v[l].narrow(2, tail, base + t - tail)?,
+                        ));
+                        kv
+                    }
+                    _ => runs
+                        .iter()
+                        .map(|&(a, b)| {
+                            Ok((
+                                self.k[l].narrow(2, a, b - a)?,
+                                self.v[l].narrow(2, a, b - a)?,
+                            ))
+                        })
+                        .collect::<candle_core::Result<Vec<_>>>()?,
+                };
+                let cols: usize = kv
+                    .iter()
+                    .map(|(k, _)| k.dim(2))
+                    .sum::<candle_core::Result<usize>>()?;
                 let mut scores = kv
                     .iter()
                     .map(|(kk, _)| qg.matmul(&kk.t()?))
@@ -646,8 +808,20 @@ impl Engine for CudaDecoder {
                 self.tokens.len()
             )));
         }
-        // Positions past `len` are overwritten by the next forward.
+        // Positions past `len` are overwritten by the next forward, and
+        // the bounds of pages no longer full are recomputed when they are.
         self.tokens.truncate(len);
+        if let ReadRule::TopPages { page, .. } = self.rule {
+            for b in self.page_lo.iter_mut().chain(&mut self.page_hi) {
+                if let Some(t) = b {
+                    let keep = t.dims()[2].min(len / page);
+                    *b = (keep > 0)
+                        .then(|| t.narrow(2, 0, keep))
+                        .transpose()
+                        .map_err(gpu_err)?;
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -57,7 +57,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::clock::Stopwatch;
 use crate::contract::*;
-use crate::decoder::cuda::{CudaDecoder, CudaModel};
+use crate::decoder::cuda::{CudaDecoder, CudaModel, ReadRule};
 use crate::decoder::{Decoder, DecoderError, DenseKv, Engine, KvCache, Model, Reads, Weights};
 use crate::{assets, WorkloadError};
 use haystack::{Corpus, NeedlePrompt, Task, Window};
@@ -657,22 +657,31 @@ enum Backend {
     Cpu,
     /// The GPU decoder's candle graph ([`crate::decoder::cuda`]): with
     /// `--device cuda`, or on the CPU in tests. It runs [`GRAPH_ENTRIES`]
-    /// only: `dense`, and `sink-window` as a read rule over the dense
-    /// cache ([`CudaDecoder::set_sink_window`]), which reads what the CPU
-    /// cache keeps but does not free the rest (its `kv_share` stays 1).
+    /// only: `dense`, and `sink-window` and `block-topk` as read rules over
+    /// the dense cache ([`CudaDecoder::set_read_rule`]). Each reads what
+    /// its CPU cache reads; sink-window's does not free the rest (its
+    /// `kv_share` stays 1, where the CPU cache evicts).
     Graph(Arc<CudaModel>),
 }
 
 /// The entries the GPU decoder runs (see [`Backend::Graph`]).
-const GRAPH_ENTRIES: &[&str] = &["dense", "sink-window"];
+const GRAPH_ENTRIES: &[&str] = &["dense", "sink-window", "block-topk"];
 
 /// How the GPU decoder serves entry `id` with a budget of `budget`
-/// positions: its read rule for [`CudaDecoder::set_sink_window`] (`None`:
-/// dense reads). An entry outside [`GRAPH_ENTRIES`] is refused by name.
-fn graph_rule(id: &str, budget: usize) -> Result<Option<(usize, usize)>, WorkloadError> {
+/// positions: its read rule ([`CudaDecoder::set_read_rule`]). An entry
+/// outside [`GRAPH_ENTRIES`] is refused by name.
+fn graph_rule(id: &str, budget: usize) -> Result<ReadRule, WorkloadError> {
     match id {
-        "dense" => Ok(None),
-        "sink-window" => Ok(Some((sink_window::SINKS, budget))),
+        "dense" => Ok(ReadRule::Dense),
+        "sink-window" => Ok(ReadRule::SinkWindow {
+            sinks: sink_window::SINKS,
+            budget,
+        }),
+        "block-topk" => Ok(ReadRule::TopPages {
+            page: quest::PAGE,
+            dense_layers: quest::DENSE_LAYERS,
+            budget,
+        }),
         _ => Err(WorkloadError::Config(format!(
             "entry `{id}` runs only on the CPU decoder: with --device cuda the {} variants run \
              {GRAPH_ENTRIES:?} (run the others with --device cpu)",
@@ -906,7 +915,7 @@ impl LcTrial<'_> {
             Prefilled::Graph(g) => {
                 let rule = graph_rule(policy.id(), plan.budget)?;
                 let mut g = g.fork()?;
-                g.set_sink_window(rule);
+                g.set_read_rule(rule);
                 Dec::Graph(Box::new(g))
             }
         })
@@ -1495,13 +1504,19 @@ mod graph_tests {
     /// `sink-window` at 25% give the same mean answer log-probability and
     /// paired drop within 0.1 nats per token (measured: 0.028 and 0.048
     /// for the log-probabilities, 0.02 for the drop; the graph rounds its
-    /// 8-bit activations in other places, and SmolLM2 here is Q4_1), the
-    /// same read share exactly, and on the graph dense's bytes for
-    /// sink-window (it reads, but does not free). The exact equivalence of
-    /// the read rule is `sink_window_reads_match_the_cpu_cache` in
-    /// `workloads/tests/decoder.rs` (f32, 1.3e-6). Dense pairs with itself
-    /// exactly on either backend. An entry the graph does not run is
-    /// refused by name.
+    /// 8-bit activations in other places, and SmolLM2 here is Q4_1), and
+    /// `block-topk` at 25% within 0.2 (measured: 0.098 and 0.126; its page
+    /// selection is discontinuous, so a near-tie of two pages' bounds that
+    /// rounds the other way swaps what a head reads; with f32 weights the
+    /// rule matches the CPU cache to 2.4e-6); all give the same read share
+    /// exactly, on the graph dense's
+    /// bytes for sink-window (it reads, but does not free), and for
+    /// block-topk the CPU cache's bytes (the cache and its page bounds)
+    /// within 1%. The exact equivalence of the read rules is
+    /// `sink_window_reads_match_the_cpu_cache` and
+    /// `top_pages_reads_match_the_cpu_cache` in `workloads/tests/decoder.rs`
+    /// (f32, 1.3e-6 and 2.4e-6). Dense pairs with itself exactly on either
+    /// backend. An entry the graph does not run is refused by name.
     #[test]
     fn needle_on_the_graph_matches_the_cpu_decoder() {
         if let Err(e) = assets::path(&assets::SMOLLM2_135M) {
@@ -1511,7 +1526,11 @@ mod graph_tests {
         let cpu = CpuLoad::new("needle", Profile::Quick);
         let graph = CpuLoad::graph("needle", Profile::Quick);
         let (ct, gt) = (cpu.trial(7), graph.trial(7));
-        for (id, params) in [("dense", "budget=1"), ("sink-window", "budget=0.25")] {
+        for (id, params) in [
+            ("dense", "budget=1"),
+            ("sink-window", "budget=0.25"),
+            ("block-topk", "budget=0.25"),
+        ] {
             let (c, _) = run_entry(&*ct, id, params);
             let (g, _) = run_entry(&*gt, id, params);
             let (a, b) = (c.figures["answer_logp"], g.figures["answer_logp"]);
@@ -1522,31 +1541,35 @@ mod graph_tests {
                 c.figures["read_share"],
                 g.figures["read_share"]
             );
-            assert!((a - b).abs() < 0.1, "{id}: {a} vs {b}");
+            let tol = if id == "block-topk" { 0.2 } else { 0.1 };
+            assert!((a - b).abs() < tol, "{id}: {a} vs {b}");
             assert!(
-                (c.figures["drop_mean"] - g.figures["drop_mean"]).abs() < 0.1,
+                (c.figures["drop_mean"] - g.figures["drop_mean"]).abs() < tol,
                 "{id}: paired drops differ"
             );
             assert!(
                 (c.figures["read_share"] - g.figures["read_share"]).abs() < 1e-9,
                 "{id}: read shares differ"
             );
-            assert_eq!(
-                g.figures["kv_share"], 1.0,
-                "{id}: the graph keeps every row"
-            );
-            if id == "dense" {
-                assert_eq!(g.figures["drop_mean"], 0.0);
-            } else {
-                assert!(
-                    c.figures["kv_share"] < 0.3,
-                    "the CPU cache keeps its budget"
-                );
+            let (ck, gk) = (c.figures["kv_share"], g.figures["kv_share"]);
+            match id {
+                "dense" => {
+                    assert_eq!(g.figures["drop_mean"], 0.0);
+                    assert_eq!(gk, 1.0);
+                }
+                "sink-window" => {
+                    assert_eq!(gk, 1.0, "the graph keeps every row");
+                    assert!(ck < 0.3, "the CPU cache keeps its budget");
+                }
+                _ => assert!(
+                    gk > 1.0 && (gk - ck).abs() < 0.01,
+                    "{id}: bytes with page bounds: CPU {ck}, graph {gk}"
+                ),
             }
         }
-        let entry = SPEC.entry("block-topk").unwrap();
+        let entry = SPEC.entry("kv-cluster").unwrap();
         let Err(e) = gt.setup(entry, &"budget=0.25".parse().unwrap()) else {
-            panic!("block-topk accepted on the graph")
+            panic!("kv-cluster accepted on the graph")
         };
         assert!(
             e.to_string().contains("runs only on the CPU decoder"),
