@@ -3,8 +3,8 @@
 # models arrive in parts over several calls (Qwen2.5-Coder-0.5B as
 # parts/q00..q08, SmolLM2-135M as parts/s00..s01); this script lists the
 # parts present and, with `run`, joins and verifies them (sha256), then
-# runs the full-profile needle and perplexity variants for dense and
-# sink-window with --device cuda.
+# runs the full-profile needle and perplexity variants for dense,
+# sink-window and block-topk with --device cuda.
 set -u
 D=$PWD/dist/gn
 mkdir -p $OUT
@@ -24,7 +24,7 @@ export BENCH_SUITE_ASSETS=$D/assets BENCH_SUITE_COMMIT=$(cat $D/COMMIT)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/gpu.txt
 for v in needle perplexity; do
   timeout ${T:-250} $D/bench-suite run long-context --variant $v --profile full \
-    --device cuda --entry dense --entry sink-window --quiet --out $D/out-$v --resume 2>&1 | tee $OUT/run-$v.txt
+    --device cuda --entry dense --entry sink-window --entry block-topk --quiet --out $D/out-$v --resume 2>&1 | tee $OUT/run-$v.txt
   echo "$v rc ${PIPESTATUS[0]}"
 done
 tar czf $OUT/out.tar.gz -C $D out-needle out-perplexity
