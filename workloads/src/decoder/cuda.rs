@@ -230,12 +230,13 @@ impl CudaModel {
 
     /// Set-up, before any clock: launches each kernel a decode launches
     /// once, on throwaway decoders (a prefill of one full chunk and a
-    /// partial one, a fork, dense and sink-window single steps). The first
+    /// partial one, forks, and single steps under each [`ReadRule`]). The first
     /// launch of each kernel module loads it (candle's kernels are compiled
     /// from PTX then) and the first matmul starts cuBLAS. Without this,
     /// those costs landed in the first timed prefill: 26.7 s against about
     /// 4 s in later trials for the long-context needle grid on an H200
-    /// (`results/runs/2026-11-28-h200-long-context-needle-gpu`). The model
+    /// (`results/runs/2026-11-28-h200-long-context-needle-gpu`), and, before
+    /// this warmed Quest's rule too, about 1.2 s in its first trial. The model
     /// holds no state, so nothing a later decoder computes changes.
     pub fn warm_up(self: &Arc<Self>) -> Result<(), DecoderError> {
         let vocab = self.config.vocab_size as u32;
@@ -249,9 +250,16 @@ impl CudaModel {
             sinks: 4,
             budget: 64,
         });
+        let mut paged = dense.fork()?;
+        paged.set_read_rule(ReadRule::TopPages {
+            page: 16,
+            dense_layers: 0,
+            budget: 64,
+        });
         for &t in &prompt[..4] {
-            dense.prefill(&[t])?;
-            windowed.prefill(&[t])?;
+            for d in [&mut dense, &mut windowed, &mut paged] {
+                d.prefill(&[t])?;
+            }
         }
         Ok(())
     }
@@ -424,9 +432,9 @@ impl CudaDecoder {
         }
     }
 
-    /// [`ReadRule::TopPages`] in a forward at `base`: `(page, full pages
-    /// wanted)` where layers from `dense_layers` on select, else `None`
-    /// (everything is read while the budget covers the committed rows).
+    /// [`ReadRule::TopPages`] in a forward at `base`: `(page, dense_layers,
+    /// full pages wanted)`, the layers from `dense_layers` on selecting;
+    /// `None` while the budget covers the committed rows (all are read).
     fn top_pages(&self, base: usize) -> Option<(usize, usize, usize)> {
         match self.rule {
             ReadRule::TopPages {
