@@ -1218,6 +1218,27 @@ __device__ __forceinline__ void stage16(float *tile, const float4 x[4]) {
             RELU ? relu4(x[p]) : x[p];
 }
 
+// Streams the warp's chunks of 16 rows of a window (chunks first, first +
+// step, ...) through its stage: rows of `x` into `sa` with relu, rows of `y`
+// into `sb`; the next chunk's rows load while `body(c)` works on chunk c.
+template <typename T, typename Body>
+__device__ __forceinline__ void for_chunks(const T *x, const T *y, long long start, int n,
+                                           int heads, int h, int first, int step, float *sa,
+                                           float *sb, Body body) {
+    float4 xa[4], xb[4];
+    load_rows<4>(x, start, n, heads, h, 16 * first, xa);
+    load_rows<4>(y, start, n, heads, h, 16 * first, xb);
+    for (int c = first; 16 * c < n; c += step) {
+        stage16<true>(sa, xa);
+        stage16<false>(sb, xb);
+        __syncwarp();
+        load_rows<4>(x, start, n, heads, h, 16 * (c + step), xa);
+        load_rows<4>(y, start, n, heads, h, 16 * (c + step), xb);
+        body(c);
+        __syncwarp();
+    }
+}
+
 template <typename T>
 __device__ void sla_bwd_mma(const T *q, const T *k, const T *v, const T *dout, T *dq, T *dk,
                             T *dv, const unsigned *offsets, const unsigned *counts,
@@ -1239,18 +1260,8 @@ __device__ void sla_bwd_mma(const T *q, const T *k, const T *v, const T *dout, T
     for (int r = lane >> 3; r < 16; r += 4) sb[r * KS + 32 + (lane & 7)] = (lane & 7) == 0;
     float acc[2][5][4];
     zero_acc(acc);
-    float4 xa[4], xb[4];
-    load_rows<4>(k, start, n, heads, h, 16 * first, xa);
-    load_rows<4>(v, start, n, heads, h, 16 * first, xb);
-    for (int c = first; 16 * c < n; c += step) {
-        stage16<true>(sa, xa);
-        stage16<false>(sb, xb);
-        __syncwarp();
-        load_rows<4>(k, start, n, heads, h, 16 * (c + step), xa);
-        load_rows<4>(v, start, n, heads, h, 16 * (c + step), xb);
-        acc_at_b<EXACT, EXACT>(acc, sa, sb);
-        __syncwarp();
-    }
+    for_chunks(k, v, start, n, heads, h, first, step, sa, sb,
+               [=, &acc](int) { acc_at_b<EXACT, EXACT>(acc, sa, sb); });
     store_state<5>(tile, acc);
     const float *kv = tile;
     if (shared_window) kv = sum_warp_tiles(bwd_smem);
@@ -1258,14 +1269,7 @@ __device__ void sla_bwd_mma(const T *q, const T *k, const T *v, const T *dout, T
 
     // Phase 2: dq, and [dKV | ds] in acc.
     zero_acc(acc);
-    load_rows<4>(q, start, n, heads, h, 16 * first, xa);
-    load_rows<4>(dout, start, n, heads, h, 16 * first, xb);
-    for (int c = first; 16 * c < n; c += step) {
-        stage16<true>(sa, xa);
-        stage16<false>(sb, xb);
-        __syncwarp();
-        load_rows<4>(q, start, n, heads, h, 16 * (c + step), xa);
-        load_rows<4>(dout, start, n, heads, h, 16 * (c + step), xb);
+    for_chunks(q, dout, start, n, heads, h, first, step, sa, sb, [=, &acc](int c) {
         float o[5][4];
         a_times_state<5, false, EXACT>(o, sa, kv);
         // Column 32 is the normaliser (lane 4g holds it for rows g, g + 8).
@@ -1316,8 +1320,7 @@ __device__ void sla_bwd_mma(const T *q, const T *k, const T *v, const T *dout, T
             if (r1 < n) st2(dq, at(start + r1, heads, h, a), x2, x3);
         }
         acc_at_b<EXACT, false>(acc, sa, sb);
-        __syncwarp();
-    }
+    });
 
     // Phase 3: dk and dv from [dKV | ds].
     if (shared_window) __syncthreads();  // every warp is done with warp 0's [KV | s]
@@ -1325,14 +1328,7 @@ __device__ void sla_bwd_mma(const T *q, const T *k, const T *v, const T *dout, T
     const float *dkv = tile;
     if (shared_window) dkv = sum_warp_tiles(bwd_smem);
     else __syncwarp();
-    load_rows<4>(k, start, n, heads, h, 16 * first, xa);
-    load_rows<4>(v, start, n, heads, h, 16 * first, xb);
-    for (int c = first; 16 * c < n; c += step) {
-        stage16<true>(sa, xa);
-        stage16<false>(sb, xb);
-        __syncwarp();
-        load_rows<4>(k, start, n, heads, h, 16 * (c + step), xa);
-        load_rows<4>(v, start, n, heads, h, 16 * (c + step), xb);
+    for_chunks(k, v, start, n, heads, h, first, step, sa, sb, [=](int c) {
         float dkk[4][4], dvv[4][4];
         a_times_state<4, true, EXACT>(dkk, sb, dkv);   // V dKV^T
         a_times_state<4, false, EXACT>(dvv, sa, dkv);  // phi(K) dKV
@@ -1354,8 +1350,7 @@ __device__ void sla_bwd_mma(const T *q, const T *k, const T *v, const T *dout, T
                 st2(dv, at(start + r1, heads, h, a), dvv[j][2], dvv[j][3]);
             }
         }
-        __syncwarp();
-    }
+    });
 }
 
 // ---- Sort-and-pad baselines ------------------------------------------------
