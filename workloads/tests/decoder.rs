@@ -794,6 +794,40 @@ mod gpu {
         assert!(diff > 1e-2, "a wrong cache position went unnoticed: {diff}");
     }
 
+    /// A CPU decoder and the graph on `backend`, both after the same dense
+    /// prefill of `len` tokens of model `t`, and that prompt.
+    fn prefilled(
+        t: &Tiny,
+        dtype: GgmlDType,
+        seed: u64,
+        backend: &str,
+        len: u32,
+    ) -> (Decoder, CudaDecoder, Vec<u32>) {
+        let (mut dense, mut graph) = both(&tiny_gguf(t, dtype, seed), backend);
+        let prompt: Vec<u32> = (0..len).map(|i| (i * 37 + 5) % t.vocab as u32).collect();
+        dense.prefill(&prompt).unwrap();
+        graph.prefill(&prompt).unwrap();
+        (dense, graph, prompt)
+    }
+
+    /// Single steps through `tokens` of the CPU decoder over a sparse cache
+    /// (`cpu`), the graph under the matching read rule and the dense
+    /// decoder; raises `worst` to the graph's largest relative difference
+    /// from `cpu`, and lowers `from_dense` to dense's smallest.
+    fn step_three(
+        (cpu, graph, dense): (&mut Decoder, &mut CudaDecoder, &mut Decoder),
+        tokens: impl Iterator<Item = u32>,
+        worst: &mut f32,
+        from_dense: &mut f32,
+    ) {
+        for x in tokens {
+            let a = cpu.prefill(&[x]).unwrap().to_vec();
+            let b = graph.prefill(&[x]).unwrap().to_vec();
+            *worst = worst.max(rel_max_diff(&b, &a));
+            *from_dense = from_dense.min(rel_max_diff(dense.prefill(&[x]).unwrap(), &a));
+        }
+    }
+
     /// StreamingLLM's read rule on the graph (`ReadRule::SinkWindow`) against the
     /// CPU decoder over `SinkWindowKv`, which evicts what the graph leaves
     /// unread, both after the same dense prefill of 40 tokens with a budget
@@ -807,11 +841,8 @@ mod gpu {
         let budget = 12;
         for backend in backends() {
             for (dtype, tol) in [(GgmlDType::F32, 1e-4), (GgmlDType::Q4K, 1e-1)] {
-                let (mut dense, mut graph) = both(&tiny_gguf(&QWEN2, dtype, 24), backend);
+                let (mut dense, mut graph, prompt) = prefilled(&QWEN2, dtype, 24, backend, 40);
                 let v = QWEN2.vocab as u32;
-                let prompt: Vec<u32> = (0..40u32).map(|i| (i * 37 + 5) % v).collect();
-                dense.prefill(&prompt).unwrap();
-                graph.prefill(&prompt).unwrap();
                 let cut = SinkWindowKv::from_dense(dense.cache().as_dense().unwrap(), budget);
                 let mut cpu =
                     Decoder::resume(dense.model().clone(), Box::new(cut), prompt).unwrap();
@@ -820,16 +851,16 @@ mod gpu {
                     budget,
                 });
                 let (mut worst, mut from_dense) = (0f32, f32::INFINITY);
+                step_three(
+                    (&mut cpu, &mut graph, &mut dense),
+                    (0..5u32).map(|s| (s * 11 + 3) % v),
+                    &mut worst,
+                    &mut from_dense,
+                );
                 let mut compare = |a: &[f32], b: &[f32], d: &[f32]| {
                     worst = worst.max(rel_max_diff(b, a));
                     from_dense = from_dense.min(rel_max_diff(d, a));
                 };
-                for s in 0..5u32 {
-                    let x = [(s * 11 + 3) % v];
-                    let a = cpu.prefill(&x).unwrap().to_vec();
-                    let b = graph.prefill(&x).unwrap().to_vec();
-                    compare(&a, &b, dense.prefill(&x).unwrap());
-                }
                 let block = [7u32, 70, 140, 210];
                 let a = cpu.prefill_logits(&block, 1).unwrap();
                 let b = graph.prefill_logits(&block, 1).unwrap();
@@ -874,11 +905,8 @@ mod gpu {
         let budget = 40;
         for backend in backends() {
             for (dtype, tol) in [(GgmlDType::F32, 1e-4), (GgmlDType::Q4K, 1e-1)] {
-                let (mut dense, mut graph) = both(&tiny_gguf(&GQA, dtype, 25), backend);
+                let (mut dense, mut graph, prompt) = prefilled(&GQA, dtype, 25, backend, 70);
                 let v = GQA.vocab as u32;
-                let prompt: Vec<u32> = (0..70u32).map(|i| (i * 37 + 5) % v).collect();
-                dense.prefill(&prompt).unwrap();
-                graph.prefill(&prompt).unwrap();
                 let quest = QuestKv::from_dense(dense.cache().as_dense().unwrap(), budget, 32);
                 let mut cpu =
                     Decoder::resume(dense.model().clone(), Box::new(quest), prompt).unwrap();
@@ -889,25 +917,23 @@ mod gpu {
                 });
                 let before = graph.reads();
                 let (mut worst, mut from_dense) = (0f32, f32::INFINITY);
-                for s in 0..14u32 {
-                    let x = [(s * 11 + 3) % v];
-                    let a = cpu.prefill(&x).unwrap().to_vec();
-                    let b = graph.prefill(&x).unwrap().to_vec();
-                    worst = worst.max(rel_max_diff(&b, &a));
-                    from_dense = from_dense.min(rel_max_diff(dense.prefill(&x).unwrap(), &a));
-                }
+                step_three(
+                    (&mut cpu, &mut graph, &mut dense),
+                    (0..14u32).map(|s| (s * 11 + 3) % v),
+                    &mut worst,
+                    &mut from_dense,
+                );
                 // Back into a page (its bounds dropped) and on again.
                 let n = cpu.len() - 9;
                 cpu.truncate(n).unwrap();
                 Engine::truncate(&mut graph, n).unwrap();
                 dense.truncate(n).unwrap();
-                for s in 0..12u32 {
-                    let x = [(s * 7 + 1) % v];
-                    let a = cpu.prefill(&x).unwrap().to_vec();
-                    let b = graph.prefill(&x).unwrap().to_vec();
-                    worst = worst.max(rel_max_diff(&b, &a));
-                    from_dense = from_dense.min(rel_max_diff(dense.prefill(&x).unwrap(), &a));
-                }
+                step_three(
+                    (&mut cpu, &mut graph, &mut dense),
+                    (0..12u32).map(|s| (s * 7 + 1) % v),
+                    &mut worst,
+                    &mut from_dense,
+                );
                 let (g, c) = (graph.reads(), cpu.cache().reads());
                 assert_eq!(g.rows_read - before.rows_read, c.rows_read, "{backend}");
                 assert_eq!(g.rows_visible - before.rows_visible, c.rows_visible);
