@@ -230,14 +230,15 @@ impl CudaModel {
 
     /// Set-up, before any clock: launches each kernel a decode launches
     /// once, on throwaway decoders (a prefill of one full chunk and a
-    /// partial one, forks, and single steps under each [`ReadRule`]). The first
-    /// launch of each kernel module loads it (candle's kernels are compiled
-    /// from PTX then) and the first matmul starts cuBLAS. Without this,
-    /// those costs landed in the first timed prefill: 26.7 s against about
-    /// 4 s in later trials for the long-context needle grid on an H200
-    /// (`results/runs/2026-11-28-h200-long-context-needle-gpu`), and, before
-    /// this warmed Quest's rule too, about 1.2 s in its first trial. The model
-    /// holds no state, so nothing a later decoder computes changes.
+    /// partial one, forks, and single steps under each [`ReadRule`]). The
+    /// first launch of each kernel module loads it (candle's kernels are
+    /// compiled from PTX then) and the first matmul starts cuBLAS. Without
+    /// this, those costs landed in the first timed prefill: 26.7 s against
+    /// about 4 s in later trials for the long-context needle grid on an
+    /// H200 (`results/runs/2026-11-28-h200-long-context-needle-gpu/no-warm-up`);
+    /// and before it warmed Quest's rule too, about 1.2 s landed in that
+    /// entry's first trial. The model holds no state, so nothing a later
+    /// decoder computes changes.
     pub fn warm_up(self: &Arc<Self>) -> Result<(), DecoderError> {
         let vocab = self.config.vocab_size as u32;
         let prompt: Vec<u32> = (0..(CHUNK + CHUNK / 2) as u32)
