@@ -1508,11 +1508,10 @@ mod graph_tests {
     /// `block-topk` at 25% within 0.2 (measured: 0.098 and 0.126; its page
     /// selection is discontinuous, so a near-tie of two pages' bounds that
     /// rounds the other way swaps what a head reads; with f32 weights the
-    /// rule matches the CPU cache to 2.4e-6); all give the same read share
-    /// exactly, on the graph dense's
-    /// bytes for sink-window (it reads, but does not free), and for
-    /// block-topk the CPU cache's bytes (the cache and its page bounds)
-    /// within 1%. The exact equivalence of the read rules is
+    /// rule matches the CPU cache to 2.4e-6). All give the same read share
+    /// exactly; on the graph, sink-window holds dense's bytes (it reads,
+    /// but does not free), and block-topk the CPU cache's bytes (the cache
+    /// and its page bounds) within 1%. The exact equivalence of the read rules is
     /// `sink_window_reads_match_the_cpu_cache` and
     /// `top_pages_reads_match_the_cpu_cache` in `workloads/tests/decoder.rs`
     /// (f32, 1.3e-6 and 2.4e-6). Dense pairs with itself exactly on either
