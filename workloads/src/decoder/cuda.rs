@@ -453,18 +453,18 @@ impl CudaDecoder {
     /// criticality summed over the head's query group (Quest's bound per
     /// query head, as `QuestKv` sums it), `[1, kv_heads, want * page,
     /// head_dim]`, the pages in order of criticality (attention does not
-    /// depend on the order of what it reads).
+    /// depend on the order of what it reads). `offsets` is `0..page` as
+    /// `f32`, `[1, 1, 1, page]`, made once per forward.
     fn top_pages_rows(
         &mut self,
         l: usize,
         qg: &Tensor,
-        page: usize,
-        full: usize,
-        want: usize,
+        (page, full, want): (usize, usize, usize),
+        offsets: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let (lo, hi) = self.page_bounds(l, page, full)?;
         let c = &self.model.config;
-        let (nkv, hd, dev) = (c.n_kv_heads, c.head_dim, &self.model.device);
+        let (nkv, hd) = (c.n_kv_heads, c.head_dim);
         let q = qg.unsqueeze(3)?; // [1, kv_heads, n_rep, 1, head_dim]
         let upper = q.broadcast_mul(&hi.unsqueeze(2)?)?;
         let lower = q.broadcast_mul(&lo.unsqueeze(2)?)?;
@@ -473,12 +473,11 @@ impl CudaDecoder {
         let crit = upper.maximum(&lower)?.sum(4)?.sum(2)?.contiguous()?;
         let pages = crit.arg_sort_last_dim(false)?.narrow(2, 0, want)?;
         // Row indices page * size + offset, in f32 (exact below 2^24).
-        let offsets = Tensor::arange(0f32, page as f32, dev)?.reshape((1, 1, 1, page))?;
         let rows = pages
             .to_dtype(DType::F32)?
             .affine(page as f64, 0.0)?
             .unsqueeze(3)?
-            .broadcast_add(&offsets)?
+            .broadcast_add(offsets)?
             .to_dtype(DType::U32)?
             .reshape((1, nkv, want * page, 1))?
             .broadcast_as((1, nkv, want * page, hd))?
@@ -625,6 +624,10 @@ impl CudaDecoder {
                 .map(|m| Tensor::from_vec(m, (t, cols), dev))
                 .transpose()?;
             let ids = Tensor::new(tokens, dev)?;
+            // Quest's row offsets within a page, copied to the device once.
+            let offsets = top
+                .map(|(page, ..)| Tensor::arange(0f32, page as f32, dev)?.reshape((1, 1, 1, page)))
+                .transpose()?;
             let mut x = m.embed.embedding(&ids)?; // [t, d]
             let rope = |x: &Tensor, cos: &Tensor, sin: &Tensor| match c.rope_style {
                 RopeStyle::Neox => candle_nn::rotary_emb::rope(x, cos, sin),
@@ -657,7 +660,9 @@ impl CudaDecoder {
                         let tail = base / page * page;
                         let mut kv = Vec::with_capacity(2);
                         if want > 0 {
-                            kv.push(self.top_pages_rows(l, &qg, page, base / page, want)?);
+                            let offsets = offsets.as_ref().expect("made when pages are chosen");
+                            let pages = (page, base / page, want);
+                            kv.push(self.top_pages_rows(l, &qg, pages, offsets)?);
                         }
                         kv.push((
                             self.k[l].narrow(2, tail, base + t - tail)?,
