@@ -12,6 +12,7 @@ pub mod charts;
 pub mod compare;
 pub mod fingerprint;
 pub mod merge;
+pub mod pairs;
 pub mod plan;
 pub mod predict;
 pub mod records;

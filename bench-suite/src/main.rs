@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use workloads::{Device, Profile, WORKLOADS};
 
 use bench_suite::fingerprint::{self, Fingerprint};
+use bench_suite::pairs::{self, PairOptions};
 use bench_suite::plan::{self, Selection, Shard};
 use bench_suite::records;
 use bench_suite::report::{self, ReportInput};
@@ -80,6 +81,23 @@ enum Command {
         threshold: f64,
         #[arg(long)]
         allow_mixed_hardware: bool,
+    },
+    /// The trials two result directories share (same workload, variant,
+    /// entry, params, trial and seed), side by side: quality, target
+    /// decisions and chosen figures, e.g. a GPU run against a CPU run.
+    Pair {
+        a: PathBuf,
+        b: PathBuf,
+        #[arg(long, default_value = "A")]
+        label_a: String,
+        #[arg(long, default_value = "B")]
+        label_b: String,
+        /// A figure to show per pair (repeatable), e.g. answer_logp.
+        #[arg(long)]
+        figure: Vec<String>,
+        /// A prefix of 0/1 figures to count differences of, e.g. acc_c.
+        #[arg(long)]
+        cells: Option<String>,
     },
     /// Predict SpecTr's GPU speedup from a CPU run's call counts and
     /// per-call costs measured on a GPU (scripts/spectr_gpu_costs.py).
@@ -320,6 +338,24 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
             } else {
                 Ok(Done::Ok)
             }
+        }
+        Command::Pair {
+            a,
+            b,
+            label_a,
+            label_b,
+            figure,
+            cells,
+        } => {
+            let ra = records::read_dir(&a).map_err(usage)?;
+            let rb = records::read_dir(&b).map_err(usage)?;
+            let o = PairOptions {
+                labels: (label_a, label_b),
+                figures: figure,
+                cells,
+            };
+            print!("{}", pairs::render(&ra, &rb, &o).map_err(usage)?);
+            Ok(Done::Ok)
         }
         Command::Env { json } => {
             let fp = Fingerprint::detect();

@@ -433,3 +433,86 @@ fn predict_spectr_writes_its_table_and_refuses_bad_cost_files() {
         .stderr(predicate::str::contains("missing.csv"));
     assert!(!none.exists());
 }
+
+/// `pair` sets the trials of two runs side by side: two runs with the same
+/// seed pair every trial and agree on everything but time (the toy
+/// variant is deterministic); runs with other seeds share no inputs and
+/// are refused (exit 2); a missing directory is named.
+#[test]
+fn pair_matches_trials_by_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
+    small_run(&a, "1");
+    small_run(&b, "1");
+    small_run(&c, "2");
+    bench()
+        .arg("pair")
+        .arg(&a)
+        .arg(&b)
+        .args(["--label-a", "first", "--label-b", "second"])
+        .args(["--figure", "block_efficiency", "--cells", "target_"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "Pairs: 8 trials in both; only in first: 0, only in second: 0.",
+        ))
+        .stdout(predicate::str::contains(
+            "target decisions differing: 0 of 8",
+        ))
+        .stdout(predicate::str::contains(
+            "largest |first - second| of quality: 0.0000",
+        ))
+        .stdout(predicate::str::contains(
+            "largest |first - second| of block_efficiency: 0.0000",
+        ))
+        .stdout(predicate::str::contains(
+            "target_* figures differing: 0 of 16",
+        ));
+    // One of b's trials with another quality, missing its target.
+    let jsonl = fs::read_to_string(b.join("records.jsonl")).unwrap();
+    let changed: String = jsonl
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            if i == 0 {
+                v["quality"] = serde_json::json!(9.5);
+                v["reached"] = serde_json::json!(false);
+                v["time_to_result_s"] = serde_json::json!("inf");
+                v["status"] = serde_json::json!("missed_target");
+            }
+            v.to_string() + "\n"
+        })
+        .collect();
+    fs::write(b.join("records.jsonl"), changed).unwrap();
+    fs::remove_file(b.join("raw.csv")).unwrap();
+    bench()
+        .arg("pair")
+        .arg(&a)
+        .arg(&b)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "target decisions differing: 1 of 8",
+        ))
+        .stdout(predicate::str::contains("(autoregressive trial 0)"))
+        .stdout(predicate::str::contains("of quality: 0.0000").not());
+    bench()
+        .arg("pair")
+        .arg(&a)
+        .arg(&c)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("share no trial"));
+    bench()
+        .arg("pair")
+        .arg(&a)
+        .arg(dir.path().join("nowhere"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("no records.jsonl"));
+}
