@@ -829,10 +829,12 @@ mod gpu {
     }
 
     /// StreamingLLM's read rule on the graph (`ReadRule::SinkWindow`) against the
-    /// CPU decoder over `SinkWindowKv`, which evicts what the graph leaves
-    /// unread, both after the same dense prefill of 40 tokens with a budget
-    /// of 12 (4 sinks, 8 recent): single steps (the window rolls) and a
-    /// teacher-forced block of 4. Tolerances as in `gpu_matches_cpu_decoder`.
+    /// CPU decoder over `SinkWindowKv`, both after the same dense prefill
+    /// of 40 tokens with a budget of 12 (4 sinks, 8 recent): single steps
+    /// (the window rolls; the graph evicts at the first and again 9 steps
+    /// later), a teacher-forced block of 4, the rows the graph holds, and
+    /// a truncation into evicted positions refused by both. Tolerances as
+    /// in `gpu_matches_cpu_decoder`.
     /// The dense decoder's rows must differ from the CPU cache's by at least
     /// 5x the tolerance, or the comparison could not see a wrong window.
     #[test]
@@ -866,8 +868,30 @@ mod gpu {
                 let b = graph.prefill_logits(&block, 1).unwrap();
                 let d = dense.prefill_logits(&block, 1).unwrap();
                 compare(&a, &b, &d);
+                // On past a second eviction (every 9 steps here); the check
+                // that the window matters stays on the steps above.
+                let mut unused = f32::INFINITY;
+                step_three(
+                    (&mut cpu, &mut graph, &mut dense),
+                    (0..12u32).map(|s| (s * 5 + 2) % v),
+                    &mut worst,
+                    &mut unused,
+                );
+                // The graph holds the budget and at most a window more.
+                let row = graph.kv_bytes() / graph.tokens().len().max(1);
+                let per_row = QWEN2.layers * QWEN2.kv_heads * (QWEN2.d / QWEN2.heads) * 2 * 4;
+                let held = graph.kv_bytes() / per_row;
+                assert!(
+                    (budget..=budget + budget - SINKS).contains(&held),
+                    "{held} rows held ({row} bytes a position)"
+                );
+                // Neither cache can take back what it evicted.
+                let n = cpu.len() - 10;
+                assert!(cpu.truncate(n).is_err());
+                let err = Engine::truncate(&mut graph, n).unwrap_err().to_string();
+                assert!(err.contains("evicted"), "{err}");
                 eprintln!(
-                    "{dtype:?} on {backend}: sink-window graph vs CPU cache {worst:.2e}, dense vs window at least {from_dense:.2e}"
+                    "{dtype:?} on {backend}: sink-window graph vs CPU cache {worst:.2e}, dense vs window at least {from_dense:.2e}, {held} rows held"
                 );
                 assert!(worst < tol, "{dtype:?} on {backend}: {worst}");
                 assert!(

@@ -50,7 +50,8 @@
 //! Quest's top pages per KV head, scored from per-page key bounds kept as
 //! pages fill and gathered before attention. The long-context workload's
 //! decoder variants use them for `sink-window` and `block-topk` with
-//! `--device cuda`. Both leave the unread rows in memory.
+//! `--device cuda`. Quest's rule keeps every row, as Quest does; the sink
+//! window evicts in steps, holding at most a window more than the CPU cache.
 //!
 //! Speed (H100, Qwen2.5-Coder 0.5B and 1.5B; the test `gpu_call_costs` of
 //! `workloads/tests/decoder.rs` and the records of
@@ -279,8 +280,7 @@ struct Pending {
 }
 
 /// Which committed positions attention reads (see
-/// [`CudaDecoder::set_read_rule`]). Positions a rule does not read stay in
-/// memory, so the cache's bytes do not shrink and `truncate` loses nothing.
+/// [`CudaDecoder::set_read_rule`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ReadRule {
     /// Every committed position.
@@ -288,9 +288,13 @@ pub enum ReadRule {
     Dense,
     /// StreamingLLM's attention sinks and rolling window (arXiv 2309.17453,
     /// Section 3.2): of the committed positions, the first
-    /// `min(sinks, budget)` and the newest `budget` minus those. The rule of
-    /// the CPU cache `longctx::sink_window::SinkWindowKv`, which evicts the
-    /// other positions.
+    /// `min(sinks, budget)` and the newest `budget` minus those (the
+    /// window). The rule of the CPU cache `longctx::sink_window::SinkWindowKv`,
+    /// and evicting like it, in steps: once the rows held pass the sinks
+    /// and two windows, the cache is rebuilt with the sinks and the newest
+    /// window only, so it holds between `budget` and `budget` plus a
+    /// window of rows (the CPU cache: `budget`). After an eviction a
+    /// truncation that would need an evicted row fails, as there.
     SinkWindow { sinks: usize, budget: usize },
     /// Quest's query-aware page selection (arXiv 2406.10774, Section 3.4,
     /// Algorithm 1), as the CPU cache `longctx::quest::QuestKv` does it:
@@ -319,6 +323,9 @@ pub struct CudaDecoder {
     pending: Option<Pending>,
     last: Vec<f32>,
     rule: ReadRule,
+    /// [`ReadRule::SinkWindow`]: positions after the sinks dropped from the
+    /// cache; position `p` past the sinks sits in row `p - evicted`.
+    evicted: usize,
     /// [`ReadRule::TopPages`]: per layer, the channel-wise minima and
     /// maxima of the keys of the first full pages, `[1, kv_heads, pages,
     /// head_dim]` (`None`: no page yet). Never written in place, so a fork
@@ -349,6 +356,7 @@ impl CudaDecoder {
             pending: None,
             last: Vec::new(),
             rule: ReadRule::Dense,
+            evicted: 0,
             page_lo: Vec::new(),
             page_hi: Vec::new(),
             reads: Reads::default(),
@@ -375,6 +383,7 @@ impl CudaDecoder {
             pending: None,
             last: self.last.clone(),
             rule: self.rule,
+            evicted: self.evicted,
             page_lo: self.page_lo.clone(),
             page_hi: self.page_hi.clone(),
             reads: Reads::default(),
@@ -389,9 +398,9 @@ impl CudaDecoder {
     }
 
     /// Bytes of keys and values held for the committed positions (`f32`),
-    /// as `DenseKv::bytes` counts them, plus the page bounds of
-    /// [`ReadRule::TopPages`] (as `QuestKv::bytes` counts its own). A read
-    /// rule does not shrink it.
+    /// as `DenseKv::bytes` counts them (evicted positions not), plus the
+    /// page bounds of [`ReadRule::TopPages`] (as `QuestKv::bytes` counts
+    /// its own).
     pub fn kv_bytes(&self) -> usize {
         let c = &self.model.config;
         let bounds: usize = self
@@ -401,7 +410,7 @@ impl CudaDecoder {
             .flatten()
             .map(|t| t.elem_count() * 4)
             .sum();
-        self.tokens.len() * c.n_layers * c.n_kv_heads * c.head_dim * 2 * 4 + bounds
+        (self.tokens.len() - self.evicted) * c.n_layers * c.n_kv_heads * c.head_dim * 2 * 4 + bounds
     }
 
     /// From the next forward on, attention reads what `rule` says (see
@@ -412,6 +421,10 @@ impl CudaDecoder {
         if let ReadRule::TopPages { page, .. } = rule {
             assert!(page > 0, "a page of no positions");
         }
+        assert!(
+            self.evicted == 0 || rule == self.rule,
+            "the sink window evicted rows another rule would read"
+        );
         if rule != self.rule {
             self.page_lo.clear();
             self.page_hi.clear();
@@ -419,18 +432,56 @@ impl CudaDecoder {
         self.rule = rule;
     }
 
-    /// The runs `[start, end)` of positions a forward of `t` rows at `base`
-    /// reads, in position order; the last run ends with the block.
+    /// The runs `[start, end)` of cache rows a forward of `t` rows at
+    /// position `base` reads, in position order; the last run ends with
+    /// the block.
     fn runs(&self, base: usize, t: usize) -> Vec<(usize, usize)> {
         match self.rule {
             ReadRule::SinkWindow { sinks, budget } if base > budget => {
                 let sinks = sinks.min(budget);
-                let mut runs = vec![(0, sinks), (base - (budget - sinks), base + t)];
+                let from = base - (budget - sinks) - self.evicted;
+                let mut runs = vec![(0, sinks), (from, base + t - self.evicted)];
                 runs.retain(|&(a, b)| b > a);
                 runs
             }
             _ => vec![(0, base + t)],
         }
+    }
+
+    /// [`ReadRule::SinkWindow`]'s eviction before a forward at `base`: once
+    /// the rows held pass the sinks and two windows, the cache is rebuilt
+    /// with room for the sinks, two windows and a block, holding the sinks
+    /// and the newest window; the old tensors, and the rows only they held,
+    /// are freed.
+    fn evict(&mut self, base: usize) -> Result<(), DecoderError> {
+        let ReadRule::SinkWindow { sinks, budget } = self.rule else {
+            return Ok(());
+        };
+        let sinks = sinks.min(budget);
+        let window = budget - sinks;
+        if base - self.evicted <= sinks + 2 * window || base <= budget {
+            return Ok(());
+        }
+        let c = &self.model.config;
+        let cap = sinks + 2 * window + CHUNK;
+        let from = base - window - self.evicted;
+        let dev = &self.model.device;
+        let rebuild = |old: &mut Vec<Tensor>| -> candle_core::Result<()> {
+            for t in old.iter_mut() {
+                let new = Tensor::zeros((1, c.n_kv_heads, cap, c.head_dim), DType::F32, dev)?;
+                new.slice_set(&t.narrow(2, 0, sinks)?.contiguous()?, 2, 0)?;
+                if window > 0 {
+                    new.slice_set(&t.narrow(2, from, window)?.contiguous()?, 2, sinks)?;
+                }
+                *t = new;
+            }
+            Ok(())
+        };
+        rebuild(&mut self.k).map_err(gpu_err)?;
+        rebuild(&mut self.v).map_err(gpu_err)?;
+        self.capacity = cap;
+        self.evicted = base - window - sinks;
+        Ok(())
     }
 
     /// [`ReadRule::TopPages`] in a forward at `base`: `(page, dense_layers,
@@ -563,7 +614,11 @@ impl CudaDecoder {
             )));
         }
         let (depth, ancestors) = block_layout(parents, base, c.context_length)?;
-        self.reserve(base + t)?;
+        self.evict(base)?;
+        // The cache row of position `base` (before the sinks, or with
+        // nothing evicted, the same).
+        let row = base - self.evicted;
+        self.reserve(row + t)?;
         let dev = &m.device;
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
         let n_rep = nh / nkv;
@@ -647,8 +702,8 @@ impl CudaDecoder {
                 let v = heads(bias(layer.wv.forward(&h)?, &layer.bv)?, nkv)?;
                 let q = rope(&q, &q_cos, &q_sin)?;
                 let k = rope(&k, &cos, &sin)?;
-                self.k[l].slice_set(&k, 2, base)?;
-                self.v[l].slice_set(&v, 2, base)?;
+                self.k[l].slice_set(&k, 2, row)?;
+                self.v[l].slice_set(&v, 2, row)?;
                 // Query heads g * n_rep .. (g + 1) * n_rep share KV head g.
                 let qg = q.reshape((1, nkv, n_rep * t, hd))?;
                 // cuBLAS reads each run of the cache in place (batch stride
@@ -799,12 +854,13 @@ impl Engine for CudaDecoder {
         if rows.iter().enumerate().any(|(i, &r)| r != i) {
             let dev = &self.model.device;
             let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            let row = p.base - self.evicted;
             let gather = || -> candle_core::Result<()> {
                 let idx = Tensor::new(idx.as_slice(), dev)?;
                 for cache in self.k.iter().chain(&self.v) {
-                    let block = cache.narrow(2, p.base, p.tokens.len())?.contiguous()?;
+                    let block = cache.narrow(2, row, p.tokens.len())?.contiguous()?;
                     let kept = block.index_select(&idx, 2)?;
-                    cache.slice_set(&kept, 2, p.base)?;
+                    cache.slice_set(&kept, 2, row)?;
                 }
                 Ok(())
             };
@@ -821,6 +877,19 @@ impl Engine for CudaDecoder {
                 "truncate to {len} of {} tokens",
                 self.tokens.len()
             )));
+        }
+        // After an eviction every read needs the newest window whole.
+        if let ReadRule::SinkWindow { sinks, budget } = self.rule {
+            let sinks = sinks.min(budget);
+            let window = budget - sinks;
+            if self.evicted > 0 && len < self.tokens.len() && len < sinks + self.evicted + window {
+                return Err(DecoderError::Cache(format!(
+                    "sink-window cache cannot truncate {} positions to {len}: positions \
+                     {sinks}..{} were evicted and would be read again",
+                    self.tokens.len(),
+                    sinks + self.evicted
+                )));
+            }
         }
         // Positions past `len` are overwritten by the next forward, and
         // the bounds of pages no longer full are recomputed when they are.

@@ -659,8 +659,8 @@ enum Backend {
     /// `--device cuda`, or on the CPU in tests. It runs [`GRAPH_ENTRIES`]
     /// only: `dense`, and `sink-window` and `block-topk` as read rules over
     /// the dense cache ([`CudaDecoder::set_read_rule`]). Each reads what
-    /// its CPU cache reads; sink-window's does not free the rest (its
-    /// `kv_share` stays 1, where the CPU cache evicts).
+    /// its CPU cache reads; sink-window evicts in steps, holding up to a
+    /// window more than the CPU cache.
     Graph(Arc<CudaModel>),
 }
 
@@ -1509,9 +1509,9 @@ mod graph_tests {
     /// selection is discontinuous, so a near-tie of two pages' bounds that
     /// rounds the other way swaps what a head reads; with f32 weights the
     /// rule matches the CPU cache to 2.4e-6). All give the same read share
-    /// exactly; on the graph, sink-window holds dense's bytes (it reads,
-    /// but does not free), and block-topk the CPU cache's bytes (the cache
-    /// and its page bounds) within 1%. The exact equivalence of the read rules is
+    /// exactly; on the graph, sink-window holds between the CPU cache's
+    /// bytes and a window more (it evicts in steps), and block-topk the CPU
+    /// cache's bytes (the cache and its page bounds) within 1%. The exact equivalence of the read rules is
     /// `sink_window_reads_match_the_cpu_cache` and
     /// `top_pages_reads_match_the_cpu_cache` in `workloads/tests/decoder.rs`
     /// (f32, 1.3e-6 and 2.4e-6). Dense pairs with itself exactly on either
@@ -1557,8 +1557,11 @@ mod graph_tests {
                     assert_eq!(gk, 1.0);
                 }
                 "sink-window" => {
-                    assert_eq!(gk, 1.0, "the graph keeps every row");
                     assert!(ck < 0.3, "the CPU cache keeps its budget");
+                    assert!(
+                        gk >= ck - 1e-9 && gk <= 2.0 * ck,
+                        "the graph evicts to between the budget and a window more: {gk} ({ck})"
+                    );
                 }
                 _ => assert!(
                     gk > 1.0 && (gk - ck).abs() < 0.01,
