@@ -831,8 +831,9 @@ mod gpu {
     /// StreamingLLM's read rule on the graph (`ReadRule::SinkWindow`) against the
     /// CPU decoder over `SinkWindowKv`, both after the same dense prefill
     /// of 40 tokens with a budget of 12 (4 sinks, 8 recent): single steps
-    /// (the window rolls; the graph evicts at the first and again 9 steps
-    /// later), a teacher-forced block of 4, the rows the graph holds, and
+    /// (the window rolls; the graph evicts at the first and again 8 steps
+    /// later), a teacher-forced block of 4, a verification tree with an
+    /// accepted branch after the evictions, the rows the graph holds, and
     /// a truncation into evicted positions refused by both. Tolerances as
     /// in `gpu_matches_cpu_decoder`.
     /// The dense decoder's rows must differ from the CPU cache's by at least
@@ -868,12 +869,34 @@ mod gpu {
                 let b = graph.prefill_logits(&block, 1).unwrap();
                 let d = dense.prefill_logits(&block, 1).unwrap();
                 compare(&a, &b, &d);
-                // On past a second eviction (every 9 steps here); the check
+                // On past a second eviction (every 8 steps here); the check
                 // that the window matters stays on the steps above.
                 let mut unused = f32::INFINITY;
                 step_three(
                     (&mut cpu, &mut graph, &mut dense),
                     (0..12u32).map(|s| (s * 5 + 2) % v),
+                    &mut worst,
+                    &mut unused,
+                );
+                // A verification tree and an accepted branch after the
+                // evictions: the graph keeps its rows in their own order.
+                let drafts: [Vec<u32>; 2] = [vec![4, 8, 15, 16], vec![4, 8, 23, 42]];
+                let refs: Vec<&[u32]> = drafts.iter().map(|d| &d[..]).collect();
+                let (va, vb) = (
+                    cpu.verify(9, &refs).unwrap(),
+                    graph.verify(9, &refs).unwrap(),
+                );
+                for d in 0..2 {
+                    for j in 0..=4 {
+                        worst = worst.max(rel_max_diff(vb.logits(d, j), va.logits(d, j)));
+                    }
+                }
+                cpu.accept(1, 3).unwrap();
+                graph.accept(1, 3).unwrap();
+                dense.prefill(&[9, 4, 8, 23]).unwrap();
+                step_three(
+                    (&mut cpu, &mut graph, &mut dense),
+                    [3u32, 1].into_iter(),
                     &mut worst,
                     &mut unused,
                 );

@@ -290,11 +290,13 @@ pub enum ReadRule {
     /// Section 3.2): of the committed positions, the first
     /// `min(sinks, budget)` and the newest `budget` minus those (the
     /// window). The rule of the CPU cache `longctx::sink_window::SinkWindowKv`,
-    /// and evicting like it, in steps: once the rows held pass the sinks
-    /// and two windows, the cache is rebuilt with the sinks and the newest
-    /// window only, so it holds between `budget` and `budget` plus a
-    /// window of rows (the CPU cache: `budget`). After an eviction a
-    /// truncation that would need an evicted row fails, as there.
+    /// and evicting like it, in steps: once the rows held reach the sinks
+    /// and two windows, the next forward first rebuilds the cache with the
+    /// sinks and the newest window only. After a single step it holds
+    /// between `budget` and `budget` plus a window of rows (the CPU cache:
+    /// `budget`); a block of `t` rows can add `t - 1` more until the next
+    /// forward. After an eviction a truncation that would need an evicted
+    /// row fails, as there.
     SinkWindow { sinks: usize, budget: usize },
     /// Quest's query-aware page selection (arXiv 2406.10774, Section 3.4,
     /// Algorithm 1), as the CPU cache `longctx::quest::QuestKv` does it:
@@ -449,7 +451,7 @@ impl CudaDecoder {
     }
 
     /// [`ReadRule::SinkWindow`]'s eviction before a forward at `base`: once
-    /// the rows held pass the sinks and two windows, the cache is rebuilt
+    /// the rows held reach the sinks and two windows, the cache is rebuilt
     /// with room for the sinks, two windows and a block, holding the sinks
     /// and the newest window; the old tensors, and the rows only they held,
     /// are freed.
@@ -459,7 +461,7 @@ impl CudaDecoder {
         };
         let sinks = sinks.min(budget);
         let window = budget - sinks;
-        if base - self.evicted <= sinks + 2 * window || base <= budget {
+        if base - self.evicted < sinks + 2 * window || base <= budget {
             return Ok(());
         }
         let c = &self.model.config;
