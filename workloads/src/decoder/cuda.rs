@@ -168,6 +168,16 @@ impl CudaModel {
                 "no CUDA device {ordinal} ({e}); the GPU decoder needs an NVIDIA GPU and driver"
             ))
         })?;
+        if let Device::Cuda(d) = &device {
+            // Candle runs this device's work on one stream and never puts
+            // cudarc in multi-stream mode, so cudarc waits on none of the
+            // two events it creates (and later destroys) for every
+            // allocation, one per op output: host cost only. Turned off
+            // before the weights are copied, so no tensor of this model
+            // has them.
+            // SAFETY: one stream; nothing here shares a tensor with another.
+            unsafe { d.disable_event_tracking() };
+        }
         CudaModel::on_device(model, device)
     }
 
