@@ -168,6 +168,7 @@ impl CudaModel {
                 "no CUDA device {ordinal} ({e}); the GPU decoder needs an NVIDIA GPU and driver"
             ))
         })?;
+        #[cfg(feature = "gpu-decoder")]
         if let Device::Cuda(d) = &device {
             // Candle runs this device's work on one stream and never puts
             // cudarc in multi-stream mode, so cudarc waits on none of the
