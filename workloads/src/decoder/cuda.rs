@@ -76,6 +76,71 @@ use super::kernels::{self, RopeStyle};
 use super::model::{accepted_path, block_layout, DraftTree};
 use super::{Config, DecoderError, Engine, Model, Reads, Verification};
 
+#[cfg(feature = "gpu-decoder")]
+use super::split_attn::SplitAttn as Split;
+
+/// Without candle's CUDA backend there is no split-K kernel.
+#[cfg(not(feature = "gpu-decoder"))]
+enum Split {}
+
+#[cfg(not(feature = "gpu-decoder"))]
+impl Split {
+    fn handles(_: usize, _: usize, _: usize) -> bool {
+        false
+    }
+
+    fn attend(&self, _: &Tensor, _: &[(Tensor, Tensor)]) -> candle_core::Result<Tensor> {
+        match *self {}
+    }
+}
+
+/// Attention through cuBLAS matmuls, for any rows: `qg` is `[1, kv_heads,
+/// group * t, head_dim]` (scaled), `kv` the runs of keys and values read in
+/// place, `mask` the additive `[t, cols]` mask where rows may not see every
+/// column. Returns `[t, heads * head_dim]`.
+fn attend_blas(
+    qg: &Tensor,
+    kv: &[(Tensor, Tensor)],
+    mask: Option<&Tensor>,
+    (t, cols, n_rep): (usize, usize, usize),
+) -> candle_core::Result<Tensor> {
+    let (_, nkv, _, hd) = qg.dims4()?;
+    let nh = nkv * n_rep;
+    let mut scores = kv
+        .iter()
+        .map(|(kk, _)| qg.matmul(&kk.t()?))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let scores = match scores.len() {
+        1 => scores.pop().expect("one run"),
+        _ => Tensor::cat(&scores, 3)?,
+    };
+    let mut att = scores.reshape((1, nkv, n_rep, t, cols))?;
+    if let Some(mask) = mask {
+        att = att.broadcast_add(mask)?;
+    }
+    let att = candle_nn::ops::softmax_last_dim(&att)?.reshape((1, nkv, n_rep * t, cols))?;
+    // The weighted sum of values, run by run.
+    let mut o: Option<Tensor> = None;
+    let mut col = 0;
+    for (_, vv) in kv {
+        let n = vv.dim(2)?;
+        let part = match kv.len() {
+            1 => att.matmul(vv)?,
+            _ => att.narrow(3, col, n)?.contiguous()?.matmul(vv)?,
+        };
+        col += n;
+        o = Some(match o {
+            Some(acc) => (acc + part)?,
+            None => part,
+        });
+    }
+    let o = o.expect("the block is always read");
+    o.reshape((1, nh, t, hd))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((t, nh * hd))
+}
+
 fn gpu_err(e: candle_core::Error) -> DecoderError {
     DecoderError::Device(e.to_string())
 }
@@ -145,6 +210,9 @@ impl GateUp {
 pub struct CudaModel {
     config: Config,
     device: Device,
+    /// The split-K attention kernels of single-row forwards; `None` on
+    /// candle's CPU backend, or with `BENCH_SUITE_GPU_ATTN=cublas`.
+    split: Option<Split>,
     embed: QMatMul,
     layers: Vec<CudaLayer>,
     out_norm: Tensor,
@@ -169,7 +237,7 @@ impl CudaModel {
             ))
         })?;
         #[cfg(feature = "gpu-decoder")]
-        if let Device::Cuda(d) = &device {
+        let split = if let Device::Cuda(d) = &device {
             // Candle runs this device's work on one stream and never puts
             // cudarc in multi-stream mode, so cudarc waits on none of the
             // two events it creates (and later destroys) for every
@@ -178,17 +246,37 @@ impl CudaModel {
             // has them.
             // SAFETY: one stream; nothing here shares a tensor with another.
             unsafe { d.disable_event_tracking() };
-        }
-        CudaModel::on_device(model, device)
+            match std::env::var("BENCH_SUITE_GPU_ATTN").as_deref() {
+                Ok("cublas") => {
+                    eprintln!("warning: BENCH_SUITE_GPU_ATTN=cublas: decode attention through cuBLAS, not the split-K kernel");
+                    None
+                }
+                Ok("split") | Err(_) => Some(Split::new(d).map_err(gpu_err)?),
+                Ok(other) => {
+                    return Err(DecoderError::Device(format!(
+                        "BENCH_SUITE_GPU_ATTN={other}: expected `split` (the default) or `cublas`"
+                    )))
+                }
+            }
+        } else {
+            None
+        };
+        #[cfg(not(feature = "gpu-decoder"))]
+        let split = None;
+        CudaModel::on_device(model, device, split)
     }
 
     /// The same graph on candle's CPU backend (see the module doc): for
     /// testing this decoder where there is no GPU, not for speed.
     pub fn on_cpu(model: &Model) -> Result<CudaModel, DecoderError> {
-        CudaModel::on_device(model, Device::Cpu)
+        CudaModel::on_device(model, Device::Cpu, None)
     }
 
-    fn on_device(model: &Model, device: Device) -> Result<CudaModel, DecoderError> {
+    fn on_device(
+        model: &Model,
+        device: Device,
+        split: Option<Split>,
+    ) -> Result<CudaModel, DecoderError> {
         let c = model.config().clone();
         if c.rope_dim != c.head_dim {
             return Err(DecoderError::Unsupported {
@@ -233,6 +321,7 @@ impl CudaModel {
             layers,
             config: c,
             device,
+            split,
         })
     }
 
@@ -752,41 +841,14 @@ impl CudaDecoder {
                     .iter()
                     .map(|(k, _)| k.dim(2))
                     .sum::<candle_core::Result<usize>>()?;
-                let mut scores = kv
-                    .iter()
-                    .map(|(kk, _)| qg.matmul(&kk.t()?))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                let scores = match scores.len() {
-                    1 => scores.pop().expect("one run"),
-                    _ => Tensor::cat(&scores, 3)?,
+                let split = m
+                    .split
+                    .as_ref()
+                    .filter(|_| t == 1 && kv.len() <= 2 && Split::handles(n_rep, hd, cols));
+                let o = match split {
+                    Some(split) => split.attend(&qg, &kv)?,
+                    None => attend_blas(&qg, &kv, mask.as_ref(), (t, cols, n_rep))?,
                 };
-                let mut att = scores.reshape((1, nkv, n_rep, t, cols))?;
-                if let Some(mask) = &mask {
-                    att = att.broadcast_add(mask)?;
-                }
-                let att =
-                    candle_nn::ops::softmax_last_dim(&att)?.reshape((1, nkv, n_rep * t, cols))?;
-                // The weighted sum of values, run by run.
-                let mut o: Option<Tensor> = None;
-                let mut col = 0;
-                for (_, vv) in &kv {
-                    let n = vv.dim(2)?;
-                    let part = match kv.len() {
-                        1 => att.matmul(vv)?,
-                        _ => att.narrow(3, col, n)?.contiguous()?.matmul(vv)?,
-                    };
-                    col += n;
-                    o = Some(match o {
-                        Some(acc) => (acc + part)?,
-                        None => part,
-                    });
-                }
-                let o = o.expect("the block is always read");
-                let o = o
-                    .reshape((1, nh, t, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?
-                    .reshape((t, nh * hd))?;
                 x = (x + layer.wo.forward(&o)?)?;
                 let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
                 let (g, u) = layer.gate_up.forward(&h)?;

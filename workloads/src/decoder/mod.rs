@@ -35,6 +35,8 @@ pub mod cuda;
 pub mod kernels;
 pub mod kv;
 pub mod model;
+#[cfg(feature = "gpu-decoder")]
+pub mod split_attn;
 pub mod tokenizer;
 
 pub use kv::{

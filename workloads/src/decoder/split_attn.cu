@@ -1,0 +1,109 @@
+// Split-K attention of one query row over an f32 KV cache, for the GPU
+// decoder (`split_attn.rs` says why and how it is checked). Compiled at
+// run time with NVRTC.
+//
+// q: [kv_heads][G][D], the G query heads of KV head h at q + h * G * D,
+//    already scaled by 1 / sqrt(D).
+// The rows read are segment 0's n0 rows then segment 1's n1 rows. Segment
+// i's row r of KV head h starts at k_i + h * hs_i + r * D (likewise v_i).
+// Grid (S, kv_heads); split s reads rows [s * C, min((s + 1) * C, n0 + n1)).
+// Partials, per (h, s, g): the unnormalised output o (D floats), the
+// split's score maximum m and its sum of exp(score - m), l.
+
+#define WARP 32
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ const float* seg_row(const float* a, long ha, int na,
+                                               const float* b, long hb, int h,
+                                               int row, int D) {
+  return row < na ? a + h * ha + (long)row * D : b + h * hb + (long)(row - na) * D;
+}
+
+extern "C" __global__ void split_attn_partial(
+    const float* __restrict__ q,
+    const float* __restrict__ k0, const float* __restrict__ v0, long hs0, int n0,
+    const float* __restrict__ k1, const float* __restrict__ v1, long hs1, int n1,
+    int G, int D, int C, int S,
+    float* __restrict__ part_o, float* __restrict__ part_m, float* __restrict__ part_l) {
+  extern __shared__ float sm[];
+  float* qs = sm;           // G * D
+  float* ps = sm + G * D;   // G * C: scores, then exp(score - m)
+  __shared__ float ms[8], ls[8];
+  const int s = blockIdx.x, h = blockIdx.y;
+  const int r0 = s * C;
+  const int nr = min(C, n0 + n1 - r0);
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) qs[i] = q[(long)h * G * D + i];
+  __syncthreads();
+  const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+  const int nw = blockDim.x / WARP, per = D / WARP;
+  // Scores: a warp per row, each lane holding D / 32 of the key.
+  for (int r = warp; r < nr; r += nw) {
+    const float* kr = seg_row(k0, hs0, n0, k1, hs1, h, r0 + r, D);
+    float kv[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) kv[e] = e < per ? kr[lane + WARP * e] : 0.f;
+    for (int g = 0; g < G; ++g) {
+      float acc = 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (e < per) acc = fmaf(qs[g * D + lane + WARP * e], kv[e], acc);
+#pragma unroll
+      for (int o = WARP / 2; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (lane == 0) ps[g * C + r] = acc;
+    }
+  }
+  __syncthreads();
+  // Per query head (warp g): the split's maximum, the exponentials, their sum.
+  if (warp < G) {
+    float* p = ps + warp * C;
+    float m = NEG_INF;
+    for (int r = lane; r < nr; r += WARP) m = fmaxf(m, p[r]);
+#pragma unroll
+    for (int o = WARP / 2; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float l = 0.f;
+    for (int r = lane; r < nr; r += WARP) {
+      const float e = expf(p[r] - m);
+      p[r] = e;
+      l += e;
+    }
+#pragma unroll
+    for (int o = WARP / 2; o; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+    if (lane == 0) {
+      ms[warp] = m;
+      ls[warp] = l;
+    }
+  }
+  __syncthreads();
+  // Values: a thread per (g, d), consecutive threads on consecutive d.
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int g = i / D, d = i % D;
+    const float* p = ps + g * C;
+    float acc = 0.f;
+#pragma unroll 8
+    for (int r = 0; r < nr; ++r)
+      acc = fmaf(p[r], seg_row(v0, hs0, n0, v1, hs1, h, r0 + r, D)[d], acc);
+    part_o[(((long)h * S + s) * G + g) * D + d] = acc;
+  }
+  if (threadIdx.x < G) {
+    part_m[((long)h * S + s) * G + threadIdx.x] = ms[threadIdx.x];
+    part_l[((long)h * S + s) * G + threadIdx.x] = ls[threadIdx.x];
+  }
+}
+
+// Block (h * G + g), D threads: the splits' partials rescaled to their
+// common maximum and summed; out[(h * G + g) * D + d].
+extern "C" __global__ void split_attn_combine(
+    const float* __restrict__ part_o, const float* __restrict__ part_m,
+    const float* __restrict__ part_l, int G, int D, int S, float* __restrict__ out) {
+  const int hg = blockIdx.x, h = hg / G, g = hg % G, d = threadIdx.x;
+  float m = NEG_INF;
+  for (int s = 0; s < S; ++s) m = fmaxf(m, part_m[((long)h * S + s) * G + g]);
+  float l = 0.f, acc = 0.f;
+  for (int s = 0; s < S; ++s) {
+    const long j = ((long)h * S + s) * G + g;
+    const float w = expf(part_m[j] - m);
+    l = fmaf(w, part_l[j], l);
+    acc = fmaf(w, part_o[j * D + d], acc);
+  }
+  out[(long)hg * D + d] = acc / l;
+}

@@ -1,0 +1,232 @@
+//! Split-K attention of one query row for the GPU decoder (feature
+//! `gpu-decoder`): the kernels of `split_attn.cu`, compiled at run time with
+//! NVRTC and launched on candle's stream as a candle custom op.
+//!
+//! Why. Through cuBLAS, a decode step's attention is two matmuls whose
+//! shapes use few of the GPU's SMs: the `group` query rows of a KV head
+//! against every key, and a reduction over every row for the values. On an
+//! H200 a Qwen2.5-Coder-0.5B step took about 5 ms more at an 8k context
+//! than at 1k (100 against 150-220 tokens/s), while the cache it reads at
+//! 8k is 4 MB a layer, about a microsecond of bandwidth
+//! (`results/runs/2026-11-28-h200-long-context-gpu-evict`). Splitting the
+//! rows over blocks (flash-decoding: Dao et al., "Flash-Decoding for
+//! long-context inference", 2023) puts the whole GPU on it.
+//!
+//! What. Block `(s, h)` takes split `s` of KV head `h`'s rows (at most two
+//! runs of the cache, read in place: dense, or StreamingLLM's sinks and
+//! window, or Quest's gathered pages and the page in flight), scores them
+//! for the `group` query heads that share the KV head (a warp per row),
+//! takes the split's maximum and exponentials per query head, and sums the
+//! values weighted by them; a second launch rescales the splits' partials
+//! to their common maximum and normalises. Everything is `f32`, as on the
+//! cuBLAS path it replaces. It serves single-row forwards (decode steps)
+//! with `group <= 8` query heads per KV head and a head dimension that is
+//! a multiple of 32 up to 128; anything else keeps the cuBLAS path.
+//!
+//! Checked against a float64 reference on random inputs (one and two runs,
+//! splits that do not divide the rows, `group` 1 to 8) by
+//! `split_attention_matches_float64` in `workloads/tests/decoder.rs`, and
+//! through the decoder by that file's `gpu::` tests against the CPU
+//! decoder; both need a GPU and the `gpu-decoder` feature.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::nvrtc;
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+
+const SRC: &str = include_str!("split_attn.cu");
+
+/// Threads per block of the partial kernel (8 warps).
+const THREADS: u32 = 256;
+
+/// Rows per split at least; more when the rows would need more than
+/// [`MAX_SPLITS`] splits.
+const MIN_ROWS_PER_SPLIT: usize = 64;
+const MAX_SPLITS: usize = 256;
+
+/// Dynamic shared memory the partial kernel may use without opting in.
+const SHARED_LIMIT: usize = 48 * 1024;
+
+/// The two kernels, loaded once per model (set-up).
+pub struct SplitAttn {
+    partial: CudaFunction,
+    combine: CudaFunction,
+}
+
+impl std::fmt::Debug for SplitAttn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SplitAttn")
+    }
+}
+
+/// Rows per split and splits for `rows` rows.
+fn plan(rows: usize) -> (usize, usize) {
+    let per = rows
+        .div_ceil(MAX_SPLITS)
+        .max(MIN_ROWS_PER_SPLIT)
+        .next_multiple_of(32);
+    (per, rows.div_ceil(per))
+}
+
+impl SplitAttn {
+    /// Compiles the kernels (NVRTC) and loads them on `device`.
+    pub fn new(device: &CudaDevice) -> candle_core::Result<SplitAttn> {
+        let ptx = nvrtc::compile_ptx(SRC)
+            .map_err(|e| candle_core::Error::Msg(format!("split_attn.cu: {e}")))?
+            .to_src();
+        let load = |name| {
+            device
+                .get_or_load_custom_func(name, "bench_split_attn", &ptx)
+                .map(|f| f.into_cuda_function())
+        };
+        Ok(SplitAttn {
+            partial: load("split_attn_partial")?,
+            combine: load("split_attn_combine")?,
+        })
+    }
+
+    /// Whether [`SplitAttn::attend`] serves this shape.
+    pub fn handles(group: usize, head_dim: usize, rows: usize) -> bool {
+        let (per, _) = plan(rows);
+        (1..=8).contains(&group)
+            && head_dim % 32 == 0
+            && (32..=128).contains(&head_dim)
+            && (group * (head_dim + per)) * 4 <= SHARED_LIMIT
+    }
+
+    /// Attention of `q`, `[1, kv_heads, group, head_dim]` (scaled), over
+    /// the rows of `runs` in order: one or two `(k, v)` pairs, each
+    /// `[1, kv_heads, n, head_dim]` with rows of `head_dim` consecutive
+    /// values (narrowed views of the cache qualify). Returns
+    /// `[1, kv_heads * group * head_dim]`, query heads in order.
+    pub fn attend(&self, q: &Tensor, runs: &[(Tensor, Tensor)]) -> candle_core::Result<Tensor> {
+        let op = Op { attn: self, runs };
+        q.contiguous()?.apply_op1_no_bwd(&op)
+    }
+}
+
+struct Op<'a> {
+    attn: &'a SplitAttn,
+    runs: &'a [(Tensor, Tensor)],
+}
+
+/// A run's `(first element, head stride, rows)`, checked.
+fn run_layout(
+    l: &Layout,
+    kv_heads: usize,
+    head_dim: usize,
+) -> candle_core::Result<(usize, usize, usize)> {
+    let (dims, stride) = (l.dims(), l.stride());
+    if dims.len() != 4 || dims[0] != 1 || dims[1] != kv_heads || dims[3] != head_dim {
+        candle_core::bail!("split attention: a run of shape {dims:?}");
+    }
+    if stride[3] != 1 || (dims[2] > 1 && stride[2] != head_dim) {
+        candle_core::bail!("split attention: a run with strides {stride:?}");
+    }
+    Ok((l.start_offset(), stride[1], dims[2]))
+}
+
+impl CustomOp1 for Op<'_> {
+    fn name(&self) -> &'static str {
+        "split-attention"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("split attention runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, q: &CudaStorage, ql: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (_, kv_heads, group, head_dim) = ql.shape().dims4()?;
+        if !ql.is_contiguous() || q.dtype() != DType::F32 {
+            candle_core::bail!("split attention: q must be contiguous f32");
+        }
+        if self.runs.is_empty() || self.runs.len() > 2 {
+            candle_core::bail!("split attention: {} runs (1 or 2)", self.runs.len());
+        }
+        let dev = q.device().clone();
+        let guards: Vec<_> = self
+            .runs
+            .iter()
+            .flat_map(|(k, v)| [k.storage_and_layout(), v.storage_and_layout()])
+            .collect();
+        let mut views = Vec::with_capacity(4);
+        let mut shapes = Vec::with_capacity(4);
+        for (storage, layout) in &guards {
+            let Storage::Cuda(s) = &**storage else {
+                candle_core::bail!("split attention: a run not on the GPU");
+            };
+            let (at, hs, n) = run_layout(layout, kv_heads, head_dim)?;
+            views.push(s.as_cuda_slice::<f32>()?.slice(at..));
+            shapes.push((hs as i64, n as i32));
+        }
+        for pair in shapes.chunks(2) {
+            if pair[0] != pair[1] {
+                candle_core::bail!("split attention: keys and values laid out differently");
+            }
+        }
+        // One run: the second is the first again, with no rows.
+        let (i1, n1) = if views.len() == 4 {
+            (2, shapes[2].1)
+        } else {
+            (0, 0)
+        };
+        let (hs0, n0) = shapes[0];
+        let hs1 = shapes[i1].0;
+        let rows = (n0 + n1) as usize;
+        let (per, splits) = plan(rows);
+        if !SplitAttn::handles(group, head_dim, rows) {
+            candle_core::bail!("split attention: group {group}, head_dim {head_dim}, {rows} rows");
+        }
+        let q = q.as_cuda_slice::<f32>()?.slice(ql.start_offset()..);
+        let cells = kv_heads * splits * group;
+        // SAFETY: every element is written by the kernels before it is read.
+        let (mut po, mut pm, mut pl, mut out) = unsafe {
+            (
+                dev.alloc::<f32>(cells * head_dim)?,
+                dev.alloc::<f32>(cells)?,
+                dev.alloc::<f32>(cells)?,
+                dev.alloc::<f32>(kv_heads * group * head_dim)?,
+            )
+        };
+        let (g, d, c, s) = (group as i32, head_dim as i32, per as i32, splits as i32);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&self.attn.partial);
+        b.arg(&q);
+        b.arg(&views[0]).arg(&views[1]).arg(&hs0).arg(&n0);
+        b.arg(&views[i1]).arg(&views[i1 + 1]).arg(&hs1).arg(&n1);
+        b.arg(&g).arg(&d).arg(&c).arg(&s);
+        b.arg(&mut po).arg(&mut pm).arg(&mut pl);
+        let cfg = LaunchConfig {
+            grid_dim: (splits as u32, kv_heads as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: (group * (head_dim + per) * 4) as u32,
+        };
+        // SAFETY: the arguments match the kernel's signature; the views
+        // cover every row the kernel reads (checked by `run_layout`), and
+        // the outputs hold `cells` partials.
+        unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut b = stream.launch_builder(&self.attn.combine);
+        b.arg(&po)
+            .arg(&pm)
+            .arg(&pl)
+            .arg(&g)
+            .arg(&d)
+            .arg(&s)
+            .arg(&mut out);
+        let cfg = LaunchConfig {
+            grid_dim: ((kv_heads * group) as u32, 1, 1),
+            block_dim: (head_dim as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as above; `out` holds one row per query head.
+        unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        drop(views);
+        drop(guards);
+        let storage = CudaStorage {
+            slice: CudaStorageSlice::F32(out),
+            device: dev,
+        };
+        Ok((storage, Shape::from((1, kv_heads * group * head_dim))))
+    }
+}
