@@ -21,9 +21,11 @@
 //! node's own position (from the same `f32` tables as the CPU; the
 //! queries' tables carry the attention scale), the new keys and values
 //! written into the cache after the committed positions, attention in
-//! `f32` as cuBLAS matmuls that read the cache's used rows in place, with
-//! an additive tree mask where a row may not see every position (the query
-//! heads of a group share their KV head without repeating it), the output
+//! `f32` reading the cache's used rows in place (the query heads of a
+//! group share their KV head without repeating it): for a single row (a
+//! decode step) our split-K kernel (`split_attn.rs`), for blocks
+//! (prompt chunks, draft trees) cuBLAS matmuls with an additive tree mask
+//! where a row may not see every position; then the output
 //! projection, and the SwiGLU MLP (gate and up stacked into one matrix
 //! where their formats agree). Logits come back to the host per wanted
 //! row.
@@ -66,6 +68,20 @@
 //! a single row, the cache copies, a stacked gate/up) lowered the medians
 //! by 0-16%, within the host's noise
 //! (`results/runs/2026-11-27-h100-gpu-decoder-launches-ab`).
+//!
+//! Two later changes, measured on H200s (2026-11-28):
+//! - cudarc's event tracking is off for this decoder's device: cudarc
+//!   created and destroyed two events per allocation, one per op output,
+//!   that nothing waited on (candle runs one stream). No effect could be
+//!   told from the host's noise (a step of the 0.5B at 4.6-7.1 ms either
+//!   way; `results/runs/2026-11-28-h200-long-context-gpu-evict`).
+//! - Single rows attend through the split-K kernel: through cuBLAS, a
+//!   step grew with the context (dense decoded the needle grid's 8k
+//!   prompts at 97 tokens/s and its 1k prompts at 136); with the kernel
+//!   it does not (170 and 168 tokens/s, the same machine; answers
+//!   unchanged; `results/runs/2026-11-28-h200-long-context-gpu-split-attn`).
+//!   `BENCH_SUITE_GPU_ATTN=cublas` keeps the cuBLAS path, for A/B timing;
+//!   the long-context records name the path in their note.
 
 use std::sync::Arc;
 
@@ -327,6 +343,16 @@ impl CudaModel {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// How single-row forwards attend, for records: `split-K kernel`,
+    /// `cuBLAS` (`BENCH_SUITE_GPU_ATTN=cublas`), or candle's CPU matmuls.
+    pub fn decode_attention(&self) -> &'static str {
+        match (&self.split, &self.device) {
+            (Some(_), _) => "split-K kernel",
+            (None, Device::Cpu) => "candle CPU matmuls",
+            (None, _) => "cuBLAS",
+        }
     }
 
     /// Set-up, before any clock: launches each kernel a decode launches

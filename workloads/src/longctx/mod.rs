@@ -1293,8 +1293,14 @@ impl Job for LcJob<'_> {
                 }
             }
         }
+        let attention = match &t.loaded.backend {
+            Backend::Graph(g) => {
+                format!("; GPU decoder, decode attention: {}", g.decode_attention())
+            }
+            Backend::Cpu => String::new(),
+        };
         o.note = Some(format!(
-            "model {}; budget {} of each prompt; shared dense prefill time added: {}",
+            "model {}; budget {} of each prompt; shared dense prefill time added: {}{attention}",
             t.loaded.model_name,
             self.frac,
             self.results.iter().any(|r| r.shared_prefill)
