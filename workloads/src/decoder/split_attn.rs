@@ -90,7 +90,7 @@ impl SplitAttn {
     pub fn handles(group: usize, head_dim: usize, rows: usize) -> bool {
         let (per, _) = plan(rows);
         (1..=8).contains(&group)
-            && head_dim % 32 == 0
+            && head_dim.is_multiple_of(32)
             && (32..=128).contains(&head_dim)
             && (group * (head_dim + per)) * 4 <= SHARED_LIMIT
     }
