@@ -1052,19 +1052,69 @@ mod gpu_real {
     use workloads::decoder::split_attn::SplitAttn;
     use workloads::decoder::Engine;
 
+    /// Attention in float64 of query head `g` of KV head `h` over `rows`
+    /// of a `[kv_heads, cap, hd]` cache.
+    fn attention_f64(
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        (cap, hd, group): (usize, usize, usize),
+        (h, g): (usize, usize),
+        rows: &[usize],
+    ) -> Vec<f64> {
+        let qi = &q[(h * group + g) * hd..][..hd];
+        let at = |r: usize| (h * cap + r) * hd;
+        let s: Vec<f64> = rows
+            .iter()
+            .map(|&r| (0..hd).map(|d| qi[d] as f64 * k[at(r) + d] as f64).sum())
+            .collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let l: f64 = w.iter().sum();
+        (0..hd)
+            .map(|d| {
+                rows.iter()
+                    .zip(&w)
+                    .map(|(&r, w)| w * v[at(r) + d] as f64)
+                    .sum::<f64>()
+                    / l
+            })
+            .collect()
+    }
+
+    /// Random values in [-scale, scale).
+    fn uniform(rng: &mut rand::rngs::StdRng, n: usize, scale: f32) -> Vec<f32> {
+        use rand::Rng;
+        (0..n)
+            .map(|_| rng.random_range(-1.0..1.0f32) * scale)
+            .collect()
+    }
+
     /// The split-K attention kernel (`decoder::split_attn`) against a
     /// float64 reference on random inputs: query heads per KV head from 1
     /// to 8, head dimensions 32 to 128, one run or two (narrowed views of a
     /// cache with spare capacity, as the decoder passes them), row counts
     /// from 1 to past the point where a split takes more than 64 rows, and
-    /// splits that do not divide the rows. Bound: 2e-5 of the largest
-    /// output (f32 sums of at most 20k terms).
+    /// splits that do not divide the rows; then the same kernel reading
+    /// pages through a list (each KV head its own pages, in no order) and a
+    /// run after them, as Quest's rule does, and Quest's page scores.
+    /// Bound: 2e-5 of the largest output (f32 sums of at most 20k terms).
     #[test]
     fn split_attention_matches_float64() {
-        use rand::{Rng, SeedableRng};
+        use rand::{seq::SliceRandom, SeedableRng};
         let dev = Device::new_cuda(0).expect("a CUDA device");
         let attn = SplitAttn::new(dev.as_cuda_device().unwrap()).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let check = |what: &str, got: &[f32], want: &[f64]| {
+            let top = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+            let worst = got
+                .iter()
+                .zip(want)
+                .fold(0f64, |m, (&x, y)| m.max((x as f64 - y).abs()));
+            eprintln!(
+                "{what}: max error {:.2e} of the largest output",
+                worst / top
+            );
+            assert!(worst / top < 2e-5, "{what}: {}", worst / top);
+        };
         for (group, hd, kv_heads, runs) in [
             (7, 64, 2, vec![(0, 1000)]),
             (7, 64, 2, vec![(0, 4), (300, 813)]),
@@ -1074,17 +1124,10 @@ mod gpu_real {
             (6, 128, 2, vec![(0, 20_000)]),
         ] {
             let cap = runs.iter().map(|&(a, n)| a + n).max().unwrap() + 17;
-            let mut rand = |n: usize, scale: f32| -> Vec<f32> {
-                (0..n)
-                    .map(|_| rng.random_range(-1.0..1.0f32) * scale)
-                    .collect()
-            };
             // Keys spread widely enough that the softmax is not flat.
-            let (k, v) = (
-                rand(kv_heads * cap * hd, 3.0),
-                rand(kv_heads * cap * hd, 1.0),
-            );
-            let q = rand(kv_heads * group * hd, 1.0 / (hd as f32).sqrt());
+            let k = uniform(&mut rng, kv_heads * cap * hd, 3.0);
+            let v = uniform(&mut rng, kv_heads * cap * hd, 1.0);
+            let q = uniform(&mut rng, kv_heads * group * hd, 1.0 / (hd as f32).sqrt());
             let kt = Tensor::from_slice(&k, (1, kv_heads, cap, hd), &dev).unwrap();
             let vt = Tensor::from_slice(&v, (1, kv_heads, cap, hd), &dev).unwrap();
             let qt = Tensor::from_slice(&q, (1, kv_heads, group, hd), &dev).unwrap();
@@ -1096,38 +1139,80 @@ mod gpu_real {
             assert_eq!(got.dims(), &[1, kv_heads * group * hd]);
             let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let rows: Vec<usize> = runs.iter().flat_map(|&(a, n)| a..a + n).collect();
-            let (mut worst, mut top) = (0f64, 0f64);
-            for h in 0..kv_heads {
-                for g in 0..group {
-                    let qi = &q[(h * group + g) * hd..][..hd];
-                    let at = |r: usize| (h * cap + r) * hd;
-                    let s: Vec<f64> = rows
-                        .iter()
-                        .map(|&r| (0..hd).map(|d| qi[d] as f64 * k[at(r) + d] as f64).sum())
-                        .collect();
-                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-                    let l: f64 = w.iter().sum();
-                    for d in 0..hd {
-                        let o: f64 = rows
-                            .iter()
-                            .zip(&w)
-                            .map(|(&r, w)| w * v[at(r) + d] as f64)
-                            .sum::<f64>()
-                            / l;
-                        let x = got[(h * group + g) * hd + d] as f64;
-                        worst = worst.max((x - o).abs());
-                        top = top.max(o.abs());
-                    }
-                }
-            }
-            let rel = worst / top;
-            eprintln!("group {group}, head_dim {hd}, runs {runs:?}: max error {rel:.2e} of the largest output");
-            assert!(
-                rel < 2e-5,
-                "group {group}, head_dim {hd}, runs {runs:?}: {rel}"
+            let want: Vec<f64> = (0..kv_heads)
+                .flat_map(|h| (0..group).map(move |g| (h, g)))
+                .flat_map(|hg| attention_f64((&q, &k, &v), (cap, hd, group), hg, &rows))
+                .collect();
+            check(
+                &format!("group {group}, head_dim {hd}, runs {runs:?}"),
+                &got,
+                &want,
             );
         }
+        // Pages (Quest's rule): 12 of the first 60 pages of 16 rows per KV
+        // head, then the 7 rows of the page in flight.
+        let (group, hd, kv_heads, page, cap) = (7, 64, 2, 16, 1024);
+        let k = uniform(&mut rng, kv_heads * cap * hd, 3.0);
+        let v = uniform(&mut rng, kv_heads * cap * hd, 1.0);
+        let q = uniform(&mut rng, kv_heads * group * hd, 1.0 / (hd as f32).sqrt());
+        let lists: Vec<Vec<u32>> = (0..kv_heads)
+            .map(|_| {
+                let mut p: Vec<u32> = (0..60).collect();
+                p.shuffle(&mut rng);
+                p.truncate(12);
+                p
+            })
+            .collect();
+        let kt = Tensor::from_slice(&k, (1, kv_heads, cap, hd), &dev).unwrap();
+        let vt = Tensor::from_slice(&v, (1, kv_heads, cap, hd), &dev).unwrap();
+        let qt = Tensor::from_slice(&q, (1, kv_heads, group, hd), &dev).unwrap();
+        let flat: Vec<u32> = lists.concat();
+        let pt = Tensor::from_slice(&flat, (1, kv_heads, 12), &dev).unwrap();
+        let flight = (kt.narrow(2, 960, 7).unwrap(), vt.narrow(2, 960, 7).unwrap());
+        let got = attn
+            .attend_pages(&qt, &(kt.clone(), vt.clone()), (&pt, page), &flight)
+            .unwrap();
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want: Vec<f64> = (0..kv_heads)
+            .flat_map(|h| {
+                let rows: Vec<usize> = lists[h]
+                    .iter()
+                    .flat_map(|&p| p as usize * page..(p as usize + 1) * page)
+                    .chain(960..967)
+                    .collect();
+                (0..group)
+                    .flat_map(|g| attention_f64((&q, &k, &v), (cap, hd, group), (h, g), &rows))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        check("12 pages of 16 rows and 7 rows in flight", &got, &want);
+        // Quest's criticality, over bounds narrowed from a larger buffer.
+        let pages = 50;
+        let lo = uniform(&mut rng, kv_heads * 64 * hd, 1.0);
+        let hi: Vec<f32> = lo.iter().map(|x| x + 0.5).collect();
+        let lt = Tensor::from_slice(&lo, (1, kv_heads, 64, hd), &dev).unwrap();
+        let ht = Tensor::from_slice(&hi, (1, kv_heads, 64, hd), &dev).unwrap();
+        let (lt, ht) = (
+            lt.narrow(2, 0, pages).unwrap(),
+            ht.narrow(2, 0, pages).unwrap(),
+        );
+        let got = attn.quest_scores(&qt, &lt, &ht).unwrap();
+        assert_eq!(got.dims(), &[1, kv_heads, pages]);
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want: Vec<f64> = (0..kv_heads)
+            .flat_map(|h| (0..pages).map(move |p| (h, p)))
+            .map(|(h, p)| {
+                let at = (h * 64 + p) * hd;
+                (0..group * hd)
+                    .map(|i| {
+                        let x = q[h * group * hd + i] as f64;
+                        let d = i % hd;
+                        (x * lo[at + d] as f64).max(x * hi[at + d] as f64)
+                    })
+                    .sum::<f64>()
+            })
+            .collect();
+        check("Quest's page scores", &got, &want);
     }
 
     fn max_abs(a: &[f32], b: &[f32]) -> f32 {

@@ -108,6 +108,20 @@ impl Split {
     fn attend(&self, _: &Tensor, _: &[(Tensor, Tensor)]) -> candle_core::Result<Tensor> {
         match *self {}
     }
+
+    fn attend_pages(
+        &self,
+        _: &Tensor,
+        _: &(Tensor, Tensor),
+        _: (&Tensor, usize),
+        _: &(Tensor, Tensor),
+    ) -> candle_core::Result<Tensor> {
+        match *self {}
+    }
+
+    fn quest_scores(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Tensor> {
+        match *self {}
+    }
 }
 
 /// Attention through cuBLAS matmuls, for any rows: `qg` is `[1, kv_heads,
@@ -173,6 +187,16 @@ struct CudaLayer {
     ffn_norm: Tensor,
     gate_up: GateUp,
     down: QMatMul,
+}
+
+impl CudaLayer {
+    /// The residual MLP block: `x + down(silu(gate(h)) * up(h))`, `h` the
+    /// RMS-normed `x`.
+    fn mlp(&self, x: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+        let h = candle_nn::ops::rms_norm(x, &self.ffn_norm, eps)?;
+        let (g, u) = self.gate_up.forward(&h)?;
+        x + self.down.forward(&(g.silu()? * u)?)?
+    }
 }
 
 /// The MLP's two input projections: one matrix with the gate's rows above
@@ -641,16 +665,9 @@ impl CudaDecoder {
         (page, full, want): (usize, usize, usize),
         offsets: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (lo, hi) = self.page_bounds(l, page, full)?;
+        let pages = self.critical_pages(l, qg, (page, full, want))?;
         let c = &self.model.config;
         let (nkv, hd) = (c.n_kv_heads, c.head_dim);
-        let q = qg.unsqueeze(3)?; // [1, kv_heads, n_rep, 1, head_dim]
-        let upper = q.broadcast_mul(&hi.unsqueeze(2)?)?;
-        let lower = q.broadcast_mul(&lo.unsqueeze(2)?)?;
-        // [1, kv_heads, full]: per channel the larger product, summed over
-        // channels, then over the group's query heads.
-        let crit = upper.maximum(&lower)?.sum(4)?.sum(2)?.contiguous()?;
-        let pages = crit.arg_sort_last_dim(false)?.narrow(2, 0, want)?;
         // Row indices page * size + offset, in f32 (exact below 2^24).
         let rows = pages
             .to_dtype(DType::F32)?
@@ -662,6 +679,32 @@ impl CudaDecoder {
             .broadcast_as((1, nkv, want * page, hd))?
             .contiguous()?;
         Ok((self.k[l].gather(&rows, 2)?, self.v[l].gather(&rows, 2)?))
+    }
+
+    /// The `want` most critical of layer `l`'s first `full` pages per KV
+    /// head, `[1, kv_heads, want]` (`u32`), most critical first: Quest's
+    /// bound per query head, summed over the head's query group. The
+    /// criticality comes from the split-K module's kernel where it is
+    /// loaded (one launch), else from candle's ops.
+    fn critical_pages(
+        &mut self,
+        l: usize,
+        qg: &Tensor,
+        (page, full, want): (usize, usize, usize),
+    ) -> candle_core::Result<Tensor> {
+        let (lo, hi) = self.page_bounds(l, page, full)?;
+        let crit = match &self.model.split {
+            Some(split) => split.quest_scores(qg, &lo, &hi)?,
+            None => {
+                let q = qg.unsqueeze(3)?; // [1, kv_heads, n_rep, 1, head_dim]
+                let upper = q.broadcast_mul(&hi.unsqueeze(2)?)?;
+                let lower = q.broadcast_mul(&lo.unsqueeze(2)?)?;
+                // [1, kv_heads, full]: per channel the larger product,
+                // summed over channels, then over the group's query heads.
+                upper.maximum(&lower)?.sum(4)?.sum(2)?.contiguous()?
+            }
+        };
+        crit.arg_sort_last_dim(false)?.narrow(2, 0, want)
     }
 
     /// Brings layer `l`'s page bounds up to its first `full` pages (those
@@ -834,23 +877,38 @@ impl CudaDecoder {
                 self.v[l].slice_set(&v, 2, row)?;
                 // Query heads g * n_rep .. (g + 1) * n_rep share KV head g.
                 let qg = q.reshape((1, nkv, n_rep * t, hd))?;
-                // cuBLAS reads each run of the cache in place (batch stride
-                // capacity x head_dim), without copying it.
+                // Both paths read each run of the cache in place (cuBLAS
+                // with batch stride capacity x head_dim), without copying.
                 let kv = match top {
                     Some((page, dense_layers, want)) if l >= dense_layers => {
                         // The selected pages, then the page in flight
                         // (its committed rows and the block).
                         let tail = base / page * page;
+                        let flight = (
+                            self.k[l].narrow(2, tail, base + t - tail)?,
+                            self.v[l].narrow(2, tail, base + t - tail)?,
+                        );
+                        let rows = want * page + base + t - tail;
+                        let split = m
+                            .split
+                            .as_ref()
+                            .filter(|_| want > 0 && t == 1 && Split::handles(n_rep, hd, rows));
+                        if let Some(split) = split {
+                            // The kernel reads the pages through their list.
+                            let pages = self.critical_pages(l, &qg, (page, base / page, want))?;
+                            let cache = (self.k[l].clone(), self.v[l].clone());
+                            let o = split.attend_pages(&qg, &cache, (&pages, page), &flight)?;
+                            x = (x + layer.wo.forward(&o)?)?;
+                            x = layer.mlp(&x, c.rms_eps)?;
+                            continue;
+                        }
                         let mut kv = Vec::with_capacity(2);
                         if want > 0 {
                             let offsets = offsets.as_ref().expect("made when pages are chosen");
                             let pages = (page, base / page, want);
                             kv.push(self.top_pages_rows(l, &qg, pages, offsets)?);
                         }
-                        kv.push((
-                            self.k[l].narrow(2, tail, base + t - tail)?,
-                            self.v[l].narrow(2, tail, base + t - tail)?,
-                        ));
+                        kv.push(flight);
                         kv
                     }
                     _ => runs
@@ -876,9 +934,7 @@ impl CudaDecoder {
                     None => attend_blas(&qg, &kv, mask.as_ref(), (t, cols, n_rep))?,
                 };
                 x = (x + layer.wo.forward(&o)?)?;
-                let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-                let (g, u) = layer.gate_up.forward(&h)?;
-                x = (x + layer.down.forward(&(g.silu()? * u)?)?)?;
+                x = layer.mlp(&x, c.rms_eps)?;
             }
             if want.is_empty() {
                 return Ok(Vec::new());

@@ -5,7 +5,8 @@
 // q: [kv_heads][G][D], the G query heads of KV head h at q + h * G * D,
 //    already scaled by 1 / sqrt(D).
 // The rows read are segment 0's n0 rows then segment 1's n1 rows. Segment
-// i's row r of KV head h starts at k_i + h * hs_i + r * D (likewise v_i).
+// i's row r of KV head h starts at k_i + h * hs_i + r * D (likewise v_i);
+// segment 0 may instead be a list of pages of the cache (`seg_row`).
 // Grid (S, kv_heads); split s reads rows [s * C, min((s + 1) * C, n0 + n1)).
 // Partials, per (h, s, g): the unnormalised output o (D floats), the
 // split's score maximum m and its sum of exp(score - m), l.
@@ -13,16 +14,23 @@
 #define WARP 32
 #define NEG_INF __int_as_float(0xff800000)
 
+// Row `row` of the rows read by KV head h. Segment 0 is a run, or, where
+// `page` > 0, `np` pages of `page` rows: its row r is row
+// pages[h * np + r / page] * page + r % page of segment 0's cache.
 __device__ __forceinline__ const float* seg_row(const float* a, long ha, int na,
                                                const float* b, long hb, int h,
-                                               int row, int D) {
-  return row < na ? a + h * ha + (long)row * D : b + h * hb + (long)(row - na) * D;
+                                               int row, int D,
+                                               const unsigned* pages, int page, int np) {
+  if (row >= na) return b + h * hb + (long)(row - na) * D;
+  if (page > 0) row = (int)pages[h * np + row / page] * page + row % page;
+  return a + h * ha + (long)row * D;
 }
 
 extern "C" __global__ void split_attn_partial(
     const float* __restrict__ q,
     const float* __restrict__ k0, const float* __restrict__ v0, long hs0, int n0,
     const float* __restrict__ k1, const float* __restrict__ v1, long hs1, int n1,
+    const unsigned* __restrict__ pages, int page,
     int G, int D, int C, int S,
     float* __restrict__ part_o, float* __restrict__ part_m, float* __restrict__ part_l) {
   extern __shared__ float sm[];
@@ -32,13 +40,14 @@ extern "C" __global__ void split_attn_partial(
   const int s = blockIdx.x, h = blockIdx.y;
   const int r0 = s * C;
   const int nr = min(C, n0 + n1 - r0);
+  const int np = page > 0 ? n0 / page : 0;
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) qs[i] = q[(long)h * G * D + i];
   __syncthreads();
   const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
   const int nw = blockDim.x / WARP, per = D / WARP;
   // Scores: a warp per row, each lane holding D / 32 of the key.
   for (int r = warp; r < nr; r += nw) {
-    const float* kr = seg_row(k0, hs0, n0, k1, hs1, h, r0 + r, D);
+    const float* kr = seg_row(k0, hs0, n0, k1, hs1, h, r0 + r, D, pages, page, np);
     float kv[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) kv[e] = e < per ? kr[lane + WARP * e] : 0.f;
@@ -81,7 +90,7 @@ extern "C" __global__ void split_attn_partial(
     float acc = 0.f;
 #pragma unroll 8
     for (int r = 0; r < nr; ++r)
-      acc = fmaf(p[r], seg_row(v0, hs0, n0, v1, hs1, h, r0 + r, D)[d], acc);
+      acc = fmaf(p[r], seg_row(v0, hs0, n0, v1, hs1, h, r0 + r, D, pages, page, np)[d], acc);
     part_o[(((long)h * S + s) * G + g) * D + d] = acc;
   }
   if (threadIdx.x < G) {
@@ -106,4 +115,30 @@ extern "C" __global__ void split_attn_combine(
     acc = fmaf(w, part_o[j * D + d], acc);
   }
   out[(long)hg * D + d] = acc / l;
+}
+
+// Quest's page criticality (arXiv 2406.10774, Sec. 3.3) summed over the G
+// query heads of KV head h: crit[h * P + p] = sum_g sum_d max(q[g][d] *
+// lo[p][d], q[g][d] * hi[p][d]), with lo and hi the page's channel-wise
+// key minima and maxima, page p of KV head h at lo + h * hs + p * D.
+// Grid (ceil(P / blockDim.x), kv_heads), a thread per page.
+extern "C" __global__ void quest_scores(
+    const float* __restrict__ q, const float* __restrict__ lo,
+    const float* __restrict__ hi, long hs, int P, int G, int D,
+    float* __restrict__ crit) {
+  const int h = blockIdx.y, p = blockIdx.x * blockDim.x + threadIdx.x;
+  if (p >= P) return;
+  const float* l = lo + h * hs + (long)p * D;
+  const float* u = hi + h * hs + (long)p * D;
+  const float* qh = q + (long)h * G * D;
+  float total = 0.f;
+  for (int g = 0; g < G; ++g) {
+    float s = 0.f;
+    for (int d = 0; d < D; ++d) {
+      const float x = qh[g * D + d];
+      s += fmaxf(x * l[d], x * u[d]);
+    }
+    total += s;
+  }
+  crit[(long)h * P + p] = total;
 }

@@ -52,6 +52,7 @@ const SHARED_LIMIT: usize = 48 * 1024;
 pub struct SplitAttn {
     partial: CudaFunction,
     combine: CudaFunction,
+    scores: CudaFunction,
 }
 
 impl std::fmt::Debug for SplitAttn {
@@ -83,6 +84,7 @@ impl SplitAttn {
         Ok(SplitAttn {
             partial: load("split_attn_partial")?,
             combine: load("split_attn_combine")?,
+            scores: load("quest_scores")?,
         })
     }
 
@@ -101,7 +103,48 @@ impl SplitAttn {
     /// values (narrowed views of the cache qualify). Returns
     /// `[1, kv_heads * group * head_dim]`, query heads in order.
     pub fn attend(&self, q: &Tensor, runs: &[(Tensor, Tensor)]) -> candle_core::Result<Tensor> {
-        let op = Op { attn: self, runs };
+        let op = Op {
+            attn: self,
+            runs,
+            pages: None,
+        };
+        q.contiguous()?.apply_op1_no_bwd(&op)
+    }
+
+    /// As [`SplitAttn::attend`], but the first rows read are pages of a
+    /// cache: `cache` is the whole `(k, v)` of a layer, `[1, kv_heads,
+    /// capacity, head_dim]`, `pages` the page numbers read per KV head,
+    /// `[1, kv_heads, n]` (`u32`, every page within the capacity), each of
+    /// `page` rows; `tail` the run read after them (Quest's page in
+    /// flight).
+    pub fn attend_pages(
+        &self,
+        q: &Tensor,
+        cache: &(Tensor, Tensor),
+        (pages, page): (&Tensor, usize),
+        tail: &(Tensor, Tensor),
+    ) -> candle_core::Result<Tensor> {
+        let runs = [cache.clone(), tail.clone()];
+        let pages = pages.contiguous()?;
+        let op = Op {
+            attn: self,
+            runs: &runs,
+            pages: Some((&pages, page)),
+        };
+        q.contiguous()?.apply_op1_no_bwd(&op)
+    }
+
+    /// Quest's criticality of each of `lo`'s pages, summed over the query
+    /// heads of each KV head: `q` is `[1, kv_heads, group, head_dim]`,
+    /// `lo` and `hi` the pages' channel-wise key minima and maxima,
+    /// `[1, kv_heads, pages, head_dim]`. Returns `[1, kv_heads, pages]`.
+    pub fn quest_scores(
+        &self,
+        q: &Tensor,
+        lo: &Tensor,
+        hi: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let op = Scores { attn: self, lo, hi };
         q.contiguous()?.apply_op1_no_bwd(&op)
     }
 }
@@ -109,6 +152,74 @@ impl SplitAttn {
 struct Op<'a> {
     attn: &'a SplitAttn,
     runs: &'a [(Tensor, Tensor)],
+    /// The first run's rows as pages: `[1, kv_heads, n]` page numbers and
+    /// the page size.
+    pages: Option<(&'a Tensor, usize)>,
+}
+
+struct Scores<'a> {
+    attn: &'a SplitAttn,
+    lo: &'a Tensor,
+    hi: &'a Tensor,
+}
+
+fn launch_err(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+impl CustomOp1 for Scores<'_> {
+    fn name(&self) -> &'static str {
+        "quest-scores"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("Quest's page scores here run on CUDA only")
+    }
+
+    fn cuda_fwd(&self, q: &CudaStorage, ql: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (_, kv_heads, group, head_dim) = ql.shape().dims4()?;
+        if !ql.is_contiguous() || q.dtype() != DType::F32 {
+            candle_core::bail!("Quest scores: q must be contiguous f32");
+        }
+        let dev = q.device().clone();
+        let (lo, ll) = self.lo.storage_and_layout();
+        let (hi, hl) = self.hi.storage_and_layout();
+        let (Storage::Cuda(lo), Storage::Cuda(hi)) = (&*lo, &*hi) else {
+            candle_core::bail!("Quest scores: bounds not on the GPU");
+        };
+        let (lat, lhs, pages) = run_layout(ll, kv_heads, head_dim)?;
+        let (hat, hhs, hpages) = run_layout(hl, kv_heads, head_dim)?;
+        if (lhs, pages) != (hhs, hpages) {
+            candle_core::bail!("Quest scores: minima and maxima laid out differently");
+        }
+        let (lo, hi) = (
+            lo.as_cuda_slice::<f32>()?.slice(lat..),
+            hi.as_cuda_slice::<f32>()?.slice(hat..),
+        );
+        let q = q.as_cuda_slice::<f32>()?.slice(ql.start_offset()..);
+        // SAFETY: every element is written by the kernel.
+        let mut crit = unsafe { dev.alloc::<f32>(kv_heads * pages) }?;
+        let (hs, p, g, d) = (lhs as i64, pages as i32, group as i32, head_dim as i32);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&self.attn.scores);
+        b.arg(&q).arg(&lo).arg(&hi).arg(&hs).arg(&p).arg(&g).arg(&d);
+        b.arg(&mut crit);
+        let cfg = LaunchConfig {
+            grid_dim: (pages.div_ceil(128) as u32, kv_heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if pages > 0 {
+            // SAFETY: the arguments match the kernel's signature, and the
+            // views cover every page (checked by `run_layout`).
+            unsafe { b.launch(cfg) }.map_err(launch_err)?;
+        }
+        let storage = CudaStorage {
+            slice: CudaStorageSlice::F32(crit),
+            device: dev,
+        };
+        Ok((storage, Shape::from((1, kv_heads, pages))))
+    }
 }
 
 /// A run's `(first element, head stride, rows)`, checked.
@@ -171,7 +282,28 @@ impl CustomOp1 for Op<'_> {
         } else {
             (0, 0)
         };
-        let (hs0, n0) = shapes[0];
+        let (hs0, mut n0) = shapes[0];
+        // Pages: the first run is the whole cache, read through the list.
+        let page_list = match self.pages {
+            Some((pages, page)) => {
+                let (pl, ll) = pages.storage_and_layout();
+                let np = ll.dims().get(2).copied().unwrap_or(0);
+                if ll.dims() != [1, kv_heads, np] || page == 0 {
+                    candle_core::bail!("split attention: a page list of shape {:?}", ll.dims());
+                }
+                n0 = (np * page) as i32;
+                Some((pl, ll.start_offset(), page as i32))
+            }
+            None => None,
+        };
+        let list_view = match &page_list {
+            Some((pl, at, _)) => match &**pl {
+                Storage::Cuda(s) => Some(s.as_cuda_slice::<u32>()?.slice(*at..)),
+                _ => candle_core::bail!("split attention: a page list not on the GPU"),
+            },
+            None => None,
+        };
+        let page = page_list.as_ref().map_or(0, |p| p.2);
         let hs1 = shapes[i1].0;
         let rows = (n0 + n1) as usize;
         let (per, splits) = plan(rows);
@@ -195,6 +327,12 @@ impl CustomOp1 for Op<'_> {
         b.arg(&q);
         b.arg(&views[0]).arg(&views[1]).arg(&hs0).arg(&n0);
         b.arg(&views[i1]).arg(&views[i1 + 1]).arg(&hs1).arg(&n1);
+        // Without pages the kernel never reads the list; any pointer does.
+        match &list_view {
+            Some(l) => b.arg(l),
+            None => b.arg(&q),
+        };
+        b.arg(&page);
         b.arg(&g).arg(&d).arg(&c).arg(&s);
         b.arg(&mut po).arg(&mut pm).arg(&mut pl);
         let cfg = LaunchConfig {
@@ -205,7 +343,7 @@ impl CustomOp1 for Op<'_> {
         // SAFETY: the arguments match the kernel's signature; the views
         // cover every row the kernel reads (checked by `run_layout`), and
         // the outputs hold `cells` partials.
-        unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        unsafe { b.launch(cfg) }.map_err(launch_err)?;
         let mut b = stream.launch_builder(&self.attn.combine);
         b.arg(&po)
             .arg(&pm)
@@ -220,9 +358,9 @@ impl CustomOp1 for Op<'_> {
             shared_mem_bytes: 0,
         };
         // SAFETY: as above; `out` holds one row per query head.
-        unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        drop(views);
-        drop(guards);
+        unsafe { b.launch(cfg) }.map_err(launch_err)?;
+        drop((views, list_view));
+        drop((guards, page_list));
         let storage = CudaStorage {
             slice: CudaStorageSlice::F32(out),
             device: dev,
