@@ -85,6 +85,11 @@ pub const GREEDY_TOKENS: usize = 32;
 /// flips between the two paths moves later layers. A margin below twice
 /// that can swap the argmax, so 1 nat (a top-two probability ratio under
 /// e); a wrong decoder or sampler diverges where the margin is larger.
+/// The 0.36 was measured before single steps attended through the split-K
+/// kernel (`decoder::split_attn`, 2026-11-28) instead of cuBLAS; that
+/// kernel agrees with a float64 reference to 1e-6 of its output, far below
+/// the activation roundings that set the 0.36, but the figure has not been
+/// measured again since.
 pub const GREEDY_TIE_NATS: f64 = 1.0;
 /// Longest draft of the entries' grids, for the context-length check.
 const MAX_L: usize = 8;
