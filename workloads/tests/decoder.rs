@@ -1213,6 +1213,41 @@ mod gpu_real {
             })
             .collect();
         check("Quest's page scores", &got, &want);
+        // Quest's selection in one launch: the pages of the CPU cache's
+        // order (higher score first, ties to the lower page) over the
+        // scores above, with pages 20-24 copies of page 7 (exact ties).
+        let (mut lo2, mut hi2) = (lo.clone(), hi.clone());
+        for h in 0..kv_heads {
+            for p in 20..25 {
+                let (from, to) = ((h * 64 + 7) * hd, (h * 64 + p) * hd);
+                lo2.copy_within(from..from + hd, to);
+                hi2.copy_within(from..from + hd, to);
+            }
+        }
+        let lt = Tensor::from_slice(&lo2, (1, kv_heads, 64, hd), &dev).unwrap();
+        let ht = Tensor::from_slice(&hi2, (1, kv_heads, 64, hd), &dev).unwrap();
+        let (lt, ht) = (
+            lt.narrow(2, 0, pages).unwrap(),
+            ht.narrow(2, 0, pages).unwrap(),
+        );
+        let scores = attn.quest_scores(&qt, &lt, &ht).unwrap();
+        let scores = scores.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for want in [1, 9, 22, pages] {
+            let got = attn.quest_top_pages(&qt, &lt, &ht, want).unwrap();
+            assert_eq!(got.dims(), &[1, kv_heads, want]);
+            let got = got.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+            for h in 0..kv_heads {
+                let s = &scores[h * pages..(h + 1) * pages];
+                let mut order: Vec<u32> = (0..pages as u32).collect();
+                order.sort_by(|&a, &b| s[b as usize].total_cmp(&s[a as usize]).then(a.cmp(&b)));
+                assert_eq!(
+                    &got[h * want..(h + 1) * want],
+                    &order[..want],
+                    "head {h}, {want} pages"
+                );
+            }
+        }
+        eprintln!("Quest's one-launch selection: the CPU order for 1, 9, 22 and {pages} of {pages} pages, with exact ties");
     }
 
     fn max_abs(a: &[f32], b: &[f32]) -> f32 {

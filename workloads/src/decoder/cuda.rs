@@ -129,6 +129,20 @@ impl Split {
     fn quest_scores(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Tensor> {
         match *self {}
     }
+
+    fn ranks(_: usize) -> bool {
+        false
+    }
+
+    fn quest_top_pages(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+    ) -> candle_core::Result<Tensor> {
+        match *self {}
+    }
 }
 
 /// Attention through cuBLAS matmuls, for any rows: `qg` is `[1, kv_heads,
@@ -690,9 +704,11 @@ impl CudaDecoder {
 
     /// The `want` most critical of layer `l`'s first `full` pages per KV
     /// head, `[1, kv_heads, want]` (`u32`), most critical first: Quest's
-    /// bound per query head, summed over the head's query group. The
-    /// criticality comes from the split-K module's kernel where it is
-    /// loaded (one launch), else from candle's ops.
+    /// bound per query head, summed over the head's query group. With the
+    /// split-K module loaded, one launch scores and ranks the pages (up to
+    /// `MAX_RANKED_PAGES`; ties to the lower page, as `QuestKv` breaks
+    /// them), or one launch scores them before candle's sort; else
+    /// candle's ops and sort (whose order among exact ties is its own).
     fn critical_pages(
         &mut self,
         l: usize,
@@ -701,6 +717,9 @@ impl CudaDecoder {
     ) -> candle_core::Result<Tensor> {
         let (lo, hi) = self.page_bounds(l, page, full)?;
         let crit = match &self.model.split {
+            Some(split) if Split::ranks(full) && want > 0 => {
+                return split.quest_top_pages(qg, &lo, &hi, want);
+            }
             Some(split) => split.quest_scores(qg, &lo, &hi)?,
             None => {
                 let q = qg.unsqueeze(3)?; // [1, kv_heads, n_rep, 1, head_dim]

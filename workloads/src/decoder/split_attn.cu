@@ -142,3 +142,42 @@ extern "C" __global__ void quest_scores(
   }
   crit[(long)h * P + p] = total;
 }
+
+// Quest's selection in one launch, for up to a few thousand pages: block h
+// scores KV head h's P pages as `quest_scores` does, into shared memory,
+// then ranks each page in the CPU cache's order (higher criticality first,
+// ties to the lower page; a NaN counts as the lowest criticality) and
+// writes the pages of rank < W to out[h * W + rank]. The ranks are a
+// permutation of 0..P, so every slot of out is written once (W <= P).
+extern "C" __global__ void quest_top_pages(
+    const float* __restrict__ q, const float* __restrict__ lo,
+    const float* __restrict__ hi, long hs, int P, int G, int D, int W,
+    unsigned* __restrict__ out) {
+  extern __shared__ float crit[];
+  const int h = blockIdx.x;
+  const float* qh = q + (long)h * G * D;
+  for (int p = threadIdx.x; p < P; p += blockDim.x) {
+    const float* l = lo + h * hs + (long)p * D;
+    const float* u = hi + h * hs + (long)p * D;
+    float total = 0.f;
+    for (int g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int d = 0; d < D; ++d) {
+        const float x = qh[g * D + d];
+        s += fmaxf(x * l[d], x * u[d]);
+      }
+      total += s;
+    }
+    crit[p] = isnan(total) ? NEG_INF : total;
+  }
+  __syncthreads();
+  for (int p = threadIdx.x; p < P; p += blockDim.x) {
+    const float s = crit[p];
+    int rank = 0;
+    for (int o = 0; o < P; ++o) {
+      const float t = crit[o];
+      rank += (t > s) || (t == s && o < p);
+    }
+    if (rank < W) out[(long)h * W + rank] = (unsigned)p;
+  }
+}

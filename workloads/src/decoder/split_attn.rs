@@ -53,6 +53,7 @@ pub struct SplitAttn {
     partial: CudaFunction,
     combine: CudaFunction,
     scores: CudaFunction,
+    top_pages: CudaFunction,
 }
 
 impl std::fmt::Debug for SplitAttn {
@@ -85,6 +86,7 @@ impl SplitAttn {
             partial: load("split_attn_partial")?,
             combine: load("split_attn_combine")?,
             scores: load("quest_scores")?,
+            top_pages: load("quest_top_pages")?,
         })
     }
 
@@ -144,7 +146,39 @@ impl SplitAttn {
         lo: &Tensor,
         hi: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let op = Scores { attn: self, lo, hi };
+        let op = Scores {
+            attn: self,
+            lo,
+            hi,
+            want: None,
+        };
+        q.contiguous()?.apply_op1_no_bwd(&op)
+    }
+
+    /// Whether [`SplitAttn::quest_top_pages`] serves `pages` pages: its
+    /// block ranks every page against every other in shared memory.
+    pub fn ranks(pages: usize) -> bool {
+        pages <= MAX_RANKED_PAGES
+    }
+
+    /// Quest's selection in one launch: the `want` most critical of the
+    /// pages per KV head (scored as [`SplitAttn::quest_scores`] scores
+    /// them), most critical first, ties to the lower page as `QuestKv`
+    /// breaks them; `[1, kv_heads, want]` (`u32`). At most
+    /// [`MAX_RANKED_PAGES`] pages, `want` at most the pages.
+    pub fn quest_top_pages(
+        &self,
+        q: &Tensor,
+        lo: &Tensor,
+        hi: &Tensor,
+        want: usize,
+    ) -> candle_core::Result<Tensor> {
+        let op = Scores {
+            attn: self,
+            lo,
+            hi,
+            want: Some(want),
+        };
         q.contiguous()?.apply_op1_no_bwd(&op)
     }
 }
@@ -157,11 +191,17 @@ struct Op<'a> {
     pages: Option<(&'a Tensor, usize)>,
 }
 
+/// Quest's page scores, or with `want` the top pages' numbers.
 struct Scores<'a> {
     attn: &'a SplitAttn,
     lo: &'a Tensor,
     hi: &'a Tensor,
+    want: Option<usize>,
 }
+
+/// Pages the one-launch selection ranks at most (`P^2` comparisons per
+/// KV head, `P` floats of shared memory): 64k positions of 16-row pages.
+pub const MAX_RANKED_PAGES: usize = 4096;
 
 fn launch_err(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
@@ -197,10 +237,43 @@ impl CustomOp1 for Scores<'_> {
             hi.as_cuda_slice::<f32>()?.slice(hat..),
         );
         let q = q.as_cuda_slice::<f32>()?.slice(ql.start_offset()..);
-        // SAFETY: every element is written by the kernel.
-        let mut crit = unsafe { dev.alloc::<f32>(kv_heads * pages) }?;
         let (hs, p, g, d) = (lhs as i64, pages as i32, group as i32, head_dim as i32);
         let stream = dev.cuda_stream();
+        if let Some(want) = self.want {
+            if want == 0 || want > pages || pages > MAX_RANKED_PAGES {
+                candle_core::bail!("Quest's selection: {want} of {pages} pages");
+            }
+            // SAFETY: the ranks are a permutation, so the kernel writes
+            // every one of the `want` slots per KV head.
+            let mut top = unsafe { dev.alloc::<u32>(kv_heads * want) }?;
+            let w = want as i32;
+            let mut b = stream.launch_builder(&self.attn.top_pages);
+            b.arg(&q)
+                .arg(&lo)
+                .arg(&hi)
+                .arg(&hs)
+                .arg(&p)
+                .arg(&g)
+                .arg(&d)
+                .arg(&w);
+            b.arg(&mut top);
+            let cfg = LaunchConfig {
+                grid_dim: (kv_heads as u32, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: (pages * 4) as u32,
+            };
+            // SAFETY: the arguments match the kernel's signature, the views
+            // cover every page (`run_layout`), and P floats fit in shared
+            // memory (P <= MAX_RANKED_PAGES).
+            unsafe { b.launch(cfg) }.map_err(launch_err)?;
+            let storage = CudaStorage {
+                slice: CudaStorageSlice::U32(top),
+                device: dev,
+            };
+            return Ok((storage, Shape::from((1, kv_heads, want))));
+        }
+        // SAFETY: every element is written by the kernel.
+        let mut crit = unsafe { dev.alloc::<f32>(kv_heads * pages) }?;
         let mut b = stream.launch_builder(&self.attn.scores);
         b.arg(&q).arg(&lo).arg(&hi).arg(&hs).arg(&p).arg(&g).arg(&d);
         b.arg(&mut crit);
