@@ -118,57 +118,57 @@ extern "C" __global__ void split_attn_combine(
 }
 
 // Quest's page criticality (arXiv 2406.10774, Sec. 3.3) summed over the G
-// query heads of KV head h: crit[h * P + p] = sum_g sum_d max(q[g][d] *
-// lo[p][d], q[g][d] * hi[p][d]), with lo and hi the page's channel-wise
-// key minima and maxima, page p of KV head h at lo + h * hs + p * D.
-// Grid (ceil(P / blockDim.x), kv_heads), a thread per page.
-extern "C" __global__ void quest_scores(
-    const float* __restrict__ q, const float* __restrict__ lo,
-    const float* __restrict__ hi, long hs, int P, int G, int D,
-    float* __restrict__ crit) {
-  const int h = blockIdx.y, p = blockIdx.x * blockDim.x + threadIdx.x;
-  if (p >= P) return;
-  const float* l = lo + h * hs + (long)p * D;
-  const float* u = hi + h * hs + (long)p * D;
-  const float* qh = q + (long)h * G * D;
+// query heads of a KV head: sum_g sum_d max(q[g][d] * l[d], q[g][d] * u[d]),
+// with l and u the page's channel-wise key minima and maxima. Computed by
+// one warp (lanes over d), the same arithmetic in both kernels below, so
+// that they agree bit for bit.
+__device__ __forceinline__ float page_crit(const float* qh, const float* l,
+                                           const float* u, int G, int D, int lane) {
   float total = 0.f;
   for (int g = 0; g < G; ++g) {
     float s = 0.f;
-    for (int d = 0; d < D; ++d) {
+    for (int d = lane; d < D; d += WARP) {
       const float x = qh[g * D + d];
       s += fmaxf(x * l[d], x * u[d]);
     }
     total += s;
   }
-  crit[(long)h * P + p] = total;
+#pragma unroll
+  for (int o = WARP / 2; o; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+  return isnan(total) ? NEG_INF : total;
+}
+
+// crit[h * P + p] for page p of KV head h at lo + h * hs + p * D (a NaN
+// becomes -inf). Grid (ceil(P / warps), kv_heads), a warp per page.
+extern "C" __global__ void quest_scores(
+    const float* __restrict__ q, const float* __restrict__ lo,
+    const float* __restrict__ hi, long hs, int P, int G, int D,
+    float* __restrict__ crit) {
+  const int h = blockIdx.y, lane = threadIdx.x % WARP;
+  const int p = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+  if (p >= P) return;
+  const float c = page_crit(q + (long)h * G * D, lo + h * hs + (long)p * D,
+                            hi + h * hs + (long)p * D, G, D, lane);
+  if (lane == 0) crit[(long)h * P + p] = c;
 }
 
 // Quest's selection in one launch, for up to a few thousand pages: block h
-// scores KV head h's P pages as `quest_scores` does, into shared memory,
-// then ranks each page in the CPU cache's order (higher criticality first,
-// ties to the lower page; a NaN counts as the lowest criticality) and
-// writes the pages of rank < W to out[h * W + rank]. The ranks are a
-// permutation of 0..P, so every slot of out is written once (W <= P).
+// scores KV head h's P pages into shared memory (a warp per page, as
+// `quest_scores`), then ranks each page in the CPU cache's order (higher
+// criticality first, ties to the lower page) and writes the pages of
+// rank < W to out[h * W + rank]. The ranks are a permutation of 0..P, so
+// every slot of out is written once (W <= P).
 extern "C" __global__ void quest_top_pages(
     const float* __restrict__ q, const float* __restrict__ lo,
     const float* __restrict__ hi, long hs, int P, int G, int D, int W,
     unsigned* __restrict__ out) {
   extern __shared__ float crit[];
-  const int h = blockIdx.x;
-  const float* qh = q + (long)h * G * D;
-  for (int p = threadIdx.x; p < P; p += blockDim.x) {
-    const float* l = lo + h * hs + (long)p * D;
-    const float* u = hi + h * hs + (long)p * D;
-    float total = 0.f;
-    for (int g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int d = 0; d < D; ++d) {
-        const float x = qh[g * D + d];
-        s += fmaxf(x * l[d], x * u[d]);
-      }
-      total += s;
-    }
-    crit[p] = isnan(total) ? NEG_INF : total;
+  const int h = blockIdx.x, lane = threadIdx.x % WARP;
+  const int nw = blockDim.x / WARP;
+  for (int p = threadIdx.x / WARP; p < P; p += nw) {
+    const float c = page_crit(q + (long)h * G * D, lo + h * hs + (long)p * D,
+                              hi + h * hs + (long)p * D, G, D, lane);
+    if (lane == 0) crit[p] = c;
   }
   __syncthreads();
   for (int p = threadIdx.x; p < P; p += blockDim.x) {

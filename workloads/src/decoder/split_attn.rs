@@ -278,8 +278,8 @@ impl CustomOp1 for Scores<'_> {
         b.arg(&q).arg(&lo).arg(&hi).arg(&hs).arg(&p).arg(&g).arg(&d);
         b.arg(&mut crit);
         let cfg = LaunchConfig {
-            grid_dim: (pages.div_ceil(128) as u32, kv_heads as u32, 1),
-            block_dim: (128, 1, 1),
+            grid_dim: (pages.div_ceil(8) as u32, kv_heads as u32, 1),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         if pages > 0 {
