@@ -50,9 +50,10 @@
 //! ([`CudaDecoder::set_read_rule`], each tested against its CPU cache):
 //! StreamingLLM's sinks and window, read as runs of the cache in place, and
 //! Quest's top pages per KV head, scored from per-page key bounds kept as
-//! pages fill (on a GPU by one kernel, `quest_scores`) and read through
-//! their list by the split-K kernel (gathered before cuBLAS's attention
-//! where that kernel is not used). The long-context workload's
+//! pages fill; on a GPU one kernel scores and ranks them
+//! (`quest_top_pages`) and the split-K kernel reads them through their
+//! list (elsewhere candle's ops score them, candle sorts them, and they are
+//! gathered before cuBLAS's attention). The long-context workload's
 //! decoder variants use them for `sink-window` and `block-topk` with
 //! `--device cuda`. Quest's rule keeps every row, as Quest does; the sink
 //! window evicts in steps, holding at most a window more than the CPU cache.
@@ -82,9 +83,9 @@
 //!   prompts at 97 tokens/s and its 1k prompts at 136); with the kernel
 //!   it does not (170 and 168 tokens/s, the same machine; answers
 //!   unchanged; `results/runs/2026-11-28-h200-long-context-gpu-split-attn`).
-//!   Quest's rule scores its pages in one kernel and the split-K kernel
-//!   reads them through their list (no gather): 1.5x its decode rate
-//!   through candle's ops and a gather, still 0.75x dense's
+//!   Quest's rule scores and ranks its pages in one launch and the split-K
+//!   kernel reads them through their list (no gather): 1.5x its decode
+//!   rate through candle's ops and a gather, about 0.8x dense's
 //!   (`results/runs/2026-11-28-h200-long-context-gpu-quest-pages`).
 //!   `BENCH_SUITE_GPU_ATTN=cublas` keeps the cuBLAS path (and Quest's
 //!   candle ops), for A/B timing; the long-context records name the path
