@@ -23,11 +23,24 @@
 //! with `group <= 8` query heads per KV head and a head dimension that is
 //! a multiple of 32 up to 128; anything else keeps the cuBLAS path.
 //!
+//! Quest (arXiv 2406.10774, Sec. 3.3) on the GPU decoder: the first run may
+//! instead be a list of pages of the cache, read in place, and two kernels
+//! score pages from their key bounds (`quest_scores`, a warp per page) or
+//! score and rank them in one launch (`quest_top_pages`: a block per KV
+//! head ranks every page against every other in shared memory, in the
+//! order of the CPU's `QuestKv`, higher criticality first and ties to the
+//! lower page; up to [`MAX_RANKED_PAGES`]). The decoder uses the second
+//! where it fits and the first before candle's sort above it.
+//!
 //! Checked against a float64 reference on random inputs (one and two runs,
-//! splits that do not divide the rows, `group` 1 to 8) by
-//! `split_attention_matches_float64` in `workloads/tests/decoder.rs`, and
-//! through the decoder by that file's `gpu::` tests against the CPU
-//! decoder; both need a GPU and the `gpu-decoder` feature.
+//! splits that do not divide the rows, `group` 1 to 8, pages in no order,
+//! the page scores) and the selection against the CPU's order with exact
+//! ties, by `split_attention_matches_float64` in
+//! `workloads/tests/decoder.rs`; and through the decoder by that file's
+//! `gpu::` tests against the CPU decoder and its caches. Both need a GPU
+//! and the `gpu-decoder` feature; measured in
+//! `results/runs/2026-11-28-h200-long-context-gpu-split-attn` and
+//! `results/runs/2026-11-28-h200-long-context-gpu-quest-pages`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
