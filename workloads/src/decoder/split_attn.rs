@@ -14,7 +14,7 @@
 //!
 //! What. Block `(s, h)` takes split `s` of KV head `h`'s rows (at most two
 //! runs of the cache, read in place: dense, or StreamingLLM's sinks and
-//! window, or Quest's gathered pages and the page in flight), scores them
+//! window, or Quest's pages and the page in flight), scores them
 //! for the `group` query heads that share the KV head (a warp per row),
 //! takes the split's maximum and exponentials per query head, and sums the
 //! values weighted by them; a second launch rescales the splits' partials
@@ -24,7 +24,7 @@
 //! a multiple of 32 up to 128; anything else keeps the cuBLAS path.
 //!
 //! Quest (arXiv 2406.10774, Sec. 3.3) on the GPU decoder: the first run may
-//! instead be a list of pages of the cache, read in place, and two kernels
+//! be a list of pages of the cache, read in place (no gather), and two kernels
 //! score pages from their key bounds (`quest_scores`, a warp per page) or
 //! score and rank them in one launch (`quest_top_pages`: a block per KV
 //! head ranks every page against every other in shared memory, in the
@@ -61,7 +61,7 @@ const MAX_SPLITS: usize = 256;
 /// Dynamic shared memory the partial kernel may use without opting in.
 const SHARED_LIMIT: usize = 48 * 1024;
 
-/// The two kernels, loaded once per model (set-up).
+/// The kernels, compiled and loaded once per model (set-up).
 pub struct SplitAttn {
     partial: CudaFunction,
     combine: CudaFunction,
