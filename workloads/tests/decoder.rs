@@ -1190,12 +1190,16 @@ mod gpu_real {
         let pages = 50;
         let lo = uniform(&mut rng, kv_heads * 64 * hd, 1.0);
         let hi: Vec<f32> = lo.iter().map(|x| x + 0.5).collect();
-        let lt = Tensor::from_slice(&lo, (1, kv_heads, 64, hd), &dev).unwrap();
-        let ht = Tensor::from_slice(&hi, (1, kv_heads, 64, hd), &dev).unwrap();
-        let (lt, ht) = (
-            lt.narrow(2, 0, pages).unwrap(),
-            ht.narrow(2, 0, pages).unwrap(),
-        );
+        // The first `pages` of 64 pages' bounds, as the decoder narrows them.
+        let bounds = |lo: &[f32], hi: &[f32]| {
+            let t = |x: &[f32]| {
+                Tensor::from_slice(x, (1, kv_heads, 64, hd), &dev)
+                    .and_then(|t| t.narrow(2, 0, pages))
+                    .unwrap()
+            };
+            (t(lo), t(hi))
+        };
+        let (lt, ht) = bounds(&lo, &hi);
         let got = attn.quest_scores(&qt, &lt, &ht).unwrap();
         assert_eq!(got.dims(), &[1, kv_heads, pages]);
         let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -1224,12 +1228,7 @@ mod gpu_real {
                 hi2.copy_within(from..from + hd, to);
             }
         }
-        let lt = Tensor::from_slice(&lo2, (1, kv_heads, 64, hd), &dev).unwrap();
-        let ht = Tensor::from_slice(&hi2, (1, kv_heads, 64, hd), &dev).unwrap();
-        let (lt, ht) = (
-            lt.narrow(2, 0, pages).unwrap(),
-            ht.narrow(2, 0, pages).unwrap(),
-        );
+        let (lt, ht) = bounds(&lo2, &hi2);
         let scores = attn.quest_scores(&qt, &lt, &ht).unwrap();
         let scores = scores.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for want in [1, 9, 22, pages] {

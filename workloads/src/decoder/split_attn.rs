@@ -6,7 +6,7 @@
 //! shapes use few of the GPU's SMs: the `group` query rows of a KV head
 //! against every key, and a reduction over every row for the values. On an
 //! H200 a Qwen2.5-Coder-0.5B step took about 5 ms more at an 8k context
-//! than at 1k (100 against 150-220 tokens/s), while the cache it reads at
+//! than at 1k (97-102 against 147-220 tokens/s), while the cache it reads at
 //! 8k is 4 MB a layer, about a microsecond of bandwidth
 //! (`results/runs/2026-11-28-h200-long-context-gpu-evict`). Splitting the
 //! rows over blocks (flash-decoding: Dao et al., "Flash-Decoding for
@@ -220,6 +220,19 @@ fn launch_err(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
+/// `q`'s `(kv_heads, group, head_dim)`, checked to be contiguous `f32`.
+fn query_shape(
+    q: &CudaStorage,
+    ql: &Layout,
+    what: &str,
+) -> candle_core::Result<(usize, usize, usize)> {
+    let (_, kv_heads, group, head_dim) = ql.shape().dims4()?;
+    if !ql.is_contiguous() || q.dtype() != DType::F32 {
+        candle_core::bail!("{what}: q must be contiguous f32");
+    }
+    Ok((kv_heads, group, head_dim))
+}
+
 impl CustomOp1 for Scores<'_> {
     fn name(&self) -> &'static str {
         "quest-scores"
@@ -230,10 +243,7 @@ impl CustomOp1 for Scores<'_> {
     }
 
     fn cuda_fwd(&self, q: &CudaStorage, ql: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (_, kv_heads, group, head_dim) = ql.shape().dims4()?;
-        if !ql.is_contiguous() || q.dtype() != DType::F32 {
-            candle_core::bail!("Quest scores: q must be contiguous f32");
-        }
+        let (kv_heads, group, head_dim) = query_shape(q, ql, "Quest scores")?;
         let dev = q.device().clone();
         let (lo, ll) = self.lo.storage_and_layout();
         let (hi, hl) = self.hi.storage_and_layout();
@@ -334,10 +344,7 @@ impl CustomOp1 for Op<'_> {
     }
 
     fn cuda_fwd(&self, q: &CudaStorage, ql: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (_, kv_heads, group, head_dim) = ql.shape().dims4()?;
-        if !ql.is_contiguous() || q.dtype() != DType::F32 {
-            candle_core::bail!("split attention: q must be contiguous f32");
-        }
+        let (kv_heads, group, head_dim) = query_shape(q, ql, "split attention")?;
         if self.runs.is_empty() || self.runs.len() > 2 {
             candle_core::bail!("split attention: {} runs (1 or 2)", self.runs.len());
         }
