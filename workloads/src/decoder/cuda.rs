@@ -392,10 +392,14 @@ impl CudaModel {
     }
 
     /// How single-row forwards attend, for records: `split-K kernel`,
-    /// `cuBLAS` (`BENCH_SUITE_GPU_ATTN=cublas`), or candle's CPU matmuls.
+    /// `cuBLAS` (`BENCH_SUITE_GPU_ATTN=cublas`, or a shape the kernel does
+    /// not serve), or candle's CPU matmuls.
     pub fn decode_attention(&self) -> &'static str {
+        let c = &self.config;
+        let group = c.n_heads / c.n_kv_heads;
         match (&self.split, &self.device) {
-            (Some(_), _) => "split-K kernel",
+            (Some(_), _) if Split::handles(group, c.head_dim, 1) => "split-K kernel",
+            (Some(_), _) => "cuBLAS (a shape the split-K kernel does not serve)",
             (None, Device::Cpu) => "candle CPU matmuls",
             (None, _) => "cuBLAS",
         }
