@@ -45,6 +45,40 @@ pub struct BlockKv<'a> {
     pub rows: &'a [usize],
 }
 
+thread_local! {
+    /// [`BlockKv::with_head`]'s copy of one KV head of the block in flight.
+    static HEAD_BLOCK: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<usize>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+impl BlockKv<'_> {
+    /// Calls `f` with this block's rows for KV head `kv_head` alone, laid
+    /// out `head_dim` floats a row (row `i` for the `i`-th of `rows`): for a
+    /// cache that stores each head apart. The floats are the same, so
+    /// attention over them is the same arithmetic.
+    pub fn with_head<R>(
+        &self,
+        kv_dim: usize,
+        head_dim: usize,
+        kv_head: usize,
+        f: impl FnOnce(&BlockKv<'_>) -> R,
+    ) -> R {
+        HEAD_BLOCK.with(|b| {
+            let (bk, bv, rows) = &mut *b.borrow_mut();
+            bk.clear();
+            bv.clear();
+            rows.clear();
+            for (i, &r) in self.rows.iter().enumerate() {
+                let at = r * kv_dim + kv_head * head_dim;
+                bk.extend_from_slice(&self.k[at..at + head_dim]);
+                bv.extend_from_slice(&self.v[at..at + head_dim]);
+                rows.push(i);
+            }
+            f(&BlockKv { k: bk, v: bv, rows })
+        })
+    }
+}
+
 /// One run of keys/values for [`attend_segments`]: rows of `kv_dim` floats
 /// in `k`/`v`, the ones named by `rows`, each with an optional additive
 /// logit bias (for example `ln(count)` for a cluster centroid that stands in

@@ -264,10 +264,6 @@ impl Selection {
 
 thread_local! {
     static ROWS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
-    /// An evicting cache's copy of one KV head of the block in flight
-    /// (keys, values, row numbers), laid out like its own storage.
-    static BLOCK: RefCell<(Vec<f32>, Vec<f32>, Vec<usize>)> =
-        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Local chunks take at most `budget / LOCAL_SHARE` positions
@@ -1067,21 +1063,10 @@ impl KvCache for ChunkSelectKv {
                     visible: *len,
                     pos: Some(&h.pos),
                 };
-                // This head's slice of the block rows, one `head_dim` row
-                // each: the same floats, so the same arithmetic.
-                BLOCK.with(|b| {
-                    let (bk, bv, rows) = &mut *b.borrow_mut();
-                    bk.clear();
-                    bv.clear();
-                    rows.clear();
-                    for (i, &r) in block.rows.iter().enumerate() {
-                        let at = r * d + kv_head * hd;
-                        bk.extend_from_slice(&block.k[at..at + hd]);
-                        bv.extend_from_slice(&block.v[at..at + hd]);
-                        rows.push(i);
-                    }
-                    let own = BlockKv { k: bk, v: bv, rows };
-                    self.attend_view(slot, &view, q, &own, scores, out);
+                // This head's slice of the block rows, laid out like its
+                // own storage.
+                block.with_head(d, hd, kv_head, |own| {
+                    self.attend_view(slot, &view, q, own, scores, out)
                 });
             }
         }
@@ -1201,6 +1186,7 @@ mod tests {
             prompt: tokens,
             boundary,
             max_new: 64,
+            whole_heads: &[],
         }
     }
 

@@ -832,6 +832,7 @@ mod tests {
             prompt: &[],
             boundary: &[],
             max_new: 8,
+            whole_heads: &[],
         }
     }
 

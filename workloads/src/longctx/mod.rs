@@ -637,6 +637,7 @@ fn load_decoders(
         boundary,
         stop,
         grid,
+        calibrations: RefCell::new(Vec::new()),
     }))
 }
 
@@ -741,6 +742,9 @@ struct LoadedLc {
     boundary: Vec<bool>,
     stop: Vec<u32>,
     grid: Grid,
+    /// Calibrations done (methods with one, by budget fraction's bits):
+    /// offline work, once per model and budget, outside every clock.
+    calibrations: RefCell<Vec<(u64, Rc<cluster::Calibration>)>>,
 }
 
 /// One prompt of a trial: a needle question or a perplexity window.
@@ -779,6 +783,52 @@ enum Prefilled {
     Cpu(DenseKv),
     /// A GPU decoder after the prompt, forked for each method.
     Graph(CudaDecoder),
+}
+
+/// Seed of the calibration text's draw: fixed, so every trial and run of
+/// a model keeps the same heads whole.
+const CALIBRATION_SEED: u64 = 0x6361_6c69;
+
+impl LoadedLc {
+    /// `kv-cluster`'s offline calibration at budget `frac` (see
+    /// [`cluster::calibrate`]): on a window of Jargon File text drawn with
+    /// [`CALIBRATION_SEED`], as long as the variant's longest context up to
+    /// [`cluster::CALIBRATION_CONTEXT`] tokens; computed once per budget.
+    fn calibration(
+        &self,
+        frac: f64,
+        share: f64,
+    ) -> Result<Rc<cluster::Calibration>, WorkloadError> {
+        if let Some((_, c)) = self
+            .calibrations
+            .borrow()
+            .iter()
+            .find(|(f, _)| *f == frac.to_bits())
+        {
+            return Ok(c.clone());
+        }
+        let longest = self.grid.contexts.iter().max().copied().unwrap_or(0);
+        let context = longest.min(cluster::CALIBRATION_CONTEXT);
+        let mut rng = ChaCha8Rng::seed_from_u64(CALIBRATION_SEED);
+        let w = haystack::window(
+            &self.corpus,
+            &self.model,
+            context,
+            cluster::CALIBRATION_QUERIES,
+            &mut rng,
+        )?;
+        let c = Rc::new(cluster::calibrate(
+            &self.model,
+            &w.tokens,
+            context,
+            frac,
+            share,
+        )?);
+        self.calibrations
+            .borrow_mut()
+            .push((frac.to_bits(), c.clone()));
+        Ok(c)
+    }
 }
 
 impl Loaded for LoadedLc {
@@ -847,6 +897,7 @@ impl LcTrial<'_> {
             prompt,
             boundary: &self.loaded.boundary,
             max_new,
+            whole_heads: &[],
         }
     }
 
@@ -967,15 +1018,21 @@ impl TrialData for LcTrial<'_> {
                 entry.id
             )));
         }
-        // The shared prefills and dense's figures, before the clock starts.
+        // The shared prefills and dense's figures, and the method's
+        // offline calibration, before the clock starts.
         for i in 0..self.items.len() {
             self.prefill(i)?;
             self.reference(i)?;
         }
+        let calibration = match (&self.loaded.backend, policy.whole_share()) {
+            (Backend::Cpu, Some(share)) => Some(self.loaded.calibration(frac, share)?),
+            _ => None,
+        };
         Ok(Box::new(LcJob {
             trial: self,
             policy,
             frac,
+            calibration,
             results: Vec::new(),
             run_s: 0.0,
         }))
@@ -1050,6 +1107,8 @@ struct LcJob<'t> {
     trial: &'t LcTrial<'t>,
     policy: &'static dyn Policy,
     frac: f64,
+    /// The method's offline calibration, if it has one.
+    calibration: Option<Rc<cluster::Calibration>>,
     results: Vec<PromptResult>,
     run_s: f64,
 }
@@ -1061,7 +1120,10 @@ impl LcJob<'_> {
     fn start(&self, i: usize) -> Result<(Dec, Vec<f32>, f64, bool), WorkloadError> {
         let t = self.trial;
         let item = &t.items[i];
-        let plan = t.plan(item, self.frac, t.max_new(i));
+        let mut plan = t.plan(item, self.frac, t.max_new(i));
+        if let Some(c) = &self.calibration {
+            plan.whole_heads = &c.whole;
+        }
         let model = t.loaded.model.clone();
         // (On the GPU decoder, `setup` admits no entry with its own prefill.)
         if let (Backend::Cpu, Some(cache)) = (&t.loaded.backend, self.policy.empty(&plan)) {
@@ -1299,8 +1361,26 @@ impl Job for LcJob<'_> {
             }
             Backend::Cpu => String::new(),
         };
+        let whole = match &self.calibration {
+            Some(c) => {
+                let heads = t.loaded.model.kv_shape().n_kv_heads;
+                let named: Vec<String> = c
+                    .whole_slots()
+                    .iter()
+                    .map(|&s| format!("{}.{} ({:.3})", s / heads, s % heads, c.error[s]))
+                    .collect();
+                o = o.figure("whole_heads", named.len() as f64);
+                format!(
+                    "; KV heads kept whole by the calibration, layer.head (relative \
+                     squared error of their clustered attention): {}",
+                    named.join(", ")
+                )
+            }
+            None => String::new(),
+        };
         o.note = Some(format!(
-            "model {}; budget {} of each prompt; shared dense prefill time added: {}{attention}",
+            "model {}; budget {} of each prompt; shared dense prefill time added: \
+             {}{attention}{whole}",
             t.loaded.model_name,
             self.frac,
             self.results.iter().any(|r| r.shared_prefill)
@@ -1466,7 +1546,15 @@ mod tests {
             (q.measured_time_s.unwrap() - (q_timed + q.figures["shared_prefill_s"])).abs() < 1e-3,
             "time-to-result = timed decode + the shared prefill"
         );
+        // kv-cluster calibrates in its untimed set-up and keeps 4% of
+        // SmolLM2's 90 KV heads whole (4), which its note names.
+        let (c, _) = run("kv-cluster", "budget=0.25");
+        assert_eq!(c.figures["whole_heads"], 4.0);
+        let note = c.note.as_deref().unwrap_or_default();
+        assert!(note.contains("kept whole by the calibration"), "{note}");
+        assert!(c.figures["kv_share"] < 0.25 + 4.0 / 90.0 + 0.05);
         let (o, timed) = run("dense", "budget=1");
+        assert!(!o.figures.contains_key("whole_heads"));
         assert_eq!(o.quality, 0.0);
         assert_eq!(o.figures["drop_mean"], 0.0);
         assert_eq!(o.figures["kv_share"], 1.0);

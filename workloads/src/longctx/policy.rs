@@ -27,6 +27,10 @@ pub struct Plan<'a> {
     /// Positions the decoder may add after the prompt (answer tokens), so a
     /// cache can reserve room.
     pub max_new: usize,
+    /// `whole_heads[layer * n_kv_heads + h]`: the method's own offline
+    /// calibration marked this KV head to keep its whole cache
+    /// (`kv-cluster`'s full-cache heads); empty for methods without one.
+    pub whole_heads: &'a [bool],
 }
 
 impl Plan<'_> {
@@ -54,6 +58,14 @@ pub trait Policy: Sync {
     /// starts from the shared dense prefill through [`Policy::from_dense`].
     fn empty(&self, plan: &Plan<'_>) -> Option<Box<dyn KvCache>> {
         let _ = plan;
+        None
+    }
+
+    /// For a method that keeps some KV heads whole by an offline
+    /// calibration (`kv-cluster`): the share of heads it keeps, which the
+    /// workload's untimed set-up calibrates and passes in
+    /// [`Plan::whole_heads`]. `None` (the default): no calibration.
+    fn whole_share(&self) -> Option<f64> {
         None
     }
 }
