@@ -29,7 +29,9 @@
 //!   additive logit bias `ln(count)` for the keys it stands for. Clustering
 //!   happens off the decode step (Chelsea clusters during prefill), so the
 //!   generator builds centroids and counts ([`Step::new`]); the step is
-//!   attention over the centroids with the bias.
+//!   attention over the centroids with the bias. Every KV head is
+//!   clustered: the 4% of heads the decoder's `kv-cluster` keeps whole
+//!   would each read their head in full, as `Dense` does.
 //! * `Window`: StreamingLLM (Xiao et al., arXiv 2309.17453): the first 4 rows
 //!   (attention sinks) and the last `ceil(frac * n) - 4` rows.
 //!
