@@ -706,35 +706,62 @@ impl KvCache for Probe {
     }
 }
 
-/// Chelsea's offline calibration, in our form: the dense prefill of
-/// `tokens[..context]`, that cache clustered at `frac` of the context (no
-/// head kept whole), then a forward pass over the rest of `tokens` whose
-/// every query asks both caches (a `Probe`); the heads whose attention
-/// output clustering changes most keep their whole cache (`share` of them).
+/// The calibration's text: its tokens and the dense prefill of the first
+/// `context` of them, computed once per model and shared by every budget's
+/// [`calibrate`].
+#[derive(Debug, Clone)]
+pub struct CalibrationText {
+    tokens: Vec<u32>,
+    context: usize,
+    dense: DenseKv,
+}
+
+impl CalibrationText {
+    /// Prefills `tokens[..context]` densely; the rest of `tokens` are the
+    /// queries [`calibrate`] compares.
+    pub fn new(
+        model: &Arc<Model>,
+        tokens: Vec<u32>,
+        context: usize,
+    ) -> Result<CalibrationText, DecoderError> {
+        if context == 0 || context >= tokens.len() {
+            return Err(DecoderError::Input(format!(
+                "calibration needs a prefill and queries after it: {context} of {} tokens",
+                tokens.len()
+            )));
+        }
+        let mut dec = Decoder::with_cache(
+            model.clone(),
+            Box::new(DenseKv::new(model.kv_shape(), tokens.len() + 1)),
+        );
+        dec.prefill(&tokens[..context])?;
+        let dense = dec
+            .cache()
+            .as_dense()
+            .expect("a dense decoder holds a dense cache")
+            .clone();
+        Ok(CalibrationText {
+            tokens,
+            context,
+            dense,
+        })
+    }
+}
+
+/// Chelsea's offline calibration, in our form: the text's dense prefill
+/// clustered at `frac` of its length (no head kept whole), then a forward
+/// pass over the rest of the text whose every query asks both caches (a
+/// `Probe`); the heads whose attention output clustering changes most
+/// keep their whole cache (`share` of them).
 pub fn calibrate(
     model: &Arc<Model>,
-    tokens: &[u32],
-    context: usize,
+    text: &CalibrationText,
     frac: f64,
     share: f64,
 ) -> Result<Calibration, DecoderError> {
-    if context == 0 || context >= tokens.len() {
-        return Err(DecoderError::Input(format!(
-            "calibration needs a prefill and queries after it: {context} of {} tokens",
-            tokens.len()
-        )));
-    }
+    let (tokens, context) = (&text.tokens, text.context);
     let shape = model.kv_shape();
-    let mut dec = Decoder::with_cache(
-        model.clone(),
-        Box::new(DenseKv::new(shape, tokens.len() + 1)),
-    );
-    dec.prefill(&tokens[..context])?;
-    let dense = dec
-        .cache()
-        .as_dense()
-        .expect("a dense decoder holds a dense cache")
-        .clone();
+    let dense = text.dense.clone();
     let budget = ((frac * context as f64).ceil() as usize).clamp(1, context);
     let clustered = ClusterKv::from_dense(&dense, budget, tokens.len() - context, &[]);
     let slots = shape.n_layers * shape.n_kv_heads;
@@ -1191,10 +1218,11 @@ mod tests {
         let corpus = super::super::haystack::Corpus::jargon(&text, &model).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(19);
         let w = super::super::haystack::window(&corpus, &model, 384, 16, &mut rng).unwrap();
-        let full = calibrate(&model, &w.tokens, 384, 1.0, WHOLE_SHARE).unwrap();
+        let text = CalibrationText::new(&model, w.tokens.clone(), 384).unwrap();
+        let full = calibrate(&model, &text, 1.0, WHOLE_SHARE).unwrap();
         assert_eq!(full.error.len(), 90);
         assert!(full.error.iter().all(|&e| e == 0.0));
-        let c = calibrate(&model, &w.tokens, 384, 0.1, WHOLE_SHARE).unwrap();
+        let c = calibrate(&model, &text, 0.1, WHOLE_SHARE).unwrap();
         assert!(c.error.iter().all(|e| e.is_finite() && *e >= 0.0));
         assert!(c.error.iter().filter(|&&e| e > 0.0).count() > 45);
         let whole = c.whole_slots();
@@ -1206,6 +1234,6 @@ mod tests {
         for s in (0..90).filter(|s| !whole.contains(s)) {
             assert!(c.error[s] <= least_kept);
         }
-        assert!(calibrate(&model, &w.tokens, w.tokens.len(), 0.1, WHOLE_SHARE).is_err());
+        assert!(CalibrationText::new(&model, w.tokens.clone(), w.tokens.len()).is_err());
     }
 }
