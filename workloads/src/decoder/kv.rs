@@ -34,6 +34,23 @@ impl KvShape {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
+
+    /// Appends to `out` KV head `kv_head`'s `head_dim` floats of each of
+    /// `rows`, rows of `kv_dim` floats in `x`: the layout of a cache that
+    /// stores each head apart.
+    pub fn extend_head(
+        &self,
+        out: &mut Vec<f32>,
+        x: &[f32],
+        kv_head: usize,
+        rows: impl IntoIterator<Item = usize>,
+    ) {
+        let (d, hd) = (self.kv_dim(), self.head_dim);
+        for r in rows {
+            let at = r * d + kv_head * hd;
+            out.extend_from_slice(&x[at..at + hd]);
+        }
+    }
 }
 
 /// Rows of the block in flight that one query sees: itself and its
@@ -58,8 +75,7 @@ impl BlockKv<'_> {
     /// attention over them is the same arithmetic.
     pub fn with_head<R>(
         &self,
-        kv_dim: usize,
-        head_dim: usize,
+        shape: KvShape,
         kv_head: usize,
         f: impl FnOnce(&BlockKv<'_>) -> R,
     ) -> R {
@@ -68,12 +84,9 @@ impl BlockKv<'_> {
             bk.clear();
             bv.clear();
             rows.clear();
-            for (i, &r) in self.rows.iter().enumerate() {
-                let at = r * kv_dim + kv_head * head_dim;
-                bk.extend_from_slice(&self.k[at..at + head_dim]);
-                bv.extend_from_slice(&self.v[at..at + head_dim]);
-                rows.push(i);
-            }
+            shape.extend_head(bk, self.k, kv_head, self.rows.iter().copied());
+            shape.extend_head(bv, self.v, kv_head, self.rows.iter().copied());
+            rows.extend(0..self.rows.len());
             f(&BlockKv { k: bk, v: bv, rows })
         })
     }

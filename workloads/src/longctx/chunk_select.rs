@@ -437,21 +437,17 @@ impl Store {
             Store::Held {
                 shape, len, heads, ..
             } => {
-                let (d, hd) = (shape.kv_dim(), shape.head_dim);
                 // Every layer of a block is appended before `len` moves.
                 assert_eq!(*len, pos, "chunk-select-evict cache: append out of order");
                 assert_eq!(k.len(), v.len());
-                let rows = k.len() / d;
+                let rows = k.len() / shape.kv_dim();
                 for (g, h) in heads[layer * shape.n_kv_heads..(layer + 1) * shape.n_kv_heads]
                     .iter_mut()
                     .enumerate()
                 {
-                    for r in 0..rows {
-                        let at = r * d + g * hd;
-                        h.pos.push((pos + r) as u32);
-                        h.k.extend_from_slice(&k[at..at + hd]);
-                        h.v.extend_from_slice(&v[at..at + hd]);
-                    }
+                    h.pos.extend((pos..pos + rows).map(|p| p as u32));
+                    shape.extend_head(&mut h.k, k, g, 0..rows);
+                    shape.extend_head(&mut h.v, v, g, 0..rows);
                 }
                 if layer + 1 == shape.n_layers {
                     *len = pos + rows;
@@ -584,16 +580,14 @@ impl ChunkSelectKv {
     /// selection drops what it leaves out.
     pub fn evicting(dense: &DenseKv, plan: &Plan<'_>) -> ChunkSelectKv {
         let shape = dense.shape();
-        let (n, d, hd) = (dense.len(), shape.kv_dim(), shape.head_dim);
+        let (n, hd) = (dense.len(), shape.head_dim);
         let room = n + plan.max_new + 1;
         let heads = (0..shape.n_layers * shape.n_kv_heads)
             .map(|i| {
                 let (l, g) = (i / shape.n_kv_heads, i % shape.n_kv_heads);
                 let gather = |x: &[f32]| {
                     let mut out = Vec::with_capacity(room * hd);
-                    for row in x.chunks_exact(d) {
-                        out.extend_from_slice(&row[g * hd..(g + 1) * hd]);
-                    }
+                    shape.extend_head(&mut out, x, g, 0..n);
                     out
                 };
                 let mut pos = Vec::with_capacity(room);
@@ -1065,7 +1059,7 @@ impl KvCache for ChunkSelectKv {
                 };
                 // This head's slice of the block rows, laid out like its
                 // own storage.
-                block.with_head(d, hd, kv_head, |own| {
+                block.with_head(shape, kv_head, |own| {
                     self.attend_view(slot, &view, q, own, scores, out)
                 });
             }

@@ -109,9 +109,9 @@
 //!
 //! Bytes: keys and values of every entry plus, per entry of a clustered
 //! head, its count (`u32`) and its bias (`f32`); the whole heads' full
-//! caches count too, so the cache holds more than the budget. `truncate` works back to the last
-//! merge: merged positions cannot be split again, so truncating below it
-//! is a [`DecoderError::Cache`].
+//! caches count too, so the cache holds more than the budget. `truncate`
+//! works back to the last merge: merged positions cannot be split again,
+//! so truncating below it is a [`DecoderError::Cache`].
 
 use std::sync::{Arc, Mutex};
 
@@ -355,8 +355,9 @@ fn compact<T: Copy>(x: &mut Vec<T>, width: usize, gone: &[bool]) {
 impl ClusterKv {
     /// An empty cache that never merges (every position kept, count 1);
     /// `whole[layer * n_kv_heads + h]` marks the heads kept whole (missing
-    /// entries: clustered).
-    fn new(shape: KvShape, capacity: usize, whole: &[bool]) -> ClusterKv {
+    /// entries: clustered), with room for `whole_capacity` entries where the
+    /// others have room for `capacity`.
+    fn new(shape: KvShape, capacity: usize, whole_capacity: usize, whole: &[bool]) -> ClusterKv {
         let (hd, heads) = (shape.head_dim, shape.n_kv_heads);
         let layers = (0..shape.n_layers)
             .map(|l| Layer {
@@ -365,10 +366,14 @@ impl ClusterKv {
                 heads: (0..heads)
                     .map(|h| {
                         let whole = whole.get(l * heads + h).copied().unwrap_or(false);
-                        let meta = if whole { 0 } else { capacity };
+                        let (rows, meta) = if whole {
+                            (whole_capacity, 0)
+                        } else {
+                            (capacity, capacity)
+                        };
                         Head {
-                            k: Vec::with_capacity(capacity * hd),
-                            v: Vec::with_capacity(capacity * hd),
+                            k: Vec::with_capacity(rows * hd),
+                            v: Vec::with_capacity(rows * hd),
                             count: Vec::with_capacity(meta),
                             bias: Vec::with_capacity(meta),
                             whole,
@@ -397,15 +402,15 @@ impl ClusterKv {
         let shape = dense.shape();
         let n = dense.len();
         let budget = budget.max(1);
-        let (d, hd, heads) = (shape.kv_dim(), shape.head_dim, shape.n_kv_heads);
+        let (hd, heads) = (shape.head_dim, shape.n_kv_heads);
         if n <= budget {
-            let mut c = ClusterKv::new(shape, n + extra, whole);
+            let mut c = ClusterKv::new(shape, n + extra, n + extra, whole);
             for l in 0..shape.n_layers {
                 c.append(l, 0, dense.keys(l), dense.values(l));
             }
             return c;
         }
-        let mut c = ClusterKv::new(shape, budget + extra, whole);
+        let mut c = ClusterKv::new(shape, budget + extra, n + extra, whole);
         let sinks = SINKS.min(budget / 4);
         let recent = RECENT.min(budget / 4);
         let target = budget - sinks - recent;
@@ -413,9 +418,9 @@ impl ClusterKv {
         c.recent = recent;
         c.chunk_target = (CHUNK * target).div_ceil(middle.len()).clamp(1, CHUNK);
         let of_head = |x: &[f32], h: usize, rows: std::ops::Range<usize>| -> Vec<f32> {
-            rows.flat_map(|r| &x[r * d + h * hd..r * d + (h + 1) * hd])
-                .copied()
-                .collect()
+            let mut out = Vec::with_capacity(rows.len() * hd);
+            shape.extend_head(&mut out, x, h, rows);
+            out
         };
         let merged: Vec<Option<Merged>> = (0..shape.n_layers * heads)
             .into_par_iter()
@@ -439,18 +444,16 @@ impl ClusterKv {
             let (keys, values) = (dense.keys(l), dense.values(l));
             for (h, head) in ly.heads.iter_mut().enumerate() {
                 let Some(m) = &merged[l * heads + h] else {
-                    head.k = of_head(keys, h, 0..n);
-                    head.v = of_head(values, h, 0..n);
-                    head.k.reserve(extra * hd);
-                    head.v.reserve(extra * hd);
+                    shape.extend_head(&mut head.k, keys, h, 0..n);
+                    shape.extend_head(&mut head.v, values, h, 0..n);
                     (head.tail_row, head.tail_pos) = (n, n);
                     continue;
                 };
                 // Sinks, the centroids, then the recent tail.
                 for (dst, src, part) in [(&mut head.k, keys, &m.k), (&mut head.v, values, &m.v)] {
-                    dst.extend(of_head(src, h, 0..sinks));
+                    shape.extend_head(dst, src, h, 0..sinks);
                     dst.extend_from_slice(part);
-                    dst.extend(of_head(src, h, n - recent..n));
+                    shape.extend_head(dst, src, h, n - recent..n);
                 }
                 head.count.extend(std::iter::repeat_n(1, sinks));
                 head.count.extend_from_slice(&m.count);
@@ -500,17 +503,14 @@ impl ClusterKv {
 
 impl KvCache for ClusterKv {
     fn append(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let (d, hd) = (self.shape.kv_dim(), self.shape.head_dim);
+        let (shape, hd) = (self.shape, self.shape.head_dim);
         let ly = &mut self.layers[layer];
         assert_eq!(ly.n, pos, "cluster cache: append out of order");
         assert_eq!(k.len(), v.len());
-        let m = k.len() / d;
+        let m = k.len() / shape.kv_dim();
         for (h, head) in ly.heads.iter_mut().enumerate() {
-            for r in 0..m {
-                let at = r * d + h * hd;
-                head.k.extend_from_slice(&k[at..at + hd]);
-                head.v.extend_from_slice(&v[at..at + hd]);
-            }
+            shape.extend_head(&mut head.k, k, h, 0..m);
+            shape.extend_head(&mut head.v, v, h, 0..m);
             if !head.whole {
                 head.count.extend(std::iter::repeat_n(1, m));
                 head.bias.extend(std::iter::repeat_n(0.0, m));
@@ -572,11 +572,11 @@ impl KvCache for ClusterKv {
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        let (d, hd) = (self.shape.kv_dim(), self.shape.head_dim);
+        let hd = self.shape.head_dim;
         let ly = &self.layers[layer];
         let head = &ly.heads[kv_head];
         let rows = head.rows(hd);
-        block.with_head(d, hd, kv_head, |own| {
+        block.with_head(self.shape, kv_head, |own| {
             let segments = [
                 Segment {
                     k: &head.k,
