@@ -60,6 +60,28 @@
 //! warp (`__match_any_sync`) in its second and third passes took the top-k
 //! from 17.2 to 46.8 us at 512k (2026-11-27, through
 //! `BENCH_SUITE_DECODE_ATTN_CU`; not kept).
+//! The scoring was issue-bound, not read-bound: it summed 16 operations per
+//! channel and page (four query heads, two products, a max, an add). Since
+//! a page's min is at most its max, it now sums the group's positive and
+//! negative query parts once per block and takes two FMAs per channel and
+//! page (decode_attn.cu; 104 -> 58 registers). Measured on an H200
+//! (2026-11-29, `decode_step_timings` alternating the new source and the
+//! old one through `BENCH_SUITE_DECODE_ATTN_CU`, two rounds each): scores
+//! at 512k 0.0420-0.0424 -> 0.0377-0.0379 ms, the step 0.1205 -> 0.1156
+//! ms (4.4x -> 4.5x faster than dense); at 128k 0.0459 -> 0.0443 ms.
+//! Tried the same day and not kept: cutting the KV heads into 2, 4 or 8
+//! groups, each scored on the main stream in turn and then selected and
+//! attended on a stream of its own, so that one group's top-k would run
+//! beside the next group's scoring and attention (also with a 256-thread
+//! top-k that fits on an SM beside two scoring blocks, with fewer scoring
+//! blocks per SM, and with SMs left free of scoring). Every grouped layout
+//! was slower on the H200: at 512k, 10%, 0.1286-0.1969 ms against 0.1222
+//! ms ungrouped; the parts show no overlap (two groups: scores 0.0457 ms,
+//! + top-k 0.0165, + attention 0.0610, against 0.0422, 0.0178, 0.0623), the
+//! narrow top-k alone took 0.032 ms against 0.018, and scoring with one
+//! block per SM 0.0567 ms against 0.0423. The code, its tests and the
+//! figures are in `results/runs/2026-11-29-h200-long-context-quest-parts`
+//! (`head-groups.patch` applies to commit 4eb7355).
 //! What any kernel with the dense step's grid pays here
 //! (`dense_floor_diagnostics`, H100, medians of 50 replays): a graph node
 //! that does nothing costs 1.1 us at 4k (a graph of 13 steps) and 4-5 us
@@ -164,6 +186,9 @@ const MAX_SPAN_PAGES: usize = 1024;
 /// Rows per KV head up to which a step uses `SHORT_SPLITS` splits (see
 /// `plan_splits`), and a range step without a bias the bulk-copy kernel.
 const SHORT_ROWS: usize = 16_384;
+/// Selected rows per KV head from which a block-topk step's attention
+/// takes one block per resident slot, however short (see `plan_splits`).
+const PAGED_FEW_ROWS: usize = 4096;
 /// Splits per KV head of a short step with the bulk-copy kernel (32 with
 /// the others); `BENCH_SUITE_SHORT_SPLITS` replaces it, for tuning.
 const SHORT_SPLITS: usize = 16;
@@ -765,15 +790,25 @@ impl<'g> DecodeBench<'g> {
                 // together); for short contexts fewer, which have less to
                 // combine (measured on an H100 by `dense_split_sweep`: with
                 // loads into registers 32 best up to 16k rows, 48-49 from
-                // 64k; with bulk copies 16 up to 16k).
-                let per_head = if total <= SHORT_ROWS {
+                // 64k; with bulk copies 16 up to 16k). Block-topk's
+                // attention, which starts as a dependent launch behind its
+                // top-k, takes a slot per block from PAGED_FEW_ROWS
+                // selected rows (`block_topk_split_sweep`, H200,
+                // 2026-11-29: 10% of 64k 0.0291 -> 0.0283 ms, of 128k 0.0442
+                // -> 0.0398 ms, 50% of 16k 0.0282 -> 0.0260 ms; 10% of 16k,
+                // 1,638 rows, 0.0179 ms at 32 against 0.0187 ms).
+                let slots = self.gpu.sms * resident / self.step.shape().kv_heads;
+                let paged = matches!(self.step.kind, StepKind::BlockTopk { .. });
+                let per_head = if paged && total >= PAGED_FEW_ROWS {
+                    slots
+                } else if total <= SHORT_ROWS {
                     if self.attn_smem > 0 {
                         short_splits()?
                     } else {
                         32
                     }
                 } else {
-                    self.gpu.sms * resident / self.step.shape().kv_heads
+                    slots
                 };
                 per_head.min(total.div_ceil(TILE))
             }
@@ -1510,34 +1545,61 @@ mod tests {
         median(&times)
     }
 
-    #[test]
-    #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
-    fn dense_split_sweep() {
+    /// Times `kind` at each context with each split count (and the
+    /// default), interleaved and, with `contiguous`, not.
+    fn split_sweep(kind: StepKind, contexts: &[usize], splits: &[usize], contiguous: bool) {
         let Some(gpu) = gpu() else { return };
-        for n in [4096, 16_384, 65_536, 131_072] {
+        for &n in contexts {
             let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(n), 1).unwrap());
-            let default =
-                DecodeBench::from_step(&gpu, Step::new(cache.clone(), StepKind::Dense, 1).unwrap())
-                    .unwrap()
-                    .splits();
-            for interleave in [true, false] {
-                for splits in [16, 24, 32, 40, 48, 64, 66, 96, 128] {
-                    let step = Step::new(cache.clone(), StepKind::Dense, 1).unwrap();
+            let default = DecodeBench::from_step(&gpu, Step::new(cache.clone(), kind, 1).unwrap())
+                .unwrap()
+                .splits();
+            for interleave in [true, false].into_iter().take(1 + contiguous as usize) {
+                for &x in splits {
+                    let step = Step::new(cache.clone(), kind, 1).unwrap();
                     let mut bench = DecodeBench::from_step(&gpu, step)
                         .unwrap()
-                        .with_splits(splits)
+                        .with_splits(x)
                         .unwrap()
                         .with_interleave(interleave)
                         .unwrap();
                     let t = bench.time(20).unwrap();
                     println!(
-                        "sweep dense n={n} interleave={interleave} splits={:>3} (default {default}): {:.4} ms, {:.3}x floor",
+                        "sweep {} {:.2} n={n} interleave={interleave} splits={:>3} (default {default}): {:.4} ms, {:.3}x floor",
+                        kind.name(),
+                        kind.frac(),
                         t.splits,
                         t.median_s * 1e3,
                         t.ratio_to_floor()
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
+    fn dense_split_sweep() {
+        split_sweep(
+            StepKind::Dense,
+            &[4096, 16_384, 65_536, 131_072],
+            &[16, 24, 32, 40, 48, 64, 66, 96, 128],
+            true,
+        );
+    }
+
+    /// Split counts for block-topk's attention (how the default of
+    /// `plan_splits` for paged steps was chosen).
+    #[test]
+    #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
+    fn block_topk_split_sweep() {
+        for frac in [0.1, 0.25, 0.5] {
+            split_sweep(
+                StepKind::block_topk(frac),
+                &[4096, 16_384, 65_536, 131_072, 524_288],
+                &[16, 32, 49, 66, 98],
+                false,
+            );
         }
     }
 }

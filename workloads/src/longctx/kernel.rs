@@ -94,7 +94,9 @@ pub const TOLERANCE: f64 = 1e-3;
 /// Relative error bound of an f32 Quest page score: a sum of `group * d`
 /// (512) products, each rounded once, in any order: `512 u` is `3.1e-5` of
 /// `sum |q_hi| max(|M_i|, |m_i|)`; the margin covers the products' own
-/// rounding.
+/// rounding. The CUDA kernel's form (the group's positive and negative
+/// query parts summed first, then `2 d` fused products: see
+/// decode_attn.cu) rounds fewer times and stays within it.
 const SCORE_REL: f64 = 4e-5;
 
 /// One CPU task's softmax state for one query head: running max, sum of
