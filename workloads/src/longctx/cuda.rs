@@ -77,11 +77,23 @@
 //! blocks per SM, and with SMs left free of scoring). Every grouped layout
 //! was slower on the H200: at 512k, 10%, 0.1286-0.1969 ms against 0.1222
 //! ms ungrouped; the parts show no overlap (two groups: scores 0.0457 ms,
-//! + top-k 0.0165, + attention 0.0610, against 0.0422, 0.0178, 0.0623), the
+//! then top-k 0.0165 and attention 0.0610 more, against 0.0422, 0.0178 and
+//! 0.0623), the
 //! narrow top-k alone took 0.032 ms against 0.018, and scoring with one
 //! block per SM 0.0567 ms against 0.0423. The code, its tests and the
 //! figures are in `results/runs/2026-11-29-h200-long-context-quest-parts`
 //! (`head-groups.patch` applies to commit 4eb7355).
+//! Also tried that day and not kept: the scores and the top-k in one
+//! cooperative launch (`quest_select`): each block keeps its pages' keys in
+//! shared memory, and the 66 blocks of a KV head finish the radix select
+//! together, their histograms summed in global memory, with a barrier of
+//! the head's blocks after each pass and before the compaction (four in
+//! all). It passed every check, exact ties included, but its barriers
+//! cost more than the launch they save: at 512k, 10%, 0.1148-0.1150 ms
+//! against 0.1157-0.1158 ms in two launches, and at 4k 0.0209 against
+//! 0.0161 ms, the selection alone about 10 us where the two-launch top-k
+//! takes 5.7 (`fused-select.patch`, applying to commit ffca587, and its
+//! timings, in the same folder).
 //! What any kernel with the dense step's grid pays here
 //! (`dense_floor_diagnostics`, H100, medians of 50 replays): a graph node
 //! that does nothing costs 1.1 us at 4k (a graph of 13 steps) and 4-5 us
@@ -1408,8 +1420,6 @@ mod tests {
         }
     }
 
-    /// Split counts for dense steps, interleaved and contiguous (how the
-    /// default of `plan_splits` was chosen).
     /// Exact ties in the page scores: every page repeats the keys of one
     /// of the first `m` pages, so whole groups of pages score the same
     /// bits. The selection must be the float64 reference's exactly (ties
@@ -1577,6 +1587,8 @@ mod tests {
         }
     }
 
+    /// Split counts for dense steps, interleaved and contiguous (how the
+    /// default of `plan_splits` was chosen).
     #[test]
     #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
     fn dense_split_sweep() {
