@@ -7,7 +7,12 @@
 //! prefix, relative to one position. Prompt text: the same 20,000
 //! characters of the Jargon File the peer script uses.
 //!
-//! `cargo bench -p workloads --bench decoder [-- [--reps=N] [--json=PATH] MODEL...]`
+//! With `--long=N,...`, also long prompts (the attention's share grows
+//! with the square of the length): one prefill of each `N` tokens of the
+//! Jargon File (from the same place, longer) and 16 greedy decode steps
+//! after it, medians of `reps`.
+//!
+//! `cargo bench -p workloads --bench decoder [-- [--reps=N] [--json=PATH] [--long=N,...] MODEL...]`
 //! with MODEL one of `smollm2-135m`, `qwen2.5-coder-0.5b`,
 //! `qwen2.5-coder-1.5b` (default: all three). Threads: `CANDLE_NUM_THREADS`
 //! (default: physical cores). Prints one line per measurement; `--json`
@@ -27,6 +32,8 @@ const DECODE_TOKENS: usize = 64;
 const PP_TOKENS: usize = 512;
 const VERIFY_PREFIX: usize = 256;
 const VERIFY_SIZES: [usize; 3] = [1, 5, 9];
+/// Greedy decode steps after each long prompt (`--long`).
+const LONG_DECODE: usize = 16;
 /// Verification calls are a few ms; take this many more of them.
 const VERIFY_REPS_FACTOR: usize = 4;
 
@@ -58,11 +65,17 @@ fn round2(x: f64) -> f64 {
 fn main() {
     let mut reps = 5usize;
     let mut json_out: Option<String> = None;
+    let mut long: Vec<usize> = Vec::new();
     let mut names = Vec::new();
     for a in std::env::args().skip(1) {
         if let Some(v) = a.strip_prefix("--reps=") {
             reps = v.parse().expect("--reps=N takes a positive integer");
             assert!(reps > 0, "--reps=N takes a positive integer");
+        } else if let Some(v) = a.strip_prefix("--long=") {
+            long = v
+                .split(',')
+                .map(|x| x.trim().parse().expect("--long=N,... takes token counts"))
+                .collect();
         } else if let Some(v) = a.strip_prefix("--json=") {
             json_out = Some(v.to_string());
         } else if !a.starts_with('-') {
@@ -86,6 +99,11 @@ fn main() {
     let chars: Vec<char> = text.chars().collect();
     let start = chars.len() / 3;
     let text: String = chars[start..(start + 20_000).min(chars.len())]
+        .iter()
+        .collect();
+    // About four characters a token, with room to spare.
+    let long_chars = long.iter().max().map_or(0, |&n| 6 * n + 1000);
+    let long_text: String = chars[start..(start + long_chars).min(chars.len())]
         .iter()
         .collect();
     let threads = candle_core::utils::get_num_threads();
@@ -150,6 +168,39 @@ fn main() {
         }
         let ms: Vec<f64> = times.iter().map(|t| median(t) * 1e3).collect();
 
+        let long_ids = tk.encode(&long_text).unwrap();
+        let mut long_rows = Vec::new();
+        for &n in &long {
+            assert!(
+                long_ids.len() >= n + LONG_DECODE,
+                "long prompt text too short for {n}"
+            );
+            let (mut pp, mut dc) = (Vec::new(), Vec::new());
+            for _ in 0..reps {
+                dec.truncate(0).unwrap();
+                let t = Instant::now();
+                let mut next = argmax(dec.prefill(&long_ids[..n]).unwrap());
+                pp.push(n as f64 / t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                for _ in 0..LONG_DECODE {
+                    next = argmax(dec.step(next).unwrap());
+                }
+                dc.push(LONG_DECODE as f64 / t.elapsed().as_secs_f64());
+            }
+            println!(
+                "{}: {n}-token prompt: prefill {:.1} tokens/s, then decode {:.1} tokens/s (medians of {reps})",
+                asset.name,
+                median(&pp),
+                median(&dc)
+            );
+            long_rows.push(json!({
+                "prompt_tokens": n,
+                "prefill_tokens_per_s": round2(median(&pp)),
+                "decode_tokens_per_s": round2(median(&dc)),
+                "decode_tokens": LONG_DECODE,
+            }));
+        }
+
         println!(
             "{}: loaded in {load_s:.2} s; {threads} threads; {} kernels",
             asset.name,
@@ -199,6 +250,7 @@ fn main() {
                     "tokens_per_s": round2(median(&pp)),
                     "all_tokens_per_s": pp.iter().map(|&x| round2(x)).collect::<Vec<_>>(),
                 },
+                "long_prompts": long_rows,
                 "batched_verify": {
                     "prefix_tokens": VERIFY_PREFIX,
                     "reps": reps * VERIFY_REPS_FACTOR,

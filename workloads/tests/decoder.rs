@@ -420,8 +420,29 @@ fn real(asset: &assets::Asset) -> Option<(Arc<Model>, std::path::PathBuf)> {
     }
 }
 
+/// `ln softmax(logits)[t]`, in float64.
+fn log_prob(logits: &[f32], t: usize) -> f32 {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();
+    (logits[t] as f64 - m - z.ln()) as f32
+}
+
+/// Our decoder against candle-transformers' quantized llama on the same
+/// GGUF, teacher-forced on candle's greedy continuation: at every step
+/// where candle's best token leads its second by at least `DECISIVE` nats,
+/// ours picks the same token, and every step's log-probability of candle's
+/// token is within `LOGP_TOL` of candle's. The two are different arithmetic on
+/// 8-bit activations through 30 layers (each quantizes its activations in
+/// its own blocks), so their log-probabilities differ by up to about 0.35
+/// (measured 2026-11-29, teacher-forced: 0.30 with our scalar attention,
+/// 0.35 with the vector one, at a step where candle's token leads by 0.49
+/// and ours trails by 0.08; free-running, that step had decided the old
+/// token-for-token version of this test by a margin of 0.003). A wrong
+/// tokenizer, RoPE or attention is off by whole nats and still fails.
 #[test]
 fn smollm2_greedy_matches_candle_transformers() {
+    const DECISIVE: f32 = 1.0;
+    const LOGP_TOL: f32 = 0.5;
     let Some((model, path)) = real(&assets::SMOLLM2_135M) else {
         return;
     };
@@ -433,49 +454,68 @@ fn smollm2_greedy_matches_candle_transformers() {
     let prompt = tk.encode(&prompt_text).unwrap();
     let n_new = 24;
 
-    let mut dec = Decoder::new(model.clone());
-    let mut ours = vec![argmax(dec.prefill(&prompt).unwrap())];
-    while ours.len() < n_new {
-        let t = *ours.last().unwrap();
-        ours.push(argmax(dec.step(t).unwrap()));
-    }
-
     let mut f = std::fs::File::open(&path).unwrap();
     let ct = gguf_file::Content::read(&mut f).unwrap();
     let mut reference = quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
-    let x = Tensor::new(&prompt[..], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits = reference
-        .forward(&x, 0)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let mut theirs = vec![argmax(&logits)];
-    while theirs.len() < n_new {
-        let x = Tensor::new(&[*theirs.last().unwrap()], &Device::Cpu)
+    let mut forward = |tokens: &[u32], pos: usize| {
+        let x = Tensor::new(tokens, &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let pos = prompt.len() + theirs.len() - 1;
-        let logits = reference
+        reference
             .forward(&x, pos)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()
-            .unwrap();
+            .unwrap()
+    };
+    let mut theirs_logits = vec![forward(&prompt, 0)];
+    let mut theirs = vec![argmax(&theirs_logits[0])];
+    while theirs.len() < n_new {
+        let pos = prompt.len() + theirs.len() - 1;
+        let logits = forward(&[*theirs.last().unwrap()], pos);
         theirs.push(argmax(&logits));
+        theirs_logits.push(logits);
     }
-    let text = tk.decode(&ours).unwrap();
-    eprintln!("ours:   {text:?}");
-    eprintln!("candle: {:?}", tk.decode(&theirs).unwrap());
-    // The strong check: token for token what candle-transformers emits.
-    assert_eq!(ours, theirs);
-    // A weak one that still catches garbage (wrong tokenizer or RoPE gives
+
+    let mut dec = Decoder::new(model.clone());
+    let mut ours = vec![dec.prefill(&prompt).unwrap().to_vec()];
+    for &t in &theirs[..n_new - 1] {
+        ours.push(dec.step(t).unwrap().to_vec());
+    }
+    let mut decisive = 0;
+    for (i, (o, c)) in ours.iter().zip(&theirs_logits).enumerate() {
+        let best = theirs[i] as usize;
+        let second = c
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != best)
+            .map(|(_, &x)| x)
+            .fold(f32::NEG_INFINITY, f32::max);
+        let (lo, lc) = (log_prob(o, best), log_prob(c, best));
+        let diff = (lo - lc).abs();
+        eprintln!(
+            "step {i}: candle's token {best} leads by {:.3}; its log-probability {lo:.4} here, {lc:.4} in candle; our best {}",
+            c[best] - second,
+            argmax(o)
+        );
+        assert!(
+            diff <= LOGP_TOL,
+            "step {i}: log-probabilities {lo} and {lc} differ by {diff}"
+        );
+        if c[best] - second >= DECISIVE {
+            decisive += 1;
+            assert_eq!(argmax(o), theirs[i], "step {i}: a decisive token differs");
+        }
+    }
+    assert!(
+        decisive >= n_new / 3,
+        "only {decisive} of {n_new} steps decisive"
+    );
+    let text = tk.decode(&theirs).unwrap();
+    eprintln!("candle: {text:?}");
+    // A weak check that still catches garbage (wrong tokenizer or RoPE gives
     // byte soup or a repeated token): several distinct alphabetic words.
     let words: std::collections::BTreeSet<&str> = text
         .split(|c: char| !c.is_alphabetic())

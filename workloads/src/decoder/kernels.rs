@@ -197,6 +197,13 @@ fn avx512() -> bool {
     })
 }
 
+/// Whether this process runs the AVX2 + FMA kernels (checked once), for
+/// the attention of [`super::kv::attend_segments`].
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    avx2()
+}
+
 /// Which dot-product kernels this process runs: ours (`"avx512-vnni"` or
 /// `"avx2"`), or candle's `vec_dot` (`"candle"`) elsewhere. Benches and run
 /// fingerprints carry it: one binary picks different kernels on different
