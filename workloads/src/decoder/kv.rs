@@ -345,8 +345,9 @@ fn attend_scalar(
 /// [`attend_segments`] in AVX2 vectors with fused multiply-adds. Every sum
 /// runs in eight lanes in index order, then a fixed tree across the lanes;
 /// a slice's last `len % 8` elements go through the same vector code with
-/// the missing lanes zero (and left out of sums), so each element's
-/// arithmetic depends only on its index and the slice's length.
+/// the missing lanes zero (and left out of sums), except the value sum's,
+/// which take scalar fused multiply-adds; so each element's arithmetic
+/// depends only on its index and the slice's length.
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::*;
@@ -397,7 +398,7 @@ mod simd {
         for h in 0..n_rep {
             let row = &mut scores[h * total..(h + 1) * total];
             let m = max(row);
-            inv[h % MAX_REP] = 1.0 / exp_sub_sum(row, m);
+            inv[h] = 1.0 / exp_sub_sum(row, m);
         }
         out[..n_rep * head_dim].fill(0.0);
         let mut j = 0;
@@ -406,7 +407,7 @@ mod simd {
                 let r = s.rows.get(i);
                 let v = &s.v[r * kv_dim + off..r * kv_dim + off + head_dim];
                 for h in 0..n_rep {
-                    let p = scores[h * total + j] * inv[h % MAX_REP];
+                    let p = scores[h * total + j] * inv[h];
                     axpy(&mut out[h * head_dim..(h + 1) * head_dim], p, v);
                 }
                 j += 1;
@@ -433,6 +434,9 @@ mod simd {
         unsafe { _mm256_loadu_ps(buf.as_ptr()) }
     }
 
+    /// `a . b`: two 8-lane accumulators of fused multiply-adds (16
+    /// elements a round), the tail through zero-padded lanes, then the
+    /// lanes in a fixed tree.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -78,9 +78,8 @@
 //! was slower on the H200: at 512k, 10%, 0.1286-0.1969 ms against 0.1222
 //! ms ungrouped; the parts show no overlap (two groups: scores 0.0457 ms,
 //! then top-k 0.0165 and attention 0.0610 more, against 0.0422, 0.0178 and
-//! 0.0623), the
-//! narrow top-k alone took 0.032 ms against 0.018, and scoring with one
-//! block per SM 0.0567 ms against 0.0423. The code, its tests and the
+//! 0.0623), the narrow top-k alone took 0.032 ms against 0.018, and scoring
+//! with one block per SM 0.0567 ms against 0.0423. The code, its tests and the
 //! figures are in `results/runs/2026-11-29-h200-long-context-quest-parts`
 //! (`head-groups.patch` applies to commit 4eb7355).
 //! Also tried that day and not kept: the scores and the top-k in one
