@@ -1,4 +1,5 @@
-"""The README's table, formatted from records.jsonl (python3 tables.py).
+"""The tables of a `long-context` decode-step run's README, formatted from
+its records.jsonl: `python3 scripts/decode_step_tables.py RUN_DIR`.
 
 Per cell: the median over the trials of ms per step, and in brackets the
 median of the trials' time over the step's own floor (`floor_ratio`: the
@@ -7,9 +8,14 @@ run). Below the table: dense / method, the median of per-trial ratios."""
 import collections
 import json
 import statistics as st
+import sys
 from pathlib import Path
 
-here = Path(__file__).parent
+if len(sys.argv) != 2:
+    sys.exit("usage: python3 scripts/decode_step_tables.py RUN_DIR (a decode-step run with records.jsonl)")
+here = Path(sys.argv[1])
+if not (here / "records.jsonl").is_file():
+    sys.exit(f"{here}: no records.jsonl here; give a decode-step run directory")
 by = collections.defaultdict(dict)
 for line in open(here / "records.jsonl"):
     r = json.loads(line)
