@@ -25,8 +25,10 @@ Peers (`--impls`):
                       KV head, a gather of their rows, SDPA (enable_gqa).
 
 Timing matches the harness (see cuda.rs): a CUDA graph of `layers` steps,
-each over its own copy of the cache (enough copies that one replay reads at
-least 4 times the L2 cache), replayed back to back with CUDA events around
+each over its own copy of the cache (at least the modelled decoder's 32
+layers, and enough copies that one replay reads at least 4 times the L2
+cache; fewer where they would not fit in 60% of free device memory),
+replayed back to back with CUDA events around
 each replay after warm-up; a step is a replay over `layers`; the figure is
 the median. The floor is the bytes the step must move (the same count as
 kernel.rs: K and V rows read, Quest metadata, q, and a float32 output) over
@@ -69,7 +71,7 @@ import time
 
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 GROUP = Q_HEADS // KV_HEADS
-L2_MULTIPLE, MAX_LAYERS, MEMORY_SHARE = 4, 64, 0.6
+L2_MULTIPLE, MODEL_LAYERS, MAX_LAYERS, MEMORY_SHARE = 4, 32, 64, 0.6
 CHECK_TOL = 1e-2
 IMPLS = ("sdpa-gqa", "sdpa-gqa-cudnn", "sdpa-gqa-flash", "sdpa-gqa-efficient", "hf-repeat-kv", "quest-torch")
 
@@ -259,7 +261,7 @@ def n_layers(torch, read_bytes: int, stored_bytes: int, cuda: bool) -> int:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     free, _ = torch.cuda.mem_get_info()
     fit = max(1, int(free * MEMORY_SHARE / stored_bytes) + 1)
-    return min(max(1, -(-L2_MULTIPLE * l2 // read_bytes)), MAX_LAYERS, fit)
+    return min(max(MODEL_LAYERS, -(-L2_MULTIPLE * l2 // read_bytes)), MAX_LAYERS, fit)
 
 
 def time_graph(torch, fns, warmup: int, repeats: int, cuda: bool):

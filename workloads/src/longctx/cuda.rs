@@ -38,7 +38,16 @@
 //! Nsight Compute on the H100 at 512k: the top-k's 8 blocks are bound by
 //! instruction latency (0.67 instructions issued per cycle and scheduler,
 //! 8 of 132 SMs busy); the scoring reads at 2.55 TB/s, its occupancy held
-//! to 2 blocks per SM by 104 registers. Tried and not kept: the top-k
+//! to 2 blocks per SM by 104 registers. Again on an H200 at 512k after
+//! the two-FMA scoring below (2026-11-29; `ncu-*.txt` in
+//! `results/runs/2026-11-29-h200-long-context-decode-step-32-layers`):
+//! the top-k alone takes 18.8 us, of which its 8 SMs are active about
+//! 33k cycles, issuing 2.67 instructions a cycle each (0.67 per
+//! scheduler, 11.9 cycles between a warp's instructions) for 702k warp
+//! instructions in all: about 2,700 per warp where its five passes over
+//! 32 keys a thread, three bin searches and the ballots were expected to
+//! need about half that. The scoring takes 37.7 us alone (3.56 TB/s, 58
+//! registers, 47% occupancy). Tried and not kept: the top-k
 //! spread over a thread-block cluster of 8 blocks per head (histograms
 //! summed through distributed shared memory) cost about 10 us more fixed
 //! time and 18-20 us in all when launched dependent (0.148 against
@@ -149,9 +158,11 @@
 //! the metadata) to the output, on one stream. A decoder runs these steps
 //! back to back, one per layer, each layer with its own cache, under a CUDA
 //! graph; so does the timing: a graph of `layers` steps, each over its own
-//! copy of the cache (as many copies as it takes for the steps of one graph
-//! to read at least 4 times the L2 cache, so that no step finds its data
-//! in L2 left there by the previous replay), replayed back to back with
+//! copy of the cache (at least the modelled decoder's 32 layers, and at
+//! least as many as it takes for the steps of one graph to read 4 times
+//! the L2 cache, so that no step finds its data in L2 left there by the
+//! previous replay; fewer only where the copies would not fit in 60% of
+//! the free device memory), replayed back to back with
 //! CUDA events around each replay; a step's time is a replay's time over
 //! `layers`, and the reported figure is the median over replays after
 //! warm-up. Launch costs are then what a decoder pays between graph nodes,
@@ -230,6 +241,13 @@ const HEAD_DIM: usize = 128;
 const GROUP: usize = 4;
 /// The layers of one timed graph read at least this many times the L2.
 const L2_MULTIPLE: usize = 4;
+/// A timed graph holds at least the modelled decoder's layers (Llama-3-8B
+/// has 32), each over its own copy of the cache, as a decoder's graph of
+/// one token does: a replay's own start-up cost is then shared among as
+/// many steps as a decoder shares it among. Until 2026-11-29 a graph held
+/// only as many steps as the L2 rule asks (one from 128k up), which
+/// charged that cost, about 4 us, to a single step.
+const MODEL_LAYERS: usize = 32;
 const MAX_LAYERS: usize = 64;
 /// Copies of the caches may take at most this share of free device memory.
 const MEMORY_SHARE: f64 = 0.6;
@@ -595,7 +613,7 @@ impl<'g> DecodeBench<'g> {
         let fit = ((free as f64 * MEMORY_SHARE) / stored as f64) as usize + 1;
         let n_layers = (L2_MULTIPLE * gpu.l2_bytes)
             .div_ceil(read)
-            .clamp(1, MAX_LAYERS)
+            .clamp(MODEL_LAYERS, MAX_LAYERS)
             .min(fit.max(1));
         let mut layers = vec![first];
         for _ in 1..n_layers {
@@ -1597,6 +1615,24 @@ mod tests {
             &[16, 24, 32, 40, 48, 64, 66, 96, 128],
             true,
         );
+    }
+
+    /// Split counts for the windowed and clustered steps, whose 6k-52k
+    /// selected rows per KV head sit between the short rule (16 or 32
+    /// splits up to 16k rows) and one block per resident slot.
+    #[test]
+    #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
+    fn range_split_sweep() {
+        for frac in [0.1, 0.25] {
+            for kind in [StepKind::window(frac), StepKind::Cluster { frac }] {
+                split_sweep(
+                    kind,
+                    &[65_536, 131_072, 524_288],
+                    &[16, 24, 32, 49, 66, 98],
+                    false,
+                );
+            }
+        }
     }
 
     /// Split counts for block-topk's attention (how the default of
