@@ -143,15 +143,16 @@
 //! blocks per SM, 2.24x at 4k against 2.08x.
 //! Splits per KV head: one block
 //! per resident slot ((SMs x resident blocks) / KV heads, 49 on an H100),
-//! or, up to 16k rows, 16 with bulk copies and 32 with the register
-//! kernels, where fewer partials to combine win (measured by the
-//! `dense_split_sweep` test).
+//! or, up to 4k rows, 16 with bulk copies and 32 with the register
+//! kernels, where fewer partials to combine win, and from there to 16k
+//! rows 32 with bulk copies (measured by the `dense_split_sweep` and
+//! `range_split_sweep` tests; `plan_splits` gives the figures).
 //!
 //! Tuning without a rebuild (a machine with a GPU may have no Rust
 //! toolchain): `BENCH_SUITE_DECODE_ATTN_CU` names another decode_attn.cu to
 //! compile instead of the built-in one (a warning says so), and
-//! `BENCH_SUITE_SHORT_SPLITS` replaces the 16 splits of the bulk-copy
-//! kernel. Published runs use neither.
+//! `BENCH_SUITE_SHORT_SPLITS` replaces the 16 splits of the shortest bulk-copy
+//! steps. Published runs use neither.
 //!
 //! What is timed, and why so. One step is everything the step kind does on
 //! the device, selection included, from its inputs (the query, the cache,
@@ -205,15 +206,17 @@ const ATT_THREADS: u32 = 128;
 const TILE: usize = 32;
 pub const MAX_SPLITS: usize = 256;
 const MAX_SPAN_PAGES: usize = 1024;
-/// Rows per KV head up to which a step uses `SHORT_SPLITS` splits (see
-/// `plan_splits`), and a range step without a bias the bulk-copy kernel.
+/// Rows per KV head up to which a range step without a bias uses the
+/// bulk-copy kernel.
 const SHORT_ROWS: usize = 16_384;
-/// Selected rows per KV head from which a block-topk step's attention
-/// takes one block per resident slot, however short (see `plan_splits`).
-const PAGED_FEW_ROWS: usize = 4096;
-/// Splits per KV head of a short step with the bulk-copy kernel (32 with
-/// the others); `BENCH_SUITE_SHORT_SPLITS` replaces it, for tuning.
+/// Rows per KV head up to which a step takes few splits: `SHORT_SPLITS`
+/// with the bulk-copy kernel, 32 with the others (see `plan_splits`).
+const FEW_ROWS: usize = 4096;
+/// Splits per KV head of a step of at most `FEW_ROWS` rows with the
+/// bulk-copy kernel; `BENCH_SUITE_SHORT_SPLITS` replaces it, for tuning.
 const SHORT_SPLITS: usize = 16;
+/// Splits per KV head of a bulk-copy step of more than `FEW_ROWS` rows.
+const TMA_SPLITS: usize = 32;
 /// Dynamic shared memory of `attn_ranges_tma`: `TMA_STAGES` tiles of K and
 /// V in bf16.
 const TMA_SMEM: usize = 4 * 2 * TILE * HEAD_DIM * 2;
@@ -609,6 +612,10 @@ impl<'g> DecodeBench<'g> {
         };
         let stored = 2 * (k.len() + step.meta.len()) + 4 * step.bias().map_or(0, |b| b.len());
         let read = step.bytes().total() as usize;
+        // Buffers of earlier steps are freed stream-ordered: their memory
+        // returns to the device (and counts as free) only at a
+        // synchronisation.
+        gpu.ctx.synchronize().map_err(|e| dev("synchronize", e))?;
         let (free, _) = gpu.ctx.mem_get_info().map_err(|e| dev("memory info", e))?;
         let fit = ((free as f64 * MEMORY_SHARE) / stored as f64) as usize + 1;
         let n_layers = (L2_MULTIPLE * gpu.l2_bytes)
@@ -646,7 +653,8 @@ impl<'g> DecodeBench<'g> {
         let kvh = s.kv_heads;
         // Short range steps without a bias (up to SHORT_ROWS rows per head)
         // bring their tiles in with bulk copies, four in flight per block
-        // (`attn_ranges_tma`, with SHORT_SPLITS splits per head).
+        // (`attn_ranges_tma`, with SHORT_SPLITS or TMA_SPLITS splits per
+        // head).
         let tma = !matches!(step.kind, StepKind::BlockTopk { .. })
             && step.bias().is_none()
             && step.rows_read() <= SHORT_ROWS;
@@ -816,28 +824,40 @@ impl<'g> DecodeBench<'g> {
                     .map_err(|e| dev("occupancy", e))?
                     .max(1) as usize;
                 // One block per resident slot (all start at once and finish
-                // together); for short contexts fewer, which have less to
-                // combine (measured on an H100 by `dense_split_sweep`: with
-                // loads into registers 32 best up to 16k rows, 48-49 from
-                // 64k; with bulk copies 16 up to 16k). Block-topk's
+                // together); for short steps fewer, which have less to
+                // combine. Measured by `dense_split_sweep` and
+                // `range_split_sweep` on an H200 in graphs of 32 layers
+                // (2026-11-29, figures in
+                // results/runs/2026-11-29-h200-long-context-decode-step-32-layers):
+                // up to 4,096 rows 16 splits with bulk copies (dense 4k:
+                // 0.0104 ms, 32: 0.0107) and 32 with loads into
+                // registers; above that 32 with bulk copies (dense 16k:
+                // 0.0231 against 0.0273 ms at 16; the window at 10% of
+                // 128k, 13,107 rows: 0.0201 against 0.0234; 49 slower) and
+                // a slot per block with registers (the clustered cache at
+                // 10% of 64k, 6,554 rows: 0.0137 at 49 against 0.0143 at
+                // 32; at 128k 0.0206 against 0.0219). Until then 16 and
+                // 32 held up to 16,384 rows, as measured on an H100 in
+                // graphs of as many steps as the L2 rule asked. Block-topk's
                 // attention, which starts as a dependent launch behind its
-                // top-k, takes a slot per block from PAGED_FEW_ROWS
-                // selected rows (`block_topk_split_sweep`, H200,
-                // 2026-11-29: 10% of 64k 0.0291 -> 0.0283 ms, of 128k 0.0442
-                // -> 0.0398 ms, 50% of 16k 0.0282 -> 0.0260 ms; 10% of 16k,
-                // 1,638 rows, 0.0179 ms at 32 against 0.0187 ms).
+                // top-k, takes a slot per block from 4,096 selected rows
+                // (`block_topk_split_sweep`, H200, 2026-11-29: 10% of 64k
+                // 0.0291 -> 0.0283 ms, of 128k 0.0442 -> 0.0398 ms, 50% of
+                // 16k 0.0282 -> 0.0260 ms; 10% of 16k, 1,638 rows, 0.0179
+                // ms at 32 against 0.0187 ms).
                 let slots = self.gpu.sms * resident / self.step.shape().kv_heads;
                 let paged = matches!(self.step.kind, StepKind::BlockTopk { .. });
-                let per_head = if paged && total >= PAGED_FEW_ROWS {
-                    slots
-                } else if total <= SHORT_ROWS {
-                    if self.attn_smem > 0 {
-                        short_splits()?
-                    } else {
-                        32
-                    }
+                let tma = self.attn_smem > 0;
+                let few = if paged {
+                    total < FEW_ROWS
                 } else {
-                    slots
+                    total <= FEW_ROWS
+                };
+                let per_head = match (few, tma) {
+                    (true, true) => short_splits()?,
+                    (true, false) => 32,
+                    (false, true) => TMA_SPLITS,
+                    (false, false) => slots,
                 };
                 per_head.min(total.div_ceil(TILE))
             }
@@ -1396,7 +1416,9 @@ mod tests {
                     dense_ms / ms
                 );
                 assert!(t.rel_err_vs_cpu_ref <= TOLERANCE, "{:?}", t);
+                // One bench's copies at a time (32 of the cache at 512k).
                 if kind == StepKind::Dense {
+                    drop(bench);
                     let mut chained =
                         DecodeBench::from_step(&gpu, Step::new(cache.clone(), kind, 1).unwrap())
                             .unwrap()
@@ -1407,8 +1429,7 @@ mod tests {
                         u.median_s * 1e3,
                         u.ratio_to_floor()
                     );
-                }
-                if let StepKind::BlockTopk { .. } = kind {
+                } else if let StepKind::BlockTopk { .. } = kind {
                     let score = bench.time_part(Upto::Score, 30).unwrap();
                     let select = bench.time_part(Upto::Select, 30).unwrap();
                     println!(
@@ -1417,16 +1438,16 @@ mod tests {
                         (select - score) * 1e3,
                         t.median_s * 1e3 - select * 1e3
                     );
-                    let mut plain =
+                    drop(bench);
+                    let time_with = |staged: bool| {
                         DecodeBench::from_step(&gpu, Step::new(cache.clone(), kind, 1).unwrap())
                             .unwrap()
-                            .with_topk_options(true, false);
-                    let no_pdl = plain.time_part(Upto::All, 30).unwrap();
-                    let mut global =
-                        DecodeBench::from_step(&gpu, Step::new(cache.clone(), kind, 1).unwrap())
+                            .with_topk_options(staged, false)
+                            .time_part(Upto::All, 30)
                             .unwrap()
-                            .with_topk_options(false, false);
-                    let neither = global.time_part(Upto::All, 30).unwrap();
+                    };
+                    let no_pdl = time_with(true);
+                    let neither = time_with(false);
                     println!(
                         "    block-topk without dependent launches {:.4} ms, and keys not staged {:.4} ms",
                         no_pdl * 1e3,
