@@ -40,7 +40,7 @@
 //! 8 of 132 SMs busy); the scoring reads at 2.55 TB/s, its occupancy held
 //! to 2 blocks per SM by 104 registers. Again on an H200 at 512k after
 //! the two-FMA scoring below (2026-11-29; `ncu-*.txt` in
-//! `results/runs/2026-11-29-h200-long-context-decode-step-32-layers`):
+//! `results/runs/2026-11-29-h200-long-context-decode-step-32-layers-a`):
 //! the top-k alone takes 18.8 us, of which its 8 SMs are active about
 //! 33k cycles, issuing 2.67 instructions a cycle each (0.67 per
 //! scheduler, 11.9 cycles between a warp's instructions) for 702k warp
@@ -559,6 +559,9 @@ pub struct DecodeBench<'g> {
     chain: bool,
     plan: Plan,
     graph: Option<CudaGraph>,
+    /// Diagnostics only ([`Self::with_layers`]): a graph of this many
+    /// steps, all over layer 0's cache.
+    alias: Option<usize>,
 }
 
 impl<'g> DecodeBench<'g> {
@@ -715,6 +718,7 @@ impl<'g> DecodeBench<'g> {
                 interleave: true,
             },
             graph: None,
+            alias: None,
             layers,
             step,
         };
@@ -747,6 +751,22 @@ impl<'g> DecodeBench<'g> {
         self.pdl = pdl;
         self.graph = None;
         self
+    }
+
+    /// For timing diagnostics: graphs of the first `n` layers (at most
+    /// [`Self::layers`]), or with `aliased` of `n` steps that all read
+    /// layer 0's cache (what the graph of one replayed layer reads).
+    pub fn with_layers(mut self, n: usize, aliased: bool) -> Self {
+        let n = n.max(1);
+        self.layers.truncate(if aliased { 1 } else { n });
+        self.alias = aliased.then_some(n);
+        self.graph = None;
+        self
+    }
+
+    /// Steps in a timed graph.
+    fn steps(&self) -> usize {
+        self.alias.unwrap_or(self.layers.len())
     }
 
     /// Whether every step is a programmatic dependent launch on the step
@@ -828,7 +848,7 @@ impl<'g> DecodeBench<'g> {
                 // combine. Measured by `dense_split_sweep` and
                 // `range_split_sweep` on an H200 in graphs of 32 layers
                 // (2026-11-29, figures in
-                // results/runs/2026-11-29-h200-long-context-decode-step-32-layers):
+                // results/runs/2026-11-29-h200-long-context-decode-step-32-layers-a):
                 // up to 4,096 rows 16 splits with bulk copies (dense 4k:
                 // 0.0104 ms, 32: 0.0107) and 32 with loads into
                 // registers; above that 32 with bulk copies (dense 16k:
@@ -901,7 +921,7 @@ impl<'g> DecodeBench<'g> {
         let s = self.step.shape();
         let st = &self.gpu.stream;
         let kvh = s.kv_heads;
-        let layer = &self.layers[li];
+        let layer = &self.layers[if self.alias.is_some() { 0 } else { li }];
         let launch_err = |e| dev("launch", e);
         let n_sel = self.step.pages_kept() as i32;
         let (start0, len0, start1) = match self.step.fixed_ranges() {
@@ -1106,7 +1126,7 @@ impl<'g> DecodeBench<'g> {
         let st = self.gpu.stream.clone();
         st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| dev("graph capture", e))?;
-        let launched = (0..self.layers.len()).try_for_each(|li| self.launch_step(li, upto));
+        let launched = (0..self.steps()).try_for_each(|li| self.launch_step(li, upto));
         // End the capture whatever happened, so the stream is usable again.
         let graph = st.end_capture(CUgraphInstantiate_flags(0));
         launched?;
@@ -1135,7 +1155,7 @@ impl<'g> DecodeBench<'g> {
             end.record(&gpu.stream).map_err(|e| dev("event", e))?;
         }
         gpu.synchronize()?;
-        let layers = self.layers.len() as f64;
+        let layers = self.steps() as f64;
         events
             .iter()
             .map(|(a, b)| {
@@ -1165,7 +1185,7 @@ impl<'g> DecodeBench<'g> {
             copy_bw,
             rel_err_vs_cpu_ref: rel_err,
             near_tie_swaps: swaps,
-            layers: self.layers.len(),
+            layers: self.steps(),
             splits: self.plan.splits,
             samples_s,
         })
@@ -1636,6 +1656,30 @@ mod tests {
             &[16, 24, 32, 40, 48, 64, 66, 96, 128],
             true,
         );
+    }
+
+    /// Dense from 128k up in graphs of 1 to 32 layers, each over its own
+    /// copy of the cache, and of 32 steps that all read one copy: whether
+    /// a step reads more slowly when every layer has its own cache.
+    #[test]
+    #[ignore = "timing diagnostics for the GPU machine: run with --ignored"]
+    fn dense_layer_diagnostics() {
+        let Some(gpu) = gpu() else { return };
+        for n in [131_072, 524_288] {
+            let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(n), 1).unwrap());
+            for (steps, aliased) in [(32, false), (16, false), (4, false), (1, false), (32, true)] {
+                let step = Step::new(cache.clone(), StepKind::Dense, 1).unwrap();
+                let mut bench = DecodeBench::from_step(&gpu, step)
+                    .unwrap()
+                    .with_layers(steps, aliased);
+                let t = bench.time(20).unwrap();
+                println!(
+                    "layers dense n={n} steps={steps:>2} one copy={aliased}: {:.4} ms, {:.3}x floor",
+                    t.median_s * 1e3,
+                    t.ratio_to_floor()
+                );
+            }
+        }
     }
 
     /// Split counts for the windowed and clustered steps, whose 6k-52k
