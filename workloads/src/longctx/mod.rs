@@ -251,7 +251,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
         ),
         method(
             "kv-cluster",
-            "Chelsea-style KV clustering: within 64-token chunks, keys alternately split into two sets and the most similar pairs merged (bipartite soft matching) into count-weighted centroids until the budget is met, attended with a ln(count) bias; 4 sinks and a recent tail kept exact.",
+            "Chelsea-style KV clustering: within 64-token chunks, keys alternately split into two sets and the most similar pairs merged (bipartite soft matching) into count-weighted centroids until the budget is met, attended with a ln(count) bias; 16 sinks and the 64 most recent positions kept exact (each at most a quarter of the budget), and the 4% of KV heads an offline calibration finds most sensitive kept whole.",
             &[],
         ),
         method(
