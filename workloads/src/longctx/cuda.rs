@@ -47,7 +47,15 @@
 //! instructions in all: about 2,700 per warp where its five passes over
 //! 32 keys a thread, three bin searches and the ballots were expected to
 //! need about half that. The scoring takes 37.7 us alone (3.56 TB/s, 58
-//! registers, 47% occupancy). Tried and not kept: the top-k
+//! registers, 47% occupancy). Since then the top-k reads its keys as
+//! 16-byte words in every pass (no bounds check per key: the padding of
+//! the key buffer stays 0, which no pass counts) and compacts a word per
+//! lane with two warp scans per round instead of two ballots per 32 keys
+//! (51 -> 32 registers). A/B in one session, two alternating rounds of
+//! `decode_step_timings` through `BENCH_SUITE_DECODE_ATTN_CU`
+//! (`topk-words-ab.txt` in the same folder): the top-k at 512k 16.4 ->
+//! 14.8 us, the step 0.1128 -> 0.1112 ms; at 4k 5.7 -> 4.7 us, the step
+//! 0.0160 -> 0.0151 ms; at 128k unchanged (0.0391-0.0393 ms). Tried and not kept: the top-k
 //! spread over a thread-block cluster of 8 blocks per head (histograms
 //! summed through distributed shared memory) cost about 10 us more fixed
 //! time and 18-20 us in all when launched dependent (0.148 against
@@ -693,6 +701,9 @@ impl<'g> DecodeBench<'g> {
             part_o: zerosf(kvh * MAX_SPLITS * GROUP * HEAD_DIM)?,
             part_ml: zerosf(kvh * MAX_SPLITS * GROUP * 2)?,
             counters: zeros32(kvh)?,
+            // Zeroed once: the scoring writes only the first n_pages words
+            // of each head, and topk_select reads the padding up to the
+            // stride as keys of 0, which no pass counts.
             keys: zeros32(kvh * key_stride)?,
             hist: zeros32(kvh * HIST1)?,
             pages: st
