@@ -1693,9 +1693,9 @@ mod tests {
         }
     }
 
-    /// Split counts for the windowed and clustered steps, whose 6k-52k
-    /// selected rows per KV head sit between the short rule (16 or 32
-    /// splits up to 16k rows) and one block per resident slot.
+    /// Split counts for the windowed and clustered steps at 64k to 512k
+    /// (6k to 131k rows per KV head: how `plan_splits` was chosen for
+    /// steps between 4k and 16k rows, and checked above).
     #[test]
     #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
     fn range_split_sweep() {
