@@ -44,9 +44,9 @@
 //! the top-k alone takes 18.8 us, of which its 8 SMs are active about
 //! 33k cycles, issuing 2.67 instructions a cycle each (0.67 per
 //! scheduler, 11.9 cycles between a warp's instructions) for 702k warp
-//! instructions in all: about 2,700 per warp where its five passes over
-//! 32 keys a thread, three bin searches and the ballots were expected to
-//! need about half that. The scoring takes 37.7 us alone (3.56 TB/s, 58
+//! instructions in all: about 2,700 per warp, where our rough count of
+//! its five passes over 32 keys a thread, three bin searches and the
+//! ballots comes to about half that. The scoring takes 37.7 us alone (3.56 TB/s, 58
 //! registers, 47% occupancy). Since then the top-k reads its keys as
 //! 16-byte words in every pass (no bounds check per key: the padding of
 //! the key buffer stays 0, which no pass counts) and compacts a word per
