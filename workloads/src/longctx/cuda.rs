@@ -25,7 +25,7 @@
 //! (Quest, arXiv 2406.10774) is three launches: page scores over the
 //! min/max metadata (which also histograms the scores' top bits), an exact
 //! top-k per KV head (the rest of a radix select over the scores'
-//! order-preserving bits, then compaction by warp ballots), and the same
+//! order-preserving bits, then compaction by warp scans), and the same
 //! attention kernel over the selected pages. The top-k block copies its
 //! head's scores into shared memory when they fit (up to about 850k rows
 //! of context), so that its passes read no L2, and the top-k and attention
@@ -55,14 +55,27 @@
 //! `decode_step_timings` through `BENCH_SUITE_DECODE_ATTN_CU`
 //! (`topk-words-ab.txt` in the same folder): the top-k at 512k 16.4 ->
 //! 14.8 us, the step 0.1128 -> 0.1112 ms; at 4k 5.7 -> 4.7 us, the step
-//! 0.0160 -> 0.0151 ms; at 128k unchanged (0.0391-0.0393 ms). Tried and not kept: the top-k
-//! spread over a thread-block cluster of 8 blocks per head (histograms
-//! summed through distributed shared memory) cost about 10 us more fixed
-//! time and 18-20 us in all when launched dependent (0.148 against
-//! 0.151 ms a step at 512k as an ordinary launch, worse below); capping
-//! the scoring's registers for 3 or 4 blocks per SM changed nothing or
-//! slowed it (0.052 -> 0.068 ms at 4). Those two experiments' code was
-//! not kept in the repository, so their figures cannot be re-measured from
+//! 0.0160 -> 0.0151 ms; at 128k unchanged (0.0391-0.0393 ms).
+//! The top-k spread over a thread block cluster of 8 blocks per head
+//! (`topk_select_cluster`: each block stages and passes over an eighth of
+//! the keys, and the blocks sum their radix histograms and exchange their
+//! counts through distributed shared memory, three cluster barriers in
+//! all) was first tried on the H100 (2026-11-27, not kept then): about
+//! 10 us more fixed time, 18-20 us in all as a dependent launch, and
+//! 0.148 against 0.151 ms a step at 512k as an ordinary one. Re-written on
+//! 2026-11-29 and measured on an H200 (`block_topk_launch_sweep`, in
+//! `results/runs/2026-11-29-h200-long-context-quest-topk-cluster`): the
+//! cluster still costs more below 512k (it executes 2.26M warp
+//! instructions at 512k against the one-block kernel's 0.61M, mostly the
+//! per-block fixed part, and takes 13.1 us alone against 17.2 in Nsight
+//! Compute), but as an ordinary launch at 512k the step takes 0.1081 ms
+//! against 0.1110-0.1116 for every form on one block; and at 256k the
+//! one-block top-k as an ordinary launch takes 0.0630 against 0.0691 ms
+//! as a dependent one. So both are kept, each from the context where it
+//! was measured to win (`CLUSTER_TOPK_PAGES`, `ORDINARY_TOPK_PAGES`).
+//! Capping the scoring's registers for 3 or 4 blocks per SM (2026-11-27)
+//! changed nothing or slowed it (0.052 -> 0.068 ms at 4); that code was
+//! not kept in the repository, so its figures cannot be re-measured from
 //! it; the chained steps can (`with_chain`). Also tried and not kept
 //! (commit 24a96d9 has it): the top-k in three passes over the keys instead
 //! of five (the second radix histogram built while staging the keys, the
@@ -247,6 +260,26 @@ const SC_ROUND: usize = 64;
 /// Static shared memory of `topk_select` (at most; its dynamic shared
 /// memory holds one head's keys).
 const SEL_STATIC_SMEM: usize = 4 * HIST1 + 1024;
+/// Blocks per KV head of `topk_select_cluster` (one thread block cluster),
+/// and its static shared memory (at most; its dynamic shared memory holds
+/// its share of a head's keys).
+const SEL_CLUSTER: usize = 8;
+const SEL_CLUSTER_STATIC_SMEM: usize = 4 * (2 * HIST1 + 1024) + 1024;
+/// Quest's top-k runs on a cluster of `SEL_CLUSTER` blocks per KV head from
+/// `CLUSTER_TOPK_PAGES` pages per head, on one block below; from
+/// `ORDINARY_TOPK_PAGES` it is an ordinary launch, not a dependent one
+/// (the attention after it stays dependent). Measured on an H200 at 10%
+/// (`block_topk_launch_sweep`, 2026-11-29, two rounds agreeing within
+/// 0.0006 ms): at 256k (16,384 pages) the one-block top-k as an ordinary
+/// launch took 0.0630 ms a step against 0.0691 as a dependent one; at 512k
+/// (32,768 pages) the cluster top-k as an ordinary launch 0.1081 against
+/// 0.1110-0.1116 for every form on one block; from 16k to 128k the
+/// dependent one-block top-k was the fastest or within 0.0002 ms, and the
+/// cluster 0.004-0.005 ms slower (its three cluster barriers and summed
+/// histograms cost more than the passes they share out). Between 256k and
+/// 512k the cluster was not measured.
+const CLUSTER_TOPK_PAGES: usize = 32_768;
+const ORDINARY_TOPK_PAGES: usize = 16_384;
 /// The shapes the kernels are compiled for.
 const HEAD_DIM: usize = 128;
 const GROUP: usize = 4;
@@ -455,6 +488,27 @@ unsafe fn launch_raw(
     .map_err(|e| dev("launch", e))
 }
 
+/// Dynamic shared memory of a top-k that stages its keys: a head's
+/// `key_stride` words, or on a cluster one block's share of whole 16-byte
+/// words.
+fn staged_bytes(key_stride: usize, cluster: bool) -> usize {
+    if cluster {
+        16 * (key_stride / 4).div_ceil(SEL_CLUSTER)
+    } else {
+        4 * key_stride
+    }
+}
+
+/// Whether that top-k's staged keys fit in a block's shared memory.
+fn stage_fits(key_stride: usize, cluster: bool, smem_optin: usize) -> bool {
+    let fixed = if cluster {
+        SEL_CLUSTER_STATIC_SMEM
+    } else {
+        SEL_STATIC_SMEM
+    };
+    fixed + staged_bytes(key_stride, cluster) <= smem_optin
+}
+
 /// One layer's copy of what a step reads.
 struct Layer {
     k: CudaSlice<u16>,
@@ -556,12 +610,19 @@ pub struct DecodeBench<'g> {
     /// Scoring blocks resident per SM.
     score_resident: usize,
     select: CudaFunction,
+    select_cluster: CudaFunction,
     /// Words per KV head in `keys` (pages rounded up to a multiple of 4).
     key_stride: usize,
-    /// `topk_select` copies a head's keys into shared memory first.
+    /// The top-k copies a head's keys (its share, on a cluster) into
+    /// shared memory first, where they fit.
     staged: bool,
+    /// The top-k runs on a cluster of `SEL_CLUSTER` blocks per KV head.
+    cluster: bool,
     /// Top-k and attention are programmatic dependent launches.
     pdl: bool,
+    /// Each of them separately (tuning); unless set, both follow `pdl`,
+    /// except that the top-k is ordinary from `ORDINARY_TOPK_PAGES` pages.
+    pdl_parts: Option<(bool, bool)>,
     /// The first kernel of every step is a programmatic dependent launch
     /// on the kernel before it (see the module docs).
     chain: bool,
@@ -684,15 +745,17 @@ impl<'g> DecodeBench<'g> {
         }
         let score = gpu.function("quest_score")?;
         let select = gpu.function("topk_select")?;
+        let select_cluster = gpu.function("topk_select_cluster")?;
         let key_stride = step.n_pages().div_ceil(4) * 4;
-        let staged = SEL_STATIC_SMEM + 4 * key_stride <= gpu.smem_optin;
-        if staged {
-            select
-                .set_attribute(
+        for (f, cluster) in [(&select, false), (&select_cluster, true)] {
+            let bytes = staged_bytes(key_stride, cluster);
+            if stage_fits(key_stride, cluster, gpu.smem_optin) {
+                f.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    (4 * key_stride) as i32,
+                    bytes as i32,
                 )
                 .map_err(|e| dev("top-k shared memory", e))?;
+            }
         }
         let mut bench = DecodeBench {
             gpu,
@@ -718,9 +781,12 @@ impl<'g> DecodeBench<'g> {
                 .max(1) as usize,
             score,
             select,
+            select_cluster,
             key_stride,
-            staged,
+            staged: true,
+            cluster: step.n_pages() >= CLUSTER_TOPK_PAGES,
             pdl: true,
+            pdl_parts: None,
             chain: false,
             plan: Plan {
                 total: 0,
@@ -756,12 +822,43 @@ impl<'g> DecodeBench<'g> {
     /// Block-topk: whether the top-k kernel copies the keys into shared
     /// memory (`true` only where they fit, the default there) and whether
     /// top-k and attention are programmatic dependent launches (default
-    /// `true`), for tests and timing.
+    /// `true`, with the top-k ordinary from `ORDINARY_TOPK_PAGES` pages),
+    /// for tests and timing.
     pub fn with_topk_options(mut self, staged: bool, pdl: bool) -> Self {
-        self.staged &= staged;
+        self.staged = staged;
         self.pdl = pdl;
         self.graph = None;
         self
+    }
+
+    /// Block-topk: whether the top-k runs on a cluster of blocks per KV
+    /// head (the default from `CLUSTER_TOPK_PAGES` pages) or on one block,
+    /// for tests and timing.
+    pub fn with_topk_cluster(mut self, cluster: bool) -> Self {
+        self.cluster = cluster;
+        self.graph = None;
+        self
+    }
+
+    /// Block-topk, for tuning: whether the top-k and whether the attention
+    /// are programmatic dependent launches, each on its own.
+    pub fn with_dependent_launches(mut self, select: bool, attention: bool) -> Self {
+        self.pdl_parts = Some((select, attention));
+        self.graph = None;
+        self
+    }
+
+    /// Whether the top-k and the attention of a block-topk step are
+    /// dependent launches.
+    fn dependent_launches(&self) -> (bool, bool) {
+        let n_pages = self.step.n_pages();
+        self.pdl_parts
+            .unwrap_or((self.pdl && n_pages < ORDINARY_TOPK_PAGES, self.pdl))
+    }
+
+    /// Whether the top-k launched now stages its keys in shared memory.
+    fn stages_keys(&self) -> bool {
+        self.staged && stage_fits(self.key_stride, self.cluster, self.gpu.smem_optin)
     }
 
     /// For timing diagnostics: graphs of the first `n` layers (at most
@@ -974,11 +1071,16 @@ impl<'g> DecodeBench<'g> {
             if upto == Upto::Score {
                 return Ok(());
             }
+            let staged = self.stages_keys();
             let cfg = LaunchConfig {
-                grid_dim: (kvh as u32, 1, 1),
+                grid_dim: if self.cluster {
+                    (SEL_CLUSTER as u32, kvh as u32, 1)
+                } else {
+                    (kvh as u32, 1, 1)
+                },
                 block_dim: (SEL_THREADS, 1, 1),
-                shared_mem_bytes: if self.staged {
-                    4 * self.key_stride as u32
+                shared_mem_bytes: if staged {
+                    staged_bytes(self.key_stride, self.cluster) as u32
                 } else {
                     0
                 },
@@ -989,12 +1091,20 @@ impl<'g> DecodeBench<'g> {
                 .i32(np32)
                 .i32(stride32)
                 .i32(n_sel)
-                .i32(self.staged as i32)
+                .i32(staged as i32)
                 .ptr(&self.pages, st);
-            // SAFETY: matches `topk_select` in decode_attn.cu (which waits
-            // for quest_score before reading its results); the buffers
-            // live as long as `self`, and `self.gpu` outlives the graph.
-            unsafe { launch_raw(&self.gpu.ctx, st, &self.select, cfg, &mut a, self.pdl)? };
+            let f = if self.cluster {
+                &self.select_cluster
+            } else {
+                &self.select
+            };
+            // SAFETY: matches `topk_select` and `topk_select_cluster` (whose
+            // grid is whole clusters: SEL_CLUSTER blocks in x) in
+            // decode_attn.cu, which wait for quest_score before reading its
+            // results; the buffers live as long as `self`, and `self.gpu`
+            // outlives the graph.
+            let dependent = self.dependent_launches().0;
+            unsafe { launch_raw(&self.gpu.ctx, st, f, cfg, &mut a, dependent)? };
         }
         if upto != Upto::All {
             return Ok(());
@@ -1017,7 +1127,11 @@ impl<'g> DecodeBench<'g> {
         let paged = matches!(self.step.kind, StepKind::BlockTopk { .. });
         // Block-topk's attention depends on its top-k; any other step's
         // attention is its first kernel.
-        let dependent = if paged { self.pdl } else { self.chain };
+        let dependent = if paged {
+            self.dependent_launches().1
+        } else {
+            self.chain
+        };
         if dependent {
             let mut a = RawArgs::default();
             a.ptr(&self.q, st)
@@ -1247,11 +1361,13 @@ mod tests {
         seed: u64,
         staged: bool,
         pdl: bool,
+        cluster: bool,
     ) -> (f64, usize) {
         let step = Step::new(cache.clone(), StepKind::block_topk(0.1), seed).unwrap();
         DecodeBench::from_step(gpu, step)
             .unwrap()
             .with_topk_options(staged, pdl)
+            .with_topk_cluster(cluster)
             .check()
             .unwrap()
     }
@@ -1314,12 +1430,23 @@ mod tests {
             }
         }
         // Block-topk with the keys read from global memory in every pass,
-        // and with ordinary launches.
-        let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(65_536), 5).unwrap());
-        for (staged, pdl) in [(false, true), (false, false), (true, false)] {
-            let (e, swaps) = check_topk(&gpu, &cache, 5, staged, pdl);
-            eprintln!("block-topk n=65536 staged={staged} pdl={pdl}: rel err {e:.2e}, {swaps} near-tie swaps");
-            assert!(e <= TOLERANCE, "staged={staged} pdl={pdl}: {e:.3e}");
+        // with ordinary launches, and with the top-k on one block and on a
+        // cluster, at a context whose pages are not a whole number of the
+        // cluster's 16-byte words (20,016 rows: 1,251 pages).
+        for n in [65_536, 20_016] {
+            let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(n), 5).unwrap());
+            for (staged, pdl) in [(true, true), (false, true), (false, false), (true, false)] {
+                for cluster in [false, true] {
+                    let (e, swaps) = check_topk(&gpu, &cache, 5, staged, pdl, cluster);
+                    eprintln!(
+                        "block-topk n={n} staged={staged} pdl={pdl} cluster={cluster}: rel err {e:.2e}, {swaps} near-tie swaps"
+                    );
+                    assert!(
+                        e <= TOLERANCE,
+                        "n={n} staged={staged} pdl={pdl} cluster={cluster}: {e:.3e}"
+                    );
+                }
+            }
         }
         let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(4112), 3).unwrap());
         // Replays of a captured graph give the checked result too.
@@ -1484,6 +1611,26 @@ mod tests {
                         no_pdl * 1e3,
                         neither * 1e3
                     );
+                    for cluster in [false, true] {
+                        let mut b = DecodeBench::from_step(
+                            &gpu,
+                            Step::new(cache.clone(), kind, 1).unwrap(),
+                        )
+                        .unwrap()
+                        .with_topk_cluster(cluster);
+                        let all = b.time(30).unwrap();
+                        let score = b.time_part(Upto::Score, 30).unwrap();
+                        let select = b.time_part(Upto::Select, 30).unwrap();
+                        println!(
+                            "    top-k on {}: step {:.4} ms, scores {:.4}, + top-k {:.4}, + attention {:.4}",
+                            if cluster { "a cluster" } else { "one block" },
+                            all.median_s * 1e3,
+                            score * 1e3,
+                            (select - score) * 1e3,
+                            (all.median_s - select) * 1e3
+                        );
+                        assert!(all.rel_err_vs_cpu_ref <= TOLERANCE, "{all:?}");
+                    }
                 }
             }
         }
@@ -1509,10 +1656,20 @@ mod tests {
             }
             let cache = Arc::new(cache);
             for staged in [true, false] {
-                let (e, swaps) = check_topk(&gpu, &cache, 9, staged, true);
-                eprintln!("ties m={m} staged={staged}: rel err {e:.2e}, {swaps} swaps");
-                assert_eq!(swaps, 0, "m={m} staged={staged}: not the lower tied pages");
-                assert!(e <= TOLERANCE, "m={m} staged={staged}: {e:.3e}");
+                for cluster in [false, true] {
+                    let (e, swaps) = check_topk(&gpu, &cache, 9, staged, true, cluster);
+                    eprintln!(
+                        "ties m={m} staged={staged} cluster={cluster}: rel err {e:.2e}, {swaps} swaps"
+                    );
+                    assert_eq!(
+                        swaps, 0,
+                        "m={m} staged={staged} cluster={cluster}: not the lower tied pages"
+                    );
+                    assert!(
+                        e <= TOLERANCE,
+                        "m={m} staged={staged} cluster={cluster}: {e:.3e}"
+                    );
+                }
             }
         }
     }
@@ -1708,6 +1865,45 @@ mod tests {
                     false,
                 );
             }
+        }
+    }
+
+    /// Quest's top-k on one block (B) or a cluster (C), each launch
+    /// dependent (1) or ordinary (0): top-k then attention.
+    #[test]
+    #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
+    fn block_topk_launch_sweep() {
+        let Some(gpu) = gpu() else { return };
+        let contexts: Vec<usize> = std::env::var("LONGCTX_CONTEXTS")
+            .ok()
+            .map(|s| s.split(',').map(|x| x.trim().parse().unwrap()).collect())
+            .unwrap_or(vec![16_384, 65_536, 131_072, 262_144, 524_288]);
+        println!(
+            "block-topk 10%: ms per step by top-k kernel and dependent launches (top-k, attention)"
+        );
+        for n in contexts {
+            let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(n), 1).unwrap());
+            let mut line = format!("{n:>7}");
+            for cluster in [false, true] {
+                for (sel, att) in [(true, true), (false, true), (true, false), (false, false)] {
+                    let step = Step::new(cache.clone(), StepKind::block_topk(0.1), 1).unwrap();
+                    let t = DecodeBench::from_step(&gpu, step)
+                        .unwrap()
+                        .with_topk_cluster(cluster)
+                        .with_dependent_launches(sel, att)
+                        .time(30)
+                        .unwrap();
+                    assert!(t.rel_err_vs_cpu_ref <= TOLERANCE, "{t:?}");
+                    line += &format!(
+                        "  {}{}{} {:.4}",
+                        if cluster { "C" } else { "B" },
+                        sel as u8,
+                        att as u8,
+                        t.median_s * 1e3
+                    );
+                }
+            }
+            println!("{line}");
         }
     }
 

@@ -26,6 +26,9 @@
 // order, ties to the lower page index. topk_select first copies the keys
 // of its head into shared memory when they fit (one round trip to L2
 // instead of four passes over it).
+// topk_select_cluster does the same on a thread block cluster of
+// SEL_CLUSTER blocks per KV head, each with its share of the keys (cuda.rs
+// says from which context on).
 //
 // Programmatic dependent launch: every kernel lets the next kernel on the
 // stream be scheduled at once (griddepcontrol.launch_dependents) and waits
@@ -775,6 +778,196 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) topk_select(
     }
 }
 
+
+// Thread block clusters (sm_90): the block's rank within its cluster, a
+// barrier of the whole cluster (release/acquire: shared-memory writes
+// before it are visible to every block of the cluster after it), and
+// loads and stores of another block's shared memory.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// The address of `p` (this block's shared memory) in block `rank`.
+__device__ __forceinline__ unsigned cluster_map(const void *p, unsigned rank) {
+    unsigned a;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(smem_addr(p)), "r"(rank));
+    return a;
+}
+__device__ __forceinline__ unsigned ld_cluster(unsigned a) {
+    unsigned x;
+    asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(x) : "r"(a) : "memory");
+    return x;
+}
+__device__ __forceinline__ void st_cluster(unsigned a, unsigned x) {
+    asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(a), "r"(x) : "memory");
+}
+
+// Blocks per KV head of topk_select_cluster: one cluster.
+#define SEL_CLUSTER 8
+
+// The histogram `mine` (nbins words, the same offset in every block of the
+// cluster) summed over the cluster's blocks, into sh.
+__device__ __forceinline__ void cluster_hist_sum(const unsigned *mine, int nbins, unsigned *sh) {
+    for (int b = threadIdx.x; b < nbins; b += SEL_THREADS) {
+        unsigned c = 0;
+#pragma unroll
+        for (int r = 0; r < SEL_CLUSTER; r++) c += ld_cluster(cluster_map(mine + b, r));
+        sh[b] = c;
+    }
+}
+
+// topk_select spread over a cluster of SEL_CLUSTER blocks per KV head: the
+// same exact top-k, ascending, ties to the lower page (its doc above), with
+// a SEL_CLUSTER-th of the head's keys per block. Block r (blockIdx.x) owns
+// the 16-byte words [r * c4, (r + 1) * c4) of the keys and stages them when
+// `staged`. Each radix pass counts into the block's own histogram; after a
+// cluster barrier every block sums the cluster's histograms from their
+// shared memory and finds the same bin. For the compaction each block
+// sends its counts of keys above and equal to the threshold to every block
+// of the cluster, so that a block's pages follow those of lower ranks.
+// Three cluster barriers in all; after the last no block reads another's
+// shared memory, so a block may exit. The single-block kernel takes a
+// 512k-context head's 32,768 keys through every pass on one SM.
+extern "C" __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1) __launch_bounds__(SEL_THREADS)
+    topk_select_cluster(const unsigned *__restrict__ keys, unsigned *__restrict__ hist, int n_pages, int stride,
+                        int k, int staged, int *__restrict__ pages) {
+    extern __shared__ __align__(16) unsigned s_keys[];
+    __shared__ unsigned sh[HIST1];
+    __shared__ unsigned h2[HIST1], h3[1024];  // this block's counts of passes 2 and 3
+    __shared__ unsigned tmp[32];
+    __shared__ unsigned w_gt[32], w_eq[32];
+    __shared__ unsigned c_gt[SEL_CLUSTER], c_eq[SEL_CLUSTER];  // every block's counts (compaction)
+    __shared__ unsigned s_bin, s_above;
+    const int h = blockIdx.y, rank = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    pdl_trigger();
+    pdl_wait();  // the keys and the histogram come from quest_score
+    const int n4 = stride / 4, c4 = (n4 + SEL_CLUSTER - 1) / SEL_CLUSTER;
+    const int first4 = min(n4, rank * c4), m4 = min(n4, first4 + c4) - first4;
+    const uint4 *G4 = reinterpret_cast<const uint4 *>(keys + (long long)h * stride) + first4;
+    unsigned hv[HIST1 / SEL_THREADS];
+#pragma unroll
+    for (int j = 0; j < HIST1 / SEL_THREADS; j++) hv[j] = __ldcg(&hist[h * HIST1 + t + j * SEL_THREADS]);
+    if (staged) {
+        uint4 *S4 = reinterpret_cast<uint4 *>(s_keys);
+        for (int base = t; base < m4; base += SEL_THREADS * SEL_BATCH) {
+            uint4 kb[SEL_BATCH];
+#pragma unroll
+            for (int u = 0; u < SEL_BATCH; u++) {
+                const int i = base + u * SEL_THREADS;
+                kb[u] = i < m4 ? __ldcg(G4 + i) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < SEL_BATCH; u++) {
+                const int i = base + u * SEL_THREADS;
+                if (i < m4) S4[i] = kb[u];
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < HIST1 / SEL_THREADS; j++) {
+        sh[t + j * SEL_THREADS] = hv[j];
+        h2[t + j * SEL_THREADS] = 0;
+    }
+    for (int b = t; b < 1024; b += SEL_THREADS) h3[b] = 0;
+    const uint4 *K4 = staged ? reinterpret_cast<const uint4 *>(s_keys) : G4;
+    __syncthreads();
+    unsigned need = k;
+    find_bin(sh, HIST1, need, tmp, &s_bin, &s_above);
+    unsigned prefix = s_bin;  // key >> 21
+    need -= s_above;
+    // Pass 2: bits 20..10 of the keys under the prefix (padding words are
+    // 0 and never counted, as in topk_select).
+    for (int i = t; i < m4; i += SEL_THREADS) {
+        const uint4 x = K4[i];
+        const unsigned ks[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            if (ks[j] && (ks[j] >> 21) == prefix) atomicAdd(&h2[(ks[j] >> 10) & 2047], 1u);
+    }
+    __syncthreads();
+    cluster_sync();  // every block has read the first histogram and counted pass 2
+    if (rank == 0)
+#pragma unroll
+        for (int j = 0; j < HIST1 / SEL_THREADS; j++) hist[h * HIST1 + t + j * SEL_THREADS] = 0;
+    cluster_hist_sum(h2, HIST1, sh);
+    __syncthreads();
+    find_bin(sh, 2048, need, tmp, &s_bin, &s_above);
+    prefix = (prefix << 11) | s_bin;  // key >> 10
+    need -= s_above;
+    // Pass 3: bits 9..0.
+    for (int i = t; i < m4; i += SEL_THREADS) {
+        const uint4 x = K4[i];
+        const unsigned ks[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            if (ks[j] && (ks[j] >> 10) == prefix) atomicAdd(&h3[ks[j] & 1023], 1u);
+    }
+    __syncthreads();
+    cluster_sync();  // every block has read the others' h2 and counted pass 3
+    cluster_hist_sum(h3, 1024, sh);
+    __syncthreads();
+    find_bin(sh, 1024, need, tmp, &s_bin, &s_above);
+    const unsigned T = (prefix << 10) | s_bin;  // the k-th largest key
+    need -= s_above;                            // keys equal to T to take
+    // This block's counts, per warp (warp w owns words [w * seg4, ...) of
+    // the block's), then sent to every block of the cluster.
+    const int seg4 = (m4 + 31) / 32, a4 = min(m4, warp * seg4), b4 = min(m4, a4 + seg4);
+    unsigned gt = 0, eq = 0;
+    for (int i = a4 + lane; i < b4; i += 32) {
+        const uint4 x = K4[i];
+        gt += (x.x > T) + (x.y > T) + (x.z > T) + (x.w > T);
+        eq += (x.x == T) + (x.y == T) + (x.z == T) + (x.w == T);
+    }
+    gt = __reduce_add_sync(FULL, gt);
+    eq = __reduce_add_sync(FULL, eq);
+    if (lane == 0) {
+        w_gt[warp] = gt;
+        w_eq[warp] = eq;
+    }
+    __syncthreads();
+    if (t < SEL_CLUSTER) {
+        unsigned bg = 0, be = 0;
+        for (int x = 0; x < 32; x++) {
+            bg += w_gt[x];
+            be += w_eq[x];
+        }
+        st_cluster(cluster_map(&c_gt[rank], t), bg);
+        st_cluster(cluster_map(&c_eq[rank], t), be);
+    }
+    cluster_sync();  // every block has every block's counts, and has read h3
+    unsigned gt_before = 0, eq_before = 0;
+    for (int x = 0; x < rank; x++) {
+        gt_before += c_gt[x];
+        eq_before += c_eq[x];
+    }
+    for (int x = 0; x < warp; x++) {
+        gt_before += w_gt[x];
+        eq_before += w_eq[x];
+    }
+    unsigned pos = gt_before + min(eq_before, need), eq_seen = eq_before;
+    int *out = pages + (long long)h * k;
+    for (int base = a4; base < b4; base += 32) {
+        const int i = base + lane;
+        const uint4 x = i < b4 ? K4[i] : make_uint4(0, 0, 0, 0);
+        const unsigned ks[4] = {x.x, x.y, x.z, x.w};
+        const unsigned my_eq = (ks[0] == T) + (ks[1] == T) + (ks[2] == T) + (ks[3] == T);
+        const unsigned eq_pre = warp_exclusive_scan(my_eq);
+        unsigned e = eq_seen + eq_pre, take = 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const bool is_eq = ks[j] == T;
+            if (ks[j] > T || (is_eq && e < need)) take |= 1u << j;
+            e += is_eq;
+        }
+        const unsigned my_take = __popc(take);
+        const unsigned take_pre = warp_exclusive_scan(my_take);
+        unsigned q = pos + take_pre;
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            if (take >> j & 1u) out[q++] = 4 * (first4 + i) + j;
+        pos += __shfl_sync(FULL, take_pre + my_take, 31);
+        eq_seen += __shfl_sync(FULL, eq_pre + my_eq, 31);
+    }
+}
 
 // Diagnostics for the timing tests (cuda.rs), never in a timed step of the
 // workload: attn_read_only reads exactly the rows attn_ranges reads, with
