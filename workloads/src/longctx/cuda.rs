@@ -275,7 +275,7 @@ const SEL_CLUSTER_STATIC_SMEM: usize = 4 * (2 * HIST1 + 1024) + 1024;
 /// (32,768 pages) the cluster top-k as an ordinary launch 0.1081 against
 /// 0.1110-0.1116 for every form on one block; from 16k to 128k the
 /// dependent one-block top-k was the fastest or within 0.0002 ms, and the
-/// cluster 0.004-0.005 ms slower (its three cluster barriers and summed
+/// cluster 0.004-0.006 ms slower (its three cluster barriers and summed
 /// histograms cost more than the passes they share out). Between 256k and
 /// 512k the cluster was not measured.
 const CLUSTER_TOPK_PAGES: usize = 32_768;
