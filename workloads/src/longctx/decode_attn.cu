@@ -842,6 +842,8 @@ extern "C" __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1) __launch_bounds__
     __shared__ unsigned w_gt[32], w_eq[32];
     __shared__ unsigned c_gt[SEL_CLUSTER], c_eq[SEL_CLUSTER];  // every block's counts (compaction)
     __shared__ unsigned s_bin, s_above;
+    // The grid's x is exactly one cluster (cuda.rs), so blockIdx.x is the
+    // block's rank in it.
     const int h = blockIdx.y, rank = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t >> 5;
     pdl_trigger();
     pdl_wait();  // the keys and the histogram come from quest_score
@@ -938,6 +940,7 @@ extern "C" __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1) __launch_bounds__
         st_cluster(cluster_map(&c_gt[rank], t), bg);
         st_cluster(cluster_map(&c_eq[rank], t), be);
     }
+    __syncwarp();    // warp 0 converged again before the .aligned barrier
     cluster_sync();  // every block has every block's counts, and has read h3
     unsigned gt_before = 0, eq_before = 0;
     for (int x = 0; x < rank; x++) {
