@@ -194,7 +194,12 @@
 //! that only launch and block set-up overlap, as a decoder could do with
 //! its QKV projection) was measured on the H100 and gained nothing (dense
 //! at 4k: 12.3 us chained, 12.0 us not; 16k: 31.4 against 30.3 us), so it
-//! is off; `decode_step_timings` prints both for dense. The floor is the step's bytes
+//! is off; `decode_step_timings` prints both for dense, and a third form,
+//! chained with `Variant::Prefetch`: every step asks for its own rows to
+//! be brought into L2 before it waits on the step before it, so that its
+//! reads could overlap that step's tail (added on 2026-11-29 with no device
+//! time left to time it; its checks and timing are for the next session
+//! on a GPU). The floor is the step's bytes
 //! ([`super::kernel::Step::bytes`]) over the copy bandwidth measured here
 //! (a device-to-device copy of 1 GiB, counting bytes read and written).
 //! Set-up (data generation, upload, compile, graph capture) is untimed,
@@ -534,6 +539,13 @@ pub enum Variant {
     /// tiles in flight per warp) where the step would use the bulk-copy one
     /// (short range steps without a bias).
     Registers,
+    /// For timing chained steps (range steps without a bias): the step's
+    /// kernel asks for its rows to be brought into L2 before it waits on
+    /// the kernel before it (`cp.async.bulk.prefetch.L2`; a hint, the
+    /// result is the same). Under an ordinary launch there is nothing to
+    /// overlap. Not measured yet (added 2026-11-29 without device time
+    /// left to time it).
+    Prefetch,
 }
 
 /// How much of a step to launch: block-topk's parts can be timed alone.
@@ -909,6 +921,21 @@ impl<'g> DecodeBench<'g> {
                 self.attn_smem = 0;
                 // With the splits the register kernel would have.
                 self.plan = self.plan_splits(None, self.plan.interleave)?;
+                None
+            }
+            Variant::Prefetch => {
+                if matches!(self.step.kind, StepKind::BlockTopk { .. })
+                    || self.step.bias().is_some()
+                {
+                    return Err(WorkloadError::Config(
+                        "the prefetching variant exists for range steps without a bias".into(),
+                    ));
+                }
+                self.attn = self.gpu.function(if self.attn_smem > 0 {
+                    "attn_ranges_tma_pf"
+                } else {
+                    "attn_ranges_pf"
+                })?;
                 None
             }
             Variant::ReadOnly | Variant::Empty => {
@@ -1480,6 +1507,21 @@ mod tests {
                     );
                 }
             }
+            // Range steps that prefetch their rows before waiting, chained.
+            for kind in [StepKind::Dense, StepKind::window(0.3)] {
+                let step = Step::new(cache.clone(), kind, 9).unwrap();
+                let mut bench = DecodeBench::from_step(&gpu, step)
+                    .unwrap()
+                    .with_chain(true)
+                    .with_variant(Variant::Prefetch)
+                    .unwrap();
+                let (e, _) = bench.check_replayed(4).unwrap();
+                eprintln!(
+                    "{} n={n} chained, prefetching: rel err {e:.2e}",
+                    kind.name()
+                );
+                assert!(e <= TOLERANCE, "{} n={n} prefetch: {e:.3e}", kind.name());
+            }
         }
     }
 
@@ -1587,6 +1629,20 @@ mod tests {
                         u.median_s * 1e3,
                         u.ratio_to_floor()
                     );
+                    drop(chained);
+                    let mut pf =
+                        DecodeBench::from_step(&gpu, Step::new(cache.clone(), kind, 1).unwrap())
+                            .unwrap()
+                            .with_chain(true)
+                            .with_variant(Variant::Prefetch)
+                            .unwrap();
+                    let u = pf.time(30).unwrap();
+                    println!(
+                        "    dense chained, rows prefetched into L2 before the wait {:.4} ms ({:.3}x floor)",
+                        u.median_s * 1e3,
+                        u.ratio_to_floor()
+                    );
+                    assert!(u.rel_err_vs_cpu_ref <= TOLERANCE, "{u:?}");
                 } else if let StepKind::BlockTopk { .. } = kind {
                     let score = bench.time_part(Upto::Score, 30).unwrap();
                     let select = bench.time_part(Upto::Select, 30).unwrap();

@@ -94,6 +94,11 @@ __device__ __forceinline__ void mbar_wait(unsigned long long *b, unsigned parity
         "r"(parity)
         : "memory");
 }
+// An L2 prefetch of `bytes` (a multiple of 16) from a 16-byte-aligned
+// global address (a hint: it changes no result).
+__device__ __forceinline__ void prefetch_l2(const void *p, unsigned bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
 // Shared memory written by bulk copies after generic reads of it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
@@ -145,7 +150,10 @@ __device__ __forceinline__ float reduce4(const float a[4], int l) {
 // head sweep its rows together from front to back, as a copy does;
 // otherwise split s reads the contiguous rows [s * span, (s + 1) * span).
 // DEPTH: tiles in flight per block with bulk copies (TMA), 2 otherwise.
-template <bool PAGED, bool BIAS, bool DROP_LAST, int DEPTH, bool TMA = false>
+// PREFETCH: before waiting on the kernel before it, the block asks for its
+// split's rows to be brought into L2 (range steps; what a dependent launch
+// may do, since the history does not depend on that kernel).
+template <bool PAGED, bool BIAS, bool DROP_LAST, int DEPTH, bool TMA = false, bool PREFETCH = false>
 __device__ __forceinline__ void attn_body(
     const bf16 *__restrict__ q, const bf16 *__restrict__ kc, const bf16 *__restrict__ vc,
     const float *__restrict__ bias, const int *__restrict__ pages, int n_sel, long long rows,
@@ -173,6 +181,24 @@ __device__ __forceinline__ void attn_body(
     // the query, the page ids (topk_select) or, chained, anything the
     // previous step wrote. No-ops under an ordinary launch.
     pdl_trigger();
+    if constexpr (PREFETCH) {
+        static_assert(!PAGED && !BIAS, "prefetching serves range steps without a bias");
+        // One thread per tile: its rows of K and of V, one request per
+        // contiguous run (two where the tile crosses from the first range
+        // to the second).
+        for (int it = t; it < n_tiles; it += ATT_THREADS) {
+            const int t0 = tile_row(it), n = min(TILE, end - t0);
+            for (int done = 0; done < n;) {
+                const int j = t0 + done;
+                const int piece = j < len0 ? min(n - done, len0 - j) : n - done;
+                const long long row = (long long)h * rows + (j < len0 ? start0 + j : start1 + (j - len0));
+                const unsigned bytes = piece * D * sizeof(bf16);
+                prefetch_l2(kc + row * D, bytes);
+                prefetch_l2(vc + row * D, bytes);
+                done += piece;
+            }
+        }
+    }
     pdl_wait();
     const uint4 *K4 = reinterpret_cast<const uint4 *>(kc) + (long long)h * rows * (D / 8);
     const uint4 *V4 = reinterpret_cast<const uint4 *>(vc) + (long long)h * rows * (D / 8);
@@ -485,6 +511,14 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_pages(ATTN_ARG
 #define TMA_STAGES 4
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) attn_ranges_tma(ATTN_ARGS) {
     attn_body<false, false, false, TMA_STAGES, true>(ATTN_PASS);
+}
+// Range steps that prefetch their rows into L2 before waiting on the
+// kernel before them (see attn_body; cuda.rs, `Variant::Prefetch`).
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_ranges_pf(ATTN_ARGS) {
+    attn_body<false, false, false, 2, false, true>(ATTN_PASS);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) attn_ranges_tma_pf(ATTN_ARGS) {
+    attn_body<false, false, false, TMA_STAGES, true, true>(ATTN_PASS);
 }
 // Deliberately wrong (tests only): the combine leaves out the last split.
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_ranges_drop_last(ATTN_ARGS) {
