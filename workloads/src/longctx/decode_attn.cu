@@ -818,9 +818,10 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) topk_select(
 }
 
 
-// Thread block clusters (sm_90): a barrier of the whole cluster (release/acquire: shared-memory writes
-// before it are visible to every block of the cluster after it), and
-// loads and stores of another block's shared memory.
+// Thread block clusters (sm_90): a barrier of the whole cluster
+// (release/acquire: shared-memory writes before it are visible to every
+// block of the cluster after it), and loads and stores of another block's
+// shared memory.
 __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
