@@ -1882,6 +1882,46 @@ mod tests {
         );
     }
 
+    /// Dense at 4k and 16k, chained with rows prefetched into L2 before
+    /// the wait (`Variant::Prefetch`), beside the same step unchained and
+    /// chained without prefetching, with bulk copies and with loads into
+    /// registers, at several split counts: whether prefetching moves the
+    /// short steps toward their floor, and with which splits.
+    #[test]
+    #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
+    fn prefetch_chain_sweep() {
+        let Some(gpu) = gpu() else { return };
+        for n in [4096, 16_384] {
+            let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(n), 1).unwrap());
+            for splits in [16, 32, 64] {
+                for (form, registers, chain, prefetch) in [
+                    ("bulk", false, false, false),
+                    ("bulk chained", false, true, false),
+                    ("bulk chained prefetch", false, true, true),
+                    ("registers chained prefetch", true, true, true),
+                ] {
+                    let step = Step::new(cache.clone(), StepKind::Dense, 1).unwrap();
+                    let mut bench = DecodeBench::from_step(&gpu, step).unwrap();
+                    if registers {
+                        bench = bench.with_variant(Variant::Registers).unwrap();
+                    }
+                    if prefetch {
+                        bench = bench.with_variant(Variant::Prefetch).unwrap();
+                    }
+                    let mut bench = bench.with_splits(splits).unwrap().with_chain(chain);
+                    let t = bench.time(20).unwrap();
+                    assert!(t.rel_err_vs_cpu_ref <= TOLERANCE, "{t:?}");
+                    println!(
+                        "prefetch-sweep n={n} splits={:>3} {form:<27}: {:.4} ms, {:.3}x floor",
+                        t.splits,
+                        t.median_s * 1e3,
+                        t.ratio_to_floor()
+                    );
+                }
+            }
+        }
+    }
+
     /// Dense from 128k up in graphs of 1 to 32 layers, each over its own
     /// copy of the cache, and of 32 steps that all read one copy: whether
     /// a step reads more slowly when every layer has its own cache.

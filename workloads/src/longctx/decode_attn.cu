@@ -175,6 +175,19 @@ __device__ __forceinline__ void attn_body(
     const int n_tiles = interleave ? ((total + TILE - 1) / TILE - s + splits - 1) / splits
                                    : (end - begin + TILE - 1) / TILE;
     auto tile_row = [&](int it) { return interleave ? (s + it * splits) * TILE : begin + it * TILE; };
+    // Range steps: calls f(offset in the tile, first cache row, bytes of K
+    // or of V) for each run of contiguous rows of tile it, one, or two where
+    // the tile crosses from the first range to the second.
+    auto for_each_run = [&](int it, auto f) {
+        const int t0 = tile_row(it), n = min(TILE, end - t0);
+        for (int done = 0; done < n;) {
+            const int j = t0 + done;
+            const int piece = j < len0 ? min(n - done, len0 - j) : n - done;
+            const long long row = (long long)h * rows + (j < len0 ? start0 + j : start1 + (j - len0));
+            f(done, row, (unsigned)(piece * D * sizeof(bf16)));
+            done += piece;
+        }
+    };
 
     // Let the next kernel on the stream be scheduled now, and wait for the
     // previous one (its results, memory included) before reading anything:
@@ -183,21 +196,12 @@ __device__ __forceinline__ void attn_body(
     pdl_trigger();
     if constexpr (PREFETCH) {
         static_assert(!PAGED && !BIAS, "prefetching serves range steps without a bias");
-        // One thread per tile: its rows of K and of V, one request per
-        // contiguous run (two where the tile crosses from the first range
-        // to the second).
-        for (int it = t; it < n_tiles; it += ATT_THREADS) {
-            const int t0 = tile_row(it), n = min(TILE, end - t0);
-            for (int done = 0; done < n;) {
-                const int j = t0 + done;
-                const int piece = j < len0 ? min(n - done, len0 - j) : n - done;
-                const long long row = (long long)h * rows + (j < len0 ? start0 + j : start1 + (j - len0));
-                const unsigned bytes = piece * D * sizeof(bf16);
+        // One thread per tile: its rows of K and of V, a request per run.
+        for (int it = t; it < n_tiles; it += ATT_THREADS)
+            for_each_run(it, [&](int, long long row, unsigned bytes) {
                 prefetch_l2(kc + row * D, bytes);
                 prefetch_l2(vc + row * D, bytes);
-                done += piece;
-            }
-        }
+            });
     }
     pdl_wait();
     const uint4 *K4 = reinterpret_cast<const uint4 *>(kc) + (long long)h * rows * (D / 8);
@@ -338,17 +342,11 @@ __device__ __forceinline__ void attn_body(
         }
         __syncthreads();
         auto issue = [&](int it, int st) {
-            const int t0 = tile_row(it), n = min(TILE, end - t0);
-            mbar_expect_tx(&bar[st], 2u * n * D * sizeof(bf16));
-            for (int done = 0; done < n;) {
-                const int j = t0 + done;
-                const int piece = j < len0 ? min(n - done, len0 - j) : n - done;
-                const long long row = (long long)h * rows + (j < len0 ? start0 + j : start1 + (j - len0));
-                const unsigned bytes = piece * D * sizeof(bf16);
+            mbar_expect_tx(&bar[st], 2u * min(TILE, end - tile_row(it)) * D * sizeof(bf16));
+            for_each_run(it, [&](int done, long long row, unsigned bytes) {
                 bulk_g2s(sk + (st * TILE + done) * D, kc + row * D, bytes, &bar[st]);
                 bulk_g2s(sv + (st * TILE + done) * D, vc + row * D, bytes, &bar[st]);
-                done += piece;
-            }
+            });
         };
         if (t == 0)
             for (int d = 0; d < DEPTH && d < n_tiles; d++) issue(d, d);
@@ -677,17 +675,99 @@ __device__ __forceinline__ unsigned warp_exclusive_scan(unsigned x) {
     return incl - x;
 }
 
+// Copies m4 16-byte words from global G4 to shared S4, SEL_BATCH loads in
+// flight per thread at once.
+__device__ __forceinline__ void stage_words(const uint4 *__restrict__ G4, uint4 *__restrict__ S4, int m4) {
+    for (int base = threadIdx.x; base < m4; base += SEL_THREADS * SEL_BATCH) {
+        uint4 kb[SEL_BATCH];
+#pragma unroll
+        for (int u = 0; u < SEL_BATCH; u++) {
+            const int i = base + u * SEL_THREADS;
+            kb[u] = i < m4 ? __ldcg(G4 + i) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < SEL_BATCH; u++) {
+            const int i = base + u * SEL_THREADS;
+            if (i < m4) S4[i] = kb[u];
+        }
+    }
+}
+
+// A radix pass over the m4 words of K4: every nonzero key whose bits from
+// PSHIFT up equal `prefix` counts into hist[(key >> BSHIFT) & BMASK].
+// Padding words are 0 and never counted.
+template <int PSHIFT, int BSHIFT, unsigned BMASK>
+__device__ __forceinline__ void radix_count(const uint4 *K4, int m4, unsigned prefix, unsigned *hist) {
+    for (int i = threadIdx.x; i < m4; i += SEL_THREADS) {
+        const uint4 x = K4[i];
+        const unsigned ks[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            if (ks[j] && (ks[j] >> PSHIFT) == prefix) atomicAdd(&hist[(ks[j] >> BSHIFT) & BMASK], 1u);
+    }
+}
+
+// The keys above T and equal to T in a warp's words [a4, b4) of K4, summed
+// over the warp and stored by its lane 0 in w_gt[warp] and w_eq[warp].
+__device__ __forceinline__ void warp_count(const uint4 *K4, int a4, int b4, unsigned T, unsigned *w_gt,
+                                           unsigned *w_eq) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    unsigned gt = 0, eq = 0;
+    for (int i = a4 + lane; i < b4; i += 32) {
+        const uint4 x = K4[i];
+        gt += (x.x > T) + (x.y > T) + (x.z > T) + (x.w > T);
+        eq += (x.x == T) + (x.y == T) + (x.z == T) + (x.w == T);
+    }
+    gt = __reduce_add_sync(FULL, gt);
+    eq = __reduce_add_sync(FULL, eq);
+    if (lane == 0) {
+        w_gt[warp] = gt;
+        w_eq[warp] = eq;
+    }
+}
+
+// Compaction of a warp's words [a4, b4) of K4 into out[pos...]: the page
+// of every key above T, and of every key equal to T while fewer than
+// `need` of those come before it (eq_seen in earlier warps). A word per
+// lane and round, so (round, lane, key within the word) is page order, and
+// two warp scans per round (keys equal to T, then keys taken) give each
+// page its place. Word i holds pages 4 (page4 + i) to 4 (page4 + i) + 3.
+// Every lane of the warp runs the same rounds (shuffles).
+__device__ __forceinline__ void compact_words(const uint4 *K4, int a4, int b4, unsigned T, unsigned need,
+                                              unsigned pos, unsigned eq_seen, int page4, int *out) {
+    const int lane = threadIdx.x & 31;
+    for (int base = a4; base < b4; base += 32) {
+        const int i = base + lane;
+        const uint4 x = i < b4 ? K4[i] : make_uint4(0, 0, 0, 0);
+        const unsigned ks[4] = {x.x, x.y, x.z, x.w};
+        const unsigned my_eq = (ks[0] == T) + (ks[1] == T) + (ks[2] == T) + (ks[3] == T);
+        const unsigned eq_pre = warp_exclusive_scan(my_eq);
+        unsigned e = eq_seen + eq_pre, take = 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const bool is_eq = ks[j] == T;
+            if (ks[j] > T || (is_eq && e < need)) take |= 1u << j;
+            e += is_eq;
+        }
+        const unsigned my_take = __popc(take);
+        const unsigned take_pre = warp_exclusive_scan(my_take);
+        unsigned q = pos + take_pre;
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            if (take >> j & 1u) out[q++] = 4 * (page4 + i) + j;
+        pos += __shfl_sync(FULL, take_pre + my_take, 31);
+        eq_seen += __shfl_sync(FULL, eq_pre + my_eq, 31);
+    }
+}
+
 // Exact top-k pages of KV head blockIdx.x from its keys, written ascending
 // to pages[h][0..k). With `staged`, first copies the head's keys (stride, a
 // multiple of 4, words from keys + h * stride) into dynamic shared memory
 // in 16-byte loads, all in flight at once, and works there; otherwise it
 // reads them from global memory in every pass. Completes the radix select
 // that quest_score began (and clears its histogram for the next step),
-// then compacts: warp w owns the 16-byte words [w * seg4, (w + 1) * seg4)
-// of keys, a word per lane and round, so the order of (round, lane, key
-// within the word) is page order, and two warp scans per round (keys
-// equal to the threshold, then keys taken) give each selected page its
-// place. Every pass reads the keys as 16-byte words; until 2026-11-29 it
+// then compacts (warp_count, compact_words). Every pass reads the keys as
+// 16-byte words; until 2026-11-29 it
 // read them one at a time, with a bounds check each, and compacted by
 // two ballots per 32 keys (at 512k on an H200 the top-k took 16.4 us,
 // now 14.8; the step 0.1128 -> 0.1112 ms; cuda.rs).
@@ -699,31 +779,14 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) topk_select(
     __shared__ unsigned tmp[32];
     __shared__ unsigned w_gt[32], w_eq[32];
     __shared__ unsigned s_bin, s_above;
-    const int h = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const int h = blockIdx.x, t = threadIdx.x, warp = t >> 5;
     pdl_trigger();
     pdl_wait();  // the keys and the histogram come from quest_score
     const unsigned *Kg = keys + (long long)h * stride;
     unsigned hv[HIST1 / SEL_THREADS];
 #pragma unroll
     for (int j = 0; j < HIST1 / SEL_THREADS; j++) hv[j] = __ldcg(&hist[h * HIST1 + t + j * SEL_THREADS]);
-    if (staged) {
-        const uint4 *G4 = reinterpret_cast<const uint4 *>(Kg);
-        uint4 *S4 = reinterpret_cast<uint4 *>(s_keys);
-        const int n4 = stride / 4;
-        for (int base = t; base < n4; base += SEL_THREADS * SEL_BATCH) {
-            uint4 kb[SEL_BATCH];
-#pragma unroll
-            for (int u = 0; u < SEL_BATCH; u++) {
-                const int i = base + u * SEL_THREADS;
-                kb[u] = i < n4 ? __ldcg(G4 + i) : make_uint4(0, 0, 0, 0);
-            }
-#pragma unroll
-            for (int u = 0; u < SEL_BATCH; u++) {
-                const int i = base + u * SEL_THREADS;
-                if (i < n4) S4[i] = kb[u];
-            }
-        }
-    }
+    if (staged) stage_words(reinterpret_cast<const uint4 *>(Kg), reinterpret_cast<uint4 *>(s_keys), stride / 4);
 #pragma unroll
     for (int j = 0; j < HIST1 / SEL_THREADS; j++) {
         sh[t + j * SEL_THREADS] = hv[j];
@@ -743,13 +806,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) topk_select(
     // Pass 2: bits 20..10 of the keys under the prefix.
     for (int b = t; b < HIST1; b += SEL_THREADS) sh[b] = 0;
     __syncthreads();
-    for (int i = t; i < n4; i += SEL_THREADS) {
-        const uint4 x = K4[i];
-        const unsigned ks[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            if (ks[j] && (ks[j] >> 21) == prefix) atomicAdd(&sh[(ks[j] >> 10) & 2047], 1u);
-    }
+    radix_count<21, 10, 2047>(K4, n4, prefix, sh);
     __syncthreads();
     find_bin(sh, 2048, need, tmp, &s_bin, &s_above);
     prefix = (prefix << 11) | s_bin;  // key >> 10
@@ -757,13 +814,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) topk_select(
     // Pass 3: bits 9..0.
     for (int b = t; b < 1024; b += SEL_THREADS) sh[b] = 0;
     __syncthreads();
-    for (int i = t; i < n4; i += SEL_THREADS) {
-        const uint4 x = K4[i];
-        const unsigned ks[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            if (ks[j] && (ks[j] >> 10) == prefix) atomicAdd(&sh[ks[j] & 1023], 1u);
-    }
+    radix_count<10, 0, 1023>(K4, n4, prefix, sh);
     __syncthreads();
     find_bin(sh, 1024, need, tmp, &s_bin, &s_above);
     const unsigned T = (prefix << 10) | s_bin;  // the k-th largest key
@@ -772,51 +823,15 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) topk_select(
     // w owns words [w * seg4, (w + 1) * seg4), so page order is warp
     // order, then word order within a warp, then the word's 4 keys.
     const int seg4 = (n4 + 31) / 32, a4 = min(n4, warp * seg4), b4 = min(n4, a4 + seg4);
-    unsigned gt = 0, eq = 0;
-    for (int i = a4 + lane; i < b4; i += 32) {
-        const uint4 x = K4[i];
-        gt += (x.x > T) + (x.y > T) + (x.z > T) + (x.w > T);
-        eq += (x.x == T) + (x.y == T) + (x.z == T) + (x.w == T);
-    }
-    gt = __reduce_add_sync(FULL, gt);
-    eq = __reduce_add_sync(FULL, eq);
-    if (lane == 0) {
-        w_gt[warp] = gt;
-        w_eq[warp] = eq;
-    }
+    warp_count(K4, a4, b4, T, w_gt, w_eq);
     __syncthreads();
     unsigned gt_before = 0, eq_before = 0;
     for (int x = 0; x < warp; x++) {
         gt_before += w_gt[x];
         eq_before += w_eq[x];
     }
-    unsigned pos = gt_before + min(eq_before, need), eq_seen = eq_before;
-    int *out = pages + (long long)h * k;
-    // The same number of rounds in every lane of the warp (shuffles).
-    for (int base = a4; base < b4; base += 32) {
-        const int i = base + lane;
-        const uint4 x = i < b4 ? K4[i] : make_uint4(0, 0, 0, 0);
-        const unsigned ks[4] = {x.x, x.y, x.z, x.w};
-        const unsigned my_eq = (ks[0] == T) + (ks[1] == T) + (ks[2] == T) + (ks[3] == T);
-        const unsigned eq_pre = warp_exclusive_scan(my_eq);
-        unsigned e = eq_seen + eq_pre, take = 0;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const bool is_eq = ks[j] == T;
-            if (ks[j] > T || (is_eq && e < need)) take |= 1u << j;
-            e += is_eq;
-        }
-        const unsigned my_take = __popc(take);
-        const unsigned take_pre = warp_exclusive_scan(my_take);
-        unsigned q = pos + take_pre;
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            if (take >> j & 1u) out[q++] = 4 * i + j;
-        pos += __shfl_sync(FULL, take_pre + my_take, 31);
-        eq_seen += __shfl_sync(FULL, eq_pre + my_eq, 31);
-    }
+    compact_words(K4, a4, b4, T, need, gt_before + min(eq_before, need), eq_before, 0, pages + (long long)h * k);
 }
-
 
 // Thread block clusters (sm_90): a barrier of the whole cluster
 // (release/acquire: shared-memory writes before it are visible to every
@@ -878,7 +893,7 @@ extern "C" __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1) __launch_bounds__
     __shared__ unsigned s_bin, s_above;
     // The grid's x is exactly one cluster (cuda.rs), so blockIdx.x is the
     // block's rank in it.
-    const int h = blockIdx.y, rank = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const int h = blockIdx.y, rank = blockIdx.x, t = threadIdx.x, warp = t >> 5;
     pdl_trigger();
     pdl_wait();  // the keys and the histogram come from quest_score
     const int n4 = stride / 4, c4 = (n4 + SEL_CLUSTER - 1) / SEL_CLUSTER;
@@ -887,22 +902,7 @@ extern "C" __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1) __launch_bounds__
     unsigned hv[HIST1 / SEL_THREADS];
 #pragma unroll
     for (int j = 0; j < HIST1 / SEL_THREADS; j++) hv[j] = __ldcg(&hist[h * HIST1 + t + j * SEL_THREADS]);
-    if (staged) {
-        uint4 *S4 = reinterpret_cast<uint4 *>(s_keys);
-        for (int base = t; base < m4; base += SEL_THREADS * SEL_BATCH) {
-            uint4 kb[SEL_BATCH];
-#pragma unroll
-            for (int u = 0; u < SEL_BATCH; u++) {
-                const int i = base + u * SEL_THREADS;
-                kb[u] = i < m4 ? __ldcg(G4 + i) : make_uint4(0, 0, 0, 0);
-            }
-#pragma unroll
-            for (int u = 0; u < SEL_BATCH; u++) {
-                const int i = base + u * SEL_THREADS;
-                if (i < m4) S4[i] = kb[u];
-            }
-        }
-    }
+    if (staged) stage_words(G4, reinterpret_cast<uint4 *>(s_keys), m4);
 #pragma unroll
     for (int j = 0; j < HIST1 / SEL_THREADS; j++) {
         sh[t + j * SEL_THREADS] = hv[j];
@@ -917,13 +917,7 @@ extern "C" __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1) __launch_bounds__
     need -= s_above;
     // Pass 2: bits 20..10 of the keys under the prefix (padding words are
     // 0 and never counted, as in topk_select).
-    for (int i = t; i < m4; i += SEL_THREADS) {
-        const uint4 x = K4[i];
-        const unsigned ks[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            if (ks[j] && (ks[j] >> 21) == prefix) atomicAdd(&h2[(ks[j] >> 10) & 2047], 1u);
-    }
+    radix_count<21, 10, 2047>(K4, m4, prefix, h2);
     __syncthreads();
     cluster_sync();  // every block has read the first histogram and counted pass 2
     if (rank == 0)
@@ -935,13 +929,7 @@ extern "C" __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1) __launch_bounds__
     prefix = (prefix << 11) | s_bin;  // key >> 10
     need -= s_above;
     // Pass 3: bits 9..0.
-    for (int i = t; i < m4; i += SEL_THREADS) {
-        const uint4 x = K4[i];
-        const unsigned ks[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            if (ks[j] && (ks[j] >> 10) == prefix) atomicAdd(&h3[ks[j] & 1023], 1u);
-    }
+    radix_count<10, 0, 1023>(K4, m4, prefix, h3);
     __syncthreads();
     cluster_sync();  // every block has read the others' h2 and counted pass 3
     cluster_hist_sum(h3, 1024, sh);
@@ -952,18 +940,7 @@ extern "C" __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1) __launch_bounds__
     // This block's counts, per warp (warp w owns words [w * seg4, ...) of
     // the block's), then sent to every block of the cluster.
     const int seg4 = (m4 + 31) / 32, a4 = min(m4, warp * seg4), b4 = min(m4, a4 + seg4);
-    unsigned gt = 0, eq = 0;
-    for (int i = a4 + lane; i < b4; i += 32) {
-        const uint4 x = K4[i];
-        gt += (x.x > T) + (x.y > T) + (x.z > T) + (x.w > T);
-        eq += (x.x == T) + (x.y == T) + (x.z == T) + (x.w == T);
-    }
-    gt = __reduce_add_sync(FULL, gt);
-    eq = __reduce_add_sync(FULL, eq);
-    if (lane == 0) {
-        w_gt[warp] = gt;
-        w_eq[warp] = eq;
-    }
+    warp_count(K4, a4, b4, T, w_gt, w_eq);
     __syncthreads();
     if (t < SEL_CLUSTER) {
         unsigned bg = 0, be = 0;
@@ -985,30 +962,8 @@ extern "C" __global__ void __cluster_dims__(SEL_CLUSTER, 1, 1) __launch_bounds__
         gt_before += w_gt[x];
         eq_before += w_eq[x];
     }
-    unsigned pos = gt_before + min(eq_before, need), eq_seen = eq_before;
-    int *out = pages + (long long)h * k;
-    for (int base = a4; base < b4; base += 32) {
-        const int i = base + lane;
-        const uint4 x = i < b4 ? K4[i] : make_uint4(0, 0, 0, 0);
-        const unsigned ks[4] = {x.x, x.y, x.z, x.w};
-        const unsigned my_eq = (ks[0] == T) + (ks[1] == T) + (ks[2] == T) + (ks[3] == T);
-        const unsigned eq_pre = warp_exclusive_scan(my_eq);
-        unsigned e = eq_seen + eq_pre, take = 0;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const bool is_eq = ks[j] == T;
-            if (ks[j] > T || (is_eq && e < need)) take |= 1u << j;
-            e += is_eq;
-        }
-        const unsigned my_take = __popc(take);
-        const unsigned take_pre = warp_exclusive_scan(my_take);
-        unsigned q = pos + take_pre;
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            if (take >> j & 1u) out[q++] = 4 * (first4 + i) + j;
-        pos += __shfl_sync(FULL, take_pre + my_take, 31);
-        eq_seen += __shfl_sync(FULL, eq_pre + my_eq, 31);
-    }
+    compact_words(K4, a4, b4, T, need, gt_before + min(eq_before, need), eq_before, first4,
+                  pages + (long long)h * k);
 }
 
 // Diagnostics for the timing tests (cuda.rs), never in a timed step of the
