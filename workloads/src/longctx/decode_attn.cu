@@ -153,6 +153,22 @@ __device__ __forceinline__ float reduce4(const float a[4], int l) {
 // PREFETCH: before waiting on the kernel before it, the block asks for its
 // split's rows to be brought into L2 (range steps; what a dependent launch
 // may do, since the history does not depend on that kernel).
+// Calls f(offset in the tile, first cache row, bytes of K or of V) for each
+// run of contiguous cache rows among the n logical rows from t0 of a range
+// step (rows [0, len0) at start0, the rest at start1; head_row0 is the
+// head's first row): one run, or two where they cross from the first range
+// to the second.
+template <typename F>
+__device__ __forceinline__ void tile_runs(int t0, int n, long long head_row0, int start0, int len0, int start1,
+                                          const F &f) {
+    for (int done = 0; done < n;) {
+        const int j = t0 + done;
+        const int piece = j < len0 ? min(n - done, len0 - j) : n - done;
+        f(done, head_row0 + (j < len0 ? start0 + j : start1 + (j - len0)), (unsigned)(piece * D * sizeof(bf16)));
+        done += piece;
+    }
+}
+
 template <bool PAGED, bool BIAS, bool DROP_LAST, int DEPTH, bool TMA = false, bool PREFETCH = false>
 __device__ __forceinline__ void attn_body(
     const bf16 *__restrict__ q, const bf16 *__restrict__ kc, const bf16 *__restrict__ vc,
@@ -175,19 +191,6 @@ __device__ __forceinline__ void attn_body(
     const int n_tiles = interleave ? ((total + TILE - 1) / TILE - s + splits - 1) / splits
                                    : (end - begin + TILE - 1) / TILE;
     auto tile_row = [&](int it) { return interleave ? (s + it * splits) * TILE : begin + it * TILE; };
-    // Range steps: calls f(offset in the tile, first cache row, bytes of K
-    // or of V) for each run of contiguous rows of tile it, one, or two where
-    // the tile crosses from the first range to the second.
-    auto for_each_run = [&](int it, auto f) {
-        const int t0 = tile_row(it), n = min(TILE, end - t0);
-        for (int done = 0; done < n;) {
-            const int j = t0 + done;
-            const int piece = j < len0 ? min(n - done, len0 - j) : n - done;
-            const long long row = (long long)h * rows + (j < len0 ? start0 + j : start1 + (j - len0));
-            f(done, row, (unsigned)(piece * D * sizeof(bf16)));
-            done += piece;
-        }
-    };
 
     // Let the next kernel on the stream be scheduled now, and wait for the
     // previous one (its results, memory included) before reading anything:
@@ -198,10 +201,11 @@ __device__ __forceinline__ void attn_body(
         static_assert(!PAGED && !BIAS, "prefetching serves range steps without a bias");
         // One thread per tile: its rows of K and of V, a request per run.
         for (int it = t; it < n_tiles; it += ATT_THREADS)
-            for_each_run(it, [&](int, long long row, unsigned bytes) {
-                prefetch_l2(kc + row * D, bytes);
-                prefetch_l2(vc + row * D, bytes);
-            });
+            tile_runs(tile_row(it), min(TILE, end - tile_row(it)), (long long)h * rows, start0, len0, start1,
+                      [&](int, long long row, unsigned bytes) {
+                          prefetch_l2(kc + row * D, bytes);
+                          prefetch_l2(vc + row * D, bytes);
+                      });
     }
     pdl_wait();
     const uint4 *K4 = reinterpret_cast<const uint4 *>(kc) + (long long)h * rows * (D / 8);
@@ -342,8 +346,9 @@ __device__ __forceinline__ void attn_body(
         }
         __syncthreads();
         auto issue = [&](int it, int st) {
-            mbar_expect_tx(&bar[st], 2u * min(TILE, end - tile_row(it)) * D * sizeof(bf16));
-            for_each_run(it, [&](int done, long long row, unsigned bytes) {
+            const int t0 = tile_row(it), n = min(TILE, end - t0);
+            mbar_expect_tx(&bar[st], 2u * n * D * sizeof(bf16));
+            tile_runs(t0, n, (long long)h * rows, start0, len0, start1, [&](int done, long long row, unsigned bytes) {
                 bulk_g2s(sk + (st * TILE + done) * D, kc + row * D, bytes, &bar[st]);
                 bulk_g2s(sv + (st * TILE + done) * D, vc + row * D, bytes, &bar[st]);
             });
