@@ -931,11 +931,17 @@ impl<'g> DecodeBench<'g> {
                         "the prefetching variant exists for range steps without a bias".into(),
                     ));
                 }
-                self.attn = self.gpu.function(if self.attn_smem > 0 {
-                    "attn_ranges_tma_pf"
+                if self.attn_smem > 0 {
+                    let f = self.gpu.function("attn_ranges_tma_pf")?;
+                    f.set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        self.attn_smem as i32,
+                    )
+                    .map_err(|e| dev("bulk-copy shared memory", e))?;
+                    self.attn = f;
                 } else {
-                    "attn_ranges_pf"
-                })?;
+                    self.attn = self.gpu.function("attn_ranges_pf")?;
+                }
                 None
             }
             Variant::ReadOnly | Variant::Empty => {
