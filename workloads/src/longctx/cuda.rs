@@ -197,9 +197,13 @@
 //! is off; `decode_step_timings` prints both for dense, and a third form,
 //! chained with `Variant::Prefetch`: every step asks for its own rows to
 //! be brought into L2 before it waits on the step before it, so that its
-//! reads could overlap that step's tail (added on 2026-11-29 with no device
-//! time left to time it; its checks and timing are for the next session
-//! on a GPU). The floor is the step's bytes
+//! reads could overlap that step's tail. Measured on an H200 (2026-11-29,
+//! `prefetch_chain_sweep` and `decode_step_timings`, in
+//! results/runs/2026-11-29-h200-long-context-decode-step-32-layers-f), it
+//! is slower everywhere: dense chained at 4k 0.0121 -> 0.0124 ms, at 512k
+//! 0.531 -> 0.693 ms; the best 4k form is chained bulk copies at 32
+//! splits, 0.0100 against 0.0104 ms unchained at the default 16, and
+//! prefetching adds 0.0005 ms to it. So no step uses it. The floor is the step's bytes
 //! ([`super::kernel::Step::bytes`]) over the copy bandwidth measured here
 //! (a device-to-device copy of 1 GiB, counting bytes read and written).
 //! Set-up (data generation, upload, compile, graph capture) is untimed,
@@ -543,8 +547,8 @@ pub enum Variant {
     /// kernel asks for its rows to be brought into L2 before it waits on
     /// the kernel before it (`cp.async.bulk.prefetch.L2`; a hint, the
     /// result is the same). Under an ordinary launch there is nothing to
-    /// overlap. Not measured yet (added 2026-11-29 without device time
-    /// left to time it).
+    /// overlap. Measured slower at every context (module docs), so only
+    /// the tests and the sweeps use it.
     Prefetch,
 }
 
