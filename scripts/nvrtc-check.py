@@ -3,17 +3,19 @@
 time, on a machine without a GPU: NVRTC needs no driver. nvcc accepts code
 that NVRTC rejects (NVRTC treats unannotated functions, generic lambdas
 among them, as host code), so a kernel that builds with nvcc can still fail
-on the GPU machine. Run it after `eval "$(bash scripts/cuda-toolchain.sh
---env)"` (which puts libnvrtc on LD_LIBRARY_PATH):
+on the GPU machine. CI runs it.
 
     python3 scripts/nvrtc-check.py            # every source, as the harness compiles it
     python3 scripts/nvrtc-check.py FILE.cu    # one file, with the options of decode_attn.cu
 
-Exits non-zero, with NVRTC's log, if any source fails to compile.
+It loads libnvrtc from the library path, else from <repo>/.cuda-toolchain
+(where scripts/cuda-toolchain.sh puts it); if neither has it, it installs
+the pinned NVRTC wheel there (pip, PyPI, 90 MB). Exits non-zero, with
+NVRTC's log, if any source fails to compile.
 """
 import ctypes
-import ctypes.util
 import os
+import subprocess
 import sys
 
 # The sources and the options the harness passes (cuda.rs, split_attn.rs).
@@ -24,18 +26,39 @@ SOURCES = [
 ]
 
 
-def load_nvrtc():
-    for name in ["libnvrtc.so", "libnvrtc.so.13", ctypes.util.find_library("nvrtc")]:
-        if not name:
-            continue
+NVRTC_WHEEL = "nvidia-cuda-nvrtc==13.0.88"  # as scripts/cuda-toolchain.sh pins it
+
+
+def load_nvrtc(root):
+    toolchain = os.path.join(root, ".cuda-toolchain")
+    lib = os.path.join(toolchain, "nvidia", "cu13", "lib")
+    local = os.path.join(lib, "libnvrtc.so.13")
+
+    def load_local():
+        # NVRTC opens its builtins library by soname: loaded first, it is found.
+        ctypes.CDLL(os.path.join(lib, "libnvrtc-builtins.so.13.0"), mode=ctypes.RTLD_GLOBAL)
+        return ctypes.CDLL(local)
+
+    for name in ["libnvrtc.so", "libnvrtc.so.13"]:
         try:
             return ctypes.CDLL(name)
         except OSError:
             pass
-    sys.exit(
-        "nvrtc-check: libnvrtc not found. Fix: run "
-        '`eval "$(bash scripts/cuda-toolchain.sh --env)"` first (it installs the CUDA toolchain).'
+    try:
+        return load_local()
+    except OSError:
+        pass
+    print(f"nvrtc-check: installing {NVRTC_WHEEL} into {toolchain}", file=sys.stderr)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", toolchain, NVRTC_WHEEL]
     )
+    try:
+        return load_local()
+    except OSError as e:
+        sys.exit(
+            f"nvrtc-check: cannot load {local} ({e}; pip exited {r.returncode}). Fix: make PyPI reachable, "
+            "or run scripts/cuda-toolchain.sh, which installs the CUDA toolchain there."
+        )
 
 
 def compile_source(lib, path, options):
@@ -56,8 +79,8 @@ def compile_source(lib, path, options):
 
 
 def main():
-    lib = load_nvrtc()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lib = load_nvrtc(root)
     todo = [(a, SOURCES[0][1]) for a in sys.argv[1:]] or [(os.path.join(root, p), o) for p, o in SOURCES]
     failed = 0
     for path, options in todo:
