@@ -550,6 +550,10 @@ pub enum Variant {
     /// overlap. Measured slower at every context (module docs), so only
     /// the tests and the sweeps use it.
     Prefetch,
+    /// For timing short steps (range steps without a bias): the bulk-copy
+    /// kernel with a ring of twice `TMA_STAGES` stages (128 KB, one block
+    /// per SM), so that a 4k split's 8 tiles are all in flight at once.
+    DeepRing,
 }
 
 /// How much of a step to launch: block-topk's parts can be timed alone.
@@ -946,6 +950,24 @@ impl<'g> DecodeBench<'g> {
                 } else {
                     self.attn = self.gpu.function("attn_ranges_pf")?;
                 }
+                None
+            }
+            Variant::DeepRing => {
+                if matches!(self.step.kind, StepKind::BlockTopk { .. })
+                    || self.step.bias().is_some()
+                {
+                    return Err(WorkloadError::Config(
+                        "the deep-ring variant exists for range steps without a bias".into(),
+                    ));
+                }
+                let f = self.gpu.function("attn_ranges_tma8")?;
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    2 * TMA_SMEM as i32,
+                )
+                .map_err(|e| dev("bulk-copy shared memory", e))?;
+                self.attn = f;
+                self.attn_smem = 2 * TMA_SMEM as u32;
                 None
             }
             Variant::ReadOnly | Variant::Empty => {
@@ -1517,20 +1539,23 @@ mod tests {
                     );
                 }
             }
-            // Range steps that prefetch their rows before waiting, chained.
+            // Range steps that prefetch their rows before waiting, chained,
+            // and the deeper bulk-copy ring.
             for kind in [StepKind::Dense, StepKind::window(0.3)] {
-                let step = Step::new(cache.clone(), kind, 9).unwrap();
-                let mut bench = DecodeBench::from_step(&gpu, step)
-                    .unwrap()
-                    .with_chain(true)
-                    .with_variant(Variant::Prefetch)
-                    .unwrap();
-                let (e, _) = bench.check_replayed(4).unwrap();
-                eprintln!(
-                    "{} n={n} chained, prefetching: rel err {e:.2e}",
-                    kind.name()
-                );
-                assert!(e <= TOLERANCE, "{} n={n} prefetch: {e:.3e}", kind.name());
+                for (variant, chain) in [(Variant::Prefetch, true), (Variant::DeepRing, false)] {
+                    let step = Step::new(cache.clone(), kind, 9).unwrap();
+                    let mut bench = DecodeBench::from_step(&gpu, step)
+                        .unwrap()
+                        .with_chain(chain)
+                        .with_variant(variant)
+                        .unwrap();
+                    let (e, _) = bench.check_replayed(4).unwrap();
+                    eprintln!(
+                        "{} n={n} {variant:?} chained={chain}: rel err {e:.2e}",
+                        kind.name()
+                    );
+                    assert!(e <= TOLERANCE, "{} n={n} {variant:?}: {e:.3e}", kind.name());
+                }
             }
         }
     }
@@ -1894,9 +1919,10 @@ mod tests {
 
     /// Dense at 4k and 16k, chained with rows prefetched into L2 before
     /// the wait (`Variant::Prefetch`), beside the same step unchained and
-    /// chained without prefetching, with bulk copies and with loads into
-    /// registers, at several split counts: whether prefetching moves the
-    /// short steps toward their floor, and with which splits.
+    /// chained without prefetching, with bulk copies (rings of 4 and 8
+    /// stages, `Variant::DeepRing`) and with loads into registers, at
+    /// several split counts: whether prefetching or a deeper ring moves
+    /// the short steps toward their floor, and with which splits.
     #[test]
     #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
     fn prefetch_chain_sweep() {
@@ -1904,19 +1930,22 @@ mod tests {
         for n in [4096, 16_384] {
             let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(n), 1).unwrap());
             for splits in [16, 32, 64] {
-                for (form, registers, chain, prefetch) in [
-                    ("bulk", false, false, false),
-                    ("bulk chained", false, true, false),
-                    ("bulk chained prefetch", false, true, true),
-                    ("registers chained prefetch", true, true, true),
+                for (form, variants, chain) in [
+                    ("bulk", &[][..], false),
+                    ("bulk chained", &[][..], true),
+                    ("bulk chained prefetch", &[Variant::Prefetch][..], true),
+                    (
+                        "registers chained prefetch",
+                        &[Variant::Registers, Variant::Prefetch][..],
+                        true,
+                    ),
+                    ("bulk 8 stages", &[Variant::DeepRing][..], false),
+                    ("bulk 8 stages chained", &[Variant::DeepRing][..], true),
                 ] {
                     let step = Step::new(cache.clone(), StepKind::Dense, 1).unwrap();
                     let mut bench = DecodeBench::from_step(&gpu, step).unwrap();
-                    if registers {
-                        bench = bench.with_variant(Variant::Registers).unwrap();
-                    }
-                    if prefetch {
-                        bench = bench.with_variant(Variant::Prefetch).unwrap();
+                    for &v in variants {
+                        bench = bench.with_variant(v).unwrap();
                     }
                     let mut bench = bench.with_splits(splits).unwrap().with_chain(chain);
                     let t = bench.time(20).unwrap();

@@ -515,6 +515,12 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_pages(ATTN_ARG
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) attn_ranges_tma(ATTN_ARGS) {
     attn_body<false, false, false, TMA_STAGES, true>(ATTN_PASS);
 }
+// For timing (cuda.rs, `Variant::DeepRing`): twice the stages, so that a
+// 4k step's split (8 tiles at 16 splits) has all its tiles in flight at
+// once; one block per SM (128 KB).
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 1) attn_ranges_tma8(ATTN_ARGS) {
+    attn_body<false, false, false, 2 * TMA_STAGES, true>(ATTN_PASS);
+}
 // Range steps that prefetch their rows into L2 before waiting on the
 // kernel before them (see attn_body; cuda.rs, `Variant::Prefetch`).
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_ranges_pf(ATTN_ARGS) {
