@@ -194,7 +194,10 @@
 //! that only launch and block set-up overlap, as a decoder could do with
 //! its QKV projection) was measured on the H100 and gained nothing (dense
 //! at 4k: 12.3 us chained, 12.0 us not; 16k: 31.4 against 30.3 us), so it
-//! is off; `decode_step_timings` prints both for dense, and a third form,
+//! is off, except for bulk-copy steps whose splits outgrow the ring of 4
+//! stages (dense at 4k): these take the ring of 8 and are chained, which
+//! measured 0.0098 against 0.0105 ms on an H200 (`from_step`, 2026-11-29).
+//! `decode_step_timings` prints dense chained and not, and a third form,
 //! chained with `Variant::Prefetch`: every step asks for its own rows to
 //! be brought into L2 before it waits on the step before it, so that its
 //! reads could overlap that step's tail. Measured on an H200 (2026-11-29,
@@ -247,9 +250,12 @@ const FEW_ROWS: usize = 4096;
 const SHORT_SPLITS: usize = 16;
 /// Splits per KV head of a bulk-copy step of more than `FEW_ROWS` rows.
 const TMA_SPLITS: usize = 32;
+/// Stages of the bulk-copy kernel's ring (`TMA_STAGES` in decode_attn.cu;
+/// `attn_ranges_tma8` has twice as many).
+const TMA_STAGES: usize = 4;
 /// Dynamic shared memory of `attn_ranges_tma`: `TMA_STAGES` tiles of K and
 /// V in bf16.
-const TMA_SMEM: usize = 4 * 2 * TILE * HEAD_DIM * 2;
+const TMA_SMEM: usize = TMA_STAGES * 2 * TILE * HEAD_DIM * 2;
 /// `SHORT_SPLITS`, or `BENCH_SUITE_SHORT_SPLITS` where set (tuning only).
 fn short_splits() -> Result<usize, WorkloadError> {
     crate::device::tuning_count(
@@ -376,6 +382,17 @@ impl DecodeGpu {
         self.module
             .load_function(name)
             .map_err(|e| dev(&format!("kernel `{name}`"), e))
+    }
+
+    /// A bulk-copy kernel, allowed `smem` bytes of dynamic shared memory.
+    fn bulk_copy_kernel(&self, name: &str, smem: usize) -> Result<CudaFunction, WorkloadError> {
+        let f = self.function(name)?;
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| dev("bulk-copy shared memory", e))?;
+        Ok(f)
     }
 
     /// Device-to-device copy bandwidth in bytes per second (bytes read plus
@@ -550,10 +567,6 @@ pub enum Variant {
     /// overlap. Measured slower at every context (module docs), so only
     /// the tests and the sweeps use it.
     Prefetch,
-    /// For timing short steps (range steps without a bias): the bulk-copy
-    /// kernel with a ring of twice `TMA_STAGES` stages (128 KB, one block
-    /// per SM), so that a 4k split's 8 tiles are all in flight at once.
-    DeepRing,
 }
 
 /// How much of a step to launch: block-topk's parts can be timed alone.
@@ -750,19 +763,12 @@ impl<'g> DecodeBench<'g> {
         let tma = !matches!(step.kind, StepKind::BlockTopk { .. })
             && step.bias().is_none()
             && step.rows_read() <= SHORT_ROWS;
-        let attn = gpu.function(match (step.kind, step.bias().is_some()) {
-            (StepKind::BlockTopk { .. }, _) => "attn_pages",
-            (_, true) => "attn_ranges_bias",
-            _ if tma => "attn_ranges_tma",
-            _ => "attn_ranges",
-        })?;
-        if tma {
-            attn.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                TMA_SMEM as i32,
-            )
-            .map_err(|e| dev("bulk-copy shared memory", e))?;
-        }
+        let attn = match (step.kind, step.bias().is_some()) {
+            (StepKind::BlockTopk { .. }, _) => gpu.function("attn_pages")?,
+            (_, true) => gpu.function("attn_ranges_bias")?,
+            _ if tma => gpu.bulk_copy_kernel("attn_ranges_tma", TMA_SMEM)?,
+            _ => gpu.function("attn_ranges")?,
+        };
         let score = gpu.function("quest_score")?;
         let select = gpu.function("topk_select")?;
         let select_cluster = gpu.function("topk_select_cluster")?;
@@ -820,8 +826,43 @@ impl<'g> DecodeBench<'g> {
             step,
         };
         bench.plan = bench.plan_splits(None, true)?;
+        // Where a bulk-copy split holds more tiles than the ring has
+        // stages (dense at 4k: 8 tiles of 32 rows at 16 splits), the ring
+        // of 8 keeps them all in flight, and the steps are chained. Measured
+        // on an H200 (`prefetch_chain_sweep`, 2026-11-29, in
+        // results/runs/2026-11-29-h200-long-context-decode-step-32-layers-g):
+        // dense at 4k 0.0105 ms with 4 stages, 0.0103 with 8, 0.0098 with 8
+        // chained (0.0120 chained with 4).
+        if tma && bench.plan.span > TMA_STAGES * TILE {
+            bench = bench.with_ring(2 * TMA_STAGES)?.with_chain(true);
+        }
         gpu.synchronize()?;
         Ok(bench)
+    }
+
+    /// Stages of the bulk-copy kernel's ring (`TMA_STAGES` or twice that;
+    /// the default is set by the rule in [`DecodeBench::from_step`]), for
+    /// tests and timing. Only for steps that use bulk copies.
+    pub fn with_ring(mut self, stages: usize) -> Result<Self, WorkloadError> {
+        if self.attn_smem == 0 {
+            return Err(WorkloadError::Config(
+                "the ring's stages apply to bulk-copy steps only".into(),
+            ));
+        }
+        let (name, smem) = match stages {
+            TMA_STAGES => ("attn_ranges_tma", TMA_SMEM),
+            x if x == 2 * TMA_STAGES => ("attn_ranges_tma8", 2 * TMA_SMEM),
+            _ => {
+                return Err(WorkloadError::Config(format!(
+                    "a ring of {stages} stages is not built; {TMA_STAGES} and {} are",
+                    2 * TMA_STAGES
+                )))
+            }
+        };
+        self.attn = self.gpu.bulk_copy_kernel(name, smem)?;
+        self.attn_smem = smem as u32;
+        self.graph = None;
+        Ok(self)
     }
 
     /// Replaces the default number of splits per KV head (for tuning).
@@ -940,34 +981,11 @@ impl<'g> DecodeBench<'g> {
                     ));
                 }
                 if self.attn_smem > 0 {
-                    let f = self.gpu.function("attn_ranges_tma_pf")?;
-                    f.set_attribute(
-                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        self.attn_smem as i32,
-                    )
-                    .map_err(|e| dev("bulk-copy shared memory", e))?;
-                    self.attn = f;
+                    self.attn = self.gpu.bulk_copy_kernel("attn_ranges_tma_pf", TMA_SMEM)?;
+                    self.attn_smem = TMA_SMEM as u32;
                 } else {
                     self.attn = self.gpu.function("attn_ranges_pf")?;
                 }
-                None
-            }
-            Variant::DeepRing => {
-                if matches!(self.step.kind, StepKind::BlockTopk { .. })
-                    || self.step.bias().is_some()
-                {
-                    return Err(WorkloadError::Config(
-                        "the deep-ring variant exists for range steps without a bias".into(),
-                    ));
-                }
-                let f = self.gpu.function("attn_ranges_tma8")?;
-                f.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    2 * TMA_SMEM as i32,
-                )
-                .map_err(|e| dev("bulk-copy shared memory", e))?;
-                self.attn = f;
-                self.attn_smem = 2 * TMA_SMEM as u32;
                 None
             }
             Variant::ReadOnly | Variant::Empty => {
@@ -1540,21 +1558,37 @@ mod tests {
                 }
             }
             // Range steps that prefetch their rows before waiting, chained,
-            // and the deeper bulk-copy ring.
+            // and both bulk-copy rings.
             for kind in [StepKind::Dense, StepKind::window(0.3)] {
-                for (variant, chain) in [(Variant::Prefetch, true), (Variant::DeepRing, false)] {
+                let step = Step::new(cache.clone(), kind, 9).unwrap();
+                let mut bench = DecodeBench::from_step(&gpu, step)
+                    .unwrap()
+                    .with_chain(true)
+                    .with_variant(Variant::Prefetch)
+                    .unwrap();
+                let (e, _) = bench.check_replayed(4).unwrap();
+                eprintln!(
+                    "{} n={n} chained, prefetching: rel err {e:.2e}",
+                    kind.name()
+                );
+                assert!(e <= TOLERANCE, "{} n={n} prefetch: {e:.3e}", kind.name());
+                // Both rings of the bulk-copy kernel, unchained.
+                for stages in [TMA_STAGES, 2 * TMA_STAGES] {
                     let step = Step::new(cache.clone(), kind, 9).unwrap();
-                    let mut bench = DecodeBench::from_step(&gpu, step)
+                    let Ok(bench) = DecodeBench::from_step(&gpu, step)
                         .unwrap()
-                        .with_chain(chain)
-                        .with_variant(variant)
-                        .unwrap();
+                        .with_ring(stages)
+                    else {
+                        continue; // not a bulk-copy step
+                    };
+                    let mut bench = bench.with_chain(false);
                     let (e, _) = bench.check_replayed(4).unwrap();
-                    eprintln!(
-                        "{} n={n} {variant:?} chained={chain}: rel err {e:.2e}",
+                    eprintln!("{} n={n} ring of {stages}: rel err {e:.2e}", kind.name());
+                    assert!(
+                        e <= TOLERANCE,
+                        "{} n={n} ring {stages}: {e:.3e}",
                         kind.name()
                     );
-                    assert!(e <= TOLERANCE, "{} n={n} {variant:?}: {e:.3e}", kind.name());
                 }
             }
         }
@@ -1920,7 +1954,7 @@ mod tests {
     /// Dense at 4k and 16k, chained with rows prefetched into L2 before
     /// the wait (`Variant::Prefetch`), beside the same step unchained and
     /// chained without prefetching, with bulk copies (rings of 4 and 8
-    /// stages, `Variant::DeepRing`) and with loads into registers, at
+    /// stages, `with_ring`) and with loads into registers, at
     /// several split counts: whether prefetching or a deeper ring moves
     /// the short steps toward their floor, and with which splits.
     #[test]
@@ -1930,20 +1964,24 @@ mod tests {
         for n in [4096, 16_384] {
             let cache = Arc::new(DenseCache::generate(Shape::llama3_8b(n), 1).unwrap());
             for splits in [16, 32, 64] {
-                for (form, variants, chain) in [
-                    ("bulk", &[][..], false),
-                    ("bulk chained", &[][..], true),
-                    ("bulk chained prefetch", &[Variant::Prefetch][..], true),
+                for (form, ring, variants, chain) in [
+                    ("bulk", 4, &[][..], false),
+                    ("bulk chained", 4, &[][..], true),
+                    ("bulk chained prefetch", 4, &[Variant::Prefetch][..], true),
                     (
                         "registers chained prefetch",
+                        4,
                         &[Variant::Registers, Variant::Prefetch][..],
                         true,
                     ),
-                    ("bulk 8 stages", &[Variant::DeepRing][..], false),
-                    ("bulk 8 stages chained", &[Variant::DeepRing][..], true),
+                    ("bulk 8 stages", 8, &[][..], false),
+                    ("bulk 8 stages chained", 8, &[][..], true),
                 ] {
                     let step = Step::new(cache.clone(), StepKind::Dense, 1).unwrap();
-                    let mut bench = DecodeBench::from_step(&gpu, step).unwrap();
+                    let mut bench = DecodeBench::from_step(&gpu, step)
+                        .unwrap()
+                        .with_ring(ring)
+                        .unwrap();
                     for &v in variants {
                         bench = bench.with_variant(v).unwrap();
                     }

@@ -510,14 +510,15 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_pages(ATTN_ARG
     attn_body<true, false, false, 2>(ATTN_PASS);
 }
 // Short range steps: tiles brought in by bulk copies, TMA_STAGES in flight
-// per block (dynamic shared memory: TMA_STAGES * 16 KB).
+// per block (dynamic shared memory: TMA_STAGES * 16 KB; cuda.rs has the
+// same TMA_STAGES).
 #define TMA_STAGES 4
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) attn_ranges_tma(ATTN_ARGS) {
     attn_body<false, false, false, TMA_STAGES, true>(ATTN_PASS);
 }
-// For timing (cuda.rs, `Variant::DeepRing`): twice the stages, so that a
-// 4k step's split (8 tiles at 16 splits) has all its tiles in flight at
-// once; one block per SM (128 KB).
+// Twice the stages, for steps whose splits hold more tiles than
+// TMA_STAGES (dense at 4k: 8 tiles at 16 splits, all in flight at once);
+// one block per SM (128 KB). cuda.rs (`from_step`) says when.
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 1) attn_ranges_tma8(ATTN_ARGS) {
     attn_body<false, false, false, 2 * TMA_STAGES, true>(ATTN_PASS);
 }
