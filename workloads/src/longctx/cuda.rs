@@ -833,7 +833,12 @@ impl<'g> DecodeBench<'g> {
         // results/runs/2026-11-29-h200-long-context-decode-step-32-layers-g):
         // dense at 4k 0.0105 ms with 4 stages, 0.0103 with 8, 0.0098 with 8
         // chained (0.0120 chained with 4).
-        if tma && bench.plan.span > TMA_STAGES * TILE {
+        let tiles = bench
+            .plan
+            .total
+            .div_ceil(TILE)
+            .div_ceil(bench.plan.splits.max(1));
+        if tma && tiles > TMA_STAGES {
             bench = bench.with_ring(2 * TMA_STAGES)?.with_chain(true);
         }
         gpu.synchronize()?;
@@ -1016,6 +1021,17 @@ impl<'g> DecodeBench<'g> {
 
     pub fn splits(&self) -> usize {
         self.plan.splits
+    }
+
+    /// Stages of the bulk-copy ring the step's kernel uses; 0 where it
+    /// loads into registers.
+    pub fn ring(&self) -> usize {
+        self.attn_smem as usize / (TMA_SMEM / TMA_STAGES)
+    }
+
+    /// Whether the steps of the timed graph are chained.
+    pub fn chained(&self) -> bool {
+        self.chain
     }
 
     fn plan_splits(&self, splits: Option<usize>, interleave: bool) -> Result<Plan, WorkloadError> {
@@ -1471,12 +1487,18 @@ mod tests {
             for kind in kinds() {
                 let step = Step::new(cache.clone(), kind, 17).unwrap();
                 let mut bench = DecodeBench::from_step(&gpu, step).unwrap();
+                if kind == StepKind::Dense && n == 4096 {
+                    // The rule of `from_step`: 8 tiles a split at 16 splits.
+                    assert_eq!((bench.ring(), bench.chained()), (8, true));
+                }
                 let (e, swaps) = bench.check().unwrap();
                 eprintln!(
-                    "{} {:.2} n={n} splits={}: rel err {e:.2e}, {swaps} near-tie swaps",
+                    "{} {:.2} n={n} splits={} ring={} chained={}: rel err {e:.2e}, {swaps} near-tie swaps",
                     kind.name(),
                     kind.frac(),
-                    bench.splits()
+                    bench.splits(),
+                    bench.ring(),
+                    bench.chained()
                 );
                 assert!(e <= TOLERANCE, "{} n={n}: {e:.3e}", kind.name());
             }
