@@ -195,8 +195,9 @@
 //! its QKV projection) was measured on the H100 and gained nothing (dense
 //! at 4k: 12.3 us chained, 12.0 us not; 16k: 31.4 against 30.3 us), so it
 //! is off, except for bulk-copy steps whose splits outgrow the ring of 4
-//! stages (dense at 4k): these take the ring of 8 and are chained, which
-//! measured 0.0098 against 0.0105 ms on an H200 (`from_step`, 2026-11-29).
+//! stages in a grid of one block per SM (dense at 4k): these take the ring
+//! of 8 and are chained, which measured 0.0098 against 0.0105 ms on an
+//! H200 (`from_step`, 2026-11-29).
 //! `decode_step_timings` prints dense chained and not, and a third form,
 //! chained with `Variant::Prefetch`: every step asks for its own rows to
 //! be brought into L2 before it waits on the step before it, so that its
@@ -827,18 +828,23 @@ impl<'g> DecodeBench<'g> {
         };
         bench.plan = bench.plan_splits(None, true)?;
         // Where a bulk-copy split holds more tiles than the ring has
-        // stages (dense at 4k: 8 tiles of 32 rows at 16 splits), the ring
-        // of 8 keeps them all in flight, and the steps are chained. Measured
-        // on an H200 (`prefetch_chain_sweep`, 2026-11-29, in
+        // stages and the grid is one block per SM anyway (dense at 4k: 8
+        // tiles of 32 rows at 16 splits, 128 blocks), the ring of 8, which
+        // fits one block per SM, keeps them all in flight, and the steps
+        // are chained. Measured on an H200 (`prefetch_chain_sweep`,
+        // 2026-11-29, in
         // results/runs/2026-11-29-h200-long-context-decode-step-32-layers-g):
         // dense at 4k 0.0105 ms with 4 stages, 0.0103 with 8, 0.0098 with 8
-        // chained (0.0120 chained with 4).
+        // chained (0.0120 chained with 4). Where the grid needs two blocks
+        // per SM it is slower (dense at 16k, 32 splits: 0.0293 against
+        // 0.0237 ms; the window at 10% of 64k: 0.0166 against 0.0138).
         let tiles = bench
             .plan
             .total
             .div_ceil(TILE)
             .div_ceil(bench.plan.splits.max(1));
-        if tma && tiles > TMA_STAGES {
+        let blocks = bench.plan.splits * bench.step.shape().kv_heads;
+        if tma && tiles > TMA_STAGES && blocks <= bench.gpu.sms {
             bench = bench.with_ring(2 * TMA_STAGES)?.with_chain(true);
         }
         gpu.synchronize()?;
