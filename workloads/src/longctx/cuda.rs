@@ -205,9 +205,9 @@
 //! `prefetch_chain_sweep` and `decode_step_timings`, in
 //! results/runs/2026-11-29-h200-long-context-decode-step-32-layers-f), it
 //! is slower everywhere: dense chained at 4k 0.0121 -> 0.0124 ms, at 512k
-//! 0.531 -> 0.693 ms; the best 4k form is chained bulk copies at 32
-//! splits, 0.0100 against 0.0104 ms unchained at the default 16, and
-//! prefetching adds 0.0005 ms to it. So no step uses it. The floor is the step's bytes
+//! 0.531 -> 0.693 ms; at 32 splits, where chaining alone helps at 4k
+//! (0.0100 against 0.0108 ms), prefetching adds 0.0004 ms. So no step uses
+//! it. The floor is the step's bytes
 //! ([`super::kernel::Step::bytes`]) over the copy bandwidth measured here
 //! (a device-to-device copy of 1 GiB, counting bytes read and written).
 //! Set-up (data generation, upload, compile, graph capture) is untimed,

@@ -142,17 +142,6 @@ __device__ __forceinline__ float reduce4(const float a[4], int l) {
     return c;
 }
 
-// PAGED: logical row j is row (j % 16) of page pages[j / 16]. Otherwise
-// rows [start0, start0 + len0) then [start1, ...).
-//
-// Which tiles a split reads: with `interleave`, split s of S reads tiles
-// s, s + S, s + 2S, ... of the whole selection, so that the blocks of a
-// head sweep its rows together from front to back, as a copy does;
-// otherwise split s reads the contiguous rows [s * span, (s + 1) * span).
-// DEPTH: tiles in flight per block with bulk copies (TMA), 2 otherwise.
-// PREFETCH: before waiting on the kernel before it, the block asks for its
-// split's rows to be brought into L2 (range steps; what a dependent launch
-// may do, since the history does not depend on that kernel).
 // Calls f(offset in the tile, first cache row, bytes of K or of V) for each
 // run of contiguous cache rows among the n logical rows from t0 of a range
 // step (rows [0, len0) at start0, the rest at start1; head_row0 is the
@@ -169,6 +158,17 @@ __device__ __forceinline__ void tile_runs(int t0, int n, long long head_row0, in
     }
 }
 
+// PAGED: logical row j is row (j % 16) of page pages[j / 16]. Otherwise
+// rows [start0, start0 + len0) then [start1, ...).
+//
+// Which tiles a split reads: with `interleave`, split s of S reads tiles
+// s, s + S, s + 2S, ... of the whole selection, so that the blocks of a
+// head sweep its rows together from front to back, as a copy does;
+// otherwise split s reads the contiguous rows [s * span, (s + 1) * span).
+// DEPTH: tiles in flight per block with bulk copies (TMA), 2 otherwise.
+// PREFETCH: before waiting on the kernel before it, the block asks for its
+// split's rows to be brought into L2 (range steps; what a dependent launch
+// may do, since the history does not depend on that kernel).
 template <bool PAGED, bool BIAS, bool DROP_LAST, int DEPTH, bool TMA = false, bool PREFETCH = false>
 __device__ __forceinline__ void attn_body(
     const bf16 *__restrict__ q, const bf16 *__restrict__ kc, const bf16 *__restrict__ vc,
