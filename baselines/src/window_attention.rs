@@ -931,16 +931,17 @@ pub mod products {
 /// 16 KiB state: both in L1). SLA uses the same chunk.
 pub const CHUNK: usize = 16;
 
+/// The feature map of linear attention here and in SLA.
 #[inline(always)]
-fn relu(x: f32) -> f32 {
+pub fn relu(x: f32) -> f32 {
     x.max(0.0)
 }
 
 /// `x . y` in eight interleaved partial sums (every head dim is a multiple
 /// of 8): one running sum is a chain of dependent adds that the compiler
-/// may not reorder.
+/// may not reorder, and would cost as much as the rest of a head's work.
 #[inline(always)]
-fn dot(x: &[f32], y: &[f32]) -> f32 {
+pub fn dot(x: &[f32], y: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     for (xc, yc) in x.chunks_exact(8).zip(y.chunks_exact(8)) {
         for l in 0..8 {
@@ -976,9 +977,46 @@ fn transpose_heads<const D: usize>(src: &[f32], dst: &mut [f32]) {
 
 /// Converts rows to `f32` through `f`.
 #[inline(always)]
-fn load<T: Scalar>(dst: &mut [f32], src: &[T], f: impl Fn(f32) -> f32) {
+pub fn load<T: Scalar>(dst: &mut [f32], src: &[T], f: impl Fn(f32) -> f32) {
     for (d, &x) in dst.iter_mut().zip(src) {
         *d = f(x.to_f32());
+    }
+}
+
+/// Linear attention's output from a window's state, shared by the padded
+/// linear baseline and SLA: `out_i = relu(q_i) KV / (relu(q_i) . s +
+/// LINEAR_EPS)` for every row of `q` and head, [`CHUNK`] rows at a time.
+/// `kv` holds each head's `D x D` state and `s` its `D` sums; `x` and `y`
+/// are scratch of `CHUNK` rows.
+#[inline(always)]
+pub fn linear_output<T: Scalar, const D: usize>(
+    q: &[T],
+    heads: usize,
+    (kv, s): (&[f32], &[f32]),
+    (x, y): (&mut [f32], &mut [f32]),
+    out: &mut [T],
+) {
+    let row = heads * D;
+    let rows = q.len() / row;
+    for start in (0..rows).step_by(CHUNK) {
+        let g = CHUNK.min(rows - start);
+        let at = start * row..(start + g) * row;
+        load(x, &q[at.clone()], relu);
+        for h in 0..heads {
+            products::chunk_mat::<D>(x, &kv[h * D * D..][..D * D], y, (g, row, h * D));
+        }
+        for ((o, xr), yr) in out[at]
+            .chunks_exact_mut(row)
+            .zip(x.chunks_exact(row))
+            .zip(y.chunks_exact(row))
+        {
+            for h in 0..heads {
+                let den = dot(&xr[h * D..][..D], &s[h * D..][..D]) + LINEAR_EPS;
+                for (ob, &nb) in o[h * D..][..D].iter_mut().zip(&yr[h * D..][..D]) {
+                    *ob = T::from_f32(nb / den);
+                }
+            }
+        }
     }
 }
 
@@ -1062,30 +1100,9 @@ fn linear_forward_window<T: Scalar, const D: usize>(
     out: &mut [T],
     sc: &mut LinScratch,
 ) {
-    let row = heads * D;
-    let slots = mask.len();
+    debug_assert_eq!(q.len(), mask.len() * heads * D);
     linear_state::<T, D>(k, v, mask, heads, sc);
-    for start in (0..slots).step_by(CHUNK) {
-        let g = CHUNK.min(slots - start);
-        let at = start * row..(start + g) * row;
-        load(&mut sc.x, &q[at.clone()], relu);
-        for h in 0..heads {
-            let kv = &sc.kv[h * D * D..][..D * D];
-            products::chunk_mat::<D>(&sc.x, kv, &mut sc.y, (g, row, h * D));
-        }
-        let rows_out = out[at].chunks_exact_mut(row);
-        for ((o, x), y) in rows_out
-            .zip(sc.x.chunks_exact(row))
-            .zip(sc.y.chunks_exact(row))
-        {
-            for h in 0..heads {
-                let den = dot(&x[h * D..][..D], &sc.s[h * D..][..D]) + LINEAR_EPS;
-                for (ob, &nb) in o[h * D..][..D].iter_mut().zip(&y[h * D..][..D]) {
-                    *ob = T::from_f32(nb / den);
-                }
-            }
-        }
-    }
+    linear_output::<T, D>(q, heads, (&sc.kv, &sc.s), (&mut sc.x, &mut sc.y), out);
 }
 
 /// Backward of [`linear_forward_window`]: the formulas of SLA's backward

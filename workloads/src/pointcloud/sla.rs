@@ -45,14 +45,17 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use baselines::window_attention::{check_layout, products, split_windows_mut, LINEAR_EPS};
+use baselines::window_attention::{
+    check_layout, dot, linear_output, load, products, relu, split_windows_mut, LINEAR_EPS,
+};
 pub use baselines::window_attention::{Grads64, Scalar, Shape};
 use baselines::with_head_dim;
 use rayon::prelude::*;
 
 /// Voxels per chunk of the state accumulation: two chunk buffers of
-/// `16 x 512` bytes beside a 16 KiB state, all within L1.
-pub const CHUNK: usize = 16;
+/// `16 x 512` bytes beside a 16 KiB state, all within L1 (the padded
+/// linear baseline's chunk too, whose output code SLA shares).
+pub use baselines::window_attention::CHUNK;
 
 /// What one SLA call did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,31 +85,12 @@ mod fault {
 }
 
 #[inline(always)]
-fn relu(x: f32) -> f32 {
-    x.max(0.0)
-}
-
-#[inline(always)]
 fn phi_k<const F: u8>(x: f32) -> f32 {
     if F == fault::NO_RELU_K {
         x
     } else {
         relu(x)
     }
-}
-
-/// `x . y` in eight interleaved partial sums (every head dim is a multiple
-/// of 8): a single running sum is a chain of dependent adds that the
-/// compiler may not reorder, and cost as much as the rest of a head's work.
-#[inline(always)]
-fn dot(x: &[f32], y: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    for (xc, yc) in x.chunks_exact(8).zip(y.chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += xc[l] * yc[l];
-        }
-    }
-    acc.iter().sum()
 }
 
 fn transpose_heads<const D: usize>(src: &[f32], dst: &mut [f32]) {
@@ -164,14 +148,6 @@ impl Scratch {
     }
 }
 
-/// Converts `rows` voxel rows to `f32` through `f` into `dst`.
-#[inline(always)]
-fn load<T: Scalar>(dst: &mut [f32], src: &[T], f: impl Fn(f32) -> f32) {
-    for (d, &x) in dst.iter_mut().zip(src) {
-        *d = f(x.to_f32());
-    }
-}
-
 /// The state of one window, all heads: `KV = sum_j phi(k_j)^T v_j`, `s =
 /// sum_j phi(k_j)`, a chunk of [`CHUNK`] voxels at a time: the chunk's
 /// `phi(k)` and `v` rows are converted to `f32` once and folded into every
@@ -216,30 +192,8 @@ fn window_forward<T: Scalar, const D: usize, const F: u8>(
     out: &mut [T],
     sc: &mut Scratch,
 ) {
-    let row = heads * D;
-    let rows = q.len() / row;
     window_state::<T, D, F>(k, v, heads, sc);
-    for start in (0..rows).step_by(CHUNK) {
-        let g = CHUNK.min(rows - start);
-        let at = start * row..(start + g) * row;
-        load(&mut sc.x, &q[at.clone()], relu);
-        for h in 0..heads {
-            let kv = &sc.kv[h * D * D..][..D * D];
-            products::chunk_mat::<D>(&sc.x, kv, &mut sc.y, (g, row, h * D));
-        }
-        let rows_out = out[at].chunks_exact_mut(row);
-        for ((o, x), y) in rows_out
-            .zip(sc.x.chunks_exact(row))
-            .zip(sc.y.chunks_exact(row))
-        {
-            for h in 0..heads {
-                let den = dot(&x[h * D..][..D], &sc.s[h * D..][..D]) + LINEAR_EPS;
-                for (ob, &nb) in o[h * D..][..D].iter_mut().zip(&y[h * D..][..D]) {
-                    *ob = T::from_f32(nb / den);
-                }
-            }
-        }
-    }
+    linear_output::<T, D>(q, heads, (&sc.kv, &sc.s), (&mut sc.x, &mut sc.y), out);
 }
 
 /// Backward over one window. The state is recomputed from `k` and `v`, not
