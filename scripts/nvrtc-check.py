@@ -80,8 +80,11 @@ def compile_source(lib, path, options):
 
 def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    lib = load_nvrtc(root)
     todo = [(a, SOURCES[0][1]) for a in sys.argv[1:]] or [(os.path.join(root, p), o) for p, o in SOURCES]
+    for path, _ in todo:
+        if not os.path.isfile(path):
+            sys.exit(f"nvrtc-check: {path}: no such file. Give CUDA source files, or no argument for the project's own.")
+    lib = load_nvrtc(root)
     failed = 0
     for path, options in todo:
         err = compile_source(lib, path, options)
