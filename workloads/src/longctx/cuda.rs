@@ -660,6 +660,10 @@ pub struct DecodeBench<'g> {
     /// The first kernel of every step is a programmatic dependent launch
     /// on the kernel before it (see the module docs).
     chain: bool,
+    /// The bulk-copy ring and chaining follow the plan
+    /// ([`DecodeBench::with_ring_rule`]); cleared once a caller picks the
+    /// ring or another kernel.
+    ring_auto: bool,
     plan: Plan,
     graph: Option<CudaGraph>,
     /// Diagnostics only ([`Self::with_layers`]): a graph of this many
@@ -815,6 +819,7 @@ impl<'g> DecodeBench<'g> {
             pdl: true,
             pdl_parts: None,
             chain: false,
+            ring_auto: true,
             plan: Plan {
                 total: 0,
                 span: 0,
@@ -827,34 +832,51 @@ impl<'g> DecodeBench<'g> {
             step,
         };
         bench.plan = bench.plan_splits(None, true)?;
-        // Where a bulk-copy split holds more tiles than the ring has
-        // stages and the grid is one block per SM anyway (dense at 4k: 8
-        // tiles of 32 rows at 16 splits, 128 blocks), the ring of 8, which
-        // fits one block per SM, keeps them all in flight, and the steps
-        // are chained. Measured on an H200 (`prefetch_chain_sweep`,
-        // 2026-11-29, in
-        // results/runs/2026-11-29-h200-long-context-decode-step-32-layers-g):
-        // dense at 4k 0.0105 ms with 4 stages, 0.0103 with 8, 0.0098 with 8
-        // chained (0.0120 chained with 4). Where the grid needs two blocks
-        // per SM it is slower (dense at 16k, 32 splits: 0.0293 against
-        // 0.0237 ms; the window at 10% of 64k: 0.0166 against 0.0138).
-        let tiles = bench
-            .plan
-            .total
-            .div_ceil(TILE)
-            .div_ceil(bench.plan.splits.max(1));
-        let blocks = bench.plan.splits * bench.step.shape().kv_heads;
-        if tma && tiles > TMA_STAGES && blocks <= bench.gpu.sms {
-            bench = bench.with_ring(2 * TMA_STAGES)?.with_chain(true);
-        }
+        let bench = bench.with_ring_rule()?;
         gpu.synchronize()?;
         Ok(bench)
     }
 
+    /// The default ring and chaining of a bulk-copy step, for its plan;
+    /// re-applied whenever the plan changes, until a caller picks the ring
+    /// ([`DecodeBench::with_ring`]) or another kernel
+    /// ([`DecodeBench::with_variant`]). Where a split holds more tiles
+    /// than the ring has stages and the grid is one block per SM anyway
+    /// (dense at 4k: 8 tiles of 32 rows at 16 splits, 128 blocks), the
+    /// ring of 8, which fits one block per SM, keeps them all in flight,
+    /// and the steps are chained; otherwise the ring of 4, unchained.
+    /// Measured on an H200 (`prefetch_chain_sweep`, 2026-11-29, in
+    /// results/runs/2026-11-29-h200-long-context-decode-step-32-layers-g):
+    /// dense at 4k 0.0105 ms with 4 stages, 0.0103 with 8, 0.0098 with 8
+    /// chained (0.0120 chained with 4). Where the grid needs two blocks per
+    /// SM the ring of 8 is slower (dense at 16k, 32 splits: 0.0293 against
+    /// 0.0237 ms; the window at 10% of 64k: 0.0166 against 0.0138).
+    fn with_ring_rule(self) -> Result<Self, WorkloadError> {
+        if !self.ring_auto || self.attn_smem == 0 {
+            return Ok(self);
+        }
+        let tiles = self
+            .plan
+            .total
+            .div_ceil(TILE)
+            .div_ceil(self.plan.splits.max(1));
+        let blocks = self.plan.splits * self.step.shape().kv_heads;
+        let deep = tiles > TMA_STAGES && blocks <= self.gpu.sms;
+        let mut bench = self.set_ring(if deep { 2 * TMA_STAGES } else { TMA_STAGES })?;
+        bench.chain = deep;
+        Ok(bench)
+    }
+
     /// Stages of the bulk-copy kernel's ring (`TMA_STAGES` or twice that;
-    /// the default is set by the rule in [`DecodeBench::from_step`]), for
-    /// tests and timing. Only for steps that use bulk copies.
+    /// by default a rule picks it from the plan, `with_ring_rule`), for
+    /// tests and timing; the ring then stays as picked. Only for steps
+    /// that use bulk copies.
     pub fn with_ring(mut self, stages: usize) -> Result<Self, WorkloadError> {
+        self.ring_auto = false;
+        self.set_ring(stages)
+    }
+
+    fn set_ring(mut self, stages: usize) -> Result<Self, WorkloadError> {
         if self.attn_smem == 0 {
             return Err(WorkloadError::Config(
                 "the ring's stages apply to bulk-copy steps only".into(),
@@ -880,7 +902,7 @@ impl<'g> DecodeBench<'g> {
     pub fn with_splits(mut self, splits: usize) -> Result<Self, WorkloadError> {
         self.plan = self.plan_splits(Some(splits), self.plan.interleave)?;
         self.graph = None;
-        Ok(self)
+        self.with_ring_rule()
     }
 
     /// Interleaved tiles per split (`true`, the default) or contiguous
@@ -888,7 +910,7 @@ impl<'g> DecodeBench<'g> {
     pub fn with_interleave(mut self, interleave: bool) -> Result<Self, WorkloadError> {
         self.plan = self.plan_splits(Some(self.plan.splits), interleave)?;
         self.graph = None;
-        Ok(self)
+        self.with_ring_rule()
     }
 
     /// Block-topk: whether the top-k kernel copies the keys into shared
@@ -959,6 +981,8 @@ impl<'g> DecodeBench<'g> {
 
     /// Switches to a deliberately broken attention kernel.
     pub fn with_variant(mut self, variant: Variant) -> Result<Self, WorkloadError> {
+        // A variant's kernel stays whatever the plan becomes.
+        self.ring_auto &= variant == Variant::Normal;
         let kernel = match variant {
             Variant::Normal => None,
             Variant::DropLastSplit => {
