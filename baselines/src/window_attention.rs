@@ -965,7 +965,7 @@ fn vec_mat<const D: usize>(x: &[f32], m: &[f32]) -> [f32; D] {
 }
 
 /// Transposes each head's `D x D` block of `src` into `dst`.
-fn transpose_heads<const D: usize>(src: &[f32], dst: &mut [f32]) {
+pub fn transpose_heads<const D: usize>(src: &[f32], dst: &mut [f32]) {
     for (s, d) in src.chunks_exact(D * D).zip(dst.chunks_exact_mut(D * D)) {
         for a in 0..D {
             for b in 0..D {

@@ -46,7 +46,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use baselines::window_attention::{
-    check_layout, dot, linear_output, load, products, relu, split_windows_mut, LINEAR_EPS,
+    check_layout, dot, linear_output, load, products, relu, split_windows_mut, transpose_heads,
+    LINEAR_EPS,
 };
 pub use baselines::window_attention::{Grads64, Scalar, Shape};
 use baselines::with_head_dim;
@@ -90,16 +91,6 @@ fn phi_k<const F: u8>(x: f32) -> f32 {
         x
     } else {
         relu(x)
-    }
-}
-
-fn transpose_heads<const D: usize>(src: &[f32], dst: &mut [f32]) {
-    for (s, d) in src.chunks_exact(D * D).zip(dst.chunks_exact_mut(D * D)) {
-        for a in 0..D {
-            for b in 0..D {
-                d[b * D + a] = s[a * D + b];
-            }
-        }
     }
 }
 
