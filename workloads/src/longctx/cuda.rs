@@ -544,6 +544,12 @@ struct Layer {
     bias: Option<CudaSlice<f32>>,
 }
 
+/// Whether the bulk-copy kernels can serve `step`: range steps without a
+/// bias (dense and windowed; not the paged or the clustered kernels).
+fn bulk_copy_serves(step: &Step) -> bool {
+    !matches!(step.kind, StepKind::BlockTopk { .. }) && step.bias().is_none()
+}
+
 /// Which attention kernel a bench launches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
@@ -765,9 +771,7 @@ impl<'g> DecodeBench<'g> {
         // bring their tiles in with bulk copies, four in flight per block
         // (`attn_ranges_tma`, with SHORT_SPLITS or TMA_SPLITS splits per
         // head).
-        let tma = !matches!(step.kind, StepKind::BlockTopk { .. })
-            && step.bias().is_none()
-            && step.rows_read() <= SHORT_ROWS;
+        let tma = bulk_copy_serves(&step) && step.rows_read() <= SHORT_ROWS;
         let attn = match (step.kind, step.bias().is_some()) {
             (StepKind::BlockTopk { .. }, _) => gpu.function("attn_pages")?,
             (_, true) => gpu.function("attn_ranges_bias")?,
@@ -869,17 +873,24 @@ impl<'g> DecodeBench<'g> {
 
     /// Stages of the bulk-copy kernel's ring (`TMA_STAGES` or twice that;
     /// by default a rule picks it from the plan, `with_ring_rule`), for
-    /// tests and timing; the ring then stays as picked. Only for steps
-    /// that use bulk copies.
+    /// tests and timing; the ring then stays as picked. For range steps
+    /// without a bias; one that loads into registers by default (more
+    /// than `SHORT_ROWS` rows) switches to bulk copies, with the splits
+    /// `plan_splits` gives them.
     pub fn with_ring(mut self, stages: usize) -> Result<Self, WorkloadError> {
         self.ring_auto = false;
-        self.set_ring(stages)
+        let registers = self.attn_smem == 0;
+        let mut bench = self.set_ring(stages)?;
+        if registers {
+            bench.plan = bench.plan_splits(None, bench.plan.interleave)?;
+        }
+        Ok(bench)
     }
 
     fn set_ring(mut self, stages: usize) -> Result<Self, WorkloadError> {
-        if self.attn_smem == 0 {
+        if !bulk_copy_serves(&self.step) {
             return Err(WorkloadError::Config(
-                "the ring's stages apply to bulk-copy steps only".into(),
+                "the bulk-copy ring serves range steps without a bias only".into(),
             ));
         }
         let (name, smem) = match stages {
@@ -994,9 +1005,7 @@ impl<'g> DecodeBench<'g> {
                 Some("attn_ranges_drop_last")
             }
             Variant::Registers => {
-                if matches!(self.step.kind, StepKind::BlockTopk { .. })
-                    || self.step.bias().is_some()
-                {
+                if !bulk_copy_serves(&self.step) {
                     return Err(WorkloadError::Config(
                         "the register variant exists for range steps without a bias".into(),
                     ));
@@ -1008,9 +1017,7 @@ impl<'g> DecodeBench<'g> {
                 None
             }
             Variant::Prefetch => {
-                if matches!(self.step.kind, StepKind::BlockTopk { .. })
-                    || self.step.bias().is_some()
-                {
+                if !bulk_copy_serves(&self.step) {
                     return Err(WorkloadError::Config(
                         "the prefetching variant exists for range steps without a bias".into(),
                     ));
@@ -2047,6 +2054,69 @@ mod tests {
                         t.ratio_to_floor()
                     );
                 }
+            }
+        }
+    }
+
+    /// Long range steps (more than `SHORT_ROWS` rows per KV head, which
+    /// load into registers by default) with bulk copies instead: rings of
+    /// 4 and 8 stages at several split counts, chained and not, beside
+    /// the default; whether the H200's bandwidth wants more bytes in
+    /// flight per SM than two register tiles per warp give.
+    #[test]
+    #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
+    fn long_ring_sweep() {
+        let Some(gpu) = gpu() else { return };
+        let cases = [
+            (65_536, StepKind::Dense),
+            (131_072, StepKind::Dense),
+            (131_072, StepKind::window(0.25)),
+            (524_288, StepKind::Dense),
+            (524_288, StepKind::window(0.1)),
+        ];
+        let forms: [(&str, Option<usize>, Option<usize>, bool); 9] = [
+            ("registers (default)", None, None, false),
+            ("bulk 4", Some(4), None, false),
+            ("bulk 4", Some(4), Some(33), false),
+            ("bulk 4 chained", Some(4), Some(33), true),
+            ("bulk 4", Some(4), Some(66), false),
+            ("bulk 8", Some(8), Some(16), false),
+            ("bulk 8", Some(8), Some(17), false),
+            ("bulk 8 chained", Some(8), Some(17), true),
+            ("bulk 8", Some(8), Some(33), false),
+        ];
+        let mut last = 0;
+        let mut cache = None;
+        for (n, kind) in cases {
+            if n != last {
+                drop(cache.take()); // free the host copy before the next one
+                cache = Some(Arc::new(
+                    DenseCache::generate(Shape::llama3_8b(n), 1).unwrap(),
+                ));
+                last = n;
+            }
+            let cache = cache.as_ref().unwrap();
+            for (form, ring, splits, chain) in forms {
+                let step = Step::new(cache.clone(), kind, 1).unwrap();
+                let mut bench = DecodeBench::from_step(&gpu, step).unwrap();
+                if let Some(r) = ring {
+                    bench = bench.with_ring(r).unwrap();
+                }
+                if let Some(x) = splits {
+                    bench = bench.with_splits(x).unwrap();
+                }
+                let mut bench = bench.with_chain(chain);
+                let t = bench.time(20).unwrap();
+                assert!(t.rel_err_vs_cpu_ref <= TOLERANCE, "{t:?}");
+                println!(
+                    "long-ring {} {:.2} n={n} {form:<20} ring={} splits={:>3}: {:.4} ms, {:.3}x floor",
+                    kind.name(),
+                    kind.frac(),
+                    bench.ring(),
+                    t.splits,
+                    t.median_s * 1e3,
+                    t.ratio_to_floor()
+                );
             }
         }
     }
