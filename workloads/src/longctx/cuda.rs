@@ -150,8 +150,7 @@
 //! commit group per tile, computing from shared memory; 2 blocks per SM),
 //! which passed the reference check and took 2.49x against 2.06x.
 //!
-//! Short range steps without a bias (at most `SHORT_ROWS` rows per KV
-//! head: dense up to 16k, small sink windows) now use bulk copies
+//! Range steps without a bias (dense, sink windows) use bulk copies
 //! (`attn_ranges_tma`): thread 0 copies whole tiles of K and V with
 //! `cp.async.bulk`, completing on one mbarrier per stage, into a ring of 4
 //! stages of 16 KB; the warps read their rows from shared memory, so the
@@ -161,13 +160,20 @@
 //! 12, 20 and 32 splits took 3.05x, 2.62x, 2.50x and 2.15x at 4k (H100,
 //! `BENCH_SUITE_SHORT_SPLITS`, 2026-11-27). Tried before it and not kept:
 //! four tiles in flight per warp in registers (a ring of four tiles) at 2
-//! blocks per SM, 2.24x at 4k against 2.08x.
-//! Splits per KV head: one block
-//! per resident slot ((SMs x resident blocks) / KV heads, 49 on an H100),
-//! or, up to 4k rows, 16 with bulk copies and 32 with the register
-//! kernels, where fewer partials to combine win, and from there to 16k
-//! rows 32 with bulk copies (measured by the `dense_split_sweep` and
-//! `range_split_sweep` tests; `plan_splits` gives the figures).
+//! blocks per SM, 2.24x at 4k against 2.08x. Until 2026-11-29 steps of
+//! more than 16k rows per KV head loaded into registers (on the H100
+//! dense was at 1.04x its floor or below from 64k up); on an H200 the
+//! register kernel stayed at 1.07-1.13x there while bulk copies, two
+//! blocks per SM and chained, took dense at 64k from 0.0717 to 0.0690 ms
+//! (1.13x to 1.09x), at 128k from 0.1360 to 0.1323 (1.07x to 1.04x) and
+//! at 512k from 0.5686 to 0.5314 (1.12x to 1.05x), and the window at 10%
+//! of 512k from 0.0590 to 0.0568 ms (`long_ring_sweep`, one lease).
+//! Splits per KV head: one block per resident slot ((SMs x resident
+//! blocks) / KV heads: 33 with bulk copies on 132 SMs, 49 with loads into
+//! registers), or, up to 4k rows, 16 with bulk copies and 32 with the
+//! register kernels, where fewer partials to combine win (measured by the
+//! `dense_split_sweep`, `range_split_sweep` and `long_ring_sweep` tests;
+//! `plan_splits` gives the figures).
 //!
 //! Tuning without a rebuild (a machine with a GPU may have no Rust
 //! toolchain): `BENCH_SUITE_DECODE_ATTN_CU` names another decode_attn.cu to
@@ -194,10 +200,11 @@
 //! that only launch and block set-up overlap, as a decoder could do with
 //! its QKV projection) was measured on the H100 and gained nothing (dense
 //! at 4k: 12.3 us chained, 12.0 us not; 16k: 31.4 against 30.3 us), so it
-//! is off, except for bulk-copy steps whose splits outgrow the ring of 4
-//! stages in a grid of one block per SM (dense at 4k): these take the ring
-//! of 8 and are chained, which measured 0.0098 against 0.0105 ms on an
-//! H200 (`from_step`, 2026-11-29).
+//! was off until 2026-11-29. Measured since on an H200, two kinds of
+//! bulk-copy step are chained (`with_ring_rule`): those whose splits
+//! outgrow the ring of 4 stages in a grid of one block per SM (dense at
+//! 4k), which take the ring of 8 (0.0098 against 0.0105 ms), and every
+//! one of more than 4k rows per KV head (1-3% faster).
 //! `decode_step_timings` prints dense chained and not, and a third form,
 //! chained with `Variant::Prefetch`: every step asks for its own rows to
 //! be brought into L2 before it waits on the step before it, so that its
@@ -240,17 +247,12 @@ const ATT_THREADS: u32 = 128;
 const TILE: usize = 32;
 pub const MAX_SPLITS: usize = 256;
 const MAX_SPAN_PAGES: usize = 1024;
-/// Rows per KV head up to which a range step without a bias uses the
-/// bulk-copy kernel.
-const SHORT_ROWS: usize = 16_384;
 /// Rows per KV head up to which a step takes few splits: `SHORT_SPLITS`
 /// with the bulk-copy kernel, 32 with the others (see `plan_splits`).
 const FEW_ROWS: usize = 4096;
 /// Splits per KV head of a step of at most `FEW_ROWS` rows with the
 /// bulk-copy kernel; `BENCH_SUITE_SHORT_SPLITS` replaces it, for tuning.
 const SHORT_SPLITS: usize = 16;
-/// Splits per KV head of a bulk-copy step of more than `FEW_ROWS` rows.
-const TMA_SPLITS: usize = 32;
 /// Stages of the bulk-copy kernel's ring (`TMA_STAGES` in decode_attn.cu;
 /// `attn_ranges_tma8` has twice as many).
 const TMA_STAGES: usize = 4;
@@ -767,11 +769,10 @@ impl<'g> DecodeBench<'g> {
         let zeros32 = |n: usize| st.alloc_zeros::<u32>(n.max(1)).map_err(|e| dev("alloc", e));
         let zerosf = |n: usize| st.alloc_zeros::<f32>(n.max(1)).map_err(|e| dev("alloc", e));
         let kvh = s.kv_heads;
-        // Short range steps without a bias (up to SHORT_ROWS rows per head)
-        // bring their tiles in with bulk copies, four in flight per block
-        // (`attn_ranges_tma`, with SHORT_SPLITS or TMA_SPLITS splits per
-        // head).
-        let tma = bulk_copy_serves(&step) && step.rows_read() <= SHORT_ROWS;
+        // Range steps without a bias bring their tiles in with bulk copies,
+        // four in flight per block (`attn_ranges_tma`; `with_ring_rule`
+        // may take the ring of 8).
+        let tma = bulk_copy_serves(&step);
         let attn = match (step.kind, step.bias().is_some()) {
             (StepKind::BlockTopk { .. }, _) => gpu.function("attn_pages")?,
             (_, true) => gpu.function("attn_ranges_bias")?,
@@ -848,13 +849,18 @@ impl<'g> DecodeBench<'g> {
     /// than the ring has stages and the grid is one block per SM anyway
     /// (dense at 4k: 8 tiles of 32 rows at 16 splits, 128 blocks), the
     /// ring of 8, which fits one block per SM, keeps them all in flight,
-    /// and the steps are chained; otherwise the ring of 4, unchained.
-    /// Measured on an H200 (`prefetch_chain_sweep`, 2026-11-29, in
+    /// and the steps are chained; otherwise the ring of 4, chained for
+    /// steps of more than `FEW_ROWS` rows. Measured on an H200
+    /// (`prefetch_chain_sweep`, 2026-11-29, in
     /// results/runs/2026-11-29-h200-long-context-decode-step-32-layers-g):
     /// dense at 4k 0.0105 ms with 4 stages, 0.0103 with 8, 0.0098 with 8
     /// chained (0.0120 chained with 4). Where the grid needs two blocks per
     /// SM the ring of 8 is slower (dense at 16k, 32 splits: 0.0293 against
     /// 0.0237 ms; the window at 10% of 64k: 0.0166 against 0.0138).
+    /// Chaining the ring of 4 at 32 or 33 splits: dense at 16k 0.0230
+    /// against 0.0235 ms (the same sweep), at 64k 0.0690 against 0.0700,
+    /// at 512k 0.5314 against 0.5324, the window at 25% of 128k 0.0385
+    /// against 0.0397 (`long_ring_sweep`, 2026-11-29).
     fn with_ring_rule(self) -> Result<Self, WorkloadError> {
         if !self.ring_auto || self.attn_smem == 0 {
             return Ok(self);
@@ -866,16 +872,17 @@ impl<'g> DecodeBench<'g> {
             .div_ceil(self.plan.splits.max(1));
         let blocks = self.plan.splits * self.step.shape().kv_heads;
         let deep = tiles > TMA_STAGES && blocks <= self.gpu.sms;
+        let long = self.plan.total > FEW_ROWS;
         let mut bench = self.set_ring(if deep { 2 * TMA_STAGES } else { TMA_STAGES })?;
-        bench.chain = deep;
+        bench.chain = deep || long;
         Ok(bench)
     }
 
     /// Stages of the bulk-copy kernel's ring (`TMA_STAGES` or twice that;
     /// by default a rule picks it from the plan, `with_ring_rule`), for
     /// tests and timing; the ring then stays as picked. For range steps
-    /// without a bias; one that loads into registers by default (more
-    /// than `SHORT_ROWS` rows) switches to bulk copies, with the splits
+    /// without a bias; one that was switched to loads into registers
+    /// (`Variant::Registers`) goes back to bulk copies, with the splits
     /// `plan_splits` gives them.
     pub fn with_ring(mut self, stages: usize) -> Result<Self, WorkloadError> {
         self.ring_auto = false;
@@ -1012,8 +1019,10 @@ impl<'g> DecodeBench<'g> {
                 }
                 self.attn = self.gpu.function("attn_ranges")?;
                 self.attn_smem = 0;
-                // With the splits the register kernel would have.
+                // With the splits the register kernel would have, unchained
+                // (its measured choice).
                 self.plan = self.plan_splits(None, self.plan.interleave)?;
+                self.chain = false;
                 None
             }
             Variant::Prefetch => {
@@ -1078,7 +1087,11 @@ impl<'g> DecodeBench<'g> {
             None => {
                 let resident = self
                     .attn
-                    .occupancy_max_active_blocks_per_multiprocessor(ATT_THREADS, 0, None)
+                    .occupancy_max_active_blocks_per_multiprocessor(
+                        ATT_THREADS,
+                        self.attn_smem as usize,
+                        None,
+                    )
                     .map_err(|e| dev("occupancy", e))?
                     .max(1) as usize;
                 // One block per resident slot (all start at once and finish
@@ -1089,10 +1102,14 @@ impl<'g> DecodeBench<'g> {
                 // results/runs/2026-11-29-h200-long-context-decode-step-32-layers-a):
                 // up to 4,096 rows 16 splits with bulk copies (dense 4k:
                 // 0.0104 ms, 32: 0.0107) and 32 with loads into
-                // registers; above that 32 with bulk copies (dense 16k:
-                // 0.0231 against 0.0273 ms at 16; the window at 10% of
-                // 128k, 13,107 rows: 0.0201 against 0.0234; 49 slower) and
-                // a slot per block with registers (the clustered cache at
+                // registers; above that a slot per block (with bulk
+                // copies two blocks per SM, 33 splits on 132 SMs: dense at
+                // 16k took 0.0231 ms at 32 against 0.0273 at 16, the window
+                // at 10% of 128k, 13,107 rows, 0.0201 against 0.0234, and
+                // `long_ring_sweep`, 2026-11-29, dense at 64k 0.0700 at 33
+                // against 0.0715 at 32 and 0.0894 at 66, at 512k 0.5324
+                // against 0.5443 and 0.5403; with loads into registers
+                // three, 49: the clustered cache at
                 // 10% of 64k, 6,554 rows: 0.0137 at 49 against 0.0143 at
                 // 32; at 128k 0.0206 against 0.0219). Until then 16 and
                 // 32 held up to 16,384 rows, as measured on an H100 in
@@ -1114,8 +1131,7 @@ impl<'g> DecodeBench<'g> {
                 let per_head = match (few, tma) {
                     (true, true) => short_splits()?,
                     (true, false) => 32,
-                    (false, true) => TMA_SPLITS,
-                    (false, false) => slots,
+                    (false, _) => slots,
                 };
                 per_head.min(total.div_ceil(TILE))
             }
@@ -1524,9 +1540,15 @@ mod tests {
             for kind in kinds() {
                 let step = Step::new(cache.clone(), kind, 17).unwrap();
                 let mut bench = DecodeBench::from_step(&gpu, step).unwrap();
-                if kind == StepKind::Dense && n == 4096 {
-                    // The rule of `from_step`: 8 tiles a split at 16 splits.
-                    assert_eq!((bench.ring(), bench.chained()), (8, true));
+                if kind == StepKind::Dense {
+                    // The rule of `with_ring_rule`: at 4k 8 tiles a split at
+                    // 16 splits, the ring of 8; above, the ring of 4 with a
+                    // block per resident slot (two per SM); both chained.
+                    let ring = if n == 4096 { 8 } else { 4 };
+                    assert_eq!((bench.ring(), bench.chained()), (ring, true));
+                    if n > 4096 {
+                        assert_eq!(bench.splits(), gpu.sms * 2 / 8);
+                    }
                 }
                 let (e, swaps) = bench.check().unwrap();
                 eprintln!(
@@ -1746,18 +1768,21 @@ mod tests {
                 assert!(t.rel_err_vs_cpu_ref <= TOLERANCE, "{:?}", t);
                 // One bench's copies at a time (32 of the cache at 512k).
                 if kind == StepKind::Dense {
+                    // The other chaining than the step's own (`with_ring_rule`).
+                    let chain = !bench.chained();
                     drop(bench);
-                    let mut chained =
+                    let mut other =
                         DecodeBench::from_step(&gpu, Step::new(cache.clone(), kind, 1).unwrap())
                             .unwrap()
-                            .with_chain(true);
-                    let u = chained.time(30).unwrap();
+                            .with_chain(chain);
+                    let u = other.time(30).unwrap();
                     println!(
-                        "    dense chained {:.4} ms ({:.3}x floor)",
+                        "    dense {} {:.4} ms ({:.3}x floor)",
+                        if chain { "chained" } else { "unchained" },
                         u.median_s * 1e3,
                         u.ratio_to_floor()
                     );
-                    drop(chained);
+                    drop(other);
                     let mut pf =
                         DecodeBench::from_step(&gpu, Step::new(cache.clone(), kind, 1).unwrap())
                             .unwrap()
@@ -1886,20 +1911,18 @@ mod tests {
                     .unwrap()
             };
             let (read, empty) = (diag(Variant::ReadOnly), diag(Variant::Empty));
-            if n <= SHORT_ROWS {
-                let two = DecodeBench::from_step(&gpu, step())
-                    .unwrap()
-                    .with_variant(Variant::Registers)
-                    .unwrap()
-                    .time(50)
-                    .unwrap()
-                    .median_s;
-                println!(
-                    "floor-diag n={n}: dense loading into registers {:.4} ms ({:.2}x)",
-                    two * 1e3,
-                    two / floor
-                );
-            }
+            let two = DecodeBench::from_step(&gpu, step())
+                .unwrap()
+                .with_variant(Variant::Registers)
+                .unwrap()
+                .time(50)
+                .unwrap()
+                .median_s;
+            println!(
+                "floor-diag n={n}: dense loading into registers {:.4} ms ({:.2}x)",
+                two * 1e3,
+                two / floor
+            );
             if n == 4096 {
                 // More, shorter splits: fewer tiles in a row per block.
                 for splits in [64, 128] {
@@ -2058,11 +2081,11 @@ mod tests {
         }
     }
 
-    /// Long range steps (more than `SHORT_ROWS` rows per KV head, which
-    /// load into registers by default) with bulk copies instead: rings of
-    /// 4 and 8 stages at several split counts, chained and not, beside
-    /// the default; whether the H200's bandwidth wants more bytes in
-    /// flight per SM than two register tiles per warp give.
+    /// Long range steps with loads into registers (the choice above 16k
+    /// rows per KV head until 2026-11-29) and with bulk copies: rings of
+    /// 4 and 8 stages at several split counts, chained and not; whether
+    /// the H200's bandwidth wants more bytes in flight per SM than two
+    /// register tiles per warp give (it did: `with_ring_rule`).
     #[test]
     #[ignore = "tuning sweep for the GPU machine: run with --ignored"]
     fn long_ring_sweep() {
@@ -2075,7 +2098,7 @@ mod tests {
             (524_288, StepKind::window(0.1)),
         ];
         let forms: [(&str, Option<usize>, Option<usize>, bool); 9] = [
-            ("registers (default)", None, None, false),
+            ("registers", None, None, false),
             ("bulk 4", Some(4), None, false),
             ("bulk 4", Some(4), Some(33), false),
             ("bulk 4 chained", Some(4), Some(33), true),
@@ -2098,10 +2121,11 @@ mod tests {
             let cache = cache.as_ref().unwrap();
             for (form, ring, splits, chain) in forms {
                 let step = Step::new(cache.clone(), kind, 1).unwrap();
-                let mut bench = DecodeBench::from_step(&gpu, step).unwrap();
-                if let Some(r) = ring {
-                    bench = bench.with_ring(r).unwrap();
-                }
+                let bench = DecodeBench::from_step(&gpu, step).unwrap();
+                let mut bench = match ring {
+                    Some(r) => bench.with_ring(r).unwrap(),
+                    None => bench.with_variant(Variant::Registers).unwrap(),
+                };
                 if let Some(x) = splits {
                     bench = bench.with_splits(x).unwrap();
                 }
