@@ -335,7 +335,7 @@ __device__ __forceinline__ void attn_body(
         // memory, all DEPTH in flight from the start; the warps read their
         // rows from there. No registers hold loads in flight, so a block
         // keeps DEPTH tiles (16 KB each) in flight at any occupancy.
-        static_assert(!PAGED && !BIAS, "bulk copies serve range steps without a bias");
+        static_assert(!BIAS, "bulk copies serve steps without a bias");
         extern __shared__ __align__(128) unsigned char dsm[];
         bf16 *sk = reinterpret_cast<bf16 *>(dsm), *sv = sk + DEPTH * TILE * D;
         __shared__ __align__(8) unsigned long long bar[DEPTH];
@@ -348,10 +348,22 @@ __device__ __forceinline__ void attn_body(
         auto issue = [&](int it, int st) {
             const int t0 = tile_row(it), n = min(TILE, end - t0);
             mbar_expect_tx(&bar[st], 2u * n * D * sizeof(bf16));
-            tile_runs(t0, n, (long long)h * rows, start0, len0, start1, [&](int done, long long row, unsigned bytes) {
+            auto copy = [&](int done, long long row, unsigned bytes) {
                 bulk_g2s(sk + (st * TILE + done) * D, kc + row * D, bytes, &bar[st]);
                 bulk_g2s(sv + (st * TILE + done) * D, vc + row * D, bytes, &bar[st]);
-            });
+            };
+            if constexpr (PAGED) {
+                // A run per page the tile touches (the ids staged above).
+                for (int done = 0; done < n;) {
+                    const int j = t0 + done, piece = min(n - done, PAGE - (j & 15));
+                    const int local = interleave ? 2 * it + (done >> 4) : (j >> 4) - page0;
+                    copy(done, (long long)h * rows + (long long)s_pages[local] * PAGE + (j & 15),
+                         (unsigned)(piece * D * sizeof(bf16)));
+                    done += piece;
+                }
+            } else {
+                tile_runs(t0, n, (long long)h * rows, start0, len0, start1, copy);
+            }
         };
         if (t == 0)
             for (int d = 0; d < DEPTH && d < n_tiles; d++) issue(d, d);
@@ -515,6 +527,10 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_pages(ATTN_ARG
 #define TMA_STAGES 4
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) attn_ranges_tma(ATTN_ARGS) {
     attn_body<false, false, false, TMA_STAGES, true>(ATTN_PASS);
+}
+// Block-topk's selected pages, brought in by bulk copies a page at a time.
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) attn_pages_tma(ATTN_ARGS) {
+    attn_body<true, false, false, TMA_STAGES, true>(ATTN_PASS);
 }
 // Twice the stages, for steps whose splits hold more tiles than
 // TMA_STAGES (dense at 4k: 8 tiles at 16 splits, all in flight at once);
