@@ -151,7 +151,9 @@
 //! which passed the reference check and took 2.49x against 2.06x.
 //!
 //! Range steps without a bias (dense, sink windows) use bulk copies
-//! (`attn_ranges_tma`): thread 0 copies whole tiles of K and V with
+//! (`attn_ranges_tma`), and so do block-topk's pages from 4,096 selected
+//! rows per KV head (`attn_pages_tma`, a copy per page a tile touches;
+//! `from_step` has the figures): thread 0 copies whole tiles of K and V with
 //! `cp.async.bulk`, completing on one mbarrier per stage, into a ring of 4
 //! stages of 16 KB; the warps read their rows from shared memory, so the
 //! loads in flight hold no registers. With 16 splits per head it took 4k
@@ -776,13 +778,21 @@ impl<'g> DecodeBench<'g> {
         let zerosf = |n: usize| st.alloc_zeros::<f32>(n.max(1)).map_err(|e| dev("alloc", e));
         let kvh = s.kv_heads;
         // Steps without a bias bring their tiles in with bulk copies, four
-        // in flight per block (`attn_ranges_tma`, `attn_pages_tma`;
-        // `with_ring_rule` may take the ring of 8 for range steps).
-        let tma = bulk_copy_serves(&step);
-        let attn = match (step.kind, tma) {
-            (StepKind::BlockTopk { .. }, _) => gpu.bulk_copy_kernel("attn_pages_tma", TMA_SMEM)?,
-            (_, false) => gpu.function("attn_ranges_bias")?,
-            _ => gpu.bulk_copy_kernel("attn_ranges_tma", TMA_SMEM)?,
+        // in flight per block (`attn_ranges_tma`; `with_ring_rule` may take
+        // the ring of 8), block-topk's pages from `FEW_ROWS` selected rows
+        // per KV head (`attn_pages_tma`). Measured on an H200
+        // (`decode_step_timings`, `block_topk_split_sweep`, 2026-11-29): at
+        // 10% the step took 0.1045 against 0.1052 ms at 512k, 0.0385
+        // against 0.0390 at 128k and 0.0261 against 0.0268 at 64k, but
+        // 0.0155 against 0.0151 at 4k (410 rows) and, at 16k (1,638 rows),
+        // 0.0167 at best against 0.0167.
+        let paged = matches!(step.kind, StepKind::BlockTopk { .. });
+        let tma = bulk_copy_serves(&step) && !(paged && step.rows_read() < FEW_ROWS);
+        let attn = match (paged, tma) {
+            (true, true) => gpu.bulk_copy_kernel("attn_pages_tma", TMA_SMEM)?,
+            (true, false) => gpu.function("attn_pages")?,
+            (false, false) => gpu.function("attn_ranges_bias")?,
+            (false, true) => gpu.bulk_copy_kernel("attn_ranges_tma", TMA_SMEM)?,
         };
         let score = gpu.function("quest_score")?;
         let select = gpu.function("topk_select")?;
@@ -1595,20 +1605,29 @@ mod tests {
         ] {
             for splits in [1, 7, MAX_SPLITS] {
                 for interleave in [true, false] {
-                    let step = Step::new(cache.clone(), kind, 3).unwrap();
-                    let mut bench = DecodeBench::from_step(&gpu, step)
-                        .unwrap()
-                        .with_splits(splits)
-                        .unwrap()
-                        .with_interleave(interleave)
-                        .unwrap();
-                    let (e, _) = bench.check().unwrap();
-                    eprintln!(
-                        "{} n=4112 splits={} interleave={interleave}: rel err {e:.2e}",
-                        kind.name(),
-                        bench.splits()
-                    );
-                    assert!(e <= TOLERANCE, "{kind:?} splits {splits}: {e:.3e}");
+                    // Block-topk's 1,234 rows load into registers by
+                    // default; the ring of 4 takes them by bulk copies
+                    // (contiguous spans start mid-page).
+                    for ring in [None, Some(TMA_STAGES)] {
+                        let step = Step::new(cache.clone(), kind, 3).unwrap();
+                        let mut bench = DecodeBench::from_step(&gpu, step).unwrap();
+                        if let Some(r) = ring {
+                            bench = bench.with_ring(r).unwrap();
+                        }
+                        let mut bench = bench
+                            .with_splits(splits)
+                            .unwrap()
+                            .with_interleave(interleave)
+                            .unwrap();
+                        let (e, _) = bench.check().unwrap();
+                        eprintln!(
+                            "{} n=4112 splits={} interleave={interleave} ring={}: rel err {e:.2e}",
+                            kind.name(),
+                            bench.splits(),
+                            bench.ring()
+                        );
+                        assert!(e <= TOLERANCE, "{kind:?} splits {splits}: {e:.3e}");
+                    }
                 }
             }
         }
