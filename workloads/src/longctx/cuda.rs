@@ -548,17 +548,29 @@ struct Layer {
     bias: Option<CudaSlice<f32>>,
 }
 
-/// Whether the bulk-copy kernels serve `step`: every step without a bias
-/// (dense, windowed and block-topk's pages; not the clustered cache).
-fn bulk_copy_serves(step: &Step) -> bool {
-    step.bias().is_none()
+/// Range steps without a bias (dense, windowed), which every bulk-copy
+/// kernel serves, the ring of 8 and the prefetching kernels included.
+fn plain_range(step: &Step) -> bool {
+    step.bias().is_none() && !matches!(step.kind, StepKind::BlockTopk { .. })
 }
 
-/// Range steps without a bias (dense, windowed), which the ring of 8 and
-/// the prefetching kernels serve.
-fn plain_range(step: &Step) -> bool {
-    bulk_copy_serves(step) && !matches!(step.kind, StepKind::BlockTopk { .. })
+/// The attention kernels of `step`'s kind: loading into registers, bulk
+/// copies on a ring of `TMA_STAGES`, and on a ring of twice that where it
+/// is built (range steps without a bias).
+fn kernels(step: &Step) -> (&'static str, &'static str, Option<&'static str>) {
+    if matches!(step.kind, StepKind::BlockTopk { .. }) {
+        ("attn_pages", "attn_pages_tma", None)
+    } else if step.bias().is_some() {
+        ("attn_ranges_bias", "attn_ranges_bias_tma", None)
+    } else {
+        ("attn_ranges", "attn_ranges_tma", Some("attn_ranges_tma8"))
+    }
 }
+
+/// Floats of zeros after a step's biases on the device: a bulk copy of a
+/// tile's biases starts up to 3 floats early and ends up to 3 late (see
+/// `attn_ranges_bias_tma`).
+const BIAS_PAD: usize = 8;
 
 /// Which attention kernel a bench launches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -573,9 +585,9 @@ pub enum Variant {
     /// nothing. Time them with [`DecodeBench::time_part`].
     ReadOnly,
     Empty,
-    /// For timing the choice: the kernel that loads into registers (two
-    /// tiles in flight per warp) where the step would use the bulk-copy one
-    /// (short range steps without a bias).
+    /// For timing the choice: the step's kernel that loads into registers
+    /// (two tiles in flight per warp) instead of its bulk-copy one, with
+    /// the splits the register kernel gets, unchained.
     Registers,
     /// For timing chained steps (range steps without a bias): the step's
     /// kernel asks for its rows to be brought into L2 before it waits on
@@ -732,7 +744,10 @@ impl<'g> DecodeBench<'g> {
                 Some(up16(&step.meta)?)
             },
             bias: match step.bias() {
-                Some(b) => Some(st.clone_htod(b).map_err(|e| dev("upload", e))?),
+                Some(b) => {
+                    let padded: Vec<f32> = b.iter().copied().chain([0.0; BIAS_PAD]).collect();
+                    Some(st.clone_htod(&padded).map_err(|e| dev("upload", e))?)
+                }
                 None => None,
             },
         };
@@ -777,22 +792,23 @@ impl<'g> DecodeBench<'g> {
         let zeros32 = |n: usize| st.alloc_zeros::<u32>(n.max(1)).map_err(|e| dev("alloc", e));
         let zerosf = |n: usize| st.alloc_zeros::<f32>(n.max(1)).map_err(|e| dev("alloc", e));
         let kvh = s.kv_heads;
-        // Steps without a bias bring their tiles in with bulk copies, four
-        // in flight per block (`attn_ranges_tma`; `with_ring_rule` may take
-        // the ring of 8), block-topk's pages from `FEW_ROWS` selected rows
-        // per KV head (`attn_pages_tma`). Measured on an H200
+        // Range steps bring their tiles in with bulk copies, four in flight
+        // per block (`attn_ranges_tma`, `attn_ranges_bias_tma`;
+        // `with_ring_rule` may take the ring of 8 where there is no bias),
+        // block-topk's pages from `FEW_ROWS` selected rows per KV head
+        // (`attn_pages_tma`). Measured on an H200
         // (`decode_step_timings`, `block_topk_split_sweep`, 2026-11-29): at
         // 10% the step took 0.1045 against 0.1052 ms at 512k, 0.0385
         // against 0.0390 at 128k and 0.0261 against 0.0268 at 64k, but
         // 0.0155 against 0.0151 at 4k (410 rows) and, at 16k (1,638 rows),
         // 0.0167 at best against 0.0167.
         let paged = matches!(step.kind, StepKind::BlockTopk { .. });
-        let tma = bulk_copy_serves(&step) && !(paged && step.rows_read() < FEW_ROWS);
-        let attn = match (paged, tma) {
-            (true, true) => gpu.bulk_copy_kernel("attn_pages_tma", TMA_SMEM)?,
-            (true, false) => gpu.function("attn_pages")?,
-            (false, false) => gpu.function("attn_ranges_bias")?,
-            (false, true) => gpu.bulk_copy_kernel("attn_ranges_tma", TMA_SMEM)?,
+        let tma = !(paged && step.rows_read() < FEW_ROWS);
+        let (registers, bulk, _) = kernels(&step);
+        let attn = if tma {
+            gpu.bulk_copy_kernel(bulk, TMA_SMEM)?
+        } else {
+            gpu.function(registers)?
         };
         let score = gpu.function("quest_score")?;
         let select = gpu.function("topk_select")?;
@@ -877,7 +893,8 @@ impl<'g> DecodeBench<'g> {
     /// at 512k 0.5314 against 0.5324, the window at 25% of 128k 0.0385
     /// against 0.0397 (`long_ring_sweep`, 2026-11-29).
     fn with_ring_rule(self) -> Result<Self, WorkloadError> {
-        // Block-topk's pages keep the ring of 4, unchained.
+        // Block-topk's pages and the clustered cache keep the ring of 4,
+        // unchained.
         if !self.ring_auto || self.attn_smem == 0 || !plain_range(&self.step) {
             return Ok(self);
         }
@@ -896,10 +913,10 @@ impl<'g> DecodeBench<'g> {
 
     /// Stages of the bulk-copy kernel's ring (`TMA_STAGES` or twice that;
     /// by default a rule picks it from the plan, `with_ring_rule`), for
-    /// tests and timing; the ring then stays as picked. For range steps
-    /// without a bias; one that was switched to loads into registers
-    /// (`Variant::Registers`) goes back to bulk copies, with the splits
-    /// `plan_splits` gives them.
+    /// tests and timing; the ring then stays as picked. The ring of 8 is
+    /// built for range steps without a bias only. A step that loads into
+    /// registers (block-topk's short selections, `Variant::Registers`)
+    /// switches to bulk copies, with the splits `plan_splits` gives them.
     pub fn with_ring(mut self, stages: usize) -> Result<Self, WorkloadError> {
         self.ring_auto = false;
         let registers = self.attn_smem == 0;
@@ -911,16 +928,10 @@ impl<'g> DecodeBench<'g> {
     }
 
     fn set_ring(mut self, stages: usize) -> Result<Self, WorkloadError> {
-        if !bulk_copy_serves(&self.step) {
-            return Err(WorkloadError::Config(
-                "the bulk-copy ring serves steps without a bias only".into(),
-            ));
-        }
-        let range = plain_range(&self.step);
-        let (name, smem) = match stages {
-            TMA_STAGES if range => ("attn_ranges_tma", TMA_SMEM),
-            TMA_STAGES => ("attn_pages_tma", TMA_SMEM),
-            x if x == 2 * TMA_STAGES && range => ("attn_ranges_tma8", 2 * TMA_SMEM),
+        let (_, four, eight) = kernels(&self.step);
+        let (name, smem) = match (stages, eight) {
+            (TMA_STAGES, _) => (four, TMA_SMEM),
+            (x, Some(eight)) if x == 2 * TMA_STAGES => (eight, 2 * TMA_SMEM),
             _ => {
                 return Err(WorkloadError::Config(format!(
                     "a ring of {stages} stages is not built for this step; {TMA_STAGES} is, and {} for range steps",
@@ -1030,16 +1041,7 @@ impl<'g> DecodeBench<'g> {
                 Some("attn_ranges_drop_last")
             }
             Variant::Registers => {
-                if !bulk_copy_serves(&self.step) {
-                    return Err(WorkloadError::Config(
-                        "the register variant exists for steps without a bias".into(),
-                    ));
-                }
-                self.attn = self.gpu.function(if plain_range(&self.step) {
-                    "attn_ranges"
-                } else {
-                    "attn_pages"
-                })?;
+                self.attn = self.gpu.function(kernels(&self.step).0)?;
                 self.attn_smem = 0;
                 // With the splits the register kernel would have, unchained
                 // (its measured choice).
@@ -1582,9 +1584,9 @@ mod tests {
                     bench.chained()
                 );
                 assert!(e <= TOLERANCE, "{} n={n}: {e:.3e}", kind.name());
-                if let StepKind::BlockTopk { .. } = kind {
-                    // The pages loaded into registers (the choice until
-                    // 2026-11-29, kept for timing it).
+                if matches!(kind, StepKind::BlockTopk { .. } | StepKind::Cluster { .. }) {
+                    // Loads into registers (the choice until 2026-11-29,
+                    // kept for timing it).
                     let step = Step::new(cache.clone(), kind, 17).unwrap();
                     let (e, _) = DecodeBench::from_step(&gpu, step)
                         .unwrap()
@@ -1592,7 +1594,7 @@ mod tests {
                         .unwrap()
                         .check()
                         .unwrap();
-                    eprintln!("  pages loaded into registers: rel err {e:.2e}");
+                    eprintln!("  loaded into registers: rel err {e:.2e}");
                     assert!(e <= TOLERANCE, "registers n={n}: {e:.3e}");
                 }
             }
@@ -1602,6 +1604,9 @@ mod tests {
             StepKind::Dense,
             StepKind::block_topk(0.3),
             StepKind::window(0.2),
+            // About 1,520 rows per KV head: contiguous spans put a tile's first
+            // bias anywhere in a 16-byte word.
+            StepKind::Cluster { frac: 0.37 },
         ] {
             for splits in [1, 7, MAX_SPLITS] {
                 for interleave in [true, false] {
@@ -1897,6 +1902,27 @@ mod tests {
                         );
                         assert!(all.rel_err_vs_cpu_ref <= TOLERANCE, "{all:?}");
                     }
+                } else if let StepKind::Cluster { .. } = kind {
+                    drop(bench);
+                    let fresh = || {
+                        DecodeBench::from_step(&gpu, Step::new(cache.clone(), kind, 1).unwrap())
+                            .unwrap()
+                    };
+                    let regs = fresh()
+                        .with_variant(Variant::Registers)
+                        .unwrap()
+                        .time(30)
+                        .unwrap();
+                    let chained = fresh().with_chain(true).time(30).unwrap();
+                    for u in [&regs, &chained] {
+                        assert!(u.rel_err_vs_cpu_ref <= TOLERANCE, "{u:?}");
+                    }
+                    println!(
+                        "    kv-cluster loading into registers {:.4} ms ({} splits); chained {:.4} ms",
+                        regs.median_s * 1e3,
+                        regs.splits,
+                        chained.median_s * 1e3
+                    );
                 }
             }
         }
@@ -2237,7 +2263,7 @@ mod tests {
                 split_sweep(
                     kind,
                     &[65_536, 131_072, 524_288],
-                    &[16, 24, 32, 49, 66, 98],
+                    &[16, 24, 32, 33, 49],
                     false,
                 );
             }

@@ -335,10 +335,20 @@ __device__ __forceinline__ void attn_body(
         // memory, all DEPTH in flight from the start; the warps read their
         // rows from there. No registers hold loads in flight, so a block
         // keeps DEPTH tiles (16 KB each) in flight at any occupancy.
-        static_assert(!BIAS, "bulk copies serve steps without a bias");
+        static_assert(!(BIAS && PAGED), "a bias comes with range steps only");
         extern __shared__ __align__(128) unsigned char dsm[];
         bf16 *sk = reinterpret_cast<bf16 *>(dsm), *sv = sk + DEPTH * TILE * D;
         __shared__ __align__(8) unsigned long long bar[DEPTH];
+        // With a bias (one range: the host sends no other), each stage also
+        // holds its tile's biases, copied from the 16-byte boundary at or
+        // below the first (off floats before it) and rounded up to 16 bytes;
+        // the host pads the bias buffer so that the copy stays inside it.
+        __shared__ __align__(16) float sbias[BIAS ? DEPTH : 1][TILE + 8];
+        auto bias_from = [&](int t0, int &off) {
+            const float *src = bias + (long long)h * rows + start0 + t0;
+            off = (int)((reinterpret_cast<unsigned long long>(src) & 15) >> 2);
+            return src - off;
+        };
         if (t == 0) {
 #pragma unroll
             for (int d = 0; d < DEPTH; d++) mbar_init(&bar[d]);
@@ -347,7 +357,11 @@ __device__ __forceinline__ void attn_body(
         __syncthreads();
         auto issue = [&](int it, int st) {
             const int t0 = tile_row(it), n = min(TILE, end - t0);
-            mbar_expect_tx(&bar[st], 2u * n * D * sizeof(bf16));
+            int off = 0;
+            const float *bsrc = BIAS ? bias_from(t0, off) : nullptr;
+            const unsigned bbytes = BIAS ? ((off + n) * 4 + 15) & ~15u : 0u;
+            mbar_expect_tx(&bar[st], 2u * n * D * sizeof(bf16) + bbytes);
+            if constexpr (BIAS) bulk_g2s(&sbias[st][0], bsrc, bbytes, &bar[st]);
             auto copy = [&](int done, long long row, unsigned bytes) {
                 bulk_g2s(sk + (st * TILE + done) * D, kc + row * D, bytes, &bar[st]);
                 bulk_g2s(sv + (st * TILE + done) * D, vc + row * D, bytes, &bar[st]);
@@ -373,13 +387,15 @@ __device__ __forceinline__ void attn_body(
             uint4 kk[RPL], vv[RPL];
             float bb[RPL];
             const int t0 = tile_row(it);
+            int off = 0;
+            if constexpr (BIAS) bias_from(t0, off);
 #pragma unroll
             for (int i = 0; i < RPL; i++) {
                 const int r = WROWS * warp + 2 * i + hf;
                 const bool ok = t0 + r < end;
                 kk[i] = ok ? reinterpret_cast<const uint4 *>(sk + (st * TILE + r) * D)[l] : make_uint4(0, 0, 0, 0);
                 vv[i] = ok ? reinterpret_cast<const uint4 *>(sv + (st * TILE + r) * D)[l] : make_uint4(0, 0, 0, 0);
-                bb[i] = ok ? 0.f : NEG_INF;
+                bb[i] = !ok ? NEG_INF : BIAS ? sbias[st][off + r] * LOG2E : 0.f;
             }
             // Refill the stage as soon as every warp has its rows.
             if (it + DEPTH < n_tiles) {
@@ -527,6 +543,10 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attn_pages(ATTN_ARG
 #define TMA_STAGES 4
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) attn_ranges_tma(ATTN_ARGS) {
     attn_body<false, false, false, TMA_STAGES, true>(ATTN_PASS);
+}
+// The clustered cache (one range with a bias per row), by bulk copies.
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) attn_ranges_bias_tma(ATTN_ARGS) {
+    attn_body<false, true, false, TMA_STAGES, true>(ATTN_PASS);
 }
 // Block-topk's selected pages, brought in by bulk copies a page at a time.
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) attn_pages_tma(ATTN_ARGS) {
