@@ -12,10 +12,13 @@
 //! the KV head (grouped-query attention: no KV row is read twice), in f32
 //! with an online softmax, and the last block of a head to finish combines
 //! the splits (no second launch). Within a block the four warps work
-//! independently (each prefetches its next rows into registers while it
-//! computes, with no block-wide barrier until the split's end): an earlier
-//! version with block-wide tiles, and one with a 4-stage `cp.async`
-//! shared-memory pipeline, both stayed 10-25% above the floor from 64k up.
+//! on their own rows of each tile. In the register kernels (now block-topk's
+//! short selections only) each warp prefetches its next rows into
+//! registers while it computes, with no block-wide barrier until the
+//! split's end; an earlier version with block-wide tiles, and one with a
+//! 4-stage `cp.async` shared-memory pipeline, both stayed 10-25% above the
+//! floor from 64k up on the H100. Every other step now reads its tiles
+//! from shared memory, where bulk copies bring them (below).
 //! The rows are the selection's rows in order: one range (dense; the
 //! clustered cache, with its `ln(count)` bias; Chelsea, arXiv 2506.11418),
 //! two ranges (StreamingLLM's sinks and window, arXiv 2309.17453), or a
@@ -150,10 +153,11 @@
 //! commit group per tile, computing from shared memory; 2 blocks per SM),
 //! which passed the reference check and took 2.49x against 2.06x.
 //!
-//! Range steps without a bias (dense, sink windows) use bulk copies
-//! (`attn_ranges_tma`), and so do block-topk's pages from 4,096 selected
-//! rows per KV head (`attn_pages_tma`, a copy per page a tile touches;
-//! `from_step` has the figures): thread 0 copies whole tiles of K and V with
+//! Range steps (dense, sink windows) use bulk copies (`attn_ranges_tma`),
+//! and so do the clustered cache (`attn_ranges_bias_tma`, each stage with
+//! its tile's biases) and block-topk's pages from 4,096 selected rows per
+//! KV head (`attn_pages_tma`, a copy per page a tile touches; `from_step`
+//! and `with_ring_rule` have the figures): thread 0 copies whole tiles of K and V with
 //! `cp.async.bulk`, completing on one mbarrier per stage, into a ring of 4
 //! stages of 16 KB; the warps read their rows from shared memory, so the
 //! loads in flight hold no registers. With 16 splits per head it took 4k
@@ -891,11 +895,17 @@ impl<'g> DecodeBench<'g> {
     /// Chaining the ring of 4 at 32 or 33 splits: dense at 16k 0.0230
     /// against 0.0235 ms (the same sweep), at 64k 0.0690 against 0.0700,
     /// at 512k 0.5314 against 0.5324, the window at 25% of 128k 0.0385
-    /// against 0.0397 (`long_ring_sweep`, 2026-11-29).
+    /// against 0.0397 (`long_ring_sweep`, 2026-11-29). The clustered
+    /// cache, whose biases came to bulk copies the same day, follows the
+    /// same rule on its ring of 4: at 10%, 64k 0.0133 ms chained against
+    /// 0.0139 not and 0.0139 with loads into registers, 512k 0.0587,
+    /// 0.0591 and 0.0593; at 16k (1,638 rows) 0.0079 against 0.0082 with
+    /// registers, but at 4k (410 rows) 0.0073 against 0.0071
+    /// (`decode_step_timings`).
     fn with_ring_rule(self) -> Result<Self, WorkloadError> {
-        // Block-topk's pages and the clustered cache keep the ring of 4,
-        // unchained.
-        if !self.ring_auto || self.attn_smem == 0 || !plain_range(&self.step) {
+        // Block-topk's pages keep the ring of 4, unchained.
+        let paged = matches!(self.step.kind, StepKind::BlockTopk { .. });
+        if !self.ring_auto || self.attn_smem == 0 || paged {
             return Ok(self);
         }
         let tiles = self
@@ -904,7 +914,8 @@ impl<'g> DecodeBench<'g> {
             .div_ceil(TILE)
             .div_ceil(self.plan.splits.max(1));
         let blocks = self.plan.splits * self.step.shape().kv_heads;
-        let deep = tiles > TMA_STAGES && blocks <= self.gpu.sms;
+        // The ring of 8 is built without a bias only.
+        let deep = tiles > TMA_STAGES && blocks <= self.gpu.sms && plain_range(&self.step);
         let long = self.plan.total > FEW_ROWS;
         let mut bench = self.set_ring(if deep { 2 * TMA_STAGES } else { TMA_STAGES })?;
         bench.chain = deep || long;
