@@ -552,8 +552,8 @@ struct Layer {
     bias: Option<CudaSlice<f32>>,
 }
 
-/// Range steps without a bias (dense, windowed), which every bulk-copy
-/// kernel serves, the ring of 8 and the prefetching kernels included.
+/// Range steps without a bias (dense, windowed): the only steps that the
+/// ring of 8 and the prefetching kernels serve.
 fn plain_range(step: &Step) -> bool {
     step.bias().is_none() && !matches!(step.kind, StepKind::BlockTopk { .. })
 }
@@ -732,6 +732,12 @@ impl<'g> DecodeBench<'g> {
                     "the CUDA kernels read Quest pages of {PAGE} rows; got {page}"
                 )));
             }
+        }
+        // The bulk-copy kernel with a bias copies one run of biases a tile.
+        if step.bias().is_some() && step.fixed_ranges().is_none_or(|r| r.len() != 1) {
+            return Err(WorkloadError::Config(
+                "the CUDA kernels take a bias with one range of rows only".into(),
+            ));
         }
         let st = &gpu.stream;
         let up16 = |x: &[half::bf16]| {

@@ -15,9 +15,9 @@
 // rows in order, which is one range (dense, cluster), two ranges (sinks +
 // window) or a list of 16-row pages (block-topk). The last block of a head
 // to finish (a ticket counter) combines the partials of all splits, so a
-// step is one launch. attn_ranges_tma and attn_pages_tma (steps without a
-// bias; cuda.rs says which) bring the tiles into shared memory with bulk
-// copies instead of loading them into registers.
+// step is one launch. The *_tma kernels (every range step, and
+// block-topk's longer selections: cuda.rs says which) bring the tiles into
+// shared memory with bulk copies instead of loading them into registers.
 //
 // quest_score + topk_select: Quest's page scores over the metadata, and an
 // exact top-k per KV head: a radix select on the scores' order-preserving
@@ -330,9 +330,9 @@ __device__ __forceinline__ void attn_body(
 
     if constexpr (TMA) {
         // Bulk copies: thread 0 copies whole tiles of K and V (each a run of
-        // contiguous rows, or two where the tile crosses from the first
-        // range to the second; a run per page) into a ring of DEPTH stages in shared
-        // memory, all DEPTH in flight from the start; the warps read their
+        // contiguous rows, two where the tile crosses from the first range
+        // to the second, or a run per page) into a ring of DEPTH stages in
+        // shared memory, all DEPTH in flight from the start; the warps read their
         // rows from there. No registers hold loads in flight, so a block
         // keeps DEPTH tiles (16 KB each) in flight at any occupancy.
         static_assert(!(BIAS && PAGED), "a bias comes with range steps only");
