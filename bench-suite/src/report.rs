@@ -258,7 +258,7 @@ fn workload_section(
     {
         let _ = writeln!(s, "### Charts\n");
         for (title, stem) in links {
-            let _ = writeln!(s, "- {title}: [{stem}.svg]({stem}.svg), [png]({stem}.png)");
+            let _ = writeln!(s, "- {title}: [{stem}.svg]({stem}.svg); PNG: `{stem}.png`");
         }
         s.push('\n');
     }
