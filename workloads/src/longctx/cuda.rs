@@ -585,8 +585,9 @@ pub enum Variant {
     DropLastSplit,
     /// Timing diagnostics for dense steps, never checked (their output is
     /// not attention): a kernel that reads exactly the dense step's rows
-    /// with its grid and loads and computes nothing, and one that does
-    /// nothing. Time them with [`DecodeBench::time_part`].
+    /// with the register kernel's grid and loads and computes nothing, and
+    /// one that does nothing (both unchained; `with_splits` after them sets
+    /// another grid). Time them with [`DecodeBench::time_part`].
     ReadOnly,
     Empty,
     /// For timing the choice: the step's kernel that loads into registers
@@ -1096,6 +1097,12 @@ impl<'g> DecodeBench<'g> {
         if let Some(name) = kernel {
             self.attn = self.gpu.function(name)?;
             self.attn_smem = 0;
+        }
+        if matches!(variant, Variant::ReadOnly | Variant::Empty) {
+            // The diagnostics read as the register kernel would (its
+            // splits, unchained), not with the bulk-copy step's grid.
+            self.plan = self.plan_splits(None, self.plan.interleave)?;
+            self.chain = false;
         }
         self.graph = None;
         Ok(self)
@@ -1629,7 +1636,8 @@ mod tests {
                 for interleave in [true, false] {
                     // Block-topk's 1,234 rows load into registers by
                     // default; the ring of 4 takes them by bulk copies
-                    // (contiguous spans start mid-page).
+                    // (contiguous spans start mid-page). The other kinds
+                    // use the ring of 4 either way, unless the rule picks 8.
                     for ring in [None, Some(TMA_STAGES)] {
                         let step = Step::new(cache.clone(), kind, 3).unwrap();
                         let mut bench = DecodeBench::from_step(&gpu, step).unwrap();
@@ -2028,9 +2036,9 @@ mod tests {
                 for splits in [64, 128] {
                     let t = DecodeBench::from_step(&gpu, step())
                         .unwrap()
-                        .with_splits(splits)
-                        .unwrap()
                         .with_variant(Variant::ReadOnly)
+                        .unwrap()
+                        .with_splits(splits)
                         .unwrap()
                         .time_part(Upto::All, 50)
                         .unwrap();
