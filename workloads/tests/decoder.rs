@@ -700,7 +700,7 @@ fn tiny_prefill_logits_equal_single_steps() {
 
 mod gpu {
     use super::*;
-    use workloads::decoder::cuda::{CudaDecoder, CudaModel, ReadRule};
+    use workloads::decoder::cuda::{Boundaries, CudaDecoder, CudaModel, ReadRule};
     use workloads::decoder::Engine;
 
     /// Where the graph runs: "cpu" (candle's CPU backend), "gpu" (GPU 0).
@@ -1045,6 +1045,123 @@ mod gpu {
                     from_dense > 10.0 * worst,
                     "{dtype:?}: the selection moved the logits by {from_dense}, not clearly more than the decoders differ ({worst})"
                 );
+            }
+        }
+    }
+
+    /// ChunkLLM's training-free chunk selection on the graph
+    /// (`ReadRule::ChunkSelect`) against the CPU decoder over
+    /// `ChunkSelectKv` after the same dense prefill, per (layer, KV head)
+    /// and with the layers' vote, on the model of the Quest test (4 layers,
+    /// 2 KV heads of 4 query heads, so the KV heads choose differently).
+    /// A prompt of 70 tokens, a budget of 40 (chunks of at most 10), and
+    /// every token below 60 that is a multiple of 7 ending a chunk: the
+    /// steps pass boundary tokens and the cap, so they both select and
+    /// read a choice, then truncate past two selections and step on. The
+    /// logits agree within the Quest test's tolerances, the selection
+    /// moves them against dense by ten times the decoders' difference, the
+    /// rows read are the CPU cache's exactly and so are the bytes held (the
+    /// metadata counted alike). A block of several rows is refused. On the
+    /// GPU with Q4_K weights only the rows read are compared, for the
+    /// reason the Quest test gives.
+    #[test]
+    fn chunk_select_reads_match_the_cpu_cache() {
+        use workloads::longctx::chunk_select::{chunk_cap, ChunkSelectKv};
+        use workloads::longctx::policy::Plan;
+        const GQA: Tiny = Tiny {
+            arch: "qwen2",
+            d: 512,
+            ff: 512,
+            heads: 8,
+            kv_heads: 2,
+            layers: 4,
+            vocab: 288,
+            tied: false,
+        };
+        let budget = 40;
+        let table: Vec<bool> = (0..GQA.vocab).map(|t| t < 60 && t % 7 == 0).collect();
+        // Boundary tokens, the cap's run of ten without one, and more.
+        let steps: Vec<u32> = [3, 14, 5, 9, 21, 2, 4, 6, 8, 10, 12, 15, 16, 17, 18, 28]
+            .into_iter()
+            .chain((0..10u32).map(|s| (s * 11 + 3) % GQA.vocab as u32))
+            .collect();
+        for backend in backends() {
+            for vote in [false, true] {
+                for (dtype, tol) in [(GgmlDType::F32, 1e-4), (GgmlDType::Q4K, 1e-1)] {
+                    let (mut dense, mut graph, prompt) = prefilled(&GQA, dtype, 26, backend, 70);
+                    let plan = Plan {
+                        shape: dense.model().kv_shape(),
+                        context: prompt.len(),
+                        budget,
+                        prompt: &prompt,
+                        boundary: &table,
+                        max_new: 64,
+                        whole_heads: &[],
+                    };
+                    let kv = dense.cache().as_dense().unwrap();
+                    let cache = match vote {
+                        false => ChunkSelectKv::from_dense(kv, &plan),
+                        true => ChunkSelectKv::voting(kv, &plan),
+                    };
+                    let mut cpu =
+                        Decoder::resume(dense.model().clone(), Box::new(cache), prompt.clone())
+                            .unwrap();
+                    graph.set_read_rule(ReadRule::ChunkSelect {
+                        budget,
+                        cap: chunk_cap(budget),
+                        vote,
+                        boundary: Boundaries(table.clone().into()),
+                    });
+                    let before = graph.reads();
+                    // Selection steps read everything, so the move against
+                    // dense is the largest over the steps, not the least.
+                    let (mut worst, mut moved) = (0f32, 0f32);
+                    let mut three = |cpu: &mut Decoder,
+                                     graph: &mut CudaDecoder,
+                                     dense: &mut Decoder,
+                                     xs: &[u32]| {
+                        for &x in xs {
+                            let a = cpu.prefill(&[x]).unwrap().to_vec();
+                            worst = worst.max(rel_max_diff(graph.prefill(&[x]).unwrap(), &a));
+                            moved = moved.max(rel_max_diff(dense.prefill(&[x]).unwrap(), &a));
+                        }
+                    };
+                    three(&mut cpu, &mut graph, &mut dense, &steps[..20]);
+                    // Back past two selections (the chunks they closed
+                    // reopen) and on again.
+                    let n = cpu.len() - 7;
+                    cpu.truncate(n).unwrap();
+                    Engine::truncate(&mut graph, n).unwrap();
+                    dense.truncate(n).unwrap();
+                    three(&mut cpu, &mut graph, &mut dense, &steps[9..]);
+                    let (g, c) = (graph.reads(), cpu.cache().reads());
+                    assert_eq!(
+                        g.rows_read - before.rows_read,
+                        c.rows_read,
+                        "{backend} {vote}"
+                    );
+                    assert_eq!(g.rows_visible - before.rows_visible, c.rows_visible);
+                    assert!(
+                        c.share() < 0.95,
+                        "the choice read everything: {}",
+                        c.share()
+                    );
+                    assert_eq!(graph.kv_bytes(), cpu.cache().bytes(), "{backend} {vote}");
+                    eprintln!(
+                        "{dtype:?} on {backend}, vote {vote}: chunk selection graph vs CPU cache {worst:.2e}, dense vs selection up to {moved:.2e}, read share {:.3}",
+                        c.share()
+                    );
+                    let err = graph.prefill(&[1, 2]).unwrap_err().to_string();
+                    assert!(err.contains("chunk selection"), "{err}");
+                    if *backend == "gpu" && dtype != GgmlDType::F32 {
+                        continue;
+                    }
+                    assert!(worst < tol, "{dtype:?} on {backend}: {worst}");
+                    assert!(
+                        moved > 10.0 * worst,
+                        "{dtype:?}: the selection moved the logits by {moved}, not clearly more than the decoders differ ({worst})"
+                    );
+                }
             }
         }
     }

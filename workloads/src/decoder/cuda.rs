@@ -46,17 +46,24 @@
 //! Supported: what the CPU decoder loads, with RoPE over the whole head
 //! (`rope_dim == head_dim`, true of SmolLM2 and Qwen2.5), over a dense
 //! cache. Of the long-context workload's policies ([`KvCache`](super::KvCache),
-//! run on the CPU decoder), two read rules are here too
+//! run on the CPU decoder), three read rules are here too
 //! ([`CudaDecoder::set_read_rule`], each tested against its CPU cache):
-//! StreamingLLM's sinks and window, read as runs of the cache in place, and
+//! StreamingLLM's sinks and window, read as runs of the cache in place;
 //! Quest's top pages per KV head, scored from per-page key bounds kept as
-//! pages fill; on a GPU one kernel scores and ranks them
-//! (`quest_top_pages`) and the split-K kernel reads them through their
-//! list (elsewhere candle's ops score them, candle sorts them, and they are
-//! gathered before cuBLAS's attention). The long-context workload's
-//! decoder variants use them for `sink-window` and `block-topk` with
-//! `--device cuda`. Quest's rule keeps every row, as Quest does; the sink
-//! window evicts in steps, holding at most a window more than the CPU cache.
+//! pages fill (on a GPU one kernel scores and ranks them,
+//! `quest_top_pages`, and the split-K kernel reads them through their
+//! list; elsewhere candle's ops score them, candle sorts them, and they are
+//! gathered before cuBLAS's attention); and ChunkLLM's training-free chunk
+//! selection, per KV head or by the layers' vote, whose selecting steps
+//! bring each layer's chunk masses to the host to choose there (the CPU
+//! cache's own ranking functions), and whose other steps read the chosen
+//! rows through a row list per KV head (the split-K kernel with pages of
+//! one row, one call per KV head since their counts differ). The
+//! long-context workload's decoder variants use them for `sink-window`,
+//! `block-topk`, `chunk-select` and `chunk-select-vote` with `--device
+//! cuda`. Quest's and ChunkLLM's rules keep every row, as the papers do;
+//! the sink window evicts in steps, holding at most a window more than the
+//! CPU cache.
 //!
 //! Speed (H100, Qwen2.5-Coder 0.5B and 1.5B; the test `gpu_call_costs` of
 //! `workloads/tests/decoder.rs` and the records of
@@ -99,6 +106,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::kernels::{self, RopeStyle};
 use super::model::{accepted_path, block_layout, DraftTree};
 use super::{Config, DecoderError, Engine, Model, Reads, Verification};
+use crate::longctx::chunk_select::{top_chunks, vote_chunks};
 
 #[cfg(feature = "gpu-decoder")]
 use super::split_attn::SplitAttn as Split;
@@ -191,6 +199,72 @@ fn attend_blas(
         .transpose(1, 2)?
         .contiguous()?
         .reshape((t, nh * hd))
+}
+
+/// ChunkLLM's chunk scores at a selecting row of one layer: the softmax
+/// of the row's queries `qg`, `[1, kv_heads, group, head_dim]` (scaled),
+/// over rows `0..=base` of the layer's keys `k` (the committed ones and
+/// the row itself), summed over each KV head's group and then, in `f64`,
+/// over each of `spans` (committed positions). Per KV head, per span.
+fn chunk_masses(
+    qg: &Tensor,
+    k: &Tensor,
+    base: usize,
+    spans: &[(usize, usize)],
+) -> candle_core::Result<Vec<Vec<f64>>> {
+    let keys = k.narrow(2, 0, base + 1)?;
+    let p = candle_nn::ops::softmax_last_dim(&qg.matmul(&keys.t()?)?)?.sum(2)?;
+    let p = p.flatten_all()?.to_vec1::<f32>()?;
+    Ok(p.chunks_exact(base + 1)
+        .map(|row| {
+            spans
+                .iter()
+                .map(|&(a, b)| row[a..b].iter().map(|&x| f64::from(x)).sum())
+                .collect()
+        })
+        .collect())
+}
+
+/// Attention of a single row `qg`, `[1, kv_heads, group, head_dim]`
+/// (scaled), over what [`ReadRule::ChunkSelect`] chose in one layer: per
+/// KV head `h`, the rows `rows[h]` of the layer's cache `(k, v)` (`[n]`
+/// `u32`, or none), then its rows `tail..=base`. The KV heads read
+/// different numbers of rows, so each is its own call: the split-K kernel
+/// reading the chosen rows through their list (pages of one row), else a
+/// gather and cuBLAS. Returns `[1, heads * head_dim]`.
+fn attend_chosen(
+    split: Option<&Split>,
+    qg: &Tensor,
+    (k, v): (&Tensor, &Tensor),
+    rows: &[Option<Tensor>],
+    (tail, base): (usize, usize),
+) -> candle_core::Result<Tensor> {
+    let (_, _, n_rep, hd) = qg.dims4()?;
+    let mut outs = Vec::with_capacity(rows.len());
+    for (h, list) in rows.iter().enumerate() {
+        let qh = qg.narrow(1, h, 1)?.contiguous()?;
+        let (kh, vh) = (k.narrow(1, h, 1)?, v.narrow(1, h, 1)?);
+        let newest = (
+            kh.narrow(2, tail, base + 1 - tail)?,
+            vh.narrow(2, tail, base + 1 - tail)?,
+        );
+        let chosen = list.as_ref().map(|l| l.dim(0)).transpose()?.unwrap_or(0);
+        let cols = chosen + base + 1 - tail;
+        let split = split.filter(|_| Split::handles(n_rep, hd, cols));
+        outs.push(match (list, split) {
+            (Some(list), Some(split)) => {
+                let pages = list.reshape((1, 1, chosen))?;
+                split.attend_pages(&qh, &(kh, vh), (&pages, 1), &newest)?
+            }
+            (None, Some(split)) => split.attend(&qh, &[newest])?,
+            (Some(list), None) => {
+                let picked = (kh.index_select(list, 2)?, vh.index_select(list, 2)?);
+                attend_blas(&qh, &[picked, newest], None, (1, cols, n_rep))?
+            }
+            (None, None) => attend_blas(&qh, &[newest], None, (1, cols, n_rep))?,
+        });
+    }
+    Tensor::cat(&outs, 1)
 }
 
 fn gpu_err(e: candle_core::Error) -> DecoderError {
@@ -434,8 +508,17 @@ impl CudaModel {
             dense_layers: 0,
             budget: 64,
         });
+        // Chunk selection with chunks of two positions: of the steps
+        // below, the first, second and fourth select, the third reads.
+        let mut chunked = dense.fork()?;
+        chunked.set_read_rule(ReadRule::ChunkSelect {
+            budget: 64,
+            cap: 2,
+            vote: false,
+            boundary: Boundaries(vec![false; vocab as usize].into()),
+        });
         for &t in &prompt[..4] {
-            for d in [&mut dense, &mut windowed, &mut paged] {
+            for d in [&mut dense, &mut windowed, &mut paged, &mut chunked] {
                 d.prefill(&[t])?;
             }
         }
@@ -457,7 +540,7 @@ struct Pending {
 
 /// Which committed positions attention reads (see
 /// [`CudaDecoder::set_read_rule`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ReadRule {
     /// Every committed position.
     #[default]
@@ -488,6 +571,100 @@ pub enum ReadRule {
         dense_layers: usize,
         budget: usize,
     },
+    /// ChunkLLM's chunk selection in its training-free form (arXiv
+    /// 2510.02361, Sec. 2.3), as the CPU cache
+    /// `longctx::chunk_select::ChunkSelectKv` makes it for `chunk-select`
+    /// (`vote: false`) and `chunk-select-vote` (`vote: true`). A chunk ends
+    /// at a token that `boundary` marks or at `cap` positions. A *selection
+    /// step* (the first forward under the rule, every one whose token ends
+    /// a chunk, and one after a chunk closed since the last selection)
+    /// reads every committed row, and its attention probabilities summed
+    /// per chunk rank the chunks: per (layer, KV head) over the head's
+    /// query group, taken while they fit in `budget + 1 - cap` positions
+    /// (`longctx::chunk_select::top_chunks`), or, with `vote`, per layer
+    /// over all its query heads, then the layers' vote with local chunks
+    /// (`longctx::chunk_select::vote_chunks`), one choice for every layer.
+    /// Later steps read the chosen chunks and every position from the
+    /// selection step on (at least the newest `cap - 1`). Every row is
+    /// kept, as ChunkLLM keeps them. Single-row forwards only.
+    ChunkSelect {
+        budget: usize,
+        cap: usize,
+        vote: bool,
+        boundary: Boundaries,
+    },
+}
+
+/// Which vocabulary tokens end a chunk ([`ReadRule::ChunkSelect`]):
+/// `0[t]` for token `t` (tokens outside the table do not).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Boundaries(pub Arc<[bool]>);
+
+impl Boundaries {
+    fn ends_chunk(&self, t: u32) -> bool {
+        self.0.get(t as usize).copied().unwrap_or(false)
+    }
+}
+
+impl std::fmt::Debug for Boundaries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let marked = self.0.iter().filter(|&&b| b).count();
+        write!(f, "Boundaries({marked} of {} tokens)", self.0.len())
+    }
+}
+
+/// [`ReadRule::ChunkSelect`]'s chunks and selections. Selections are never
+/// written in place, so a fork shares their row lists.
+#[derive(Clone, Default)]
+struct Chunking {
+    /// Exclusive ends of the closed chunks (committed positions).
+    ends: Vec<u32>,
+    /// Selections, oldest first.
+    history: Vec<ChunkChoice>,
+    /// Rows of the last forward under the rule (the CPU cache counts a
+    /// byte per row of the block in flight).
+    block: usize,
+}
+
+#[derive(Clone)]
+struct ChunkChoice {
+    /// Position of the query that made it.
+    pos: usize,
+    /// Per `layer * kv_heads + h`: the chosen chunks, position ranges in
+    /// order.
+    chunks: Vec<Vec<(usize, usize)>>,
+    /// Per `layer * kv_heads + h`: the chosen rows in order, `[n]` `u32`
+    /// on the model's device (`None`: no row).
+    rows: Vec<Option<Tensor>>,
+}
+
+impl Chunking {
+    /// Commits position `p`, holding `token`: the open chunk closes there
+    /// if `boundary` marks the token or the chunk has reached `cap`
+    /// positions.
+    fn close(&mut self, p: usize, token: u32, boundary: &Boundaries, cap: usize) {
+        let start = self.ends.last().map_or(0, |&e| e as usize);
+        if boundary.ends_chunk(token) || p + 1 - start >= cap {
+            self.ends.push(p as u32 + 1);
+        }
+    }
+}
+
+impl ChunkChoice {
+    /// Bytes as `ChunkSelectKv` counts a selection: its position and two
+    /// `usize` per chunk, per (layer, KV head).
+    fn bytes(&self) -> usize {
+        self.chunks.iter().map(|c| 8 + 16 * c.len()).sum()
+    }
+}
+
+/// What a forward under [`ReadRule::ChunkSelect`] does.
+enum ChunkStep {
+    /// Read everything and choose: the chunks ranked, as position ranges
+    /// (the closed ones, then the open one before the query).
+    Select(Vec<(usize, usize)>),
+    /// Read the choice `history[i]` and the positions from `tail` on.
+    Read { choice: usize, tail: usize },
 }
 
 /// One sequence on the GPU: see the module doc.
@@ -510,6 +687,8 @@ pub struct CudaDecoder {
     /// shares them.
     page_lo: Vec<Option<Tensor>>,
     page_hi: Vec<Option<Tensor>>,
+    /// [`ReadRule::ChunkSelect`]: chunks and selections.
+    chunks: Chunking,
     /// Rows read, counted as the CPU caches count them ([`Reads`]).
     reads: Reads,
 }
@@ -537,6 +716,7 @@ impl CudaDecoder {
             evicted: 0,
             page_lo: Vec::new(),
             page_hi: Vec::new(),
+            chunks: Chunking::default(),
             reads: Reads::default(),
         }
     }
@@ -560,10 +740,11 @@ impl CudaDecoder {
             tokens: self.tokens.clone(),
             pending: None,
             last: self.last.clone(),
-            rule: self.rule,
+            rule: self.rule.clone(),
             evicted: self.evicted,
             page_lo: self.page_lo.clone(),
             page_hi: self.page_hi.clone(),
+            chunks: self.chunks.clone(),
             reads: Reads::default(),
         })
     }
@@ -578,7 +759,9 @@ impl CudaDecoder {
     /// Bytes of keys and values held for the committed positions (`f32`),
     /// as `DenseKv::bytes` counts them (evicted positions not), plus the
     /// page bounds of [`ReadRule::TopPages`] (as `QuestKv::bytes` counts
-    /// its own).
+    /// its own) and the metadata of [`ReadRule::ChunkSelect`] (as
+    /// `ChunkSelectKv::bytes` counts it: the boundary table as a bit set,
+    /// the chunk ends, a byte per row of the last block, the selections).
     pub fn kv_bytes(&self) -> usize {
         let c = &self.model.config;
         let bounds: usize = self
@@ -588,7 +771,19 @@ impl CudaDecoder {
             .flatten()
             .map(|t| t.elem_count() * 4)
             .sum();
-        (self.tokens.len() - self.evicted) * c.n_layers * c.n_kv_heads * c.head_dim * 2 * 4 + bounds
+        let chunks = match &self.rule {
+            ReadRule::ChunkSelect { boundary, .. } => {
+                let ch = &self.chunks;
+                8 * boundary.0.len().div_ceil(64)
+                    + 4 * ch.ends.len()
+                    + ch.block
+                    + ch.history.iter().map(ChunkChoice::bytes).sum::<usize>()
+            }
+            _ => 0,
+        };
+        (self.tokens.len() - self.evicted) * c.n_layers * c.n_kv_heads * c.head_dim * 2 * 4
+            + bounds
+            + chunks
     }
 
     /// From the next forward on, attention reads what `rule` says (see
@@ -606,8 +801,58 @@ impl CudaDecoder {
         if rule != self.rule {
             self.page_lo.clear();
             self.page_hi.clear();
+            self.chunks = Chunking::default();
+            if let ReadRule::ChunkSelect { cap, boundary, .. } = &rule {
+                assert!(*cap > 0, "chunks of no positions");
+                for p in 0..self.tokens.len() {
+                    self.chunks.close(p, self.tokens[p], boundary, *cap);
+                }
+            }
         }
         self.rule = rule;
+    }
+
+    /// [`ReadRule::ChunkSelect`]: what a forward of `tokens` at `base`
+    /// does (`None` under other rules). A block of several rows is refused.
+    fn chunk_step(&self, base: usize, tokens: &[u32]) -> Result<Option<ChunkStep>, DecoderError> {
+        let ReadRule::ChunkSelect { cap, boundary, .. } = &self.rule else {
+            return Ok(None);
+        };
+        if tokens.len() > 1 {
+            return Err(DecoderError::Unsupported {
+                what: "a block of several rows under chunk selection".into(),
+                problem: format!(
+                    "{} rows at position {base}; only a single row may select",
+                    tokens.len()
+                ),
+            });
+        }
+        let ch = &self.chunks;
+        let start = ch.ends.last().map_or(0, |&e| e as usize);
+        let ends_chunk = boundary.ends_chunk(tokens[0]) || base + 1 - start >= *cap;
+        let last = ch.history.len().checked_sub(1);
+        let select = match last {
+            None => true,
+            Some(i) => ends_chunk || start > ch.history[i].pos + 1,
+        };
+        Ok(Some(match last {
+            Some(choice) if !select => {
+                let tail = ch.history[choice].pos.max(base.saturating_sub(cap - 1));
+                ChunkStep::Read { choice, tail }
+            }
+            _ => {
+                let mut spans = Vec::with_capacity(ch.ends.len() + 1);
+                let mut a = 0;
+                for &e in &ch.ends {
+                    spans.push((a, e as usize));
+                    a = e as usize;
+                }
+                if a < base {
+                    spans.push((a, base));
+                }
+                ChunkStep::Select(spans)
+            }
+        }))
     }
 
     /// The runs `[start, end)` of cache rows a forward of `t` rows at
@@ -769,6 +1014,58 @@ impl CudaDecoder {
         Ok((lo.narrow(2, 0, full)?, hi.narrow(2, 0, full)?))
     }
 
+    /// [`ReadRule::ChunkSelect`]'s choice at the selecting row `base`, from
+    /// the masses of `spans` per layer and KV head: per (layer, KV head)
+    /// its top chunks, or with the vote one choice for all. The chosen
+    /// rows go to the device once, for the steps that read them.
+    fn choose_chunks(
+        &self,
+        base: usize,
+        spans: &[(usize, usize)],
+        masses: &[Vec<Vec<f64>>],
+    ) -> candle_core::Result<ChunkChoice> {
+        let ReadRule::ChunkSelect {
+            budget, cap, vote, ..
+        } = self.rule
+        else {
+            unreachable!("chunks are chosen under ReadRule::ChunkSelect only")
+        };
+        let chunks: Vec<Vec<(usize, usize)>> = if vote {
+            // A layer's ballot weighs the chunks by all its query heads.
+            let ballots: Vec<Vec<f64>> = masses
+                .iter()
+                .map(|heads| {
+                    (0..spans.len())
+                        .map(|c| heads.iter().map(|m| m[c]).sum())
+                        .collect()
+                })
+                .collect();
+            let all = vote_chunks(spans, &ballots, budget, cap);
+            vec![all; masses.iter().map(Vec::len).sum()]
+        } else {
+            masses
+                .iter()
+                .flatten()
+                .map(|m| top_chunks(spans, m, budget, cap))
+                .collect()
+        };
+        let dev = &self.model.device;
+        let rows = chunks
+            .iter()
+            .map(|c| {
+                let rows: Vec<u32> = c.iter().flat_map(|&(a, b)| a as u32..b as u32).collect();
+                (!rows.is_empty())
+                    .then(|| Tensor::new(rows.as_slice(), dev))
+                    .transpose()
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(ChunkChoice {
+            pos: base,
+            chunks,
+            rows,
+        })
+    }
+
     /// Room for `n` positions (doubling, keeping what the cache holds).
     fn reserve(&mut self, n: usize) -> Result<(), DecoderError> {
         if n <= self.capacity {
@@ -837,16 +1134,27 @@ impl CudaDecoder {
                 ),
             });
         }
-        let read_per_call = |l: usize| match top {
-            Some((page, dense_layers, want)) if l >= dense_layers => want * page + base % page,
+        let chunk_step = self.chunk_step(base, tokens)?;
+        let read_per_call = |l: usize, h: usize| match (&chunk_step, top) {
+            (Some(ChunkStep::Read { choice, tail }), _) => {
+                let chosen = &self.chunks.history[*choice].chunks[l * nkv + h];
+                chosen.iter().map(|(a, b)| b - a).sum::<usize>() + base - tail
+            }
+            (_, Some((page, dense_layers, want))) if l >= dense_layers => want * page + base % page,
             _ => cols - t,
         };
-        let calls = (nkv * t) as u64;
+        let mut reads = self.reads;
         for l in 0..c.n_layers {
-            self.reads.calls += calls;
-            self.reads.rows_read += calls * read_per_call(l) as u64;
-            self.reads.rows_visible += calls * base as u64;
+            for h in 0..nkv {
+                reads.calls += t as u64;
+                reads.rows_read += (t * read_per_call(l, h)) as u64;
+                reads.rows_visible += (t * base) as u64;
+            }
         }
+        self.reads = reads;
+        // ChunkLLM's selection step: per layer, the chunks' attention mass
+        // per KV head (summed over its query group).
+        let mut masses: Vec<Vec<Vec<f64>>> = Vec::new();
 
         // Host-side tables: RoPE per node position, and the additive mask
         // (every committed position; the block's own ancestors).
@@ -908,6 +1216,21 @@ impl CudaDecoder {
                 self.v[l].slice_set(&v, 2, row)?;
                 // Query heads g * n_rep .. (g + 1) * n_rep share KV head g.
                 let qg = q.reshape((1, nkv, n_rep * t, hd))?;
+                match &chunk_step {
+                    Some(ChunkStep::Select(spans)) => {
+                        masses.push(chunk_masses(&qg, &self.k[l], base, spans)?);
+                    }
+                    Some(ChunkStep::Read { choice, tail }) => {
+                        let (choice, tail) = (&self.chunks.history[*choice], *tail);
+                        let rows = &choice.rows[l * nkv..(l + 1) * nkv];
+                        let cache = (&self.k[l], &self.v[l]);
+                        let o = attend_chosen(m.split.as_ref(), &qg, cache, rows, (tail, base))?;
+                        x = (x + layer.wo.forward(&o)?)?;
+                        x = layer.mlp(&x, c.rms_eps)?;
+                        continue;
+                    }
+                    None => {}
+                }
                 // Both paths read each run of the cache in place (cuBLAS
                 // with batch stride capacity x head_dim), without copying.
                 let kv = match top {
@@ -967,6 +1290,13 @@ impl CudaDecoder {
                 x = (x + layer.wo.forward(&o)?)?;
                 x = layer.mlp(&x, c.rms_eps)?;
             }
+            if let Some(ChunkStep::Select(spans)) = &chunk_step {
+                let choice = self.choose_chunks(base, spans, &masses)?;
+                self.chunks.history.push(choice);
+            }
+            if chunk_step.is_some() {
+                self.chunks.block = t;
+            }
             if want.is_empty() {
                 return Ok(Vec::new());
             }
@@ -985,6 +1315,12 @@ impl CudaDecoder {
             let parents: Vec<Option<usize>> = (0..piece.len()).map(|i| i.checked_sub(1)).collect();
             let want: Vec<usize> = (from.saturating_sub(c * CHUNK)..piece.len()).collect();
             out.extend(self.forward(piece, &parents, &want)?);
+            if let ReadRule::ChunkSelect { cap, boundary, .. } = &self.rule {
+                for (i, &tok) in piece.iter().enumerate() {
+                    self.chunks
+                        .close(self.tokens.len() + i, tok, boundary, *cap);
+                }
+            }
             self.tokens.extend_from_slice(piece);
         }
         Ok(out)
@@ -1082,6 +1418,10 @@ impl Engine for CudaDecoder {
         // Positions past `len` are overwritten by the next forward, and
         // the bounds of pages no longer full are recomputed when they are.
         self.tokens.truncate(len);
+        let ch = &mut self.chunks;
+        ch.ends
+            .truncate(ch.ends.partition_point(|&e| e as usize <= len));
+        ch.history.retain(|s| s.pos < len);
         if let ReadRule::TopPages { page, .. } = self.rule {
             for b in self.page_lo.iter_mut().chain(&mut self.page_hi) {
                 if let Some(t) = b {

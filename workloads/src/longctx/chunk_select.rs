@@ -284,6 +284,37 @@ struct Ballots {
     mass: Vec<Vec<f64>>,
 }
 
+/// `chunk-select`'s choice for one (layer, KV head) over `spans` (chunks
+/// as position ranges, in order) with attention masses `mass`: the chunks
+/// by mass, largest first (ties: the later chunk), while they fit in
+/// `budget + 1 - cap` positions, a chunk that does not fit being skipped.
+/// In order. Shared by [`ChunkSelectKv`] and the GPU decoder's read rule
+/// (`decoder::cuda::ReadRule::ChunkSelect`), so both break ties alike.
+pub fn top_chunks(
+    spans: &[(usize, usize)],
+    mass: &[f64],
+    budget: usize,
+    cap: usize,
+) -> Vec<(usize, usize)> {
+    let mut order: Vec<usize> = (0..spans.len()).collect();
+    order.sort_unstable_by(|&x, &y| mass[y].total_cmp(&mass[x]).then(y.cmp(&x)));
+    let room = (budget + 1).saturating_sub(cap);
+    let mut keep = vec![false; spans.len()];
+    let mut used = 0;
+    for c in order {
+        let len = spans[c].1 - spans[c].0;
+        if used + len <= room {
+            keep[c] = true;
+            used += len;
+        }
+    }
+    spans
+        .iter()
+        .zip(keep)
+        .filter_map(|(&span, k)| k.then_some(span))
+        .collect()
+}
+
 /// ChunkLLM's chunk vote (arXiv 2510.02361, Sec. 2.3) over `spans` (chunks
 /// as position ranges, in order, the newest last) with per-layer masses
 /// `mass[layer][chunk]`: the local chunks (the newest, while they fit in
@@ -753,23 +784,7 @@ impl ChunkSelectKv {
         scores: &mut Vec<f32>,
     ) -> Vec<(usize, usize)> {
         let (spans, mass) = self.chunk_mass(q, view, block, scores);
-        let mut order: Vec<usize> = (0..spans.len()).collect();
-        order.sort_unstable_by(|&x, &y| mass[y].total_cmp(&mass[x]).then(y.cmp(&x)));
-        let room = self.budget + 1 - self.cap;
-        let mut keep = vec![false; spans.len()];
-        let mut used = 0;
-        for c in order {
-            let len = spans[c].1 - spans[c].0;
-            if used + len <= room {
-                keep[c] = true;
-                used += len;
-            }
-        }
-        spans
-            .into_iter()
-            .zip(keep)
-            .filter_map(|(span, k)| k.then_some(span))
-            .collect()
+        top_chunks(&spans, &mass, self.budget, self.cap)
     }
 
     /// The chunks of `view` (closed ones, then the open one before the
