@@ -1062,8 +1062,10 @@ mod gpu {
     /// moves them against dense by ten times the decoders' difference, the
     /// rows read are the CPU cache's exactly and so are the bytes held (the
     /// metadata counted alike). A block of several rows is refused. On the
-    /// GPU with Q4_K weights only the rows read are compared, for the
-    /// reason the Quest test gives.
+    /// GPU with Q4_K weights the logits are not compared, for the reason
+    /// the Quest test gives, and the rows read and bytes held only within
+    /// 1%: the chunks differ in length, so a near-tie that goes the other
+    /// way changes them.
     #[test]
     fn chunk_select_reads_match_the_cpu_cache() {
         use workloads::longctx::chunk_select::{chunk_cap, ChunkSelectKv};
@@ -1135,18 +1137,27 @@ mod gpu {
                     dense.truncate(n).unwrap();
                     three(&mut cpu, &mut graph, &mut dense, &steps[9..]);
                     let (g, c) = (graph.reads(), cpu.cache().reads());
-                    assert_eq!(
-                        g.rows_read - before.rows_read,
-                        c.rows_read,
-                        "{backend} {vote}"
-                    );
+                    let (read, held) = (g.rows_read - before.rows_read, graph.kv_bytes());
                     assert_eq!(g.rows_visible - before.rows_visible, c.rows_visible);
                     assert!(
                         c.share() < 0.95,
                         "the choice read everything: {}",
                         c.share()
                     );
-                    assert_eq!(graph.kv_bytes(), cpu.cache().bytes(), "{backend} {vote}");
+                    if *backend == "gpu" && dtype != GgmlDType::F32 {
+                        // A near-tie between chunks of different lengths
+                        // may go the other way (H200, 2026-11-29: 13,521
+                        // rows read against 13,528).
+                        let near = |a: usize, b: usize| a.abs_diff(b) * 100 <= b;
+                        assert!(
+                            near(read as usize, c.rows_read as usize),
+                            "{read} rows read"
+                        );
+                        assert!(near(held, cpu.cache().bytes()), "{held} bytes held");
+                    } else {
+                        assert_eq!(read, c.rows_read, "{backend} {vote}");
+                        assert_eq!(held, cpu.cache().bytes(), "{backend} {vote}");
+                    }
                     eprintln!(
                         "{dtype:?} on {backend}, vote {vote}: chunk selection graph vs CPU cache {worst:.2e}, dense vs selection up to {moved:.2e}, read share {:.3}",
                         c.share()
