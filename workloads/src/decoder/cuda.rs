@@ -55,8 +55,9 @@
 //! list; elsewhere candle's ops score them, candle sorts them, and they are
 //! gathered before cuBLAS's attention); and ChunkLLM's training-free chunk
 //! selection, per KV head or by the layers' vote, whose selecting steps
-//! bring each layer's chunk masses to the host to choose there (the CPU
-//! cache's own ranking functions), and whose other steps read the chosen
+//! bring every layer's attention to the host after the last layer (a
+//! layer's choice serves the steps after it) to rank the chunks there with
+//! the CPU cache's own functions, and whose other steps read the chosen
 //! rows through a row list per KV head (the split-K kernel with pages of
 //! one row, one call per KV head since their counts differ). The
 //! long-context workload's decoder variants use them for `sink-window`,
@@ -201,27 +202,36 @@ fn attend_blas(
         .reshape((t, nh * hd))
 }
 
-/// ChunkLLM's chunk scores at a selecting row of one layer: the softmax
-/// of the row's queries `qg`, `[1, kv_heads, group, head_dim]` (scaled),
-/// over rows `0..=base` of the layer's keys `k` (the committed ones and
-/// the row itself), summed over each KV head's group and then, in `f64`,
-/// over each of `spans` (committed positions). Per KV head, per span.
+/// ChunkLLM's attention at a selecting row of one layer: the softmax of
+/// the row's queries `qg`, `[1, kv_heads, group, head_dim]` (scaled), over
+/// rows `0..=base` of the layer's keys `k` (the committed ones and the row
+/// itself), summed over each KV head's group: `[1, kv_heads, base + 1]`,
+/// left on the device.
+fn chunk_probs(qg: &Tensor, k: &Tensor, base: usize) -> candle_core::Result<Tensor> {
+    let keys = k.narrow(2, 0, base + 1)?;
+    candle_nn::ops::softmax_last_dim(&qg.matmul(&keys.t()?)?)?.sum(2)
+}
+
+/// The chunk masses of a selecting row: every layer's [`chunk_probs`]
+/// brought to the host at once (one wait for the device per step, not one
+/// per layer), each summed in `f64` over each of `spans` (committed
+/// positions). Per layer, per KV head, per span.
 fn chunk_masses(
-    qg: &Tensor,
-    k: &Tensor,
+    probs: &[Tensor],
     base: usize,
     spans: &[(usize, usize)],
-) -> candle_core::Result<Vec<Vec<f64>>> {
-    let keys = k.narrow(2, 0, base + 1)?;
-    let p = candle_nn::ops::softmax_last_dim(&qg.matmul(&keys.t()?)?)?.sum(2)?;
-    let p = p.flatten_all()?.to_vec1::<f32>()?;
-    Ok(p.chunks_exact(base + 1)
-        .map(|row| {
-            spans
-                .iter()
-                .map(|&(a, b)| row[a..b].iter().map(|&x| f64::from(x)).sum())
-                .collect()
-        })
+) -> candle_core::Result<Vec<Vec<Vec<f64>>>> {
+    let kv_heads = probs.first().map(|p| p.dim(1)).transpose()?.unwrap_or(0);
+    let all = Tensor::cat(probs, 0)?.flatten_all()?.to_vec1::<f32>()?;
+    let head = |row: &[f32]| -> Vec<f64> {
+        spans
+            .iter()
+            .map(|&(a, b)| row[a..b].iter().map(|&x| f64::from(x)).sum())
+            .collect()
+    };
+    Ok(all
+        .chunks_exact((base + 1) * kv_heads.max(1))
+        .map(|layer| layer.chunks_exact(base + 1).map(head).collect())
         .collect())
 }
 
@@ -1152,9 +1162,9 @@ impl CudaDecoder {
             }
         }
         self.reads = reads;
-        // ChunkLLM's selection step: per layer, the chunks' attention mass
+        // ChunkLLM's selection step: per layer, the attention of the row
         // per KV head (summed over its query group).
-        let mut masses: Vec<Vec<Vec<f64>>> = Vec::new();
+        let mut probs: Vec<Tensor> = Vec::new();
 
         // Host-side tables: RoPE per node position, and the additive mask
         // (every committed position; the block's own ancestors).
@@ -1217,8 +1227,8 @@ impl CudaDecoder {
                 // Query heads g * n_rep .. (g + 1) * n_rep share KV head g.
                 let qg = q.reshape((1, nkv, n_rep * t, hd))?;
                 match &chunk_step {
-                    Some(ChunkStep::Select(spans)) => {
-                        masses.push(chunk_masses(&qg, &self.k[l], base, spans)?);
+                    Some(ChunkStep::Select(_)) => {
+                        probs.push(chunk_probs(&qg, &self.k[l], base)?);
                     }
                     Some(ChunkStep::Read { choice, tail }) => {
                         let (choice, tail) = (&self.chunks.history[*choice], *tail);
@@ -1291,6 +1301,7 @@ impl CudaDecoder {
                 x = layer.mlp(&x, c.rms_eps)?;
             }
             if let Some(ChunkStep::Select(spans)) = &chunk_step {
+                let masses = chunk_masses(&probs, base, spans)?;
                 let choice = self.choose_chunks(base, spans, &masses)?;
                 self.chunks.history.push(choice);
             }
