@@ -1354,6 +1354,40 @@ mod gpu_real {
             })
             .collect();
         check("12 pages of 16 rows and 7 rows in flight", &got, &want);
+        // Rows per KV head (ChunkLLM's chosen chunks): lists padded to one
+        // length, each head reading its own count (700 rows and none:
+        // every split of the second head past its rows is empty), then the
+        // 9 newest rows.
+        let counts = [700u32, 0];
+        let mut padded = vec![0u32; kv_heads * 700];
+        for (h, &c) in counts.iter().enumerate() {
+            let mut r: Vec<u32> = (0..1000).collect();
+            r.shuffle(&mut rng);
+            padded[h * 700..h * 700 + c as usize].copy_from_slice(&r[..c as usize]);
+        }
+        let lt = Tensor::from_slice(&padded, (1, kv_heads, 700), &dev).unwrap();
+        let ct = Tensor::from_slice(&counts, kv_heads, &dev).unwrap();
+        let newest = (
+            kt.narrow(2, 1000, 9).unwrap(),
+            vt.narrow(2, 1000, 9).unwrap(),
+        );
+        let got = attn
+            .attend_rows(&qt, &(kt.clone(), vt.clone()), (&lt, &ct), &newest)
+            .unwrap();
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want: Vec<f64> = (0..kv_heads)
+            .flat_map(|h| {
+                let rows: Vec<usize> = padded[h * 700..h * 700 + counts[h] as usize]
+                    .iter()
+                    .map(|&r| r as usize)
+                    .chain(1000..1009)
+                    .collect();
+                (0..group)
+                    .flat_map(|g| attention_f64((&q, &k, &v), (cap, hd, group), (h, g), &rows))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        check("rows per KV head (700 and 0) and 9 newest", &got, &want);
         // Quest's criticality, over bounds narrowed from a larger buffer.
         let pages = 50;
         let lo = uniform(&mut rng, kv_heads * 64 * hd, 1.0);

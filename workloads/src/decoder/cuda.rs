@@ -58,8 +58,9 @@
 //! bring every layer's attention to the host after the last layer (a
 //! layer's choice serves the steps after it) to rank the chunks there with
 //! the CPU cache's own functions, and whose other steps read the chosen
-//! rows through a row list per KV head (the split-K kernel with pages of
-//! one row, one call per KV head since their counts differ). The
+//! rows through a row list per KV head (one call of the split-K kernel
+//! with pages of one row, the lists padded to one length and each KV head
+//! reading its own count). The
 //! long-context workload's decoder variants use them for `sink-window`,
 //! `block-topk`, `chunk-select` and `chunk-select-vote` with `--device
 //! cuda`. Quest's and ChunkLLM's rules keep every row, as the papers do;
@@ -131,6 +132,16 @@ impl Split {
         _: &Tensor,
         _: &(Tensor, Tensor),
         _: (&Tensor, usize),
+        _: &(Tensor, Tensor),
+    ) -> candle_core::Result<Tensor> {
+        match *self {}
+    }
+
+    fn attend_rows(
+        &self,
+        _: &Tensor,
+        _: &(Tensor, Tensor),
+        _: (&Tensor, &Tensor),
         _: &(Tensor, Tensor),
     ) -> candle_core::Result<Tensor> {
         match *self {}
@@ -238,18 +249,31 @@ fn chunk_masses(
 /// Attention of a single row `qg`, `[1, kv_heads, group, head_dim]`
 /// (scaled), over what [`ReadRule::ChunkSelect`] chose in one layer: per
 /// KV head `h`, the rows `rows[h]` of the layer's cache `(k, v)` (`[n]`
-/// `u32`, or none), then its rows `tail..=base`. The KV heads read
-/// different numbers of rows, so each is its own call: the split-K kernel
-/// reading the chosen rows through their list (pages of one row), else a
-/// gather and cuBLAS. Returns `[1, heads * head_dim]`.
+/// `u32`, or none), then its rows `tail..=base`. With the split-K kernel,
+/// one call reads every KV head's rows through `list`, the same lists
+/// padded to one length with each head's count (the heads read different
+/// numbers of rows); else each KV head is its own gather and cuBLAS
+/// attention. Returns `[1, heads * head_dim]`.
 fn attend_chosen(
     split: Option<&Split>,
     qg: &Tensor,
     (k, v): (&Tensor, &Tensor),
-    rows: &[Option<Tensor>],
+    (rows, list): (&[Option<Tensor>], Option<&(Tensor, Tensor)>),
     (tail, base): (usize, usize),
 ) -> candle_core::Result<Tensor> {
     let (_, _, n_rep, hd) = qg.dims4()?;
+    let longest = list.map(|(l, _)| l.dim(2)).transpose()?.unwrap_or(0);
+    if let Some(split) = split.filter(|_| Split::handles(n_rep, hd, longest + base + 1 - tail)) {
+        let newest = (
+            k.narrow(2, tail, base + 1 - tail)?,
+            v.narrow(2, tail, base + 1 - tail)?,
+        );
+        let cache = (k.clone(), v.clone());
+        return match list {
+            Some((l, counts)) => split.attend_rows(qg, &cache, (l, counts), &newest),
+            None => split.attend(qg, &[newest]),
+        };
+    }
     let mut outs = Vec::with_capacity(rows.len());
     for (h, list) in rows.iter().enumerate() {
         let qh = qg.narrow(1, h, 1)?.contiguous()?;
@@ -260,18 +284,12 @@ fn attend_chosen(
         );
         let chosen = list.as_ref().map(|l| l.dim(0)).transpose()?.unwrap_or(0);
         let cols = chosen + base + 1 - tail;
-        let split = split.filter(|_| Split::handles(n_rep, hd, cols));
-        outs.push(match (list, split) {
-            (Some(list), Some(split)) => {
-                let pages = list.reshape((1, 1, chosen))?;
-                split.attend_pages(&qh, &(kh, vh), (&pages, 1), &newest)?
-            }
-            (None, Some(split)) => split.attend(&qh, &[newest])?,
-            (Some(list), None) => {
+        outs.push(match list {
+            Some(list) => {
                 let picked = (kh.index_select(list, 2)?, vh.index_select(list, 2)?);
                 attend_blas(&qh, &[picked, newest], None, (1, cols, n_rep))?
             }
-            (None, None) => attend_blas(&qh, &[newest], None, (1, cols, n_rep))?,
+            None => attend_blas(&qh, &[newest], None, (1, cols, n_rep))?,
         });
     }
     Tensor::cat(&outs, 1)
@@ -646,6 +664,10 @@ struct ChunkChoice {
     /// Per `layer * kv_heads + h`: the chosen rows in order, `[n]` `u32`
     /// on the model's device (`None`: no row).
     rows: Vec<Option<Tensor>>,
+    /// Per layer, for the split-K kernel: the KV heads' row lists padded to
+    /// the longest, `[1, kv_heads, n]`, and their lengths, `[kv_heads]`
+    /// (`None`: no KV head chose a row).
+    lists: Vec<Option<(Tensor, Tensor)>>,
 }
 
 impl Chunking {
@@ -1069,10 +1091,36 @@ impl CudaDecoder {
                     .transpose()
             })
             .collect::<candle_core::Result<_>>()?;
+        let nkv = self.model.config.n_kv_heads;
+        let lists = chunks
+            .chunks(nkv)
+            .map(|layer| {
+                let lens: Vec<u32> = layer
+                    .iter()
+                    .map(|c| c.iter().map(|&(a, b)| (b - a) as u32).sum())
+                    .collect();
+                let n = lens.iter().copied().max().unwrap_or(0) as usize;
+                if n == 0 {
+                    return Ok(None);
+                }
+                let mut padded = vec![0u32; nkv * n];
+                for (list, c) in padded.chunks_exact_mut(n).zip(layer) {
+                    let rows = c.iter().flat_map(|&(a, b)| a as u32..b as u32);
+                    for (slot, r) in list.iter_mut().zip(rows) {
+                        *slot = r;
+                    }
+                }
+                Ok(Some((
+                    Tensor::from_vec(padded, (1, nkv, n), dev)?,
+                    Tensor::new(lens.as_slice(), dev)?,
+                )))
+            })
+            .collect::<candle_core::Result<_>>()?;
         Ok(ChunkChoice {
             pos: base,
             chunks,
             rows,
+            lists,
         })
     }
 
@@ -1233,8 +1281,9 @@ impl CudaDecoder {
                     Some(ChunkStep::Read { choice, tail }) => {
                         let (choice, tail) = (&self.chunks.history[*choice], *tail);
                         let rows = &choice.rows[l * nkv..(l + 1) * nkv];
+                        let chosen = (rows, choice.lists[l].as_ref());
                         let cache = (&self.k[l], &self.v[l]);
-                        let o = attend_chosen(m.split.as_ref(), &qg, cache, rows, (tail, base))?;
+                        let o = attend_chosen(m.split.as_ref(), &qg, cache, chosen, (tail, base))?;
                         x = (x + layer.wo.forward(&o)?)?;
                         x = layer.mlp(&x, c.rms_eps)?;
                         continue;

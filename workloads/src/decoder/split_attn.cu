@@ -6,7 +6,10 @@
 //    already scaled by 1 / sqrt(D).
 // The rows read are segment 0's n0 rows then segment 1's n1 rows. Segment
 // i's row r of KV head h starts at k_i + h * hs_i + r * D (likewise v_i);
-// segment 0 may instead be a list of pages of the cache (`seg_row`).
+// segment 0 may instead be a list of pages of the cache (`seg_row`), n0 / page
+// per KV head, of which KV head h reads the first counts[h] where
+// `per_head` is set (lists padded to one length; a split past a head's rows
+// leaves an empty partial: m = -inf, l = 0).
 // Grid (S, kv_heads); split s reads rows [s * C, min((s + 1) * C, n0 + n1)).
 // Partials, per (h, s, g): the unnormalised output o (D floats), the
 // split's score maximum m and its sum of exp(score - m), l.
@@ -31,6 +34,7 @@ extern "C" __global__ void split_attn_partial(
     const float* __restrict__ k0, const float* __restrict__ v0, long hs0, int n0,
     const float* __restrict__ k1, const float* __restrict__ v1, long hs1, int n1,
     const unsigned* __restrict__ pages, int page,
+    const unsigned* __restrict__ counts, int per_head,
     int G, int D, int C, int S,
     float* __restrict__ part_o, float* __restrict__ part_m, float* __restrict__ part_l) {
   extern __shared__ float sm[];
@@ -39,15 +43,17 @@ extern "C" __global__ void split_attn_partial(
   __shared__ float ms[8], ls[8];
   const int s = blockIdx.x, h = blockIdx.y;
   const int r0 = s * C;
-  const int nr = min(C, n0 + n1 - r0);
   const int np = page > 0 ? n0 / page : 0;
+  // This head's rows of segment 0 (the list's stride stays np).
+  const int na = per_head ? (int)counts[h] * page : n0;
+  const int nr = max(0, min(C, na + n1 - r0));
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) qs[i] = q[(long)h * G * D + i];
   __syncthreads();
   const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
   const int nw = blockDim.x / WARP, per = D / WARP;
   // Scores: a warp per row, each lane holding D / 32 of the key.
   for (int r = warp; r < nr; r += nw) {
-    const float* kr = seg_row(k0, hs0, n0, k1, hs1, h, r0 + r, D, pages, page, np);
+    const float* kr = seg_row(k0, hs0, na, k1, hs1, h, r0 + r, D, pages, page, np);
     float kv[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) kv[e] = e < per ? kr[lane + WARP * e] : 0.f;
@@ -90,7 +96,7 @@ extern "C" __global__ void split_attn_partial(
     float acc = 0.f;
 #pragma unroll 8
     for (int r = 0; r < nr; ++r)
-      acc = fmaf(p[r], seg_row(v0, hs0, n0, v1, hs1, h, r0 + r, D, pages, page, np)[d], acc);
+      acc = fmaf(p[r], seg_row(v0, hs0, na, v1, hs1, h, r0 + r, D, pages, page, np)[d], acc);
     part_o[(((long)h * S + s) * G + g) * D + d] = acc;
   }
   if (threadIdx.x < G) {

@@ -122,6 +122,7 @@ impl SplitAttn {
             attn: self,
             runs,
             pages: None,
+            counts: None,
         };
         q.contiguous()?.apply_op1_no_bwd(&op)
     }
@@ -145,6 +146,30 @@ impl SplitAttn {
             attn: self,
             runs: &runs,
             pages: Some((&pages, page)),
+            counts: None,
+        };
+        q.contiguous()?.apply_op1_no_bwd(&op)
+    }
+
+    /// As [`SplitAttn::attend_pages`] with pages of one row, where the KV
+    /// heads read different numbers of rows: `rows` is `[1, kv_heads, n]`
+    /// (`u32`), each KV head's list padded to the longest, and KV head `h`
+    /// reads the first `counts[h]` of its list (`[kv_heads]`, `u32`, each
+    /// at most `n`), then `tail`. ChunkLLM's chosen chunks per KV head.
+    pub fn attend_rows(
+        &self,
+        q: &Tensor,
+        cache: &(Tensor, Tensor),
+        (rows, counts): (&Tensor, &Tensor),
+        tail: &(Tensor, Tensor),
+    ) -> candle_core::Result<Tensor> {
+        let runs = [cache.clone(), tail.clone()];
+        let (rows, counts) = (rows.contiguous()?, counts.contiguous()?);
+        let op = Op {
+            attn: self,
+            runs: &runs,
+            pages: Some((&rows, 1)),
+            counts: Some(&counts),
         };
         q.contiguous()?.apply_op1_no_bwd(&op)
     }
@@ -202,6 +227,9 @@ struct Op<'a> {
     /// The first run's rows as pages: `[1, kv_heads, n]` page numbers and
     /// the page size.
     pages: Option<(&'a Tensor, usize)>,
+    /// With `pages`: how many of its list each KV head reads, `[kv_heads]`
+    /// (`None`: all).
+    counts: Option<&'a Tensor>,
 }
 
 /// Quest's page scores, or with `want` the top pages' numbers.
@@ -397,6 +425,24 @@ impl CustomOp1 for Op<'_> {
             None => None,
         };
         let page = page_list.as_ref().map_or(0, |p| p.2);
+        let count_list = match self.counts {
+            Some(c) => {
+                let (cs, cl) = c.storage_and_layout();
+                if cl.dims() != [kv_heads] || page_list.is_none() {
+                    candle_core::bail!("split attention: row counts of shape {:?}", cl.dims());
+                }
+                Some((cs, cl.start_offset()))
+            }
+            None => None,
+        };
+        let count_view = match &count_list {
+            Some((cs, at)) => match &**cs {
+                Storage::Cuda(s) => Some(s.as_cuda_slice::<u32>()?.slice(*at..)),
+                _ => candle_core::bail!("split attention: row counts not on the GPU"),
+            },
+            None => None,
+        };
+        let per_head = i32::from(count_view.is_some());
         let hs1 = shapes[i1].0;
         let rows = (n0 + n1) as usize;
         let (per, splits) = plan(rows);
@@ -426,6 +472,12 @@ impl CustomOp1 for Op<'_> {
             None => b.arg(&q),
         };
         b.arg(&page);
+        // Without counts the kernel never reads them; any pointer does.
+        match &count_view {
+            Some(cv) => b.arg(cv),
+            None => b.arg(&q),
+        };
+        b.arg(&per_head);
         b.arg(&g).arg(&d).arg(&c).arg(&s);
         b.arg(&mut po).arg(&mut pm).arg(&mut pl);
         let cfg = LaunchConfig {
@@ -452,8 +504,8 @@ impl CustomOp1 for Op<'_> {
         };
         // SAFETY: as above; `out` holds one row per query head.
         unsafe { b.launch(cfg) }.map_err(launch_err)?;
-        drop((views, list_view));
-        drop((guards, page_list));
+        drop((views, list_view, count_view));
+        drop((guards, page_list, count_list));
         let storage = CudaStorage {
             slice: CudaStorageSlice::F32(out),
             device: dev,
