@@ -32,9 +32,13 @@
 //! lower page; up to [`MAX_RANKED_PAGES`]). The decoder uses the second
 //! where it fits and the first before candle's sort above it.
 //!
+//! ChunkLLM's chosen rows (`attend_rows`): pages of one row, each KV head's
+//! list padded to the longest and read up to its own count, so the heads
+//! read different numbers of rows in one launch.
+//!
 //! Checked against a float64 reference on random inputs (one and two runs,
 //! splits that do not divide the rows, `group` 1 to 8, pages in no order,
-//! the page scores) and the selection against the CPU's order with exact
+//! rows per KV head with counts 700 and 0, the page scores) and the selection against the CPU's order with exact
 //! ties, by `split_attention_matches_float64` in
 //! `workloads/tests/decoder.rs`; and through the decoder by that file's
 //! `gpu::` tests against the CPU decoder and its caches. Both need a GPU
