@@ -38,8 +38,9 @@
 //!
 //! Checked against a float64 reference on random inputs (one and two runs,
 //! splits that do not divide the rows, `group` 1 to 8, pages in no order,
-//! rows per KV head with counts 700 and 0, the page scores) and the selection against the CPU's order with exact
-//! ties, by `split_attention_matches_float64` in
+//! rows per KV head with counts 700 and 0, the page scores) and the
+//! selection against the CPU's order with exact ties, by
+//! `split_attention_matches_float64` in
 //! `workloads/tests/decoder.rs`; and through the decoder by that file's
 //! `gpu::` tests against the CPU decoder and its caches. Both need a GPU
 //! and the `gpu-decoder` feature; measured in
