@@ -214,6 +214,18 @@ const QWEN2: Tiny = Tiny {
     vocab: 288,
     tied: false,
 };
+/// 4 layers (Quest's first 2 dense) and 2 KV heads of 4 query heads each,
+/// so that the KV heads of the selection tests choose differently.
+const GQA: Tiny = Tiny {
+    arch: "qwen2",
+    d: 512,
+    ff: 512,
+    heads: 8,
+    kv_heads: 2,
+    layers: 4,
+    vocab: 288,
+    tied: false,
+};
 
 /// F32 weights: both sides compute the same real-number function in f32;
 /// only summation orders (dot products of 256-768 terms, softmax) and libm
@@ -986,16 +998,6 @@ mod gpu {
     #[test]
     fn top_pages_reads_match_the_cpu_cache() {
         use workloads::longctx::quest::{QuestKv, DENSE_LAYERS, PAGE};
-        const GQA: Tiny = Tiny {
-            arch: "qwen2",
-            d: 512,
-            ff: 512,
-            heads: 8,
-            kv_heads: 2,
-            layers: 4,
-            vocab: 288,
-            tied: false,
-        };
         let budget = 40;
         for backend in backends() {
             for (dtype, tol) in [(GgmlDType::F32, 1e-4), (GgmlDType::Q4K, 1e-1)] {
@@ -1070,16 +1072,6 @@ mod gpu {
     fn chunk_select_reads_match_the_cpu_cache() {
         use workloads::longctx::chunk_select::{chunk_cap, ChunkSelectKv};
         use workloads::longctx::policy::Plan;
-        const GQA: Tiny = Tiny {
-            arch: "qwen2",
-            d: 512,
-            ff: 512,
-            heads: 8,
-            kv_heads: 2,
-            layers: 4,
-            vocab: 288,
-            tied: false,
-        };
         let budget = 40;
         let table: Vec<bool> = (0..GQA.vocab).map(|t| t < 60 && t % 7 == 0).collect();
         // Boundary tokens, the cap's run of ten without one, and more.

@@ -60,12 +60,11 @@
 //! the CPU cache's own functions, and whose other steps read the chosen
 //! rows through a row list per KV head (one call of the split-K kernel
 //! with pages of one row, the lists padded to one length and each KV head
-//! reading its own count). The
-//! long-context workload's decoder variants use them for `sink-window`,
-//! `block-topk`, `chunk-select` and `chunk-select-vote` with `--device
-//! cuda`. Quest's and ChunkLLM's rules keep every row, as the papers do;
-//! the sink window evicts in steps, holding at most a window more than the
-//! CPU cache.
+//! reading its own count). The long-context workload's decoder variants
+//! use them for `sink-window`, `block-topk`, `chunk-select` and
+//! `chunk-select-vote` with `--device cuda`. Quest's and ChunkLLM's rules
+//! keep every row, as the papers do; the sink window evicts in steps,
+//! holding at most a window more than the CPU cache.
 //!
 //! Speed (H100, Qwen2.5-Coder 0.5B and 1.5B; the test `gpu_call_costs` of
 //! `workloads/tests/decoder.rs` and the records of
@@ -623,8 +622,8 @@ pub enum ReadRule {
     },
 }
 
-/// Which vocabulary tokens end a chunk ([`ReadRule::ChunkSelect`]):
-/// `0[t]` for token `t` (tokens outside the table do not).
+/// Which vocabulary tokens end a chunk ([`ReadRule::ChunkSelect`]): entry
+/// `t` is set where token `t` does (a token outside the table does not).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Boundaries(pub Arc<[bool]>);
 
@@ -695,7 +694,7 @@ enum ChunkStep {
     /// Read everything and choose: the chunks ranked, as position ranges
     /// (the closed ones, then the open one before the query).
     Select(Vec<(usize, usize)>),
-    /// Read the choice `history[i]` and the positions from `tail` on.
+    /// Read the choice `history[choice]` and the positions from `tail` on.
     Read { choice: usize, tail: usize },
 }
 
