@@ -367,6 +367,13 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
 // 30k 0.039 -> 0.043-0.046 ms, 300k 0.298 / 0.301 -> 0.311 / 0.313 ms; with
 // it in f32 too (spilling) f32 went from 0.043 to 0.053 ms on the frame.
 // So waiting on its loads is not what holds the bf16 kernel back.
+// Nor L2 prefetches (H200, 2026-11-29, results/runs/2026-11-29-h200-
+// point-cloud-sla-l2-prefetch): prefetch.global.L2 of the K and V rows of a
+// warp's next 2, 4 or 8 chunks and of its first two Q chunks once its
+// window is known, then kept that far ahead in the loops, made both kernels
+// slower at every size (f32 Waymo-like frame 0.0399 / 0.0405 -> 0.047-0.049
+// ms, 10k voxels 0.023 -> 0.029 ms, 1M 0.76 -> 0.96-1.04 ms; bf16 0.024 ->
+// 0.026 ms on the frame, 0.51 -> 0.54-0.55 ms at 1M).
 //
 // Shared memory per warp (dynamic, FWD_WARP_FLOATS floats): a staging area
 // of 8 K rows and 8 V rows (phase 1, row stride KS) or 16 Q rows (phase
