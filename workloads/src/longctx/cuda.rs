@@ -571,6 +571,17 @@ fn kernels(step: &Step) -> (&'static str, &'static str, Option<&'static str>) {
     }
 }
 
+/// The ring-of-4 bulk-copy kernel of a range step (`step` not block-topk)
+/// that starts its first tiles before it waits on the kernel before it
+/// (decode_attn.cu, attn_body's EARLY); `with_ring_rule` says when.
+fn early_kernel(step: &Step) -> &'static str {
+    if step.bias().is_some() {
+        "attn_ranges_bias_tma_early"
+    } else {
+        "attn_ranges_tma_early"
+    }
+}
+
 /// Floats of zeros after a step's biases on the device: a bulk copy of a
 /// tile's biases starts up to 3 floats early and ends up to 3 late (see
 /// `attn_ranges_bias_tma`).
@@ -697,6 +708,8 @@ pub struct DecodeBench<'g> {
     /// ([`DecodeBench::with_ring_rule`]); cleared once a caller picks the
     /// ring or another kernel.
     ring_auto: bool,
+    /// Whether the ring-of-4 kernel is the early-start one (`early_kernel`).
+    early: bool,
     plan: Plan,
     graph: Option<CudaGraph>,
     /// Diagnostics only ([`Self::with_layers`]): a graph of this many
@@ -867,6 +880,7 @@ impl<'g> DecodeBench<'g> {
             pdl_parts: None,
             chain: false,
             ring_auto: true,
+            early: false,
             plan: Plan {
                 total: 0,
                 span: 0,
@@ -909,6 +923,20 @@ impl<'g> DecodeBench<'g> {
     /// 0.0591 and 0.0593; at 16k (1,638 rows) 0.0079 against 0.0082 with
     /// registers, but at 4k (410 rows) 0.0073 against 0.0071
     /// (`decode_step_timings`).
+    ///
+    /// Chained steps on the ring of 4 whose splits hold more than 8 tiles
+    /// take the early-start kernel ([`early_kernel`]), which issues its
+    /// first tiles before waiting on the step before. Measured on an H200
+    /// (2026-11-29, `decode_step_timings`, two alternating rounds each,
+    /// results/runs/2026-11-29-h200-long-context-decode-step-early-start):
+    /// dense at 16k 0.0230 -> 0.0226 ms, at 64k 0.0691 -> 0.0661, at 128k
+    /// 0.1303 -> 0.1277 and at 512k 0.5142 -> 0.5072; at 10% of 512k the
+    /// window 0.0567 -> 0.0545 and the clustered cache 0.0587 -> 0.0573.
+    /// Started early, shorter splits got slower (every range step by bulk
+    /// copies early: dense at 4k, 8 tiles on the ring of 8, 0.0098 ->
+    /// 0.0107 ms; the window at 10% of 64k, 6 tiles, 0.0132 -> 0.0139),
+    /// and the test on the tile count inside every bulk-copy kernel cost
+    /// the short steps 2-3%, hence kernels of their own.
     fn with_ring_rule(self) -> Result<Self, WorkloadError> {
         // Block-topk's pages keep the ring of 4, unchained.
         let paged = matches!(self.step.kind, StepKind::BlockTopk { .. });
@@ -924,7 +952,8 @@ impl<'g> DecodeBench<'g> {
         // The ring of 8 is built without a bias only.
         let deep = tiles > TMA_STAGES && blocks <= self.gpu.sms && plain_range(&self.step);
         let long = self.plan.total > FEW_ROWS;
-        let mut bench = self.set_ring(if deep { 2 * TMA_STAGES } else { TMA_STAGES })?;
+        let early = !deep && long && tiles > 2 * TMA_STAGES;
+        let mut bench = self.set_ring(if deep { 2 * TMA_STAGES } else { TMA_STAGES }, early)?;
         bench.chain = deep || long;
         Ok(bench)
     }
@@ -938,16 +967,17 @@ impl<'g> DecodeBench<'g> {
     pub fn with_ring(mut self, stages: usize) -> Result<Self, WorkloadError> {
         self.ring_auto = false;
         let registers = self.attn_smem == 0;
-        let mut bench = self.set_ring(stages)?;
+        let mut bench = self.set_ring(stages, false)?;
         if registers {
             bench.plan = bench.plan_splits(None, bench.plan.interleave)?;
         }
         Ok(bench)
     }
 
-    fn set_ring(mut self, stages: usize) -> Result<Self, WorkloadError> {
+    fn set_ring(mut self, stages: usize, early: bool) -> Result<Self, WorkloadError> {
         let (_, four, eight) = kernels(&self.step);
         let (name, smem) = match (stages, eight) {
+            (TMA_STAGES, _) if early => (early_kernel(&self.step), TMA_SMEM),
             (TMA_STAGES, _) => (four, TMA_SMEM),
             (x, Some(eight)) if x == 2 * TMA_STAGES => (eight, 2 * TMA_SMEM),
             _ => {
@@ -959,6 +989,7 @@ impl<'g> DecodeBench<'g> {
         };
         self.attn = self.gpu.bulk_copy_kernel(name, smem)?;
         self.attn_smem = smem as u32;
+        self.early = early && stages == TMA_STAGES;
         self.graph = None;
         Ok(self)
     }
@@ -1048,6 +1079,9 @@ impl<'g> DecodeBench<'g> {
     pub fn with_variant(mut self, variant: Variant) -> Result<Self, WorkloadError> {
         // A variant's kernel stays whatever the plan becomes.
         self.ring_auto &= variant == Variant::Normal;
+        if variant != Variant::Normal {
+            self.early = false;
+        }
         let kernel = match variant {
             Variant::Normal => None,
             Variant::DropLastSplit => {
@@ -1126,6 +1160,12 @@ impl<'g> DecodeBench<'g> {
     /// Whether the steps of the timed graph are chained.
     pub fn chained(&self) -> bool {
         self.chain
+    }
+
+    /// Whether the step's kernel starts its first tiles before it waits on
+    /// the kernel before it (`with_ring_rule`).
+    pub fn early_start(&self) -> bool {
+        self.early
     }
 
     fn plan_splits(&self, splits: Option<usize>, interleave: bool) -> Result<Plan, WorkloadError> {
@@ -1592,20 +1632,26 @@ mod tests {
                     // The rule of `with_ring_rule`: at 4k 8 tiles a split at
                     // 16 splits, the ring of 8; above, the ring of 4 with a
                     // block per resident slot (two per SM); both chained.
+                    // Above 4k the splits hold more than 8 tiles, so they
+                    // start early.
                     let ring = if n == 4096 { 8 } else { 4 };
-                    assert_eq!((bench.ring(), bench.chained()), (ring, true));
+                    assert_eq!(
+                        (bench.ring(), bench.chained(), bench.early_start()),
+                        (ring, true, n > 4096)
+                    );
                     if n > 4096 {
                         assert_eq!(bench.splits(), gpu.sms * 2 / 8);
                     }
                 }
                 let (e, swaps) = bench.check().unwrap();
                 eprintln!(
-                    "{} {:.2} n={n} splits={} ring={} chained={}: rel err {e:.2e}, {swaps} near-tie swaps",
+                    "{} {:.2} n={n} splits={} ring={} chained={} early={}: rel err {e:.2e}, {swaps} near-tie swaps",
                     kind.name(),
                     kind.frac(),
                     bench.splits(),
                     bench.ring(),
-                    bench.chained()
+                    bench.chained(),
+                    bench.early_start()
                 );
                 assert!(e <= TOLERANCE, "{} n={n}: {e:.3e}", kind.name());
                 if matches!(kind, StepKind::BlockTopk { .. } | StepKind::Cluster { .. }) {

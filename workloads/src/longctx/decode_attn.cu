@@ -37,7 +37,9 @@
 // block set-up of a kernel overlap the previous one. Within a block-topk
 // step the top-k and attention launches are dependent launches; with
 // chaining (cuda.rs) so is the first kernel of every step, on the step of
-// the layer before. Both are no-ops under an ordinary launch.
+// the layer before. Both are no-ops under an ordinary launch. Chained long
+// range steps start their first tiles before they wait (attn_body's
+// EARLY), since the cache rows those hold are not the kernel before's.
 
 #define D 128
 #define G 4
@@ -169,7 +171,8 @@ __device__ __forceinline__ void tile_runs(int t0, int n, long long head_row0, in
 // PREFETCH: before waiting on the kernel before it, the block asks for its
 // split's rows to be brought into L2 (range steps; what a dependent launch
 // may do, since the history does not depend on that kernel).
-template <bool PAGED, bool BIAS, bool DROP_LAST, int DEPTH, bool TMA = false, bool PREFETCH = false>
+template <bool PAGED, bool BIAS, bool DROP_LAST, int DEPTH, bool TMA = false, bool PREFETCH = false,
+          bool EARLY = false>
 __device__ __forceinline__ void attn_body(
     const bf16 *__restrict__ q, const bf16 *__restrict__ kc, const bf16 *__restrict__ vc,
     const float *__restrict__ bias, const int *__restrict__ pages, int n_sel, long long rows,
@@ -191,6 +194,14 @@ __device__ __forceinline__ void attn_body(
     const int n_tiles = interleave ? ((total + TILE - 1) / TILE - s + splits - 1) / splits
                                    : (end - begin + TILE - 1) / TILE;
     auto tile_row = [&](int it) { return interleave ? (s + it * splits) * TILE : begin + it * TILE; };
+    // EARLY (range steps by bulk copies; cuda.rs picks the *_early kernels
+    // for long splits): a split of more than 2 DEPTH tiles issues its first
+    // DEPTH tiles before it waits on the kernel before it, and reads the
+    // query after the wait. Those tiles precede the newest row, which is in
+    // the split's last tile (the logical rows end with it), so in a decoder
+    // no kernel before the step writes them.
+    static_assert(!EARLY || (TMA && !PAGED && !PREFETCH), "early starts serve bulk-copy range steps");
+    const bool early = EARLY && n_tiles > 2 * DEPTH;
 
     // Let the next kernel on the stream be scheduled now, and wait for the
     // previous one (its results, memory included) before reading anything:
@@ -207,7 +218,7 @@ __device__ __forceinline__ void attn_body(
                           prefetch_l2(vc + row * D, bytes);
                       });
     }
-    pdl_wait();
+    if (!early) pdl_wait();
     const uint4 *K4 = reinterpret_cast<const uint4 *>(kc) + (long long)h * rows * (D / 8);
     const uint4 *V4 = reinterpret_cast<const uint4 *>(vc) + (long long)h * rows * (D / 8);
     const float *B = BIAS ? bias + (long long)h * rows : nullptr;
@@ -250,12 +261,15 @@ __device__ __forceinline__ void attn_body(
     // This lane's 8 channels of the group's 4 queries, scaled by
     // log2(e) / sqrt(D) so that exp2 gives the softmax weights.
     float qf[G][8];
+    auto load_q = [&]() {
 #pragma unroll
-    for (int g = 0; g < G; g++) {
-        unpack8(reinterpret_cast<const uint4 *>(q + (h * G + g) * D)[l], qf[g]);
+        for (int g = 0; g < G; g++) {
+            unpack8(reinterpret_cast<const uint4 *>(q + (h * G + g) * D)[l], qf[g]);
 #pragma unroll
-        for (int c = 0; c < 8; c++) qf[g][c] *= scale_log2;
-    }
+            for (int c = 0; c < 8; c++) qf[g][c] *= scale_log2;
+        }
+    };
+    if (!early) load_q();
     float acc[G][8];
 #pragma unroll
     for (int g = 0; g < G; g++)
@@ -381,6 +395,10 @@ __device__ __forceinline__ void attn_body(
         };
         if (t == 0)
             for (int d = 0; d < DEPTH && d < n_tiles; d++) issue(d, d);
+        if (early) {
+            pdl_wait();
+            load_q();
+        }
         for (int it = 0; it < n_tiles; it++) {
             const int st = it % DEPTH;
             mbar_wait(&bar[st], (it / DEPTH) & 1);
@@ -557,6 +575,14 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) attn_pages_tma(ATTN
 // one block per SM (128 KB). cuda.rs (`from_step`) says when.
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 1) attn_ranges_tma8(ATTN_ARGS) {
     attn_body<false, false, false, 2 * TMA_STAGES, true>(ATTN_PASS);
+}
+// Long range steps that start their first tiles before waiting on the
+// kernel before them (attn_body's EARLY; cuda.rs, `with_ring_rule`).
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) attn_ranges_tma_early(ATTN_ARGS) {
+    attn_body<false, false, false, TMA_STAGES, true, false, true>(ATTN_PASS);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2) attn_ranges_bias_tma_early(ATTN_ARGS) {
+    attn_body<false, true, false, TMA_STAGES, true, false, true>(ATTN_PASS);
 }
 // Range steps that prefetch their rows into L2 before waiting on the
 // kernel before them (see attn_body; cuda.rs, `Variant::Prefetch`).
