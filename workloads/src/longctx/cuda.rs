@@ -927,16 +927,18 @@ impl<'g> DecodeBench<'g> {
     /// Chained steps on the ring of 4 whose splits hold more than 8 tiles
     /// take the early-start kernel ([`early_kernel`]), which issues its
     /// first tiles before waiting on the step before. Measured on an H200
-    /// (2026-11-29, `decode_step_timings`, two alternating rounds each,
+    /// (2026-11-29, `decode_step_timings` with the test binaries before
+    /// and after, two alternating rounds, `ab.txt` in
     /// results/runs/2026-11-29-h200-long-context-decode-step-early-start):
-    /// dense at 16k 0.0230 -> 0.0226 ms, at 64k 0.0691 -> 0.0661, at 128k
-    /// 0.1303 -> 0.1277 and at 512k 0.5142 -> 0.5072; at 10% of 512k the
-    /// window 0.0567 -> 0.0545 and the clustered cache 0.0587 -> 0.0573.
-    /// Started early, shorter splits got slower (every range step by bulk
-    /// copies early: dense at 4k, 8 tiles on the ring of 8, 0.0098 ->
-    /// 0.0107 ms; the window at 10% of 64k, 6 tiles, 0.0132 -> 0.0139),
-    /// and the test on the tile count inside every bulk-copy kernel cost
-    /// the short steps 2-3%, hence kernels of their own.
+    /// dense at 16k 0.0227 -> 0.0226 ms, at 64k 0.0687 -> 0.0660, at 128k
+    /// 0.1296 -> 0.1249 and at 512k 0.4952 -> 0.4837; at 10% of 512k the
+    /// window 0.0562 -> 0.0544 and the clustered cache 0.0585 -> 0.0572;
+    /// at 10% of 128k (12 tiles a split) both 1-2% slower (0.0198 ->
+    /// 0.0200 ms). Started early, shorter splits got slower (every range
+    /// step by bulk copies early: dense at 4k, 8 tiles on the ring of 8,
+    /// 0.0098 -> 0.0107 ms; the window at 10% of 64k, 6 tiles, 0.0132 ->
+    /// 0.0139), and the test on the tile count inside every bulk-copy
+    /// kernel cost the short steps 2-3%, hence kernels of their own.
     fn with_ring_rule(self) -> Result<Self, WorkloadError> {
         // Block-topk's pages keep the ring of 4, unchained.
         let paged = matches!(self.step.kind, StepKind::BlockTopk { .. });
