@@ -494,6 +494,12 @@ __device__ __forceinline__ void attn_body(
     // The combine is a chain of L2 round trips at the end of the step, so
     // its loads are issued together: every split's (max, sum) of head g at
     // once (MAX_SPLITS / 32 per lane), then 16 splits' outputs at a time.
+    // At 4k it costs about 2.3 us of dense's 9.8 (H200, 2026-11-29: the
+    // step without it, `forms/` of results/runs/2026-11-29-h200-long-
+    // context-decode-step-early-start). Loading the first 16 outputs with
+    // the (max, sum) saved a round trip but held 64 more registers: the
+    // shortest steps gained (the window at 10% of 4k 0.0073 -> 0.0062 ms),
+    // every other got slower (dense at 4k 0.0098 -> 0.0102).
     {
         const int g = warp;
         float2 ml[MAX_SPLITS / 32];
