@@ -145,15 +145,7 @@ impl SplitAttn {
         (pages, page): (&Tensor, usize),
         tail: &(Tensor, Tensor),
     ) -> candle_core::Result<Tensor> {
-        let runs = [cache.clone(), tail.clone()];
-        let pages = pages.contiguous()?;
-        let op = Op {
-            attn: self,
-            runs: &runs,
-            pages: Some((&pages, page)),
-            counts: None,
-        };
-        q.contiguous()?.apply_op1_no_bwd(&op)
+        self.attend_listed(q, cache, (pages, page), None, tail)
     }
 
     /// As [`SplitAttn::attend_pages`] with pages of one row, where the KV
@@ -168,13 +160,28 @@ impl SplitAttn {
         (rows, counts): (&Tensor, &Tensor),
         tail: &(Tensor, Tensor),
     ) -> candle_core::Result<Tensor> {
+        self.attend_listed(q, cache, (rows, 1), Some(counts), tail)
+    }
+
+    /// The listed pages of `cache` (each KV head its first `counts[h]`
+    /// entries where given), then `tail`: [`SplitAttn::attend_pages`] and
+    /// [`SplitAttn::attend_rows`].
+    fn attend_listed(
+        &self,
+        q: &Tensor,
+        cache: &(Tensor, Tensor),
+        (pages, page): (&Tensor, usize),
+        counts: Option<&Tensor>,
+        tail: &(Tensor, Tensor),
+    ) -> candle_core::Result<Tensor> {
         let runs = [cache.clone(), tail.clone()];
-        let (rows, counts) = (rows.contiguous()?, counts.contiguous()?);
+        let pages = pages.contiguous()?;
+        let counts = counts.map(Tensor::contiguous).transpose()?;
         let op = Op {
             attn: self,
             runs: &runs,
-            pages: Some((&rows, 1)),
-            counts: Some(&counts),
+            pages: Some((&pages, page)),
+            counts: counts.as_ref(),
         };
         q.contiguous()?.apply_op1_no_bwd(&op)
     }
