@@ -670,12 +670,21 @@ struct ChunkChoice {
 }
 
 impl Chunking {
-    /// Commits position `p`, holding `token`: the open chunk closes there
-    /// if `boundary` marks the token or the chunk has reached `cap`
-    /// positions.
+    /// The first position of the open chunk.
+    fn start(&self) -> usize {
+        self.ends.last().map_or(0, |&e| e as usize)
+    }
+
+    /// Whether position `p`, holding `token`, ends the open chunk: if
+    /// `boundary` marks the token or the chunk reaches `cap` positions.
+    fn ends_at(&self, p: usize, token: u32, boundary: &Boundaries, cap: usize) -> bool {
+        boundary.ends_chunk(token) || p + 1 - self.start() >= cap
+    }
+
+    /// Commits position `p`, holding `token`, closing the open chunk there
+    /// where it ends ([`Chunking::ends_at`]).
     fn close(&mut self, p: usize, token: u32, boundary: &Boundaries, cap: usize) {
-        let start = self.ends.last().map_or(0, |&e| e as usize);
-        if boundary.ends_chunk(token) || p + 1 - start >= cap {
+        if self.ends_at(p, token, boundary, cap) {
             self.ends.push(p as u32 + 1);
         }
     }
@@ -859,8 +868,8 @@ impl CudaDecoder {
             });
         }
         let ch = &self.chunks;
-        let start = ch.ends.last().map_or(0, |&e| e as usize);
-        let ends_chunk = boundary.ends_chunk(tokens[0]) || base + 1 - start >= *cap;
+        let start = ch.start();
+        let ends_chunk = ch.ends_at(base, tokens[0], boundary, *cap);
         let last = ch.history.len().checked_sub(1);
         let select = match last {
             None => true,
