@@ -374,6 +374,18 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
 // slower at every size (f32 Waymo-like frame 0.0399 / 0.0405 -> 0.047-0.049
 // ms, 10k voxels 0.023 -> 0.029 ms, 1M 0.76 -> 0.96-1.04 ms; bf16 0.024 ->
 // 0.026 ms on the frame, 0.51 -> 0.54-0.55 ms at 1M).
+// What did pay (H200, 2026-11-29, after a SASS-level profile of small
+// scenes, results/runs/2026-11-29-h200-point-cloud-sla-ncu-small-scenes):
+// a reciprocal per row and products instead of a division per output, in
+// both forwards and the tensor-core backward, and the block's work items
+// read once per lane in sum_shared_states instead of one after another.
+// Two alternating rounds of `sla_forward_sweep` (autotuned; results/runs/
+// 2026-11-29-h200-point-cloud-sla-reciprocal): f32 Waymo-like frame
+// 0.0394-0.0404 -> 0.0363-0.0372 ms, 10k 0.0230-0.0232 -> 0.0221-0.0223,
+// 1M 0.757 -> 0.730; bf16 frame 0.0239-0.0243 -> 0.0223-0.0224, 100k
+// 0.058 -> 0.050, 1M 0.512 -> 0.418. Forward + backward
+// (`sla_backward_sweep`): f32 frame 0.1515 -> 0.1320-0.1329 ms, 10k
+// 0.085-0.086 -> 0.074, 1M 3.53 -> 3.19; bf16 1M 3.40 -> 3.12.
 //
 // Shared memory per warp (dynamic, FWD_WARP_FLOATS floats): a staging area
 // of 8 K rows and 8 V rows (phase 1, row stride KS) or 16 Q rows (phase
@@ -529,9 +541,18 @@ __device__ __forceinline__ bool fwd_work_item(const int *big, int n_big, const i
 // two block-wide barriers), sums the partial state tiles of each window
 // into the tile of its first warp, and returns the tile of warp w's
 // window.
+//
+// The block's WARPS work items are loaded once, one per lane, before the
+// first barrier, and handed round by shuffles: loaded inside the loop, as
+// until 2026-11-29, they were WARPS round trips to L2 one after another on
+// every warp's path (an H200 profile of 10k voxels put about 12% of the
+// forward's stall samples on that loop; results/runs/2026-11-29-h200-
+// point-cloud-sla-ncu-small-scenes).
 template <bool GROUPED, bool CLUSTERED = false>
 __device__ __forceinline__ const float *sum_shared_states(float *fwd_smem, const int *small,
                                                           int item, int w, int first) {
+    const int lane = threadIdx.x & 31;
+    const int mine = (GROUPED || CLUSTERED) ? small[item * WARPS + (lane % WARPS)] : 0;
     __syncthreads();
     for (int u = 0; u < WARPS; u++) {
         int su = WARPS;  // without GROUPED the block is one window
@@ -539,7 +560,7 @@ __device__ __forceinline__ const float *sum_shared_states(float *fwd_smem, const
             // The block's first warp of a window leads it here (for a
             // window spanning blocks, the block's warp 0); the window has
             // min(step, WARPS) warps in this block.
-            const int iu = small[item * WARPS + u];
+            const int iu = __shfl_sync(FULL, mine, u);
             const int fu = item_first<CLUSTERED>(iu), gu = item_step<CLUSTERED>(iu);
             if (CLUSTERED) su = (fu & 7) == 0 ? min(gu, WARPS) : 0;
             else su = fu == 0 ? gu : 0;
@@ -740,14 +761,16 @@ __device__ void sla_fwd_mma(const T *q, const T *k, const T *v, T *out,
         }
         // Column 32 (n-tile 4, column 0) is the normaliser: lane 4g holds
         // it for rows g and g + 8.
-        const float den0 = __shfl_sync(FULL, o[4][0], lane & ~3) + EPS;
-        const float den1 = __shfl_sync(FULL, o[4][2], lane & ~3) + EPS;
+        // Two divisions a lane, then products: a division per output (16)
+        // made the stores a visible share of small scenes' time.
+        const float inv0 = 1.f / (__shfl_sync(FULL, o[4][0], lane & ~3) + EPS);
+        const float inv1 = 1.f / (__shfl_sync(FULL, o[4][2], lane & ~3) + EPS);
         const int r0 = 16 * c + g, r1 = r0 + 8;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const int col = 8 * j + 2 * t;
-            if (r0 < n) st2(out, at(start + r0, heads, h, col), o[j][0] / den0, o[j][1] / den0);
-            if (r1 < n) st2(out, at(start + r1, heads, h, col), o[j][2] / den1, o[j][3] / den1);
+            if (r0 < n) st2(out, at(start + r0, heads, h, col), o[j][0] * inv0, o[j][1] * inv0);
+            if (r1 < n) st2(out, at(start + r1, heads, h, col), o[j][2] * inv1, o[j][3] * inv1);
         }
         __syncwarp();
     }
@@ -978,18 +1001,19 @@ __device__ void sla_fwd_bf16mma(const unsigned short *q, const unsigned short *k
         }
         // Column 32 (n-tile 4, column 0) is the normaliser: lane 4g holds
         // it for rows g and g + 8.
-        const float den0 = __shfl_sync(FULL, o[4][0], lane & ~3) + EPS;
-        const float den1 = __shfl_sync(FULL, o[4][2], lane & ~3) + EPS;
+        // Two divisions a lane, then products (as in sla_fwd_mma).
+        const float inv0 = 1.f / (__shfl_sync(FULL, o[4][0], lane & ~3) + EPS);
+        const float inv1 = 1.f / (__shfl_sync(FULL, o[4][2], lane & ~3) + EPS);
         const int r0 = 16 * c + g, r1 = r0 + 8;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const int col = 8 * j + 2 * t;
             if (r0 < n)
                 *reinterpret_cast<unsigned *>(out + at(start + r0, heads, h, col)) =
-                    pack_bf16x2(o[j][0] / den0, o[j][1] / den0);
+                    pack_bf16x2(o[j][0] * inv0, o[j][1] * inv0);
             if (r1 < n)
                 *reinterpret_cast<unsigned *>(out + at(start + r1, heads, h, col)) =
-                    pack_bf16x2(o[j][2] / den1, o[j][3] / den1);
+                    pack_bf16x2(o[j][2] * inv1, o[j][3] * inv1);
         }
         __syncwarp();
     }
@@ -1280,16 +1304,17 @@ __device__ void sla_bwd_mma(const T *q, const T *k, const T *v, const T *dout, T
         float o[5][4];
         a_times_state<5, false, EXACT>(o, sa, kv);
         // Column 32 is the normaliser (lane 4g holds it for rows g, g + 8).
-        const float den0 = __shfl_sync(FULL, o[4][0], lane & ~3) + EPS;
-        const float den1 = __shfl_sync(FULL, o[4][2], lane & ~3) + EPS;
+        // Reciprocals once, then products (as in the forward).
+        const float inv0 = 1.f / (__shfl_sync(FULL, o[4][0], lane & ~3) + EPS);
+        const float inv1 = 1.f / (__shfl_sync(FULL, o[4][2], lane & ~3) + EPS);
         float gr[4][4], p0 = 0.f, p1 = 0.f;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const int col = 8 * j + 2 * t;
-            gr[j][0] = sb[g * KS + col] / den0;
-            gr[j][1] = sb[g * KS + col + 1] / den0;
-            gr[j][2] = sb[(g + 8) * KS + col] / den1;
-            gr[j][3] = sb[(g + 8) * KS + col + 1] / den1;
+            gr[j][0] = sb[g * KS + col] * inv0;
+            gr[j][1] = sb[g * KS + col + 1] * inv0;
+            gr[j][2] = sb[(g + 8) * KS + col] * inv1;
+            gr[j][3] = sb[(g + 8) * KS + col + 1] * inv1;
             p0 = fmaf(gr[j][0], o[j][0], fmaf(gr[j][1], o[j][1], p0));
             p1 = fmaf(gr[j][2], o[j][2], fmaf(gr[j][3], o[j][3], p1));
         }
@@ -1297,7 +1322,7 @@ __device__ void sla_bwd_mma(const T *q, const T *k, const T *v, const T *dout, T
         p0 += __shfl_xor_sync(FULL, p0, 2);
         p1 += __shfl_xor_sync(FULL, p1, 1);
         p1 += __shfl_xor_sync(FULL, p1, 2);
-        const float dd0 = -p0 / den0, dd1 = -p1 / den1;
+        const float dd0 = -p0 * inv0, dd1 = -p1 * inv1;
         __syncwarp();  // every lane has read dout: [G | dd] replaces it
 #pragma unroll
         for (int j = 0; j < 4; j++) {
