@@ -53,6 +53,19 @@ pub fn compare(base: &HardwareGroup, new: &HardwareGroup, threshold_pct: f64) ->
         .collect()
 }
 
+/// The configurations (as `workload/variant/entry [params]`) that only one
+/// side has, which [`compare`] leaves out: `(only in base, only in new)`.
+pub fn unmatched(base: &HardwareGroup, new: &HardwareGroup) -> (Vec<String>, Vec<String>) {
+    let name =
+        |c: &crate::summary::ConfigSummary| format!("{}/{}/{}", c.workload, c.variant, c.label());
+    let names = |g: &HardwareGroup| g.configs.iter().map(name).collect::<Vec<_>>();
+    let (b, n) = (names(base), names(new));
+    (
+        b.iter().filter(|x| !n.contains(x)).cloned().collect(),
+        n.iter().filter(|x| !b.contains(x)).cloned().collect(),
+    )
+}
+
 pub fn render(changes: &[Change], threshold_pct: f64) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -63,6 +76,8 @@ pub fn render(changes: &[Change], threshold_pct: f64) -> String {
     for c in changes {
         let verdict = if c.regression {
             format!("REGRESSION (> +{threshold_pct}%)")
+        } else if c.base_s.is_infinite() && c.new_s.is_infinite() {
+            "no result in either run".into()
         } else {
             "ok".into()
         };

@@ -135,7 +135,7 @@ struct RunArgs {
     #[arg(long = "entry", value_name = "E")]
     entries: Vec<String>,
     /// Trials per configuration; default: 2 in quick, 5 in full.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_trials)]
     trials: Option<u32>,
     #[arg(long, default_value = "quick", value_parser = parse_profile)]
     profile: Profile,
@@ -143,7 +143,7 @@ struct RunArgs {
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: Device,
     /// Suite seed; trial seeds are derived from it.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = parse_seed)]
     seed: u64,
     /// Output directory; default: results/runs/<date>-<host>-<device>.
     #[arg(long)]
@@ -180,6 +180,20 @@ fn parse_threshold(s: &str) -> Result<f64, String> {
     }
 }
 
+fn parse_trials(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "trials `{s}` must be a whole number of at least 1, e.g. 5"
+        )),
+    }
+}
+
+fn parse_seed(s: &str) -> Result<u64, String> {
+    s.parse::<u64>()
+        .map_err(|_| format!("seed `{s}` must be a non-negative whole number, e.g. 0"))
+}
+
 /// Bad input: exit 2.
 #[derive(Debug)]
 struct Usage(String);
@@ -192,20 +206,24 @@ impl std::fmt::Display for Usage {
 
 impl std::error::Error for Usage {}
 
+/// `{:#}`: an anyhow error's causes too (a context alone names no reason).
 fn usage(e: impl std::fmt::Display) -> anyhow::Error {
-    anyhow::Error::new(Usage(e.to_string()))
+    anyhow::Error::new(Usage(format!("{e:#}")))
 }
 
 enum Done {
     Ok,
     Regression,
+    /// A run whose every trial is recorded, some of them failed (an error
+    /// or a panic: a missing asset, say). Exit 1.
+    TrialsFailed,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(Done::Ok) => ExitCode::SUCCESS,
-        Ok(Done::Regression) => ExitCode::from(1),
+        Ok(Done::Regression | Done::TrialsFailed) => ExitCode::from(1),
         Err(e) => {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<Usage>().is_some() {
@@ -297,6 +315,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
             allow_mixed_hardware,
         } => {
             let out = out.unwrap_or_else(|| dirs[0].clone());
+            check_report_out(&dirs, &out).map_err(usage)?;
             let files = render_report(&dirs, &out, allow_mixed_hardware)?;
             eprintln!(
                 "wrote {} files; summary: {}",
@@ -313,6 +332,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
         } => {
             let b = records::read_dir(&base).map_err(usage)?;
             let n = records::read_dir(&new).map_err(usage)?;
+            records::read_run_info(&base).map_err(usage)?;
+            records::read_run_info(&new).map_err(usage)?;
             let bg = summary::summarise(&b, false).map_err(usage)?;
             let ng = summary::summarise(&n, false).map_err(usage)?;
             if bg[0].hardware_id != ng[0].hardware_id && !allow_mixed_hardware {
@@ -331,6 +352,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
                 ));
             }
             print!("{}", compare::render(&changes, threshold));
+            let (only_base, only_new) = compare::unmatched(&bg[0], &ng[0]);
+            for (side, dir, only) in [("base", &base, &only_base), ("new", &new, &only_new)] {
+                if !only.is_empty() {
+                    eprintln!(
+                        "note: {} configuration(s) only in the {side} run {} were not compared: {}",
+                        only.len(),
+                        dir.display(),
+                        only.join(", ")
+                    );
+                }
+            }
             let regressions = changes.iter().filter(|c| c.regression).count();
             if regressions > 0 {
                 eprintln!("{regressions} regression(s) beyond {threshold}%");
@@ -349,6 +381,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
         } => {
             let ra = records::read_dir(&a).map_err(usage)?;
             let rb = records::read_dir(&b).map_err(usage)?;
+            records::read_run_info(&a).map_err(usage)?;
+            records::read_run_info(&b).map_err(usage)?;
             let o = PairOptions {
                 labels: (label_a, label_b),
                 figures: figure,
@@ -415,13 +449,35 @@ fn run(selection: Selection, opts: RunArgs, shard: Option<Shard>) -> anyhow::Res
         command_line: std::env::args().collect(),
     };
     runner::prepare_out(&run_opts).map_err(usage)?;
+    // Ctrl-C or SIGTERM: say where the finished trials are and how to go
+    // on. Each record is flushed as its trial ends, and --resume drops the
+    // one in flight if it was torn.
+    let at = out.display().to_string();
+    let _ = ctrlc::set_handler(move || {
+        eprintln!(
+            "\ninterrupted: the trials finished so far are in {at}; rerun the same command with \
+             --out {at} --resume to continue"
+        );
+        std::process::exit(130);
+    });
     let env = Env {
         clock: clock.as_ref(),
         fingerprint: fp,
         git_commit: fingerprint::git_commit(),
         now: &runner::now_rfc3339,
     };
-    let done = runner::run(&units, &run_opts, &env).context("run failed")?;
+    let done = runner::run(&units, &run_opts, &env).map_err(|e| match e {
+        // A damaged results directory is bad input.
+        runner::RunError::Records(records::RecordsError::Malformed { .. })
+        | runner::RunError::Records(records::RecordsError::Invalid(_)) => usage(e),
+        e => anyhow::Error::new(e).context("run failed"),
+    })?;
+    if done.retried > 0 {
+        eprintln!(
+            "resume: ran again {} trial(s) that had ended in an error or a panic",
+            done.retried
+        );
+    }
     if let Some(torn) = &done.dropped_torn {
         eprintln!(
             "resume: dropped an incomplete last record (the trial in flight when the run stopped; it was rerun): {}",
@@ -439,7 +495,63 @@ fn run(selection: Selection, opts: RunArgs, shard: Option<Shard>) -> anyhow::Res
         render_report(std::slice::from_ref(&out), &out, false)?;
         eprintln!("report: {}", out.join("summary.md").display());
     }
-    Ok(Done::Ok)
+    if done.failed.is_empty() {
+        return Ok(Done::Ok);
+    }
+    eprint!("{}", failure_report(&done.failed, &out));
+    Ok(Done::TrialsFailed)
+}
+
+/// The trials that failed, one paragraph per distinct reason (the first
+/// trial that gave it and how many did), and how to retry them.
+fn failure_report(failed: &[(String, String)], out: &std::path::Path) -> String {
+    let mut reasons: Vec<(&str, &str, usize)> = Vec::new();
+    for (trial, reason) in failed {
+        match reasons.iter_mut().find(|(r, _, _)| r == reason) {
+            Some(x) => x.2 += 1,
+            None => reasons.push((reason, trial, 1)),
+        }
+    }
+    let mut s = format!(
+        "error: {} trial(s) failed (an error or a panic, recorded as infinity):\n",
+        failed.len()
+    );
+    for (reason, first, n) in &reasons {
+        let more = if *n > 1 {
+            format!(" and {} more", n - 1)
+        } else {
+            String::new()
+        };
+        s += &format!("  {first}{more}: {reason}\n");
+    }
+    s += &format!(
+        "fix the cause, then rerun with --out {} --resume to run those trials again\n",
+        out.display()
+    );
+    s
+}
+
+/// A report's `--out` must not be another run's directory: its
+/// summary.md and charts would then describe records it does not hold.
+fn check_report_out(dirs: &[PathBuf], out: &std::path::Path) -> Result<(), String> {
+    if out.exists() && !out.is_dir() {
+        return Err(format!(
+            "--out {} exists and is not a directory; choose another --out",
+            out.display()
+        ));
+    }
+    let same = |d: &PathBuf| match (d.canonicalize(), out.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if out.join(records::RECORDS_JSONL).exists() && !dirs.iter().any(same) {
+        return Err(format!(
+            "--out {} holds another run's records; a report written there would not describe \
+             them: choose a new or empty directory, or one of the inputs",
+            out.display()
+        ));
+    }
+    Ok(())
 }
 
 fn render_report(
@@ -460,7 +572,12 @@ fn render_report(
     }
     let groups = summary::summarise(&all, allow_mixed).map_err(usage)?;
     std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create report directory {}", out.display()))
+        .with_context(|| {
+            format!(
+                "cannot create report directory {}; choose a writable --out",
+                out.display()
+            )
+        })
         .map_err(usage)?;
     report::write_report(
         &ReportInput {

@@ -25,10 +25,18 @@ pub enum MergeError {
     Overlap { key: String, a: PathBuf, b: PathBuf },
     #[error("{0} already holds records; choose an empty --out")]
     OutNotEmpty(PathBuf),
+    #[error("--out {dir}: {problem}; choose another --out")]
+    Out { dir: PathBuf, problem: String },
 }
 
 /// Merges `inputs` into `out`; returns the number of records written.
 pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize, MergeError> {
+    if out.exists() && !out.is_dir() {
+        return Err(MergeError::Out {
+            dir: out.to_path_buf(),
+            problem: "exists and is not a directory".into(),
+        });
+    }
     if out.join(records::RECORDS_JSONL).exists() {
         return Err(MergeError::OutNotEmpty(out.to_path_buf()));
     }
@@ -72,9 +80,9 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize, MergeError> {
             infos.extend(info.merged_from);
         }
     }
-    std::fs::create_dir_all(out).map_err(|e| records::RecordsError::Io {
-        path: out.to_path_buf(),
-        source: e,
+    std::fs::create_dir_all(out).map_err(|e| MergeError::Out {
+        dir: out.to_path_buf(),
+        problem: format!("cannot create it ({e})"),
     })?;
     let first = infos[0].clone();
     let merged = RunInfo {

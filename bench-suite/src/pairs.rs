@@ -53,6 +53,38 @@ pub fn render(a: &[TrialRecord], b: &[TrialRecord], o: &PairOptions) -> Result<S
                 .into(),
         );
     }
+    // A figure or cell prefix no pair carries is a typo, not "no difference".
+    let mut names: Vec<&str> = pairs
+        .iter()
+        .flat_map(|(x, y)| x.figures.keys().chain(y.figures.keys()))
+        .map(String::as_str)
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let missing: Vec<&str> = o
+        .figures
+        .iter()
+        .filter(|f| !names.contains(&f.as_str()))
+        .chain(
+            o.cells
+                .iter()
+                .filter(|p| !names.iter().any(|k| k.starts_with(p.as_str()))),
+        )
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        let more = names.len().saturating_sub(40);
+        return Err(format!(
+            "no paired trial has the figure or cell prefix {}; the records carry: {}{}",
+            missing.join(", "),
+            names[..names.len().min(40)].join(", "),
+            if more > 0 {
+                format!(" (and {more} more)")
+            } else {
+                String::new()
+            }
+        ));
+    }
     let (la, lb) = (&o.labels.0, &o.labels.1);
     let mut s = String::new();
     let _ = writeln!(

@@ -288,13 +288,41 @@ pub fn write_run_info(dir: &Path, info: &RunInfo) -> Result<(), RecordsError> {
 }
 
 pub fn read_run_info(dir: &Path) -> Result<RunInfo, RecordsError> {
+    is_results_dir(dir)?;
     let path = dir.join(RUN_JSON);
+    if !path.exists() {
+        return Err(RecordsError::Invalid(format!(
+            "{}: no {RUN_JSON} here, so this is not a bench-suite results directory (or its {RUN_JSON} \
+             was deleted); pass a directory written by `bench-suite run`, `suite` or `merge`",
+            dir.display()
+        )));
+    }
     let text = fs::read_to_string(&path).map_err(io(&path))?;
     serde_json::from_str(&text).map_err(|e| RecordsError::Malformed {
         path: path.clone(),
         line: e.line(),
-        problem: format!("not a bench-suite run.json ({e})"),
+        problem: format!(
+            "not a bench-suite run.json ({e}); the file is damaged: restore it from a copy of \
+             the run"
+        ),
     })
+}
+
+/// An error naming the problem unless `dir` is an existing directory.
+fn is_results_dir(dir: &Path) -> Result<(), RecordsError> {
+    if dir.is_dir() {
+        Ok(())
+    } else if dir.exists() {
+        Err(RecordsError::Invalid(format!(
+            "{} is a file, not a results directory; pass the directory a run wrote",
+            dir.display()
+        )))
+    } else {
+        Err(RecordsError::Invalid(format!(
+            "{}: no such directory; pass a directory written by `bench-suite run`, `suite` or `merge`",
+            dir.display()
+        )))
+    }
 }
 
 /// Appends records to `raw.csv` and `records.jsonl`, one flushed line each.
@@ -420,6 +448,9 @@ pub fn read_jsonl(
     })?;
     let mut records = Vec::new();
     let mut torn = None;
+    let mut seen: std::collections::HashMap<TrialKey, usize> = std::collections::HashMap::new();
+    let damaged = "the file is damaged: restore it from a copy of the run, or delete that line \
+                   (its trial is then run again by --resume)";
     let n_lines = text.split_inclusive('\n').count();
     for (i, line) in text.split_inclusive('\n').enumerate() {
         let lineno = i + 1;
@@ -429,7 +460,7 @@ pub fn read_jsonl(
             return Err(RecordsError::Malformed {
                 path: path.to_path_buf(),
                 line: lineno,
-                problem: "empty line".into(),
+                problem: "empty line; delete it".into(),
             });
         }
         if !terminated && lineno == n_lines && allow_torn_tail {
@@ -440,7 +471,7 @@ pub fn read_jsonl(
             path: path.to_path_buf(),
             line: lineno,
             problem: if terminated {
-                format!("not a bench-suite trial record ({e})")
+                format!("not a bench-suite trial record ({e}); {damaged}")
             } else {
                 format!(
                     "truncated last line ({e}); the run was interrupted: rerun it with --resume"
@@ -452,8 +483,20 @@ pub fn read_jsonl(
                 path: path.to_path_buf(),
                 line: lineno,
                 problem: format!(
-                    "schema_version {} but this bench-suite reads {SCHEMA_VERSION}",
+                    "schema_version {} but this bench-suite reads {SCHEMA_VERSION}; read it with \
+                     the bench-suite version that wrote it (run.json names it)",
                     rec.schema_version
+                ),
+            });
+        }
+        if let Some(first) = seen.insert(rec.key(), lineno) {
+            return Err(RecordsError::Malformed {
+                path: path.to_path_buf(),
+                line: lineno,
+                problem: format!(
+                    "repeats the trial of line {first} ({}); a records file holds each trial \
+                     once: delete one of the two lines",
+                    rec.key()
                 ),
             });
         }
@@ -496,6 +539,7 @@ pub fn check_csv(path: &Path) -> Result<usize, RecordsError> {
 
 /// Reads a results directory: its records, checked against `raw.csv`.
 pub fn read_dir(dir: &Path) -> Result<Vec<TrialRecord>, RecordsError> {
+    is_results_dir(dir)?;
     let jsonl = dir.join(RECORDS_JSONL);
     if !jsonl.exists() {
         return Err(RecordsError::Invalid(format!(
@@ -521,14 +565,44 @@ pub fn read_dir(dir: &Path) -> Result<Vec<TrialRecord>, RecordsError> {
 
 /// Prepares `dir` for `--resume`: drops a torn last record (reporting it),
 /// rebuilds `raw.csv` from `records.jsonl`, and returns what is recorded.
+/// Refuses when `raw.csv` holds more rows than `records.jsonl` records:
+/// then records were lost from `records.jsonl`, and rebuilding `raw.csv`
+/// from it would lose their last copy.
 pub fn recover(dir: &Path) -> Result<(Vec<TrialRecord>, Option<String>), RecordsError> {
     let jsonl = dir.join(RECORDS_JSONL);
-    if !jsonl.exists() {
-        return Ok((Vec::new(), None));
+    let (records, torn) = if jsonl.exists() {
+        read_jsonl(&jsonl, true)?
+    } else {
+        (Vec::new(), None)
+    };
+    let rows = csv_rows(dir)?;
+    if rows > records.len() + usize::from(torn.is_some()) {
+        return Err(RecordsError::Invalid(format!(
+            "{}: {rows} rows, but {} holds {} records: records were lost from it (it is the \
+             source of truth, and raw.csv cannot rebuild it); restore {RECORDS_JSONL} from a \
+             copy of the run, or start again with another --out",
+            dir.join(RAW_CSV).display(),
+            jsonl.display(),
+            records.len()
+        )));
     }
-    let (records, torn) = read_jsonl(&jsonl, true)?;
     write_all(dir, &records)?;
     Ok((records, torn))
+}
+
+/// Data rows of `dir`'s `raw.csv` (0 without the file), counted loosely:
+/// a damaged row still counts, a quoted line break does not.
+pub fn csv_rows(dir: &Path) -> Result<usize, RecordsError> {
+    let path = dir.join(RAW_CSV);
+    if !path.exists() {
+        return Ok(0);
+    }
+    let file = File::open(&path).map_err(io(&path))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .from_reader(BufReader::new(file));
+    Ok(reader.byte_records().count())
 }
 
 /// Lines of a file, for tests and tools.

@@ -6,7 +6,9 @@
 //! every entry), then for each configuration: untimed set-up, the timed
 //! [`Job::run`] between two synchronised clock reads, untimed evaluation.
 //! Errors and panics in any step become a record with infinity and the
-//! reason; the suite goes on.
+//! reason; the suite goes on, and the run reports them at its end
+//! ([`RunSummary::failed`]). `--resume` retries such trials; a trial that
+//! missed its target or budget is a result and stays.
 
 use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -38,11 +40,11 @@ pub struct RunOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("{0}")]
+    #[error(transparent)]
     Records(#[from] records::RecordsError),
     #[error("output directory {dir}: {problem}")]
     Out { dir: PathBuf, problem: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Workload(#[from] WorkloadError),
 }
 
@@ -54,6 +56,19 @@ pub struct RunSummary {
     pub reached: usize,
     /// A torn record dropped by `--resume` (the trial in flight at a kill).
     pub dropped_torn: Option<String>,
+    /// Trials that `--resume` ran again because they had ended in an error
+    /// or a panic.
+    pub retried: usize,
+    /// The trials of this invocation that ended in an error or a panic:
+    /// which (workload / variant / entry [params] trial) and the reason.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Whether a trial ended without a result of the method's own (an error
+/// or a panic in set-up, run or evaluation), as opposed to a result that
+/// missed its target or budget.
+pub fn failed(status: Status) -> bool {
+    matches!(status, Status::Error | Status::Panicked)
 }
 
 /// Everything a run needs from its environment; tests pass a mock clock
@@ -90,6 +105,15 @@ pub fn prepare_out(opts: &RunOptions) -> Result<(), RunError> {
         .map_err(|e| out_err(format!("not writable ({e}); choose a writable --out")))?;
     let _ = std::fs::remove_file(&probe);
     let has_records = dir.join(records::RECORDS_JSONL).exists();
+    if !has_records && records::csv_rows(dir)? > 0 {
+        return Err(out_err(format!(
+            "holds rows in {} but no {}: its records were lost or moved (raw.csv cannot \
+             rebuild them); restore {} from a copy of the run, or choose a new --out",
+            records::RAW_CSV,
+            records::RECORDS_JSONL,
+            records::RECORDS_JSONL
+        )));
+    }
     if has_records && !opts.resume {
         return Err(out_err(
             "already holds records; pass --resume to continue that run, or choose a new --out"
@@ -117,9 +141,17 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
     let dir = &opts.out;
     let mut summary = RunSummary::default();
     let (done, run_id) = if opts.resume && dir.join(records::RECORDS_JSONL).exists() {
-        let (existing, torn) = records::recover(dir)?;
+        let (mut existing, torn) = records::recover(dir)?;
         summary.dropped_torn = torn;
         let info = records::read_run_info(dir)?;
+        // Trials that failed (a missing asset, say) run again; their
+        // records go, so that the directory holds each trial once.
+        let before = existing.len();
+        existing.retain(|r| !failed(r.status));
+        summary.retried = before - existing.len();
+        if summary.retried > 0 {
+            records::write_all(dir, &existing)?;
+        }
         (
             existing
                 .iter()
@@ -249,6 +281,12 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
                     Err(f) => Attempt::failed(f.clone()),
                 };
                 let record = ctx.record(unit.entry, params, trial, trial_seed, started_at, result);
+                if failed(record.status) {
+                    summary.failed.push((
+                        format!("{} [{}] trial {}", unit.label(), params, trial + 1),
+                        record.reason.clone(),
+                    ));
+                }
                 summary.recorded += 1;
                 summary.reached += usize::from(record.reached);
                 writer.append(&record)?;

@@ -123,6 +123,14 @@ fn bad_selections_exit_2_and_list_the_valid_choices() {
         (&["suite", "--shard", "5/4"], "malformed shard `5/4`"),
         (&["suite", "--shard", "x"], "malformed shard"),
         (&["run", "spectr", "--trials", "0"], "--trials"),
+        (
+            &["run", "spectr", "--trials", "-1"],
+            "must be a whole number of at least 1",
+        ),
+        (
+            &["run", "spectr", "--seed", "-1"],
+            "must be a non-negative whole number",
+        ),
     ];
     for (args, message) in cases {
         bench()
@@ -310,6 +318,28 @@ fn report_and_compare_read_only_records_and_reject_corrupt_files() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("no records.jsonl"));
+    // Its report may not go into another run's directory.
+    bench()
+        .arg("report")
+        .arg(&b)
+        .arg("--out")
+        .arg(&a)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("holds another run's records"));
+    // compare and pair check run.json too.
+    let run_json = fs::read(a.join("run.json")).unwrap();
+    fs::write(a.join("run.json"), b"{\"truncated\"").unwrap();
+    for cmd in ["compare", "pair"] {
+        bench()
+            .arg(cmd)
+            .arg(&a)
+            .arg(&a)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("run.json"));
+    }
+    fs::write(a.join("run.json"), run_json).unwrap();
     // A raw.csv that disagrees with records.jsonl.
     fs::write(b.join("records.jsonl"), &jsonl).unwrap();
     let csv = fs::read_to_string(b.join("raw.csv")).unwrap();
@@ -508,11 +538,77 @@ fn pair_matches_trials_by_seed() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("share no trial"));
+    // A figure no trial carries is a typo, not "no difference".
+    bench()
+        .arg("pair")
+        .arg(&a)
+        .arg(&b)
+        .args(["--figure", "block_efficiencyy"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("block_efficiencyy"))
+        .stderr(predicate::str::contains("block_efficiency,"));
     bench()
         .arg("pair")
         .arg(&a)
         .arg(dir.path().join("nowhere"))
         .assert()
         .code(2)
-        .stderr(predicate::str::contains("no records.jsonl"));
+        .stderr(predicate::str::contains("nowhere: no such directory"));
+}
+
+#[test]
+fn failed_trials_exit_1_name_the_fix_and_resume_runs_them_again() {
+    // The stereo capture is an asset; an empty asset folder lacks it.
+    let dir = tempfile::tempdir().unwrap();
+    let assets = dir.path().join("assets");
+    fs::create_dir_all(&assets).unwrap();
+    let out = dir.path().join("out");
+    let args = [
+        "run",
+        "point-cloud-sla",
+        "--variant",
+        "stereo-middlebury",
+        "--entry",
+        "sla",
+        "--trials",
+        "1",
+        "--quiet",
+        "--no-report",
+    ];
+    bench()
+        .env("BENCH_SUITE_ASSETS", &assets)
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("4 trial(s) failed"))
+        .stderr(predicate::str::contains("missing asset"))
+        .stderr(predicate::str::contains("fetch-assets.sh middlebury"))
+        .stderr(predicate::str::contains("--resume"));
+    // Every trial is still recorded, as infinity.
+    let jsonl = fs::read_to_string(out.join("records.jsonl")).unwrap();
+    assert_eq!(jsonl.lines().count(), 4);
+    assert!(jsonl.lines().all(|l| l.contains("\"status\":\"error\"")));
+    // --resume runs them again (and, the asset still missing, fails again),
+    // keeping one record per trial.
+    bench()
+        .env("BENCH_SUITE_ASSETS", &assets)
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .arg("--resume")
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("ran again 4 trial(s)"));
+    let again = fs::read_to_string(out.join("records.jsonl")).unwrap();
+    assert_eq!(again.lines().count(), 4);
+    assert_eq!(
+        fs::read_to_string(out.join("raw.csv"))
+            .unwrap()
+            .lines()
+            .count(),
+        5
+    );
 }

@@ -268,11 +268,25 @@ fn resume_after_an_interruption_finishes_the_run_without_repeating_trials() {
         .to_string()
         .contains("same settings"));
 
+    // The panics among the 10 kept records are run again: a failed trial
+    // is not a result.
+    let kept_failed = lines[..10]
+        .iter()
+        .filter(|l| l.contains("\"status\":\"panicked\""))
+        .count();
+    assert!(kept_failed > 0, "the toy's panicking entry runs in trial 0");
     let mut resume = opts.clone();
     resume.resume = true;
     let done = run_toy(&resume, &Selection::default(), "cpu-a");
-    assert_eq!((done.recorded, done.skipped), (11, 10));
+    assert_eq!(
+        (done.recorded, done.skipped, done.retried),
+        (11 + kept_failed, 10 - kept_failed, kept_failed)
+    );
     assert!(done.dropped_torn.is_some());
+    assert!(done
+        .failed
+        .iter()
+        .all(|(trial, reason)| trial.contains("/panics") && reason.contains("toy panic")));
     let got = records_of(cut.path());
     assert_eq!(got.len(), expected.len());
     let strip = |rs: &[TrialRecord]| {
@@ -284,9 +298,58 @@ fn resume_after_an_interruption_finishes_the_run_without_repeating_trials() {
         v
     };
     assert_eq!(strip(&got), strip(&expected));
-    // Resuming a finished run records nothing new.
+    // Resuming a finished run records nothing new but its failed trials
+    // (the toy's 3 panics, which panic again, each recorded once).
     let again = run_toy(&resume, &Selection::default(), "cpu-a");
-    assert_eq!((again.recorded, again.skipped), (0, 21));
+    assert_eq!((again.recorded, again.skipped, again.retried), (3, 18, 3));
+    assert_eq!(again.failed.len(), 3);
+    assert_eq!(strip(&records_of(cut.path())), strip(&expected));
+
+    // A records.jsonl that lost records while raw.csv kept them is
+    // refused rather than rebuilt from, which would lose their last copy.
+    let lost = tempfile::tempdir().unwrap();
+    run_toy(
+        &options(lost.path(), Profile::Quick, 3, None),
+        &Selection::default(),
+        "cpu-a",
+    );
+    let jsonl = fs::read_to_string(lost.path().join("records.jsonl")).unwrap();
+    let half: Vec<&str> = jsonl.lines().take(5).collect();
+    fs::write(lost.path().join("records.jsonl"), half.join("\n") + "\n").unwrap();
+    let before = fs::read(lost.path().join("raw.csv")).unwrap();
+    let err = records::recover(lost.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("21 rows") && err.contains("holds 5 records") && err.contains("restore"),
+        "{err}"
+    );
+    assert_eq!(fs::read(lost.path().join("raw.csv")).unwrap(), before);
+    // Without records.jsonl, a run into it is refused the same way.
+    fs::remove_file(lost.path().join("records.jsonl")).unwrap();
+    let mut into_lost = options(lost.path(), Profile::Quick, 3, None);
+    into_lost.resume = true;
+    let err = runner::prepare_out(&into_lost).unwrap_err().to_string();
+    assert!(err.contains("no records.jsonl"), "{err}");
+
+    // A repeated record is an error naming both lines.
+    let dup = tempfile::tempdir().unwrap();
+    run_toy(
+        &options(dup.path(), Profile::Quick, 3, None),
+        &Selection::default(),
+        "cpu-a",
+    );
+    let jsonl = fs::read_to_string(dup.path().join("records.jsonl")).unwrap();
+    let first = jsonl.lines().next().unwrap().to_string();
+    fs::write(
+        dup.path().join("records.jsonl"),
+        format!("{jsonl}{first}\n"),
+    )
+    .unwrap();
+    fs::remove_file(dup.path().join("raw.csv")).unwrap();
+    let err = records::read_dir(dup.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("records.jsonl:22") && err.contains("repeats the trial of line 1"),
+        "{err}"
+    );
 }
 
 #[test]
