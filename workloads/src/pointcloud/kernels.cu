@@ -386,6 +386,10 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
 // 0.058 -> 0.050, 1M 0.512 -> 0.418. Forward + backward
 // (`sla_backward_sweep`): f32 frame 0.1515 -> 0.1320-0.1329 ms, 10k
 // 0.085-0.086 -> 0.074, 1M 3.53 -> 3.19; bf16 1M 3.40 -> 3.12.
+// Tried next and not kept: each grouped slot's [first row, count] read
+// beside its item (one round trip before the first rows instead of two):
+// f32 within 1-2%, bf16 slower at every size (1M 0.416 -> 0.700 ms;
+// results/runs/2026-11-29-h200-point-cloud-sla-spans).
 //
 // Shared memory per warp (dynamic, FWD_WARP_FLOATS floats): a staging area
 // of 8 K rows and 8 V rows (phase 1, row stride KS) or 16 Q rows (phase
