@@ -144,10 +144,25 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
         let (mut existing, torn) = records::recover(dir)?;
         summary.dropped_torn = torn;
         let info = records::read_run_info(dir)?;
-        // Trials that failed (a missing asset, say) run again; their
-        // records go, so that the directory holds each trial once.
+        // Trials of this plan that failed (a missing asset, say) run
+        // again; their records go, so that the directory holds each trial
+        // once. Failed trials outside the plan (another --entry, say) stay.
+        let planned: HashSet<TrialKey> = units
+            .iter()
+            .flat_map(|u| {
+                u.variant.configs(u.entry).into_iter().flat_map(move |p| {
+                    (0..opts.trials).map(move |trial| TrialKey {
+                        workload: u.workload.spec().id.into(),
+                        variant: u.variant.id.into(),
+                        entry: u.entry.id.into(),
+                        params: p.to_string(),
+                        trial,
+                    })
+                })
+            })
+            .collect();
         let before = existing.len();
-        existing.retain(|r| !failed(r.status));
+        existing.retain(|r| !(failed(r.status) && planned.contains(&r.key())));
         summary.retried = before - existing.len();
         if summary.retried > 0 {
             records::write_all(dir, &existing)?;

@@ -304,6 +304,15 @@ fn resume_after_an_interruption_finishes_the_run_without_repeating_trials() {
     assert_eq!((again.recorded, again.skipped, again.retried), (3, 18, 3));
     assert_eq!(again.failed.len(), 3);
     assert_eq!(strip(&records_of(cut.path())), strip(&expected));
+    // A resume of part of the plan leaves the other entries' failed
+    // trials recorded (and does not run them).
+    let only_ref = Selection {
+        entries: vec!["ref".into()],
+        ..Selection::default()
+    };
+    let part = run_toy(&resume, &only_ref, "cpu-a");
+    assert_eq!((part.recorded, part.retried), (0, 0));
+    assert_eq!(strip(&records_of(cut.path())), strip(&expected));
 
     // A records.jsonl that lost records while raw.csv kept them is
     // refused rather than rebuilt from, which would lose their last copy.
