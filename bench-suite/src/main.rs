@@ -314,8 +314,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
             out,
             allow_mixed_hardware,
         } => {
+            if let Some(out) = &out {
+                check_report_out(&dirs, out).map_err(usage)?;
+            }
             let out = out.unwrap_or_else(|| dirs[0].clone());
-            check_report_out(&dirs, &out).map_err(usage)?;
             let files = render_report(&dirs, &out, allow_mixed_hardware)?;
             eprintln!(
                 "wrote {} files; summary: {}",
@@ -330,10 +332,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
             threshold,
             allow_mixed_hardware,
         } => {
-            let b = records::read_dir(&base).map_err(usage)?;
-            let n = records::read_dir(&new).map_err(usage)?;
-            records::read_run_info(&base).map_err(usage)?;
-            records::read_run_info(&new).map_err(usage)?;
+            let (b, _) = read_results(&base)?;
+            let (n, _) = read_results(&new)?;
             let bg = summary::summarise(&b, false).map_err(usage)?;
             let ng = summary::summarise(&n, false).map_err(usage)?;
             if bg[0].hardware_id != ng[0].hardware_id && !allow_mixed_hardware {
@@ -347,9 +347,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
             }
             let changes = compare::compare(&bg[0], &ng[0], threshold);
             if changes.is_empty() {
-                return Err(usage(
-                    "the two directories share no configuration to compare",
-                ));
+                let (only_base, only_new) = compare::unmatched(&bg[0], &ng[0]);
+                return Err(usage(format!(
+                    "{} and {} share no configuration (workload, variant, entry and params) to \
+                     compare: the base run has {} (first: {}), the new run {} (first: {}); \
+                     compare two runs of the same selection",
+                    base.display(),
+                    new.display(),
+                    only_base.len(),
+                    only_base.first().map_or("-", String::as_str),
+                    only_new.len(),
+                    only_new.first().map_or("-", String::as_str),
+                )));
             }
             print!("{}", compare::render(&changes, threshold));
             let (only_base, only_new) = compare::unmatched(&bg[0], &ng[0]);
@@ -379,10 +388,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
             figure,
             cells,
         } => {
-            let ra = records::read_dir(&a).map_err(usage)?;
-            let rb = records::read_dir(&b).map_err(usage)?;
-            records::read_run_info(&a).map_err(usage)?;
-            records::read_run_info(&b).map_err(usage)?;
+            let (ra, _) = read_results(&a)?;
+            let (rb, _) = read_results(&b)?;
             let o = PairOptions {
                 labels: (label_a, label_b),
                 figures: figure,
@@ -495,6 +502,14 @@ fn run(selection: Selection, opts: RunArgs, shard: Option<Shard>) -> anyhow::Res
         render_report(std::slice::from_ref(&out), &out, false)?;
         eprintln!("report: {}", out.join("summary.md").display());
     }
+    if done.failed_outside > 0 {
+        eprintln!(
+            "note: {} failed trial(s) outside this selection stay recorded in {}; resume with \
+             the run's full selection to run them again",
+            done.failed_outside,
+            out.display()
+        );
+    }
     if done.failed.is_empty() {
         return Ok(Done::Ok);
     }
@@ -518,7 +533,7 @@ fn failure_report(failed: &[(String, String)], out: &std::path::Path) -> String 
     );
     for (reason, first, n) in &reasons {
         let more = if *n > 1 {
-            format!(" and {} more", n - 1)
+            format!(" (and {} more trial(s) with the same reason)", n - 1)
         } else {
             String::new()
         };
@@ -529,6 +544,25 @@ fn failure_report(failed: &[(String, String)], out: &std::path::Path) -> String 
         out.display()
     );
     s
+}
+
+/// A results directory's records and run.json, checked; an error naming
+/// the directory when no trial is recorded there yet.
+fn read_results(
+    dir: &std::path::Path,
+) -> anyhow::Result<(Vec<records::TrialRecord>, records::RunInfo)> {
+    let recs = records::read_dir(dir).map_err(usage)?;
+    let info = records::read_run_info(dir).map_err(usage)?;
+    if recs.is_empty() {
+        return Err(usage(format!(
+            "{}: no trial recorded yet (the run stopped before its first trial ended); \
+             continue it with `run ... --out {} --resume` and its own settings, or pass another \
+             directory",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    Ok((recs, info))
 }
 
 /// A report's `--out` must not be another run's directory: its
@@ -562,8 +596,8 @@ fn render_report(
     let mut all = Vec::new();
     let mut runs = Vec::new();
     for d in dirs {
-        all.extend(records::read_dir(d).map_err(usage)?);
-        let info = records::read_run_info(d).map_err(usage)?;
+        let (recs, info) = read_results(d)?;
+        all.extend(recs);
         if info.merged_from.is_empty() {
             runs.push(info);
         } else {

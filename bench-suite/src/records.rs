@@ -292,8 +292,9 @@ pub fn read_run_info(dir: &Path) -> Result<RunInfo, RecordsError> {
     let path = dir.join(RUN_JSON);
     if !path.exists() {
         return Err(RecordsError::Invalid(format!(
-            "{}: no {RUN_JSON} here, so this is not a bench-suite results directory (or its {RUN_JSON} \
-             was deleted); pass a directory written by `bench-suite run`, `suite` or `merge`",
+            "{}: no {RUN_JSON} here, so this is not a bench-suite results directory; pass a \
+             directory written by `bench-suite run`, `suite` or `merge` (if it was one and its \
+             {RUN_JSON} was deleted, restore that file from a copy of the run)",
             dir.display()
         )));
     }
@@ -444,8 +445,19 @@ pub fn read_jsonl(
             .iter()
             .filter(|&&b| b == b'\n')
             .count(),
-        problem: "not UTF-8 text".into(),
+        problem: "not UTF-8 text; the file is damaged: restore it from a copy of the run, or \
+                  delete that line (its trial is then run again by --resume)"
+            .into(),
     })?;
+    if text.starts_with('\u{feff}') {
+        return Err(RecordsError::Malformed {
+            path: path.to_path_buf(),
+            line: 1,
+            problem: "starts with a UTF-8 byte-order mark, which an editor added; remove those \
+                      three bytes (the records are otherwise intact)"
+                .into(),
+        });
+    }
     let mut records = Vec::new();
     let mut torn = None;
     let mut seen: std::collections::HashMap<TrialKey, usize> = std::collections::HashMap::new();
@@ -515,14 +527,19 @@ pub fn check_csv(path: &Path) -> Result<usize, RecordsError> {
     let header = reader.headers().map_err(|e| RecordsError::Malformed {
         path: path.to_path_buf(),
         line: 1,
-        problem: format!("unreadable header ({e})"),
+        problem: format!(
+            "unreadable header ({e}); raw.csv is rebuilt from records.jsonl by `run ... \
+             --resume` with the run's own settings"
+        ),
     })?;
     let got: Vec<&str> = header.iter().collect();
     if got != CSV_COLUMNS {
         return Err(RecordsError::Malformed {
             path: path.to_path_buf(),
             line: 1,
-            problem: "header is not bench-suite's raw.csv header".into(),
+            problem: "header is not bench-suite's raw.csv header; raw.csv is rebuilt from \
+                      records.jsonl by `run ... --resume` with the run's own settings"
+                .into(),
         });
     }
     let mut n = 0;
@@ -552,8 +569,15 @@ pub fn read_dir(dir: &Path) -> Result<Vec<TrialRecord>, RecordsError> {
     if csv.exists() {
         let rows = check_csv(&csv)?;
         if rows != records.len() {
+            let fix = if rows > records.len() {
+                "records were lost from records.jsonl, the source of truth: restore it from a \
+                 copy of the run"
+            } else {
+                "raw.csv missed rows (a run stopped mid-write): `run ... --resume` with the run's \
+                 own settings rebuilds it from records.jsonl"
+            };
             return Err(RecordsError::Invalid(format!(
-                "{}: {rows} rows but {} has {} records; the files disagree (rerun with --resume to rebuild raw.csv)",
+                "{}: {rows} rows but {} has {} records; {fix}",
                 csv.display(),
                 jsonl.display(),
                 records.len()

@@ -62,6 +62,9 @@ pub struct RunSummary {
     /// The trials of this invocation that ended in an error or a panic:
     /// which (workload / variant / entry [params] trial) and the reason.
     pub failed: Vec<(String, String)>,
+    /// Failed trials of the directory outside a resume's plan (another
+    /// --entry, say): still recorded, not run again.
+    pub failed_outside: usize,
 }
 
 /// Whether a trial ended without a result of the method's own (an error
@@ -114,6 +117,13 @@ pub fn prepare_out(opts: &RunOptions) -> Result<(), RunError> {
             records::RECORDS_JSONL
         )));
     }
+    if has_records && !dir.join(records::RUN_JSON).exists() {
+        return Err(out_err(format!(
+            "holds records but no {}: without it the run's settings are unknown; restore it \
+             from a copy of the run, or choose a new --out",
+            records::RUN_JSON
+        )));
+    }
     if has_records && !opts.resume {
         return Err(out_err(
             "already holds records; pass --resume to continue that run, or choose a new --out"
@@ -125,11 +135,18 @@ pub fn prepare_out(opts: &RunOptions) -> Result<(), RunError> {
         let same = info.profile == opts.profile.as_str()
             && info.seed == opts.seed
             && info.trials == opts.trials
-            && info.device == opts.device.to_string();
+            && info.device == opts.device.to_string()
+            && info.shard == opts.shard.map(|s| s.to_string());
         if !same {
+            let shard = |s: Option<String>| s.map_or(String::new(), |s| format!(", shard {s}"));
             return Err(out_err(format!(
-                "holds a run with profile {}, seed {}, {} trials on {}; --resume needs the same settings",
-                info.profile, info.seed, info.trials, info.device
+                "holds a run with profile {}, seed {}, {} trials on {}{}; --resume needs the same \
+                 settings (and the same shard)",
+                info.profile,
+                info.seed,
+                info.trials,
+                info.device,
+                shard(info.shard.clone())
             )));
         }
     }
@@ -143,7 +160,23 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
     let (done, run_id) = if opts.resume && dir.join(records::RECORDS_JSONL).exists() {
         let (mut existing, torn) = records::recover(dir)?;
         summary.dropped_torn = torn;
-        let info = records::read_run_info(dir)?;
+        let mut info = records::read_run_info(dir)?;
+        // A resume may add workloads to the run (a wider selection): its
+        // run.json then lists them too.
+        let mut added = false;
+        for u in units {
+            let s = u.workload.spec();
+            if !info.workloads.iter().any(|w| w.id == s.id) {
+                info.workloads.push(WorkloadVersion {
+                    id: s.id.into(),
+                    version: s.version,
+                });
+                added = true;
+            }
+        }
+        if added {
+            records::write_run_info(dir, &info)?;
+        }
         // Trials of this plan that failed (a missing asset, say) run
         // again; their records go, so that the directory holds each trial
         // once. Failed trials outside the plan (another --entry, say) stay.
@@ -164,6 +197,7 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
         let before = existing.len();
         existing.retain(|r| !(failed(r.status) && planned.contains(&r.key())));
         summary.retried = before - existing.len();
+        summary.failed_outside = existing.iter().filter(|r| failed(r.status)).count();
         if summary.retried > 0 {
             records::write_all(dir, &existing)?;
         }
@@ -298,7 +332,7 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
                 let record = ctx.record(unit.entry, params, trial, trial_seed, started_at, result);
                 if failed(record.status) {
                     summary.failed.push((
-                        format!("{} [{}] trial {}", unit.label(), params, trial + 1),
+                        format!("{} [{}] trial {}", unit.label(), params, trial),
                         record.reason.clone(),
                     ));
                 }

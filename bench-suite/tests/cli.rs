@@ -327,6 +327,23 @@ fn report_and_compare_read_only_records_and_reject_corrupt_files() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("holds another run's records"));
+    // A run directory without a finished trial names itself and the fix.
+    let empty = dir.path().join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    fs::copy(a.join("run.json"), empty.join("run.json")).unwrap();
+    fs::write(empty.join("records.jsonl"), "").unwrap();
+    for cmd in [&["report"][..], &["compare", "a"][..], &["pair", "a"][..]] {
+        let mut c = bench();
+        c.arg(cmd[0]);
+        if cmd.len() > 1 {
+            c.arg(&a);
+        }
+        c.arg(&empty)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("empty: no trial recorded yet"))
+            .stderr(predicate::str::contains("--resume"));
+    }
     // compare and pair check run.json too.
     let run_json = fs::read(a.join("run.json")).unwrap();
     fs::write(a.join("run.json"), b"{\"truncated\"").unwrap();

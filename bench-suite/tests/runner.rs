@@ -275,6 +275,15 @@ fn resume_after_an_interruption_finishes_the_run_without_repeating_trials() {
         .filter(|l| l.contains("\"status\":\"panicked\""))
         .count();
     assert!(kept_failed > 0, "the toy's panicking entry runs in trial 0");
+    // So is a resume as another shard.
+    let mut shard = opts.clone();
+    shard.resume = true;
+    shard.shard = Some(Shard { index: 2, count: 2 });
+    assert!(runner::prepare_out(&shard)
+        .unwrap_err()
+        .to_string()
+        .contains("same shard"));
+
     let mut resume = opts.clone();
     resume.resume = true;
     let done = run_toy(&resume, &Selection::default(), "cpu-a");
