@@ -270,7 +270,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
             target_model,
             out,
         } => {
-            let recs = records::read_dir(&dir).map_err(usage)?;
+            let (recs, _) = read_results(&dir)?;
             let calls = predict::calls(&recs, &variant).map_err(usage)?;
             let mut costs = predict::Costs::default();
             for f in &files {
@@ -314,10 +314,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
             out,
             allow_mixed_hardware,
         } => {
-            if let Some(out) = &out {
-                check_report_out(&dirs, out).map_err(usage)?;
-            }
-            let out = out.unwrap_or_else(|| dirs[0].clone());
+            let out = match out {
+                Some(out) => {
+                    check_report_out(&dirs, &out).map_err(usage)?;
+                    out
+                }
+                None if dirs.len() > 1 => {
+                    return Err(usage(
+                        "a report of several directories needs --out (a new or empty \
+                         directory): written into one of them, it would not describe that \
+                         directory's own records",
+                    ))
+                }
+                None => dirs[0].clone(),
+            };
             let files = render_report(&dirs, &out, allow_mixed_hardware)?;
             eprintln!(
                 "wrote {} files; summary: {}",
@@ -462,8 +472,8 @@ fn run(selection: Selection, opts: RunArgs, shard: Option<Shard>) -> anyhow::Res
     let at = out.display().to_string();
     let _ = ctrlc::set_handler(move || {
         eprintln!(
-            "\ninterrupted: the trials finished so far are in {at}; rerun the same command with \
-             --out {at} --resume to continue"
+            "\ninterrupted: the trials finished so far are in '{at}'; to continue, rerun the \
+             same command with --resume (and --out '{at}' if it had no --out)"
         );
         std::process::exit(130);
     });
@@ -565,8 +575,9 @@ fn read_results(
     Ok((recs, info))
 }
 
-/// A report's `--out` must not be another run's directory: its
-/// summary.md and charts would then describe records it does not hold.
+/// A report's `--out` must not hold records other than the report's: its
+/// summary.md and charts would then describe records it does not hold. So
+/// it may be the only input, or a directory without records.
 fn check_report_out(dirs: &[PathBuf], out: &std::path::Path) -> Result<(), String> {
     if out.exists() && !out.is_dir() {
         return Err(format!(
@@ -578,10 +589,11 @@ fn check_report_out(dirs: &[PathBuf], out: &std::path::Path) -> Result<(), Strin
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     };
-    if out.join(records::RECORDS_JSONL).exists() && !dirs.iter().any(same) {
+    let only_input = dirs.len() == 1 && same(&dirs[0]);
+    if out.join(records::RECORDS_JSONL).exists() && !only_input {
         return Err(format!(
-            "--out {} holds another run's records; a report written there would not describe \
-             them: choose a new or empty directory, or one of the inputs",
+            "--out {} holds records that this report does not describe alone; choose a new or \
+             empty directory (or, for one input, that input itself)",
             out.display()
         ));
     }

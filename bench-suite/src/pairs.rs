@@ -74,10 +74,15 @@ pub fn render(a: &[TrialRecord], b: &[TrialRecord], o: &PairOptions) -> Result<S
         .collect();
     if !missing.is_empty() {
         let more = names.len().saturating_sub(40);
+        let carried = if names.is_empty() {
+            "no figures (their trials have no result)".to_string()
+        } else {
+            names[..names.len().min(40)].join(", ")
+        };
         return Err(format!(
-            "no paired trial has the figure or cell prefix {}; the records carry: {}{}",
+            "no paired trial has a finite value for the figure or cell prefix {} (a typo?); \
+             the paired records carry: {carried}{}",
             missing.join(", "),
-            names[..names.len().min(40)].join(", "),
             if more > 0 {
                 format!(" (and {more} more)")
             } else {

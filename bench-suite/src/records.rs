@@ -23,6 +23,15 @@ pub const RAW_CSV: &str = "raw.csv";
 pub const RECORDS_JSONL: &str = "records.jsonl";
 pub const RUN_JSON: &str = "run.json";
 
+/// The fix for a damaged line of `records.jsonl`. Deleting a line leaves
+/// `raw.csv` a row longer, which reads as lost records, so it goes too.
+const DAMAGED_LINE: &str = "the file is damaged: restore it from a copy of the run, or delete \
+                            that line and raw.csv (`run ... --resume` with the run's own \
+                            settings rebuilds raw.csv and runs that trial again)";
+/// The fix for a damaged `raw.csv`.
+const REBUILD_CSV: &str = "raw.csv is rebuilt from records.jsonl by `run ... --resume` with the \
+                           run's own settings";
+
 #[derive(Debug, thiserror::Error)]
 pub enum RecordsError {
     #[error("{path}: {source}")]
@@ -64,6 +73,13 @@ pub enum Status {
 }
 
 impl Status {
+    /// A trial without a result of the method's own (an error or a panic
+    /// in set-up, run or evaluation), as opposed to a result that missed
+    /// its target or budget.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Status::Error | Status::Panicked)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Reached => "reached",
@@ -418,7 +434,10 @@ pub const CSV_COLUMNS: &[&str] = &[
     "reason",
 ];
 
-/// Writes both files of `dir` afresh from `records` (atomically each).
+/// Writes both files of `dir` afresh from `records` (atomically each):
+/// `raw.csv` first, so that an interruption between the two leaves it
+/// shorter than `records.jsonl` (rebuilt by `--resume`), never longer
+/// (which reads as records lost).
 pub fn write_all(dir: &Path, records: &[TrialRecord]) -> Result<(), RecordsError> {
     let mut jsonl = Vec::new();
     let mut csv = csv_header().into_bytes();
@@ -427,8 +446,8 @@ pub fn write_all(dir: &Path, records: &[TrialRecord]) -> Result<(), RecordsError
         jsonl.push(b'\n');
         csv.extend(csv_row(r));
     }
-    write_atomic(&dir.join(RECORDS_JSONL), &jsonl)?;
-    write_atomic(&dir.join(RAW_CSV), &csv)
+    write_atomic(&dir.join(RAW_CSV), &csv)?;
+    write_atomic(&dir.join(RECORDS_JSONL), &jsonl)
 }
 
 /// Reads `records.jsonl` strictly. With `allow_torn_tail`, an unterminated
@@ -445,9 +464,7 @@ pub fn read_jsonl(
             .iter()
             .filter(|&&b| b == b'\n')
             .count(),
-        problem: "not UTF-8 text; the file is damaged: restore it from a copy of the run, or \
-                  delete that line (its trial is then run again by --resume)"
-            .into(),
+        problem: format!("not UTF-8 text; {DAMAGED_LINE}"),
     })?;
     if text.starts_with('\u{feff}') {
         return Err(RecordsError::Malformed {
@@ -461,8 +478,6 @@ pub fn read_jsonl(
     let mut records = Vec::new();
     let mut torn = None;
     let mut seen: std::collections::HashMap<TrialKey, usize> = std::collections::HashMap::new();
-    let damaged = "the file is damaged: restore it from a copy of the run, or delete that line \
-                   (its trial is then run again by --resume)";
     let n_lines = text.split_inclusive('\n').count();
     for (i, line) in text.split_inclusive('\n').enumerate() {
         let lineno = i + 1;
@@ -483,7 +498,7 @@ pub fn read_jsonl(
             path: path.to_path_buf(),
             line: lineno,
             problem: if terminated {
-                format!("not a bench-suite trial record ({e}); {damaged}")
+                format!("not a bench-suite trial record ({e}); {DAMAGED_LINE}")
             } else {
                 format!(
                     "truncated last line ({e}); the run was interrupted: rerun it with --resume"
@@ -507,7 +522,8 @@ pub fn read_jsonl(
                 line: lineno,
                 problem: format!(
                     "repeats the trial of line {first} ({}); a records file holds each trial \
-                     once: delete one of the two lines",
+                     once: delete one of the two lines, and raw.csv (`run ... --resume` with the \
+                     run's own settings rebuilds it)",
                     rec.key()
                 ),
             });
@@ -527,19 +543,14 @@ pub fn check_csv(path: &Path) -> Result<usize, RecordsError> {
     let header = reader.headers().map_err(|e| RecordsError::Malformed {
         path: path.to_path_buf(),
         line: 1,
-        problem: format!(
-            "unreadable header ({e}); raw.csv is rebuilt from records.jsonl by `run ... \
-             --resume` with the run's own settings"
-        ),
+        problem: format!("unreadable header ({e}); {REBUILD_CSV}"),
     })?;
     let got: Vec<&str> = header.iter().collect();
     if got != CSV_COLUMNS {
         return Err(RecordsError::Malformed {
             path: path.to_path_buf(),
             line: 1,
-            problem: "header is not bench-suite's raw.csv header; raw.csv is rebuilt from \
-                      records.jsonl by `run ... --resume` with the run's own settings"
-                .into(),
+            problem: format!("header is not bench-suite's raw.csv header; {REBUILD_CSV}"),
         });
     }
     let mut n = 0;
@@ -599,8 +610,10 @@ pub fn recover(dir: &Path) -> Result<(Vec<TrialRecord>, Option<String>), Records
     } else {
         (Vec::new(), None)
     };
+    // A torn last record has no row: a record's line is flushed before
+    // its row.
     let rows = csv_rows(dir)?;
-    if rows > records.len() + usize::from(torn.is_some()) {
+    if rows > records.len() {
         return Err(RecordsError::Invalid(format!(
             "{}: {rows} rows, but {} holds {} records: records were lost from it (it is the \
              source of truth, and raw.csv cannot rebuild it); restore {RECORDS_JSONL} from a \

@@ -67,13 +67,6 @@ pub struct RunSummary {
     pub failed_outside: usize,
 }
 
-/// Whether a trial ended without a result of the method's own (an error
-/// or a panic in set-up, run or evaluation), as opposed to a result that
-/// missed its target or budget.
-pub fn failed(status: Status) -> bool {
-    matches!(status, Status::Error | Status::Panicked)
-}
-
 /// Everything a run needs from its environment; tests pass a mock clock
 /// and a fixed fingerprint.
 pub struct Env<'a> {
@@ -138,7 +131,8 @@ pub fn prepare_out(opts: &RunOptions) -> Result<(), RunError> {
             && info.device == opts.device.to_string()
             && info.shard == opts.shard.map(|s| s.to_string());
         if !same {
-            let shard = |s: Option<String>| s.map_or(String::new(), |s| format!(", shard {s}"));
+            let shard =
+                |s: Option<String>| s.map_or(", no shard".into(), |s| format!(", shard {s}"));
             return Err(out_err(format!(
                 "holds a run with profile {}, seed {}, {} trials on {}{}; --resume needs the same \
                  settings (and the same shard)",
@@ -153,6 +147,31 @@ pub fn prepare_out(opts: &RunOptions) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Adds the workloads of `units` that `seen` lacks, in plan order.
+fn add_workloads(seen: &mut Vec<WorkloadVersion>, units: &[Unit]) {
+    for u in units {
+        let s = u.workload.spec();
+        if !seen.iter().any(|w| w.id == s.id) {
+            seen.push(WorkloadVersion {
+                id: s.id.into(),
+                version: s.version,
+            });
+        }
+    }
+}
+
+/// The identity of one trial of `unit` (see [`TrialRecord::key`]): what
+/// `--resume` skips, or runs again after a failure.
+fn trial_key(unit: &Unit, params: &Params, trial: u32) -> TrialKey {
+    TrialKey {
+        workload: unit.workload.spec().id.into(),
+        variant: unit.variant.id.into(),
+        entry: unit.entry.id.into(),
+        params: params.to_string(),
+        trial,
+    }
+}
+
 /// Runs `units` into `opts.out` (which [`prepare_out`] has checked).
 pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummary, RunError> {
     let dir = &opts.out;
@@ -163,18 +182,9 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
         let mut info = records::read_run_info(dir)?;
         // A resume may add workloads to the run (a wider selection): its
         // run.json then lists them too.
-        let mut added = false;
-        for u in units {
-            let s = u.workload.spec();
-            if !info.workloads.iter().any(|w| w.id == s.id) {
-                info.workloads.push(WorkloadVersion {
-                    id: s.id.into(),
-                    version: s.version,
-                });
-                added = true;
-            }
-        }
-        if added {
+        let before = info.workloads.len();
+        add_workloads(&mut info.workloads, units);
+        if info.workloads.len() > before {
             records::write_run_info(dir, &info)?;
         }
         // Trials of this plan that failed (a missing asset, say) run
@@ -183,21 +193,16 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
         let planned: HashSet<TrialKey> = units
             .iter()
             .flat_map(|u| {
-                u.variant.configs(u.entry).into_iter().flat_map(move |p| {
-                    (0..opts.trials).map(move |trial| TrialKey {
-                        workload: u.workload.spec().id.into(),
-                        variant: u.variant.id.into(),
-                        entry: u.entry.id.into(),
-                        params: p.to_string(),
-                        trial,
-                    })
-                })
+                u.variant
+                    .configs(u.entry)
+                    .into_iter()
+                    .flat_map(move |p| (0..opts.trials).map(move |trial| trial_key(u, &p, trial)))
             })
             .collect();
         let before = existing.len();
-        existing.retain(|r| !(failed(r.status) && planned.contains(&r.key())));
+        existing.retain(|r| !(r.status.is_failure() && planned.contains(&r.key())));
         summary.retried = before - existing.len();
-        summary.failed_outside = existing.iter().filter(|r| failed(r.status)).count();
+        summary.failed_outside = existing.iter().filter(|r| r.status.is_failure()).count();
         if summary.retried > 0 {
             records::write_all(dir, &existing)?;
         }
@@ -216,15 +221,7 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
             &env.fingerprint.hardware_id[..6]
         );
         let mut seen = Vec::new();
-        for u in units {
-            let s = u.workload.spec();
-            if !seen.iter().any(|w: &WorkloadVersion| w.id == s.id) {
-                seen.push(WorkloadVersion {
-                    id: s.id.into(),
-                    version: s.version,
-                });
-            }
-        }
+        add_workloads(&mut seen, units);
         let info = RunInfo {
             schema_version: records::SCHEMA_VERSION,
             run_id: run_id.clone(),
@@ -280,7 +277,7 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
         let pending = |trial: u32| {
             configs
                 .iter()
-                .filter(|(u, p)| !done.contains(&ctx.key(u.entry, p, trial)))
+                .filter(|(u, p)| !done.contains(&trial_key(u, p, trial)))
                 .collect::<Vec<_>>()
         };
         if (0..opts.trials).all(|t| pending(t).is_empty()) {
@@ -330,7 +327,7 @@ pub fn run(units: &[Unit], opts: &RunOptions, env: &Env<'_>) -> Result<RunSummar
                     Err(f) => Attempt::failed(f.clone()),
                 };
                 let record = ctx.record(unit.entry, params, trial, trial_seed, started_at, result);
-                if failed(record.status) {
+                if record.status.is_failure() {
                     summary.failed.push((
                         format!("{} [{}] trial {}", unit.label(), params, trial),
                         record.reason.clone(),
@@ -445,16 +442,6 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn budget(&self) -> f64 {
         self.head.variant.budget.seconds(self.opts.profile)
-    }
-
-    fn key(&self, entry: &Entry, params: &Params, trial: u32) -> TrialKey {
-        TrialKey {
-            workload: self.head.workload.spec().id.into(),
-            variant: self.head.variant.id.into(),
-            entry: entry.id.into(),
-            params: params.to_string(),
-            trial,
-        }
     }
 
     /// Applies the rules: reached iff the quality meets the target and the

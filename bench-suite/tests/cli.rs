@@ -268,6 +268,27 @@ fn report_and_compare_read_only_records_and_reject_corrupt_files() {
         .code(2)
         .stderr(predicate::str::contains("duplicate record"));
 
+    // Several inputs need an --out; a file is no --out.
+    bench()
+        .arg("report")
+        .arg(&a)
+        .arg(&b)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("needs --out"));
+    let file = dir.path().join("a-file");
+    fs::write(&file, "x").unwrap();
+    for cmd in [&["report"][..], &["merge"][..]] {
+        bench()
+            .args(cmd)
+            .arg(&a)
+            .arg("--out")
+            .arg(&file)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("is not a directory"));
+    }
+
     // A generous threshold passes; a negative change cannot regress.
     bench()
         .arg("compare")
@@ -292,7 +313,7 @@ fn report_and_compare_read_only_records_and_reject_corrupt_files() {
             v.to_string() + "\n"
         })
         .collect();
-    fs::write(b.join("records.jsonl"), slowed).unwrap();
+    fs::write(b.join("records.jsonl"), &slowed).unwrap();
     bench()
         .arg("compare")
         .arg(&a)
@@ -300,6 +321,26 @@ fn report_and_compare_read_only_records_and_reject_corrupt_files() {
         .assert()
         .code(1)
         .stdout(predicate::str::contains("REGRESSION"));
+    // A configuration that misses in both runs is no regression, and says
+    // so; one only a side has is named.
+    let both = dir.path().join("both");
+    fs::create_dir_all(&both).unwrap();
+    fs::copy(b.join("run.json"), both.join("run.json")).unwrap();
+    let speculative_dropped: String = slowed
+        .lines()
+        .filter(|l| !l.contains("\"entry\":\"speculative\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(both.join("records.jsonl"), speculative_dropped).unwrap();
+    bench()
+        .arg("compare")
+        .arg(&b)
+        .arg(&both)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("no result in either run"))
+        .stderr(predicate::str::contains("only in the base run"))
+        .stderr(predicate::str::contains("speculative"));
 
     // A corrupt line: exit 2, naming file and line.
     let mut lines: Vec<String> = jsonl.lines().map(str::to_string).collect();
@@ -326,7 +367,9 @@ fn report_and_compare_read_only_records_and_reject_corrupt_files() {
         .arg(&a)
         .assert()
         .code(2)
-        .stderr(predicate::str::contains("holds another run's records"));
+        .stderr(predicate::str::contains(
+            "holds records that this report does not describe",
+        ));
     // A run directory without a finished trial names itself and the fix.
     let empty = dir.path().join("empty");
     fs::create_dir_all(&empty).unwrap();

@@ -275,7 +275,7 @@ fn resume_after_an_interruption_finishes_the_run_without_repeating_trials() {
         .filter(|l| l.contains("\"status\":\"panicked\""))
         .count();
     assert!(kept_failed > 0, "the toy's panicking entry runs in trial 0");
-    // So is a resume as another shard.
+    // A resume as another shard is refused too.
     let mut shard = opts.clone();
     shard.resume = true;
     shard.shard = Some(Shard { index: 2, count: 2 });
@@ -292,6 +292,8 @@ fn resume_after_an_interruption_finishes_the_run_without_repeating_trials() {
         (11 + kept_failed, 10 - kept_failed, kept_failed)
     );
     assert!(done.dropped_torn.is_some());
+    // Every panic of the run was run in this invocation: again, or anew.
+    assert_eq!(done.failed.len(), 3);
     assert!(done
         .failed
         .iter()
@@ -320,7 +322,10 @@ fn resume_after_an_interruption_finishes_the_run_without_repeating_trials() {
         ..Selection::default()
     };
     let part = run_toy(&resume, &only_ref, "cpu-a");
-    assert_eq!((part.recorded, part.retried), (0, 0));
+    assert_eq!(
+        (part.recorded, part.retried, part.failed_outside),
+        (0, 0, 3)
+    );
     assert_eq!(strip(&records_of(cut.path())), strip(&expected));
 
     // A records.jsonl that lost records while raw.csv kept them is
@@ -348,6 +353,18 @@ fn resume_after_an_interruption_finishes_the_run_without_repeating_trials() {
     let err = runner::prepare_out(&into_lost).unwrap_err().to_string();
     assert!(err.contains("no records.jsonl"), "{err}");
 
+    // A byte-order mark (an editor's) is named as such.
+    let bom = tempfile::tempdir().unwrap();
+    run_toy(
+        &options(bom.path(), Profile::Quick, 3, None),
+        &Selection::default(),
+        "cpu-a",
+    );
+    let jsonl = fs::read_to_string(bom.path().join("records.jsonl")).unwrap();
+    fs::write(bom.path().join("records.jsonl"), format!("\u{feff}{jsonl}")).unwrap();
+    let err = records::read_dir(bom.path()).unwrap_err().to_string();
+    assert!(err.contains("byte-order mark"), "{err}");
+
     // A repeated record is an error naming both lines.
     let dup = tempfile::tempdir().unwrap();
     run_toy(
@@ -368,6 +385,23 @@ fn resume_after_an_interruption_finishes_the_run_without_repeating_trials() {
         err.contains("records.jsonl:22") && err.contains("repeats the trial of line 1"),
         "{err}"
     );
+    // Following the advice (the line and raw.csv deleted) lets --resume
+    // rebuild the directory; so does deleting a damaged line, whose trial
+    // is then run again.
+    fs::write(dup.path().join("records.jsonl"), &jsonl).unwrap();
+    let lines: Vec<&str> = jsonl.lines().collect();
+    let without: String = lines[..4]
+        .iter()
+        .chain(&lines[5..])
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(dup.path().join("records.jsonl"), without).unwrap();
+    let mut again = options(dup.path(), Profile::Quick, 3, None);
+    again.resume = true;
+    let done = run_toy(&again, &Selection::default(), "cpu-a");
+    assert_eq!(done.skipped + done.recorded, 21);
+    assert!(done.recorded >= 1, "the deleted line's trial runs again");
+    assert_eq!(records_of(dup.path()).len(), 21);
 }
 
 #[test]

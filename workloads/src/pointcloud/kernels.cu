@@ -541,10 +541,10 @@ __device__ __forceinline__ bool fwd_work_item(const int *big, int n_big, const i
     return true;
 }
 
-// In a block whose warps share windows (every warp calls this: it holds
-// two block-wide barriers), sums the partial state tiles of each window
-// into the tile of its first warp, and returns the tile of warp w's
-// window.
+// In a block whose warps share windows (every warp calls this, with all
+// its 32 lanes: it holds two block-wide barriers and a warp shuffle), sums
+// the partial state tiles of each window into the tile of its first warp,
+// and returns the tile of warp w's window.
 //
 // The block's WARPS work items are loaded once, one per lane, before the
 // first barrier, and handed round by shuffles: loaded inside the loop, as
@@ -555,6 +555,7 @@ __device__ __forceinline__ bool fwd_work_item(const int *big, int n_big, const i
 template <bool GROUPED, bool CLUSTERED = false>
 __device__ __forceinline__ const float *sum_shared_states(float *fwd_smem, const int *small,
                                                           int item, int w, int first) {
+    static_assert(WARPS <= 32, "a lane loads one of the block's work items");
     const int lane = threadIdx.x & 31;
     const int mine = (GROUPED || CLUSTERED) ? small[item * WARPS + (lane % WARPS)] : 0;
     __syncthreads();
