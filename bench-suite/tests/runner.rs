@@ -63,6 +63,17 @@ fn run_toy(opts: &RunOptions, selection: &Selection, cpu: &str) -> RunSummary {
     runner::run(&units, opts, &env).unwrap()
 }
 
+/// A finished quick run of the toy registry, 3 trials, in a new directory.
+fn finished_run() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    run_toy(
+        &options(dir.path(), Profile::Quick, 3, None),
+        &Selection::default(),
+        "cpu-a",
+    );
+    dir
+}
+
 fn records_of(dir: &Path) -> Vec<TrialRecord> {
     records::read_dir(dir).unwrap()
 }
@@ -136,12 +147,7 @@ fn summarise(dir: &Path) -> HardwareGroup {
 
 #[test]
 fn medians_intervals_speedups_and_profiles_match_hand_computed_values() {
-    let dir = tempfile::tempdir().unwrap();
-    run_toy(
-        &options(dir.path(), Profile::Quick, 3, None),
-        &Selection::default(),
-        "cpu-a",
-    );
+    let dir = finished_run();
     let g = summarise(dir.path());
     let c = |entry: &str, params: &str| {
         g.configs
@@ -223,22 +229,12 @@ fn the_full_profile_adds_variants_and_held_out_variants_need_naming() {
 
 #[test]
 fn resume_after_an_interruption_finishes_the_run_without_repeating_trials() {
-    let full = tempfile::tempdir().unwrap();
-    run_toy(
-        &options(full.path(), Profile::Quick, 3, None),
-        &Selection::default(),
-        "cpu-a",
-    );
+    let full = finished_run();
     let expected = records_of(full.path());
 
     // Simulate a kill: 10 complete records, the 11th torn mid-line, and a
     // raw.csv that stopped one row earlier still.
-    let cut = tempfile::tempdir().unwrap();
-    run_toy(
-        &options(cut.path(), Profile::Quick, 3, None),
-        &Selection::default(),
-        "cpu-a",
-    );
+    let cut = finished_run();
     let jsonl = fs::read_to_string(cut.path().join("records.jsonl")).unwrap();
     let lines: Vec<&str> = jsonl.lines().collect();
     let torn = format!("{}\n{}", lines[..10].join("\n"), &lines[10][..40]);
@@ -330,12 +326,7 @@ fn resume_after_an_interruption_finishes_the_run_without_repeating_trials() {
 
     // A records.jsonl that lost records while raw.csv kept them is
     // refused rather than rebuilt from, which would lose their last copy.
-    let lost = tempfile::tempdir().unwrap();
-    run_toy(
-        &options(lost.path(), Profile::Quick, 3, None),
-        &Selection::default(),
-        "cpu-a",
-    );
+    let lost = finished_run();
     let jsonl = fs::read_to_string(lost.path().join("records.jsonl")).unwrap();
     let half: Vec<&str> = jsonl.lines().take(5).collect();
     fs::write(lost.path().join("records.jsonl"), half.join("\n") + "\n").unwrap();
@@ -354,24 +345,14 @@ fn resume_after_an_interruption_finishes_the_run_without_repeating_trials() {
     assert!(err.contains("no records.jsonl"), "{err}");
 
     // A byte-order mark (an editor's) is named as such.
-    let bom = tempfile::tempdir().unwrap();
-    run_toy(
-        &options(bom.path(), Profile::Quick, 3, None),
-        &Selection::default(),
-        "cpu-a",
-    );
+    let bom = finished_run();
     let jsonl = fs::read_to_string(bom.path().join("records.jsonl")).unwrap();
     fs::write(bom.path().join("records.jsonl"), format!("\u{feff}{jsonl}")).unwrap();
     let err = records::read_dir(bom.path()).unwrap_err().to_string();
     assert!(err.contains("byte-order mark"), "{err}");
 
     // A repeated record is an error naming both lines.
-    let dup = tempfile::tempdir().unwrap();
-    run_toy(
-        &options(dup.path(), Profile::Quick, 3, None),
-        &Selection::default(),
-        "cpu-a",
-    );
+    let dup = finished_run();
     let jsonl = fs::read_to_string(dup.path().join("records.jsonl")).unwrap();
     let first = jsonl.lines().next().unwrap().to_string();
     fs::write(
