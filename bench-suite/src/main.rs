@@ -550,7 +550,8 @@ fn failure_report(failed: &[(String, String)], out: &std::path::Path) -> String 
         s += &format!("  {first}{more}: {reason}\n");
     }
     s += &format!(
-        "fix the cause, then rerun with --out {} --resume to run those trials again\n",
+        "fix the cause, then rerun the same command with --resume (and --out '{}' if it had no \
+         --out) to run those trials again\n",
         out.display()
     );
     s
