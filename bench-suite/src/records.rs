@@ -534,8 +534,8 @@ pub fn read_jsonl(
 }
 
 /// Reads `raw.csv` strictly: header must match, every row must parse.
-/// Returns the number of data rows.
-pub fn check_csv(path: &Path) -> Result<usize, RecordsError> {
+/// Returns each data row's trial, in order.
+pub fn check_csv(path: &Path) -> Result<Vec<TrialKey>, RecordsError> {
     let file = File::open(path).map_err(io(path))?;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
@@ -553,16 +553,22 @@ pub fn check_csv(path: &Path) -> Result<usize, RecordsError> {
             problem: format!("header is not bench-suite's raw.csv header; {REBUILD_CSV}"),
         });
     }
-    let mut n = 0;
+    let mut keys = Vec::new();
     for (i, row) in reader.deserialize::<CsvRow>().enumerate() {
-        row.map_err(|e| RecordsError::Malformed {
+        let row = row.map_err(|e| RecordsError::Malformed {
             path: path.to_path_buf(),
             line: i + 2,
-            problem: format!("bad row ({e})"),
+            problem: format!("bad row ({e}); {REBUILD_CSV}"),
         })?;
-        n += 1;
+        keys.push(TrialKey {
+            workload: row.workload,
+            variant: row.variant,
+            entry: row.entry,
+            params: row.params,
+            trial: row.trial,
+        });
     }
-    Ok(n)
+    Ok(keys)
 }
 
 /// Reads a results directory: its records, checked against `raw.csv`.
@@ -578,7 +584,8 @@ pub fn read_dir(dir: &Path) -> Result<Vec<TrialRecord>, RecordsError> {
     let (records, _) = read_jsonl(&jsonl, false)?;
     let csv = dir.join(RAW_CSV);
     if csv.exists() {
-        let rows = check_csv(&csv)?;
+        let keys = check_csv(&csv)?;
+        let rows = keys.len();
         if rows != records.len() {
             let fix = if rows > records.len() {
                 "records were lost from records.jsonl, the source of truth: restore it from a \
@@ -592,6 +599,18 @@ pub fn read_dir(dir: &Path) -> Result<Vec<TrialRecord>, RecordsError> {
                 csv.display(),
                 jsonl.display(),
                 records.len()
+            )));
+        }
+        // raw.csv copies records.jsonl's columns, row for line.
+        if let Some(i) = (0..rows).find(|&i| keys[i] != records[i].key()) {
+            return Err(RecordsError::Invalid(format!(
+                "{}: row {} is {} but line {} of {} is {}; the files disagree. {REBUILD_CSV}",
+                csv.display(),
+                i + 1,
+                keys[i],
+                i + 1,
+                jsonl.display(),
+                records[i].key()
             )));
         }
     }

@@ -344,6 +344,18 @@ fn resume_after_an_interruption_finishes_the_run_without_repeating_trials() {
     let err = runner::prepare_out(&into_lost).unwrap_err().to_string();
     assert!(err.contains("no records.jsonl"), "{err}");
 
+    // A raw.csv whose rows name other trials than records.jsonl's lines.
+    let swapped = finished_run();
+    let csv = fs::read_to_string(swapped.path().join("raw.csv")).unwrap();
+    let mut rows: Vec<&str> = csv.lines().collect();
+    rows.swap(1, 2);
+    fs::write(swapped.path().join("raw.csv"), rows.join("\n") + "\n").unwrap();
+    let err = records::read_dir(swapped.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("row 1 is") && err.contains("the files disagree"),
+        "{err}"
+    );
+
     // A byte-order mark (an editor's) is named as such.
     let bom = finished_run();
     let jsonl = fs::read_to_string(bom.path().join("records.jsonl")).unwrap();
