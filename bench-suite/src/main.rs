@@ -439,6 +439,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<Done> {
 
 fn run(selection: Selection, opts: RunArgs, shard: Option<Shard>) -> anyhow::Result<Done> {
     let units = plan::plan(WORKLOADS, &selection, opts.profile, opts.device).map_err(usage)?;
+    let left_out = plan::left_out(WORKLOADS, &selection, opts.profile, opts.device);
+    if !left_out.is_empty() {
+        eprintln!(
+            "note: left out on {}, as they have no GPU form yet (run them with --device cpu): {}",
+            opts.device,
+            left_out.join(", ")
+        );
+    }
     let units = plan::shard(units, shard);
     if units.is_empty() {
         // More shards than units: this shard has nothing to do.
@@ -674,10 +682,15 @@ fn list_text() -> String {
         for e in spec.entries {
             let _ = writeln!(
                 s,
-                "    {:<28} {:<9} {}{}{}",
+                "    {:<28} {:<9} {}{}{}{}",
                 e.id,
                 e.kind.as_str(),
                 if e.cuda_only { "(GPU only) " } else { "" },
+                if e.cpu_only_variants.is_empty() {
+                    String::new()
+                } else {
+                    format!("(CPU only in {}) ", e.cpu_only_variants.join(", "))
+                },
                 e.description,
                 if e.grid.is_empty() {
                     String::new()

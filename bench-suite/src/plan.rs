@@ -99,6 +99,27 @@ pub fn plan(
     profile: Profile,
     device: Device,
 ) -> Result<Vec<Unit>, PlanError> {
+    walk(registry, selection, profile, device).map(|(units, _)| units)
+}
+
+/// What [`plan`] leaves out on `device` because an entry has no form for
+/// it in a variant (`Entry::cpu_only_variants` on a GPU), as
+/// `workload/variant/entry`; the run says so.
+pub fn left_out(
+    registry: &[&'static dyn Workload],
+    selection: &Selection,
+    profile: Profile,
+    device: Device,
+) -> Vec<String> {
+    walk(registry, selection, profile, device).map_or_else(|_| Vec::new(), |(_, out)| out)
+}
+
+fn walk(
+    registry: &[&'static dyn Workload],
+    selection: &Selection,
+    profile: Profile,
+    device: Device,
+) -> Result<(Vec<Unit>, Vec<String>), PlanError> {
     let mut chosen = Vec::new();
     for name in &selection.workloads {
         let w = registry
@@ -149,6 +170,7 @@ pub fn plan(
         }
     }
     let mut units = Vec::new();
+    let mut left_out = Vec::new();
     for w in chosen {
         let spec = w.spec();
         for variant in spec.variants {
@@ -169,6 +191,14 @@ pub fn plan(
                     continue;
                 }
                 let wanted = selection.entries.is_empty() || named;
+                if wanted
+                    && entry.applies_to(variant.id)
+                    && device.is_cuda()
+                    && entry.cpu_only_variants.contains(&variant.id)
+                {
+                    left_out.push(format!("{}/{}/{}", spec.id, variant.id, entry.id));
+                    continue;
+                }
                 if wanted && entry.applies_to(variant.id) {
                     units.push(Unit {
                         workload: w,
@@ -180,12 +210,18 @@ pub fn plan(
         }
     }
     if units.is_empty() {
-        return Err(PlanError::Empty(
+        let why = if left_out.is_empty() {
             "no entry of the selection applies to the selected variants (see `bench-suite list`)"
-                .into(),
-        ));
+                .to_string()
+        } else {
+            format!(
+                "{} has no GPU form yet; run it with --device cpu",
+                left_out.join(", ")
+            )
+        };
+        return Err(PlanError::Empty(why));
     }
-    Ok(units)
+    Ok((units, left_out))
 }
 
 /// The units of one shard: round-robin over the full plan, so each shard
@@ -228,6 +264,41 @@ mod tests {
         assert!(gpu.iter().any(|u| u.entry.id == "pytorch-scatter"));
         let err = pick(&["pytorch-scatter"], Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("--device cuda"), "{err}");
+    }
+
+    #[test]
+    fn entries_without_a_gpu_form_stay_out_of_gpu_runs_of_those_variants() {
+        let registry = workloads::WORKLOADS;
+        let sel = |variants: &[&str], entries: &[&str]| Selection {
+            workloads: vec!["long-context".into()],
+            variants: variants.iter().map(|v| v.to_string()).collect(),
+            entries: entries.iter().map(|e| e.to_string()).collect(),
+        };
+        let ids = |units: Vec<Unit>| units.iter().map(Unit::label).collect::<Vec<_>>();
+        let both = sel(&["needle", "decode-step"], &["kv-cluster"]);
+        let gpu = ids(plan(registry, &both, Profile::Quick, Device::Cuda(0)).unwrap());
+        assert_eq!(gpu, ["long-context/decode-step/kv-cluster"]);
+        assert_eq!(
+            left_out(registry, &both, Profile::Quick, Device::Cuda(0)),
+            ["long-context/needle/kv-cluster"]
+        );
+        let cpu = ids(plan(registry, &both, Profile::Quick, Device::Cpu).unwrap());
+        assert!(cpu.contains(&"long-context/needle/kv-cluster".to_string()));
+        assert!(left_out(registry, &both, Profile::Quick, Device::Cpu).is_empty());
+        // Nothing left to run on the GPU: an error that says why.
+        let err = plan(
+            registry,
+            &sel(&["needle"], &["dhsa"]),
+            Profile::Quick,
+            Device::Cuda(0),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("long-context/needle/dhsa has no GPU form yet")
+                && err.contains("--device cpu"),
+            "{err}"
+        );
     }
 
     #[test]

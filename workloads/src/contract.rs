@@ -235,6 +235,9 @@ pub struct Entry {
     /// Runs only with `--device cuda` (a peer that exists only on GPUs);
     /// CPU runs leave it out unless it is named, which is then an error.
     pub cuda_only: bool,
+    /// Variants in which this entry has no GPU form yet: `--device cuda`
+    /// runs leave it out of them (and say so), where it would only fail.
+    pub cpu_only_variants: &'static [&'static str],
 }
 
 impl Entry {

@@ -133,6 +133,7 @@ mod tests {
             fixed: &[("t", 0.5)],
             variants: &[],
             cuda_only: false,
+            cpu_only_variants: &[],
         };
         let got: Vec<String> = e.configs().iter().map(|p| p.to_string()).collect();
         assert_eq!(

@@ -82,6 +82,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[],
             variants: &[],
             cuda_only: false,
+            cpu_only_variants: &[],
         },
         Entry {
             id: "fast",
@@ -94,6 +95,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[],
             variants: &[],
             cuda_only: false,
+            cpu_only_variants: &[],
         },
         Entry {
             id: "miss",
@@ -103,6 +105,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[],
             variants: &[],
             cuda_only: false,
+            cpu_only_variants: &[],
         },
         Entry {
             id: "over",
@@ -112,6 +115,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[],
             variants: &[],
             cuda_only: false,
+            cpu_only_variants: &[],
         },
         Entry {
             id: "panics",
@@ -121,6 +125,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[],
             variants: &["easy"],
             cuda_only: false,
+            cpu_only_variants: &[],
         },
         Entry {
             id: "flaky",
@@ -130,6 +135,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[],
             variants: &[],
             cuda_only: false,
+            cpu_only_variants: &[],
         },
     ],
     figures: &[Figure {

@@ -101,12 +101,22 @@ const fn method(
         fixed: &[],
         variants,
         cuda_only: false,
+        cpu_only_variants: &[],
     }
 }
 
 /// The variants that run the decoder (every entry); `decode-step` runs the
 /// entries that have a kernel.
 const DECODER_VARIANTS: &[&str] = &["needle", "perplexity", "needle-1.5b", "user-model"];
+
+/// `e` without a GPU-decoder form: `--device cuda` runs leave it out of the
+/// decoder variants ([`GRAPH_ENTRIES`] lists the entries that have one).
+const fn cpu_decoder_only(e: Entry) -> Entry {
+    Entry {
+        cpu_only_variants: DECODER_VARIANTS,
+        ..e
+    }
+}
 
 const fn peer(
     id: &'static str,
@@ -122,6 +132,7 @@ const fn peer(
         fixed,
         variants: &["decode-step"],
         cuda_only: true,
+        cpu_only_variants: &[],
     }
 }
 
@@ -238,6 +249,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[("budget", 1.0)],
             variants: &[],
             cuda_only: false,
+            cpu_only_variants: &[],
         },
         method(
             "sink-window",
@@ -249,16 +261,16 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             "Quest: 16-token pages with per-channel min/max key bounds; each query reads the pages with the highest bound on q.k (one selection per KV head), plus the current page; the first two layers stay dense.",
             &[],
         ),
-        method(
+        cpu_decoder_only(method(
             "kv-cluster",
             "Chelsea-style KV clustering: within 64-token chunks, keys alternately split into two sets and the most similar pairs merged (bipartite soft matching) into count-weighted centroids until the budget is met, attended with a ln(count) bias; 16 sinks and the 64 most recent positions kept exact (each at most a quarter of the budget), and the 4% of KV heads an offline calibration finds most sensitive kept whole.",
             &[],
-        ),
-        method(
+        )),
+        cpu_decoder_only(method(
             "dhsa",
             "Dynamic Hierarchical Sparse Attention: variable-length chunks cut where the keys change, chunk scores from length-normalised key sums, the top-scoring tokens within the budget plus the first and most recent; sparse in its own prefill and in decode.",
             DECODER_VARIANTS,
-        ),
+        )),
         method(
             "chunk-select",
             "ChunkLLM, training-free form: chunks end at sentence and line boundaries; at each boundary token the query's own attention mass per chunk picks the chunks later queries read, within the budget.",
@@ -269,11 +281,11 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             "ChunkLLM, training-free form with the paper's vote: chunk-select, but at each boundary token every layer ranks the chunks by its attention mass, the layers' ballots are counted, and the winners plus the newest (local) chunks are what every layer reads until the next boundary.",
             DECODER_VARIANTS,
         ),
-        method(
+        cpu_decoder_only(method(
             "chunk-select-evict",
             "Our evicting variant of chunk-select (not ChunkLLM, whose selections re-rank every chunk and so keep them all): each selection also drops from memory the chunks it leaves out, so after the first decode step each KV head holds about the budget.",
             DECODER_VARIANTS,
-        ),
+        )),
         peer(
             "sdpa-gqa",
             "PyTorch scaled_dot_product_attention with native GQA (enable_gqa), cuDNN backend, under CUDA graphs (scripts/peer_decode_attn.py).",
@@ -1504,6 +1516,24 @@ mod tests {
             .unwrap()
             .applies_to("decode-step"));
         assert!(policy_of("no-such").is_err());
+        // The spec says which entries have no GPU-decoder form, so that
+        // `--device cuda` plans leave them out; it must agree with what
+        // the GPU decoder runs (graph_rule).
+        let boundary = Boundaries(Arc::from(vec![false; 4]));
+        for e in SPEC.entries {
+            for &v in DECODER_VARIANTS {
+                if !e.applies_to(v) {
+                    continue;
+                }
+                let on_gpu = graph_rule(e.id, 8, &boundary).is_ok();
+                assert_eq!(
+                    on_gpu,
+                    !e.cpu_only_variants.contains(&v),
+                    "{} in {v}: GPU form {on_gpu}",
+                    e.id
+                );
+            }
+        }
     }
 
     /// The percentile bootstrap's upper bound against the normal-theory

@@ -177,6 +177,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[],
             variants: &[],
             cuda_only: false,
+            cpu_only_variants: &[],
         },
         Entry {
             id: "padded-linear-attention",
@@ -186,6 +187,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[],
             variants: &[],
             cuda_only: false,
+            cpu_only_variants: &[],
         },
         Entry {
             id: "sla",
@@ -195,6 +197,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[],
             variants: &[],
             cuda_only: false,
+            cpu_only_variants: &[],
         },
         Entry {
             id: "pytorch-scatter",
@@ -204,6 +207,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[],
             variants: &[],
             cuda_only: true,
+            cpu_only_variants: &[],
         },
         Entry {
             id: "authors-triton",
@@ -213,6 +217,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[],
             variants: &[],
             cuda_only: true,
+            cpu_only_variants: &[],
         },
         Entry {
             id: "authors-triton-kernels",
@@ -222,6 +227,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[],
             variants: &[],
             cuda_only: true,
+            cpu_only_variants: &[],
         },
     ],
     figures: &[

@@ -225,6 +225,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[],
             variants: &[],
             cuda_only: false,
+            cpu_only_variants: &[],
         },
         Entry {
             id: "speculative",
@@ -237,6 +238,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[("k", 1.0)],
             variants: &[],
             cuda_only: false,
+            cpu_only_variants: &[],
         },
         Entry {
             id: "spectr",
@@ -255,6 +257,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[],
             variants: &[],
             cuda_only: false,
+            cpu_only_variants: &[],
         },
         Entry {
             id: "ot-optimal",
@@ -267,6 +270,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
             fixed: &[("L", 1.0)],
             variants: &["synthetic-small"],
             cuda_only: false,
+            cpu_only_variants: &[],
         },
     ],
     figures: &[
