@@ -214,8 +214,13 @@ fn walk(
             "no entry of the selection applies to the selected variants (see `bench-suite list`)"
                 .to_string()
         } else {
+            let (verb, them) = if left_out.len() == 1 {
+                ("has", "it")
+            } else {
+                ("have", "them")
+            };
             format!(
-                "{} has no GPU form yet; run it with --device cpu",
+                "{} {verb} no GPU form yet; run {them} with --device cpu",
                 left_out.join(", ")
             )
         };
