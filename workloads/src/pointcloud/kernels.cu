@@ -389,7 +389,13 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
 // Tried next and not kept: each grouped slot's [first row, count] read
 // beside its item (one round trip before the first rows instead of two):
 // f32 within 1-2%, bf16 slower at every size (1M 0.416 -> 0.700 ms;
-// results/runs/2026-11-29-h200-point-cloud-sla-spans).
+// results/runs/2026-11-29-h200-point-cloud-sla-spans). Nor a window
+// that one warp holds alone, of at most 16 (or 32) voxels, computed in the
+// parallel form, sum_j (q.k_j) v_j / (sum_j q.k_j + eps), with Q, K and V
+// in one round trip and no state: Waymo-like frame 1-2% faster, 300k and
+// 1M 2-3% slower (32: slower everywhere; results/runs/2026-11-29-h200-
+// point-cloud-sla-parallel-form). Such warps are not what a small scene
+// waits for.
 //
 // Shared memory per warp (dynamic, FWD_WARP_FLOATS floats): a staging area
 // of 8 K rows and 8 V rows (phase 1, row stride KS) or 16 Q rows (phase
