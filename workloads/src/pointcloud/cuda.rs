@@ -85,7 +85,13 @@ const SMALL: u32 = 32;
 /// autotuned grouped schedule beat the block list at every size and frame
 /// of the sweep (H100, 2026-11-28, medians of two rounds: Waymo-like frame
 /// 0.0255 against 0.0304 ms, 1M voxels 0.611 against 0.657 ms).
-const PER_WARP_CANDIDATES: &[u32] = &[8, 16, 32, 64, 128, 256];
+/// The shares between the powers of two were added on 2026-11-29 after a
+/// sweep on an H200 (`results/runs/2026-11-29-h200-point-cloud-sla-shares`,
+/// f32 / bf16, ms): on the Waymo-like frame `g48` took 0.0350 / 0.0221
+/// where the powers of two gave at best 0.0372 / 0.0225 (`c64` / `g64`);
+/// at 30k voxels `g48` 0.0229 in bf16 against 0.0244; at 10k `c24`
+/// 0.0214 in f32 against 0.0223.
+const PER_WARP_CANDIDATES: &[u32] = &[8, 16, 24, 32, 48, 64, 96, 128, 192, 256];
 /// Voxels per warp of the cluster schedules the autotuner also tries
 /// ([`Schedule::Cluster`]). Measured on an H200 (`sla_forward_sweep`,
 /// 2026-11-28, f32 / bf16, ms): on the nuScenes-like frame, whose largest
@@ -94,8 +100,9 @@ const PER_WARP_CANDIDATES: &[u32] = &[8, 16, 32, 64, 128, 256];
 /// with `g64` (0.0396 / 0.0239 against 0.0405 / 0.0240); at 10k voxels and
 /// from 100k up the grouped shares were as fast or faster (1M voxels: `c64`
 /// 0.879 / 0.526, `g64` 0.848 / 0.524). Smaller shares (`c8`, `c16`) were
-/// slower everywhere, so only these two are tried.
-const CLUSTER_PER_WARP_CANDIDATES: &[u32] = &[32, 64];
+/// slower everywhere; `c24` and `c48` were added with the grouped shares
+/// between the powers of two (above).
+const CLUSTER_PER_WARP_CANDIDATES: &[u32] = &[24, 32, 48, 64];
 /// Forward launches per candidate while autotuning: warm-up, then timed
 /// (the median decides).
 const AUTOTUNE_WARM: usize = 2;
