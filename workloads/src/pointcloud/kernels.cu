@@ -395,7 +395,9 @@ __device__ void sla_fwd(const T *q, const T *k, const T *v, T *out, const unsign
 // in one round trip and no state: Waymo-like frame 1-2% faster, 300k and
 // 1M 2-3% slower (32: slower everywhere; results/runs/2026-11-29-h200-
 // point-cloud-sla-parallel-form). Such warps are not what a small scene
-// waits for.
+// waits for. Nor the block's and cluster's sums of partial states with an
+// element's loads issued together: f32 within 2%, bf16 3-31% slower
+// (results/runs/2026-11-29-h200-point-cloud-sla-batched-sums).
 //
 // Shared memory per warp (dynamic, FWD_WARP_FLOATS floats): a staging area
 // of 8 K rows and 8 V rows (phase 1, row stride KS) or 16 Q rows (phase
