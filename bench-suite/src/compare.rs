@@ -74,20 +74,26 @@ pub fn render(changes: &[Change], threshold_pct: f64) -> String {
     );
     let _ = writeln!(s, "|---|---|---|---|---|");
     for c in changes {
+        let neither = c.base_s.is_infinite() && c.new_s.is_infinite();
         let verdict = if c.regression {
             format!("REGRESSION (> +{threshold_pct}%)")
-        } else if c.base_s.is_infinite() && c.new_s.is_infinite() {
+        } else if neither {
             "no result in either run".into()
         } else {
             "ok".into()
         };
+        // Two misses have no ratio to show.
+        let ratio = if neither {
+            "-".into()
+        } else {
+            fmt_ratio(c.ratio)
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {verdict} |",
+            "| {} | {} | {} | {ratio} | {verdict} |",
             c.config,
             fmt_time(c.base_s),
             fmt_time(c.new_s),
-            fmt_ratio(c.ratio)
         );
     }
     s

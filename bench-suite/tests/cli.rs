@@ -338,7 +338,9 @@ fn report_and_compare_read_only_records_and_reject_corrupt_files() {
         .arg(&both)
         .assert()
         .success()
-        .stdout(predicate::str::contains("no result in either run"))
+        .stdout(predicate::str::contains(
+            "| miss | miss | - | no result in either run |",
+        ))
         .stderr(predicate::str::contains("only in the base run"))
         .stderr(predicate::str::contains("speculative"));
 
