@@ -1196,6 +1196,7 @@ mod tests {
             boundary,
             max_new: 64,
             whole_heads: &[],
+            window: None,
         }
     }
 

@@ -833,6 +833,7 @@ mod tests {
             boundary: &[],
             max_new: 8,
             whole_heads: &[],
+            window: None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! It is a fraction of the prompt's length, fixed when the cache is built,
 //! so every method of a configuration works to the same figure.
 
+use super::snapkv::WindowQueries;
 use crate::decoder::{DenseKv, KvCache, KvShape};
 
 /// Everything a policy is told about the prompt it will serve.
@@ -31,6 +32,10 @@ pub struct Plan<'a> {
     /// calibration marked this KV head to keep its whole cache
     /// (`kv-cluster`'s full-cache heads); empty for methods without one.
     pub whole_heads: &'a [bool],
+    /// The prompt's last queries, recorded by the shared dense prefill
+    /// (`snapkv`'s observation window); `None` where the prefill was not
+    /// observed (the GPU decoder, a method's own prefill).
+    pub window: Option<&'a WindowQueries>,
 }
 
 impl Plan<'_> {
