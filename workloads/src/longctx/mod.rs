@@ -294,7 +294,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
         )),
         cpu_decoder_only(method(
             "snapkv",
-            "SnapKV: at the end of the prefill, the attention of the prompt's last 32 tokens (the observation window), summed over them and the query heads of each KV head and average-pooled over 5 positions, picks the positions each KV head keeps within the budget, window included; the rest is dropped, and decoding appends without evicting.",
+            "SnapKV: at the end of the prefill, the attention of the prompt's last 32 tokens (the observation window), summed over them and the query heads of each KV head and max-pooled over 7 positions (the authors' LongBench setting), picks the positions each KV head keeps within the budget, window included; the rest is dropped, and decoding appends without evicting.",
             DECODER_VARIANTS,
         )),
         peer(
