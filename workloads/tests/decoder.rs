@@ -1112,6 +1112,7 @@ mod gpu {
                         boundary: &table,
                         max_new: 64,
                         whole_heads: &[],
+                        window: None,
                     };
                     let kv = dense.cache().as_dense().unwrap();
                     let cache = match vote {

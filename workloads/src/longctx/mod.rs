@@ -141,7 +141,7 @@ static SPEC: WorkloadSpec = WorkloadSpec {
     id: "long-context",
     version: 1,
     title: "Long-context decoding: KV-cache compression and sparse attention vs dense",
-    summary: "Sinks + sliding window, Quest page selection, Chelsea KV clustering, DHSA and training-free ChunkLLM selection plugged into one decoder, against the full KV cache, on needle retrieval and perplexity over real text, compared pairwise on the same prompts.",
+    summary: "Sinks + sliding window, Quest page selection, Chelsea KV clustering, DHSA, training-free ChunkLLM selection and SnapKV plugged into one decoder, against the full KV cache, on needle retrieval and perplexity over real text, compared pairwise on the same prompts.",
     papers: &[
         Paper {
             title: "Efficient Streaming Language Models with Attention Sinks (StreamingLLM)",

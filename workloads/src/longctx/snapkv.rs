@@ -537,9 +537,13 @@ mod tests {
         }
     }
 
+    /// Keys, values, the recorded window, and every query the prefill
+    /// asked (`[layer * n_kv_heads + kv_head][position]`).
+    type Prompt = (Vec<f32>, Vec<f32>, WindowQueries, Vec<Vec<Vec<f32>>>);
+
     /// A prompt of `n` random rows, and window queries recorded through
     /// [`ObservedKv`] as a prefill in blocks of 7 would present them.
-    fn prompt(n: usize, seed: u64) -> (Vec<f32>, Vec<f32>, WindowQueries, Vec<Vec<Vec<f32>>>) {
+    fn prompt(n: usize, seed: u64) -> Prompt {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let d = SHAPE.kv_dim();
         let (k, v) = (uniform(&mut rng, n * d), uniform(&mut rng, n * d));
