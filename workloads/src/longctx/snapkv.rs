@@ -36,8 +36,8 @@
 //!   one per query head before it selects, so each query head keeps its own
 //!   rows, which multiplies the cache by the group size (7 for
 //!   Qwen2.5-Coder-0.5B). We keep one selection per KV head, voted by the
-//!   query heads that share it (their probabilities summed), as the
-//!   grouped-query ports of SnapKV do; the cache then holds the budget.
+//!   query heads that share it (their probabilities summed); the cache
+//!   then holds the budget.
 //! - **Small budgets:** the window is at most half the budget, so that a
 //!   budget below 64 positions (the quick profile's 256-token prompts at
 //!   10%) still keeps as many voted positions as window ones; the authors'
@@ -48,7 +48,7 @@
 //!   as it attends ([`ObservedKv`], untimed like the rest of that prefill,
 //!   whose time every entry is charged); the votes are computed from them
 //!   when the cache is built ([`Policy::from_dense`], timed).
-//! - Scores in f32 (the authors' use the model's dtype for the product and
+//! - Scores in f32 (the authors use the model's dtype for the product and
 //!   f32 for the softmax); votes summed in f64. Ties in the top-k go to
 //!   the earlier position (max pooling makes ties common: a hit's
 //!   neighbours share its pooled vote; `torch.topk` leaves their order
