@@ -180,6 +180,7 @@
 use std::cell::RefCell;
 use std::sync::{Mutex, MutexGuard};
 
+use super::held::{Held, HeldRows};
 use super::policy::{Plan, Policy};
 use crate::decoder::kernels::dot;
 use crate::decoder::{
@@ -387,26 +388,14 @@ fn bit(set: &[u64], t: u32) -> bool {
 enum Store {
     /// Every position, each row holding every KV head (`chunk-select`).
     Full(DenseKv),
-    /// Per `layer * n_kv_heads + kv_head`, the rows that (layer, KV head)
-    /// still holds (`chunk-select-evict`): each head drops different rows.
+    /// Per (layer, KV head), the rows it still holds
+    /// (`chunk-select-evict`): each head drops different rows.
     Held {
-        shape: KvShape,
-        /// Positions committed.
-        len: usize,
-        heads: Vec<Held>,
+        rows: HeldRows,
         /// The newest position whose selection dropped rows: the state
         /// at or before it cannot be restored.
         evicted: Option<usize>,
     },
-}
-
-/// The rows one (layer, KV head) of an evicting cache holds, in position
-/// order, `head_dim` floats of key and of value each.
-#[derive(Debug, Clone, Default)]
-struct Held {
-    pos: Vec<u32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
 }
 
 impl Held {
@@ -451,39 +440,21 @@ impl Store {
     fn shape(&self) -> KvShape {
         match self {
             Store::Full(kv) => kv.shape(),
-            Store::Held { shape, .. } => *shape,
+            Store::Held { rows, .. } => rows.shape,
         }
     }
 
     fn len(&self) -> usize {
         match self {
             Store::Full(kv) => kv.len(),
-            Store::Held { len, .. } => *len,
+            Store::Held { rows, .. } => rows.len,
         }
     }
 
     fn append(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         match self {
             Store::Full(kv) => kv.append(layer, pos, k, v),
-            Store::Held {
-                shape, len, heads, ..
-            } => {
-                // Every layer of a block is appended before `len` moves.
-                assert_eq!(*len, pos, "chunk-select-evict cache: append out of order");
-                assert_eq!(k.len(), v.len());
-                let rows = k.len() / shape.kv_dim();
-                for (g, h) in heads[layer * shape.n_kv_heads..(layer + 1) * shape.n_kv_heads]
-                    .iter_mut()
-                    .enumerate()
-                {
-                    h.pos.extend((pos..pos + rows).map(|p| p as u32));
-                    shape.extend_head(&mut h.k, k, g, 0..rows);
-                    shape.extend_head(&mut h.v, v, g, 0..rows);
-                }
-                if layer + 1 == shape.n_layers {
-                    *len = pos + rows;
-                }
-            }
+            Store::Held { rows, .. } => rows.append(layer, pos, k, v, "chunk-select-evict"),
         }
     }
 
@@ -492,29 +463,18 @@ impl Store {
     fn truncate(&mut self, len: usize) -> Result<(), DecoderError> {
         match self {
             Store::Full(kv) => kv.truncate(len),
-            Store::Held {
-                shape,
-                len: n,
-                heads,
-                evicted,
-            } => {
+            Store::Held { rows, evicted } => {
                 if let Some(e) = evicted.filter(|&e| len <= e) {
                     return Err(DecoderError::Cache(format!(
-                        "chunk-select-evict cache cannot truncate {n} positions to {len}: the \
+                        "chunk-select-evict cache cannot truncate {} positions to {len}: the \
                          selection at position {e} evicted the chunks it left out, which cannot \
                          be restored (truncate to at least {} positions, or build the cache \
                          again from the prefill)",
+                        rows.len,
                         e + 1
                     )));
                 }
-                let hd = shape.head_dim;
-                for h in heads.iter_mut() {
-                    let keep = h.pos.partition_point(|&p| (p as usize) < len);
-                    h.pos.truncate(keep);
-                    h.k.truncate(keep * hd);
-                    h.v.truncate(keep * hd);
-                }
-                *n = len;
+                rows.truncate(len);
                 Ok(())
             }
         }
@@ -523,10 +483,7 @@ impl Store {
     fn bytes(&self) -> usize {
         match self {
             Store::Full(kv) => kv.bytes(),
-            Store::Held { heads, .. } => heads
-                .iter()
-                .map(|h| (h.k.len() + h.v.len()) * 4 + h.pos.len() * 4)
-                .sum(),
+            Store::Held { rows, .. } => rows.bytes(),
         }
     }
 }
@@ -631,9 +588,11 @@ impl ChunkSelectKv {
             })
             .collect();
         let store = Store::Held {
-            shape,
-            len: n,
-            heads,
+            rows: HeldRows {
+                shape,
+                len: n,
+                heads,
+            },
             evicted: None,
         };
         ChunkSelectKv::with_store(store, n, plan)
@@ -695,11 +654,7 @@ impl ChunkSelectKv {
     pub fn held(&self, layer: usize, kv_head: usize) -> Vec<usize> {
         match &self.store {
             Store::Full(kv) => (0..kv.len()).collect(),
-            Store::Held { shape, heads, .. } => heads[layer * shape.n_kv_heads + kv_head]
-                .pos
-                .iter()
-                .map(|&p| p as usize)
-                .collect(),
+            Store::Held { rows, .. } => rows.positions(layer, kv_head),
         }
     }
 
@@ -744,10 +699,8 @@ impl ChunkSelectKv {
     fn evict(&mut self, layer: usize, pos: usize, rows: usize) {
         let cap = self.cap;
         let Store::Held {
-            shape,
-            heads,
+            rows: HeldRows { shape, heads, .. },
             evicted,
-            ..
         } = &mut self.store
         else {
             return;
@@ -1061,15 +1014,15 @@ impl KvCache for ChunkSelectKv {
                 };
                 self.attend_view(slot, &view, q, block, scores, out);
             }
-            Store::Held { len, heads, .. } => {
-                let h = &heads[slot];
+            Store::Held { rows, .. } => {
+                let h = &rows.heads[slot];
                 let view = View {
                     k: &h.k,
                     v: &h.v,
                     stride: hd,
                     head: 0,
                     n: h.pos.len(),
-                    visible: *len,
+                    visible: rows.len,
                     pos: Some(&h.pos),
                 };
                 // This head's slice of the block rows, laid out like its
@@ -1721,10 +1674,10 @@ mod tests {
     /// Capacity, in rows, of the largest allocation any (layer, KV head)
     /// of an evicting cache keeps.
     fn held_capacity(cache: &ChunkSelectKv) -> usize {
-        let Store::Held { heads, .. } = &cache.store else {
+        let Store::Held { rows, .. } = &cache.store else {
             panic!("not an evicting cache")
         };
-        heads
+        rows.heads
             .iter()
             .map(|h| {
                 (h.pos.capacity())

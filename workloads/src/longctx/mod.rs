@@ -34,6 +34,7 @@ pub mod chunk_select;
 pub mod cluster;
 pub mod dhsa;
 pub mod haystack;
+mod held;
 pub mod kernel;
 pub mod policy;
 pub mod quest;

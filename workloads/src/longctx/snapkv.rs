@@ -56,6 +56,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::held::{Held, HeldRows};
 use super::policy::{Plan, Policy};
 use crate::decoder::kernels::dot;
 use crate::decoder::{
@@ -178,15 +179,6 @@ impl KvCache for ObservedKv {
     }
 }
 
-/// The rows one (layer, KV head) keeps, in position order, `head_dim`
-/// floats of key and of value each.
-#[derive(Debug, Clone, Default)]
-struct Held {
-    pos: Vec<u32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-}
-
 /// The positions SnapKV keeps for one (layer, KV head) of a prompt of
 /// `n` positions (keys `keys`, rows of `kv_dim` floats) at capacity
 /// `budget`, from the window's queries `window[i]` (position `n - w + i`,
@@ -257,12 +249,9 @@ pub fn max_pool(x: &[f64], kernel: usize) -> Vec<f64> {
 /// every decoded position.
 #[derive(Debug)]
 pub struct SnapKv {
-    shape: KvShape,
-    /// Positions committed.
-    len: usize,
+    rows: HeldRows,
     /// The prompt's length: the state before it cannot be restored.
     context: usize,
-    heads: Vec<Held>,
     reads: ReadCounter,
 }
 
@@ -302,46 +291,29 @@ impl SnapKv {
             }
         }
         SnapKv {
-            shape,
-            len: n,
+            rows: HeldRows {
+                shape,
+                len: n,
+                heads,
+            },
             context: n,
-            heads,
             reads: ReadCounter::default(),
         }
     }
 
     /// Positions (layer, KV head) holds, in order.
     pub fn held(&self, layer: usize, kv_head: usize) -> Vec<usize> {
-        self.heads[layer * self.shape.n_kv_heads + kv_head]
-            .pos
-            .iter()
-            .map(|&p| p as usize)
-            .collect()
+        self.rows.positions(layer, kv_head)
     }
 }
 
 impl KvCache for SnapKv {
     fn append(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let shape = self.shape;
-        // Every layer of a block is appended before `len` moves.
-        assert_eq!(self.len, pos, "snapkv cache: append out of order");
-        assert_eq!(k.len(), v.len());
-        let rows = k.len() / shape.kv_dim();
-        for (g, h) in self.heads[layer * shape.n_kv_heads..(layer + 1) * shape.n_kv_heads]
-            .iter_mut()
-            .enumerate()
-        {
-            h.pos.extend((pos..pos + rows).map(|p| p as u32));
-            shape.extend_head(&mut h.k, k, g, 0..rows);
-            shape.extend_head(&mut h.v, v, g, 0..rows);
-        }
-        if layer + 1 == shape.n_layers {
-            self.len = pos + rows;
-        }
+        self.rows.append(layer, pos, k, v, "snapkv")
     }
 
     fn len(&self) -> usize {
-        self.len
+        self.rows.len
     }
 
     fn truncate(&mut self, len: usize) -> Result<(), DecoderError> {
@@ -350,17 +322,10 @@ impl KvCache for SnapKv {
                 "snapkv cache cannot truncate {} positions to {len}: its selection at the end \
                  of the {}-token prompt evicted rows that were visible there (truncate to at \
                  least {} positions, or build the cache again from the prefill)",
-                self.len, self.context, self.context
+                self.rows.len, self.context, self.context
             )));
         }
-        let hd = self.shape.head_dim;
-        for h in &mut self.heads {
-            let keep = h.pos.partition_point(|&p| (p as usize) < len);
-            h.pos.truncate(keep);
-            h.k.truncate(keep * hd);
-            h.v.truncate(keep * hd);
-        }
-        self.len = len;
+        self.rows.truncate(len);
         Ok(())
     }
 
@@ -373,9 +338,9 @@ impl KvCache for SnapKv {
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        let shape = self.shape;
+        let shape = self.rows.shape;
         let hd = shape.head_dim;
-        let h = &self.heads[layer * shape.n_kv_heads + kv_head];
+        let h = &self.rows.heads[layer * shape.n_kv_heads + kv_head];
         let n = h.pos.len();
         // This head's slice of the block rows, laid out like its storage.
         block.with_head(shape, kv_head, |own| {
@@ -395,14 +360,11 @@ impl KvCache for SnapKv {
             ];
             attend_segments(q, hd, hd, 0, &segments, scores, out);
         });
-        self.reads.add(n, self.len);
+        self.reads.add(n, self.rows.len);
     }
 
     fn bytes(&self) -> usize {
-        self.heads
-            .iter()
-            .map(|h| (h.k.len() + h.v.len()) * 4 + h.pos.len() * 4)
-            .sum()
+        self.rows.bytes()
     }
 
     fn reads(&self) -> Reads {
