@@ -68,7 +68,18 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
-impl BlockKv<'_> {
+impl<'a> BlockKv<'a> {
+    /// The block's rows as the last segment of [`attend_segments`] (no
+    /// bias): every cache attends them after its own entries.
+    pub fn segment(&self) -> Segment<'a> {
+        Segment {
+            k: self.k,
+            v: self.v,
+            rows: Rows::List(self.rows),
+            bias: None,
+        }
+    }
+
     /// Calls `f` with this block's rows for KV head `kv_head` alone, laid
     /// out `head_dim` floats a row (row `i` for the `i`-th of `rows`): for a
     /// cache that stores each head apart. The floats are the same, so
@@ -664,12 +675,7 @@ impl KvCache for DenseKv {
                 rows: Rows::Range(0, n),
                 bias: None,
             },
-            Segment {
-                k: block.k,
-                v: block.v,
-                rows: Rows::List(block.rows),
-                bias: None,
-            },
+            block.segment(),
         ];
         attend_segments(q, self.shape.head_dim, d, kv_head, &segments, scores, out);
         self.reads.add(n, n);

@@ -863,12 +863,7 @@ impl ChunkSelectKv {
     ) {
         let hd = self.shape().head_dim;
         let layer = slot / self.shape().n_kv_heads;
-        let in_flight = Segment {
-            k: block.k,
-            v: block.v,
-            rows: Rows::List(block.rows),
-            bias: None,
-        };
+        let in_flight = block.segment();
         let slot = &self.history[slot];
         // Only the block's first row is sure to be committed, so only it
         // may select; the others read what was selected before the block.

@@ -602,12 +602,7 @@ impl KvCache for ClusterKv {
                     rows: Rows::Range(0, rows),
                     bias: (!head.whole).then_some(&head.bias[..]),
                 },
-                Segment {
-                    k: own.k,
-                    v: own.v,
-                    rows: Rows::List(own.rows),
-                    bias: None,
-                },
+                own.segment(),
             ];
             attend_segments(q, hd, hd, 0, &segments, scores, out);
         });

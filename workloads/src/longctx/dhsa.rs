@@ -474,12 +474,7 @@ impl KvCache for DhsaKv {
         let d = shape.kv_dim();
         let (keys, values) = (self.kv.keys(layer), self.kv.values(layer));
         let n = keys.len() / d;
-        let in_flight = Segment {
-            k: block.k,
-            v: block.v,
-            rows: Rows::List(block.rows),
-            bias: None,
-        };
+        let in_flight = block.segment();
         if n <= self.budget {
             let segments = [
                 Segment {

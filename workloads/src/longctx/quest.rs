@@ -318,12 +318,7 @@ impl KvCache for QuestKv {
                 pages.len() * PAGE + (n - partial.0)
             }
         };
-        segments.push(Segment {
-            k: block.k,
-            v: block.v,
-            rows: Rows::List(block.rows),
-            bias: None,
-        });
+        segments.push(block.segment());
         let (d, hd) = (self.shape.kv_dim(), self.shape.head_dim);
         attend_segments(q, hd, d, kv_head, &segments, scores, out);
         self.reads.add(read, n);

@@ -235,12 +235,7 @@ impl KvCache for SinkWindowKv {
                 rows: Rows::Range(b0, b1),
                 bias: None,
             },
-            Segment {
-                k: block.k,
-                v: block.v,
-                rows: Rows::List(block.rows),
-                bias: None,
-            },
+            block.segment(),
         ];
         let d = self.shape.kv_dim();
         attend_segments(q, self.shape.head_dim, d, kv_head, &segments, scores, out);

@@ -351,12 +351,7 @@ impl KvCache for SnapKv {
                     rows: Rows::Range(0, n),
                     bias: None,
                 },
-                Segment {
-                    k: own.k,
-                    v: own.v,
-                    rows: Rows::List(own.rows),
-                    bias: None,
-                },
+                own.segment(),
             ];
             attend_segments(q, hd, hd, 0, &segments, scores, out);
         });
